@@ -1,0 +1,143 @@
+"""Finding a base model and loading exactly the parts of its U-Net that a stage needs.
+
+A model is a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) given as a local path or a hub id. The U-Net is built on the meta
+device (no memory) and only the requested tensors are read from its safetensors file(s), so the
+hollow's weights are never read during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import HollownetError
+
+LAYOUT = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local diffusers folder, or a hub id fetched into the local cache (where a network exists)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        check_layout(path)
+        return path
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(str(model), allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+        except Exception as e:  # offline, unknown id, gated repo...
+            raise HollownetError(
+                f"cannot fetch model '{model}' from the hub ({type(e).__name__}); pass a local diffusers folder instead"
+            ) from None
+        check_layout(local)
+        return local
+    raise HollownetError(f"model '{model}' is neither an existing folder nor a hub id (owner/name)")
+
+
+def check_layout(path: Path) -> None:
+    missing = [name for name in LAYOUT if not (path / name).exists()]
+    if missing:
+        raise HollownetError(
+            f"'{path}' is not a diffusers model folder (missing {', '.join(missing)}); "
+            "point --model at a folder saved by StableDiffusionPipeline.save_pretrained"
+        )
+
+
+def unet_weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file that holds it (single file or sharded with an index)."""
+    unet_dir = model_dir / "unet"
+    index = unet_dir / (UNET_WEIGHTS + ".index.json")
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: unet_dir / v for k, v in weight_map.items()}
+    for name in (UNET_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors"):
+        f = unet_dir / name
+        if f.exists():
+            with safe_open(f, framework="pt") as sf:
+                return {k: f for k in sf.keys()}
+    raise HollownetError(
+        f"no safetensors weights in '{unet_dir}' (.bin checkpoints cannot be read selectively); "
+        "re-save the model with safe_serialization=True"
+    )
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Cheap identity of a U-Net checkpoint: config, tensor headers and a sample of the bytes."""
+    h = hashlib.sha256((model_dir / "unet" / "config.json").read_bytes())
+    for f in sorted(set(unet_weight_files(model_dir).values())):
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def is_under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def load_unet(
+    model_dir: Path,
+    *,
+    skip: list[str] = (),
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, list[str]]:
+    """The U-Net with every tensor under the ``skip`` module prefixes left on the meta device.
+
+    Returns the model and the names of the tensors actually read, so callers (and tests) can check
+    that skipped parts were never touched.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    files = unet_weight_files(model_dir)
+    wanted = [k for k in unet.state_dict() if not is_under(k, list(skip))]
+    missing = [k for k in wanted if k not in files]
+    if missing:
+        raise HollownetError(f"U-Net checkpoint in '{model_dir}' lacks {len(missing)} tensors (e.g. {missing[0]}); is it complete?")
+    state = read_tensors(files, wanted, dtype=dtype, device=device)
+    unet.load_state_dict(state, strict=False, assign=True)
+    unet.requires_grad_(False).eval()
+    return unet, wanted
+
+
+def read_tensors(files: dict[str, Path], keys: list[str], *, dtype, device) -> dict[str, torch.Tensor]:
+    """Read only ``keys``, file by file; floating tensors cast to ``dtype`` on the way in."""
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    out = {}
+    for f, ks in by_file.items():
+        with safe_open(f, framework="pt", device=str(device)) as sf:
+            for k in ks:
+                t = sf.get_tensor(k)
+                out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def prediction_type(model_dir: Path) -> str:
+    cfg = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    return cfg.get("prediction_type", "epsilon")
+
+
+def release_memory() -> None:
+    """Return freed memory now (after the caller dropped the text encoder or VAE)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,100 @@
+"""A tiny Stable Diffusion model in the real diffusers layout, built offline from configs.
+
+Used by the demo and the tests. Its weights are random, so its images are noise; everything else
+(folder layout, loading code, shapes, the SD 1.x/2.x block structure with 4 down blocks) is real.
+The tokenizer is CLIP's byte-level BPE format with a byte-only vocabulary and no merges, written
+in code, so no download is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_vocab() -> tuple[dict[str, int], str]:
+    """CLIP BPE vocabulary of the 256 byte symbols (plain and end-of-word) and no merges."""
+    symbols = list(byte_symbols().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, "#version: 0.2\n"
+
+
+def save_tokenizer(folder: Path, max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = byte_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text(merges)
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_tiny_model(folder: str | Path, *, prediction_type: str = "epsilon", seed: int = 0, max_length: int = 32) -> Path:
+    """Write a tiny random-weight StableDiffusionPipeline to ``folder`` (diffusers layout)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = save_tokenizer(folder / "_tokenizer_tmp", max_length)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**TINY_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**TINY_UNET), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(folder / "_tokenizer_tmp")
+    return folder
