@@ -52,20 +52,20 @@ def check_layout(path: Path) -> None:
         )
 
 
-def unet_weight_files(model_dir: Path) -> dict[str, Path]:
+def weight_files(model_dir: Path, component: str = "unet") -> dict[str, Path]:
     """Tensor name -> safetensors file that holds it (single file or sharded with an index)."""
-    unet_dir = model_dir / "unet"
-    index = unet_dir / (UNET_WEIGHTS + ".index.json")
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: unet_dir / v for k, v in weight_map.items()}
-    for name in (UNET_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors"):
-        f = unet_dir / name
+    folder = model_dir / component
+    for index in (folder / (UNET_WEIGHTS + ".index.json"), folder / "model.safetensors.index.json"):
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: folder / v for k, v in weight_map.items()}
+    for name in (UNET_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors", "model.safetensors"):
+        f = folder / name
         if f.exists():
             with safe_open(f, framework="pt") as sf:
                 return {k: f for k in sf.keys()}
     raise HollownetError(
-        f"no safetensors weights in '{unet_dir}' (.bin checkpoints cannot be read selectively); "
+        f"no safetensors weights in '{folder}' (.bin checkpoints cannot be read selectively); "
         "re-save the model with safe_serialization=True"
     )
 
@@ -73,7 +73,7 @@ def unet_weight_files(model_dir: Path) -> dict[str, Path]:
 def model_fingerprint(model_dir: Path) -> str:
     """Cheap identity of a U-Net checkpoint: config, tensor headers and a sample of the bytes."""
     h = hashlib.sha256((model_dir / "unet" / "config.json").read_bytes())
-    for f in sorted(set(unet_weight_files(model_dir).values())):
+    for f in sorted(set(weight_files(model_dir).values())):
         size = f.stat().st_size
         h.update(str(size).encode())
         with open(f, "rb") as fh:
@@ -104,7 +104,7 @@ def load_unet(
     config = UNet2DConditionModel.load_config(model_dir / "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    files = unet_weight_files(model_dir)
+    files = weight_files(model_dir)
     wanted = [k for k in unet.state_dict() if not is_under(k, list(skip))]
     missing = [k for k in wanted if k not in files]
     if missing:

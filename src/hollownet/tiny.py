@@ -26,11 +26,12 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 TINY_VAE = dict(
-    block_out_channels=(8, 16),
+    block_out_channels=(8, 8, 16, 16),  # 4 blocks: SD's 8x downscale, so 64 px photos give 8x8 latents
+    layers_per_block=1,
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
     latent_channels=4,
     norm_num_groups=8,
     sample_size=32,

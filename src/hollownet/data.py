@@ -1,0 +1,819 @@
+"""Subject photos and personalization benchmarks.
+
+Three things live here:
+
+* :func:`load_photos` turns a folder of a person's (or an object's) 3-6 photos into the
+  ``[N, 3, R, R]`` tensor in ``[-1, 1]`` that the Stable Diffusion VAE encodes. It honours
+  EXIF orientation, converts any colour mode to RGB, resizes the short side to ``R`` and
+  center-crops. Every problem with the folder or a file raises :class:`PhotoError` with one
+  line that names the problem and the fix.
+* Benchmark loaders: :func:`load_dreambooth_dataset` (the DreamBooth benchmark of Ruiz et al.,
+  CVPR 2023), :func:`load_customconcept101_dataset` (CustomConcept101 of Kumari et al.,
+  CVPR 2023) and :func:`load_benchmark_dataset`, which detects which of the two a folder is.
+  They read subjects, class nouns, photo paths and the evaluation prompts; they load no pixels.
+* The bundled demo photos: :func:`demo_photos_dir` and :func:`make_demo_photos`, the script
+  that made them from the DreamBooth ``dog`` subject (see ``assets/demo/ATTRIBUTION.md``).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LIVE_CLASSES",
+    "DEFAULT_IDENTIFIER",
+    "PhotoError",
+    "PhotoWarning",
+    "DatasetError",
+    "DatasetWarning",
+    "list_photos",
+    "load_photo",
+    "load_photos",
+    "BenchmarkSubject",
+    "BenchmarkDataset",
+    "DreamBoothDataset",
+    "CustomConcept101Dataset",
+    "load_dreambooth_dataset",
+    "load_customconcept101_dataset",
+    "load_benchmark_dataset",
+    "demo_photos_dir",
+    "make_demo_photos",
+]
+
+StrPath = str | PathLike[str]
+
+#: File extensions :func:`load_photos` reads (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+
+#: Class nouns of "live" subjects. The DreamBooth benchmark evaluates its dogs and cats with
+#: the live-subject prompt list (outfits, hats, ...) and everything else with the object list.
+LIVE_CLASSES: frozenset[str] = frozenset({"dog", "cat"})
+
+#: The rare-token identifier the DreamBooth paper binds the subject to ("a sks dog").
+DEFAULT_IDENTIFIER = "sks"
+
+_ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
+_RESAMPLE = Image.Resampling.LANCZOS
+
+
+class PhotoError(ValueError):
+    """A photo folder or photo file cannot be used; the message says which and how to fix it."""
+
+
+class PhotoWarning(UserWarning):
+    """Something about the photos was tolerated (ignored files, upscaled small photos)."""
+
+
+class DatasetError(ValueError):
+    """A benchmark folder cannot be read; the message says which and how to fix it."""
+
+
+class DatasetWarning(UserWarning):
+    """Something about a benchmark folder was tolerated (a subject skipped, ...)."""
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside this module."""
+    frame = sys._getframe(0)
+    level = 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _one_line(text: object) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+# --------------------------------------------------------------------------------------
+# Photos
+# --------------------------------------------------------------------------------------
+
+
+def list_photos(folder: StrPath) -> list[Path]:
+    """The photo files in ``folder``, sorted by file name.
+
+    A file is a photo if its extension is one of :data:`IMAGE_EXTENSIONS` (any case). Hidden
+    entries (names starting with ``.``, e.g. ``.DS_Store`` or macOS ``._IMG_1.jpg`` resource
+    forks) are skipped silently; other files and sub-folders are skipped with one
+    :class:`PhotoWarning` naming them. Sub-folders are not searched.
+
+    Raises :class:`PhotoError` if the folder does not exist or is not a directory. An empty
+    result is not an error here (:func:`load_photos` raises for it).
+    """
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise PhotoError(
+            f"Photo folder not found: {path}. Check the path, or create it and put 3-6 photos "
+            f"of the subject ({_ACCEPTED}) in it."
+        )
+    if not path.is_dir():
+        raise PhotoError(
+            f"Not a folder: {path} is a file. Pass the folder that contains the photos, "
+            f"not a single photo."
+        )
+    photos: list[Path] = []
+    ignored: list[str] = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            ignored.append(entry.name + "/")
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            photos.append(entry)
+        else:
+            ignored.append(entry.name)
+    if ignored:
+        _warn(
+            f"Ignoring {len(ignored)} non-photo entr{'y' if len(ignored) == 1 else 'ies'} in "
+            f"{path}: {', '.join(ignored)} (only {_ACCEPTED} files are loaded; sub-folders "
+            f"are not searched).",
+            PhotoWarning,
+        )
+    return photos
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Open one photo: first frame, EXIF orientation applied, RGB (alpha on white)."""
+    fix = "Remove it from the folder or replace it with a valid JPEG, PNG or WebP photo."
+    try:
+        with Image.open(path) as opened:
+            opened.seek(0)  # multi-frame files (camera MPO, animated WebP): the first frame
+            opened.load()
+            try:
+                image = ImageOps.exif_transpose(opened)
+            except Exception as exc:  # malformed EXIF must not make a usable photo unusable
+                _warn(
+                    f"{path.name}: could not apply its EXIF orientation ({_one_line(exc)}); "
+                    f"using the pixels as stored.",
+                    PhotoWarning,
+                )
+                image = opened.copy()
+    except UnidentifiedImageError:
+        raise PhotoError(
+            f"Cannot read {path.name} in {path.parent}: not a recognisable image (corrupt, "
+            f"empty, or another kind of file with an image extension). {fix}"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise PhotoError(
+            f"Cannot read {path.name} in {path.parent}: image too large ({_one_line(exc)}). "
+            f"Downscale it or replace it with a smaller photo."
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise PhotoError(
+            f"Cannot read {path.name} in {path.parent}: {_one_line(exc) or type(exc).__name__} "
+            f"(corrupt or truncated file?). {fix}"
+        ) from None
+    return _to_rgb(image, path)
+
+
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "F") or mode.startswith("I;"):
+        # 16/32-bit grayscale (e.g. 16-bit PNG): PIL's convert would clip at 255, so rescale.
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            peak = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            peak = 255.0 if array.max(initial=0) <= 255 else 65535.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")  # 2-D uint8 -> mode L
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+    except (ValueError, OSError) as exc:
+        raise PhotoError(
+            f"Cannot convert {path.name} (colour mode {mode}) to RGB: {_one_line(exc)}. "
+            f"Re-save it as an ordinary RGB JPEG or PNG."
+        ) from None
+
+
+def _square(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the short side to ``resolution`` and center-crop to a square, in one resample."""
+    width, height = image.size
+    side = min(width, height)
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    if width == height == resolution:
+        return image
+    return image.resize(
+        (resolution, resolution), _RESAMPLE, box=(left, top, left + side, top + side)
+    )
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+    return tensor / 127.5 - 1.0
+
+
+def _check_resolution(resolution: int) -> int:
+    integer = isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool)
+    if not integer or resolution < 1:
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+    return int(resolution)
+
+
+def _prepare(path: Path, resolution: int) -> Image.Image:
+    image = _open_rgb(path)
+    width, height = image.size
+    if min(width, height) < resolution:
+        _warn(
+            f"{path.name} is {width}x{height}, smaller than {resolution}x{resolution}: "
+            f"upscaling it, which blurs it; use a photo at least {resolution} px on its "
+            f"short side for better results.",
+            PhotoWarning,
+        )
+    return _square(image, resolution)
+
+
+def load_photo(path: StrPath, resolution: int) -> torch.Tensor:
+    """One photo as a ``[3, R, R]`` float tensor in ``[-1, 1]``; see :func:`load_photos`."""
+    resolution = _check_resolution(resolution)
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise PhotoError(f"Photo not found: {file}. Check the path.")
+    if file.is_dir():
+        raise PhotoError(f"{file} is a folder, not a photo; use load_photos() for a folder.")
+    return _to_tensor(_prepare(file, resolution))
+
+
+def load_photos(
+    folder: StrPath,
+    resolution: int,
+    *,
+    min_count: int = 1,
+    max_count: int | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """Load every photo in ``folder`` for training, as the VAE expects them.
+
+    Returns ``(pixels, names)``: ``pixels`` is a float32 tensor ``[N, 3, R, R]`` with values in
+    ``[-1, 1]`` (the range the Stable Diffusion VAE encodes) and ``names`` the file names, in
+    the same order (sorted by name).
+
+    Which files: see :func:`list_photos` -- ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` in any
+    case; hidden files are skipped silently, other files with a warning. Only the folder
+    itself is read, not sub-folders.
+
+    Per photo:
+
+    * the EXIF orientation tag is applied (``ImageOps.exif_transpose``), so phone photos come
+      out upright; multi-frame files (camera MPO, animated WebP) use their first frame;
+    * grayscale, palette, CMYK and 16-bit images are converted to RGB; transparency
+      (RGBA, LA, palette with transparency) is composited on a white background;
+    * the short side is resized to ``resolution`` and the image center-cropped to
+      ``resolution x resolution`` (one Lanczos resample of the central square).
+
+    **Photos smaller than the resolution** (short side < ``resolution``) are *upscaled*, with a
+    :class:`PhotoWarning` naming the file and its size: a blurry subject is still better than
+    refusing a user's only photos, and the warning tells them what to fix.
+
+    Errors raise :class:`PhotoError` (a ``ValueError``) with one line naming the problem and the
+    fix: the folder is missing or is a file, there are no photos (or fewer than ``min_count``,
+    or more than ``max_count`` -- nothing is dropped silently), or a file with an image
+    extension cannot be decoded (the message names it: remove or replace it). A bad
+    ``resolution`` is a plain ``ValueError``.
+    """
+    resolution = _check_resolution(resolution)
+    if min_count < 0 or (max_count is not None and max_count < max(min_count, 1)):
+        raise ValueError(f"bad photo count limits: min_count={min_count}, max_count={max_count}")
+    root = Path(folder).expanduser()
+    paths = list_photos(root)
+    if not paths:
+        heic = any(p.suffix.lower() in (".heic", ".heif") for p in root.iterdir())
+        raise PhotoError(
+            f"No photos in {root}: put 3-6 photos of the subject there as {_ACCEPTED} files "
+            + ("(HEIC/HEIF photos must be converted to JPEG first)."
+               if heic else "(any case; other files and sub-folders are ignored).")
+        )
+    if len(paths) < min_count:
+        raise PhotoError(
+            f"Only {len(paths)} photo{'s' if len(paths) != 1 else ''} in {root}, at least "
+            f"{min_count} needed: add more photos of the subject ({_ACCEPTED})."
+        )
+    if max_count is not None and len(paths) > max_count:
+        raise PhotoError(
+            f"{len(paths)} photos in {root}, at most {max_count} allowed: move the extra "
+            f"ones out of the folder (keep the sharpest, most varied {max_count})."
+        )
+    tensors = [_to_tensor(_prepare(path, resolution)) for path in paths]
+    return torch.stack(tensors), [path.name for path in paths]
+
+
+# --------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkSubject:
+    """One subject (concept) of a personalization benchmark.
+
+    ``prompts`` are the evaluation prompts with the identifier and class noun filled in
+    (``"a sks dog in the jungle"``). ``instance_prompt`` is the training prompt for the
+    subject's photos (``"a photo of sks dog"``) and ``class_prompt`` the matching prompt
+    without the identifier, for prior-preservation images (``"a photo of dog"``).
+    """
+
+    name: str
+    class_noun: str
+    is_live: bool
+    photo_paths: tuple[Path, ...]
+    prompts: tuple[str, ...]
+    identifier: str
+    instance_prompt: str
+    class_prompt: str
+
+    @property
+    def folder(self) -> Path:
+        """The folder that holds the subject's photos."""
+        return self.photo_paths[0].parent
+
+    def load_photos(self, resolution: int) -> tuple[torch.Tensor, list[str]]:
+        """The subject's photos as :func:`load_photos` returns them."""
+        return load_photos(self.folder, resolution)
+
+
+@dataclass(frozen=True)
+class BenchmarkDataset(Sequence[BenchmarkSubject]):
+    """The subjects of a benchmark folder, in the benchmark's own order.
+
+    Index by position or by subject name (``dataset["dog"]``); ``missing`` names the subjects
+    the benchmark lists but whose photos are not in this copy.
+    """
+
+    layout: ClassVar[str] = "benchmark"
+
+    root: Path
+    subjects: tuple[BenchmarkSubject, ...]
+    identifier: str = DEFAULT_IDENTIFIER
+    missing: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __iter__(self) -> Iterator[BenchmarkSubject]:
+        return iter(self.subjects)
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            for subject in self.subjects:
+                if subject.name == key:
+                    return subject
+            raise KeyError(f"no subject {key!r} in {self.root} (have: {', '.join(self.names)})")
+        return self.subjects[key]
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            return key in self.names
+        return key in self.subjects
+
+    @property
+    def names(self) -> list[str]:
+        return [subject.name for subject in self.subjects]
+
+
+@dataclass(frozen=True)
+class DreamBoothDataset(BenchmarkDataset):
+    """The DreamBooth benchmark (``prompts_and_classes.txt`` plus one folder per subject).
+
+    ``object_prompt_templates`` / ``live_prompt_templates`` keep the raw ``{0} {1}`` templates
+    (identifier, class noun) and ``classes`` maps every listed subject, present or not, to its
+    class noun.
+    """
+
+    layout: ClassVar[str] = "dreambooth"
+
+    object_prompt_templates: tuple[str, ...] = ()
+    live_prompt_templates: tuple[str, ...] = ()
+    classes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CustomConcept101Dataset(BenchmarkDataset):
+    """The CustomConcept101 benchmark (``dataset.json`` plus ``prompts/`` and photo folders)."""
+
+    layout: ClassVar[str] = "customconcept101"
+
+
+DREAMBOOTH_FILE = "prompts_and_classes.txt"
+CUSTOMCONCEPT101_FILE = "dataset.json"
+
+_DB_SECTIONS = {
+    "classes": "classes",
+    "prompts": "prompts",
+    "object prompts": "object",
+    "live subject prompts": "live",
+    "live prompts": "live",
+}
+
+
+def _training_prompts(identifier: str, class_noun: str) -> tuple[str, str]:
+    return f"a photo of {identifier} {class_noun}", f"a photo of {class_noun}"
+
+
+def _is_live(class_noun: str) -> bool:
+    return class_noun.strip().lower() in LIVE_CLASSES
+
+
+def _parse_dreambooth_file(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """(subject -> class, object templates, live templates) from ``prompts_and_classes.txt``."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"Cannot read {path}: {_one_line(exc)}.") from None
+    classes: dict[str, str] = {}
+    lists: dict[str, list[str]] = {"object": [], "live": []}
+    section = None
+    literal = re.compile(r"""^\s*(?P<lit>(?P<q>['"]).*?(?P=q))\s*(\.format\b.*)?,?\s*$""")
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        header = line.rstrip(":").strip().lower()
+        if header in _DB_SECTIONS:
+            section = _DB_SECTIONS[header]
+            continue
+        if section == "classes":
+            row = next(csv.reader([line]))
+            if len(row) != 2:
+                continue
+            subject, noun = row[0].strip(), row[1].strip()
+            if not subject or (subject.lower(), noun.lower()) == ("subject_name", "class"):
+                continue
+            classes[subject] = noun
+        elif section in lists:
+            if line.startswith(("prompt_list", "]", "[")):
+                continue
+            match = literal.match(line)
+            if match:
+                try:
+                    template = ast.literal_eval(match["lit"])
+                except (ValueError, SyntaxError):
+                    template = match["lit"][1:-1]
+            else:
+                template = line.rstrip(",")
+            if "{0}" in template and "{1}" in template:
+                lists[section].append(template)
+    what = (
+        "'Classes' list of subject_name,class lines" if not classes
+        else "'Object Prompts' list" if not lists["object"]
+        else "'Live Subject Prompts' list" if not lists["live"]
+        else None
+    )
+    if what:
+        raise DatasetError(
+            f"{path} has no {what}; is it the DreamBooth benchmark's prompts_and_classes.txt?"
+        )
+    return classes, lists["object"], lists["live"]
+
+
+def _fill_dreambooth(template: str, identifier: str, class_noun: str, path: Path) -> str:
+    try:
+        return template.format(identifier, class_noun)
+    except (IndexError, KeyError, ValueError) as exc:
+        raise DatasetError(
+            f"Bad prompt template {template!r} in {path}: {_one_line(exc)}; templates may only "
+            f"use {{0}} (identifier) and {{1}} (class noun)."
+        ) from None
+
+
+def _subject_photos(folder: Path) -> list[Path]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhotoWarning)  # stray files in a benchmark folder
+        return list_photos(folder)
+
+
+def _check_root(root: StrPath, index_name: str | None = None) -> Path:
+    """The benchmark folder; ``root`` may also be the path of its ``index_name`` file."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DatasetError(f"Benchmark folder not found: {path}. Check the path.")
+    if path.is_file() and index_name is not None and path.name == index_name:
+        return path.parent
+    if not path.is_dir():
+        raise DatasetError(f"Not a folder: {path}. Pass the benchmark's root folder.")
+    return path
+
+
+def load_dreambooth_dataset(
+    root: StrPath, *, identifier: str = DEFAULT_IDENTIFIER
+) -> DreamBoothDataset:
+    """Read a DreamBooth benchmark folder: ``prompts_and_classes.txt`` and subject folders.
+
+    ``prompts_and_classes.txt`` is the benchmark's own file: a ``Classes`` header, then
+    ``subject_name,class`` CSV lines for its 30 subjects, then ``Object Prompts`` and
+    ``Live Subject Prompts``, each 25 Python lines like
+    ``'a {0} {1} in the jungle'.format(unique_token, class_token),``. Each subject's photos
+    are the image files in ``root/<subject_name>/``.
+
+    Subjects whose folder is absent (or holds no photos) are skipped with one
+    :class:`DatasetWarning` and listed in ``missing``; folders not listed in the file are
+    ignored with a warning. Live subjects (class ``dog`` or ``cat``, :data:`LIVE_CLASSES`) get
+    the live-subject prompts, the others the object prompts, formatted with ``identifier``
+    and the class noun: ``"a sks dog in the jungle"``. Unreadable or malformed files raise
+    :class:`DatasetError`.
+    """
+    base = _check_root(root, DREAMBOOTH_FILE)
+    prompts_file = base / DREAMBOOTH_FILE
+    if not prompts_file.is_file():
+        raise DatasetError(
+            f"{base} is not a DreamBooth benchmark folder: {DREAMBOOTH_FILE} is missing. "
+            f"Point at the folder that holds it and the subject folders."
+        )
+    classes, object_templates, live_templates = _parse_dreambooth_file(prompts_file)
+    subjects: list[BenchmarkSubject] = []
+    missing: list[str] = []
+    for name, noun in classes.items():
+        folder = base / name
+        photos = _subject_photos(folder) if folder.is_dir() else []
+        if not photos:
+            missing.append(name)
+            continue
+        live = _is_live(noun)
+        templates = live_templates if live else object_templates
+        instance_prompt, class_prompt = _training_prompts(identifier, noun)
+        subjects.append(
+            BenchmarkSubject(
+                name=name,
+                class_noun=noun,
+                is_live=live,
+                photo_paths=tuple(photos),
+                prompts=tuple(
+                    _fill_dreambooth(template, identifier, noun, prompts_file)
+                    for template in templates
+                ),
+                identifier=identifier,
+                instance_prompt=instance_prompt,
+                class_prompt=class_prompt,
+            )
+        )
+    if missing:
+        _warn(
+            f"DreamBooth benchmark at {base}: skipping {len(missing)} of {len(classes)} subjects "
+            f"with no photo folder: {', '.join(missing)}.",
+            DatasetWarning,
+        )
+    unlisted = sorted(
+        p.name for p in base.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+    )
+    if unlisted:
+        _warn(
+            f"DreamBooth benchmark at {base}: ignoring folders not listed in {DREAMBOOTH_FILE}: "
+            f"{', '.join(unlisted)}.",
+            DatasetWarning,
+        )
+    if not subjects:
+        raise DatasetError(
+            f"No subject of {DREAMBOOTH_FILE} has photos in {base}: each subject needs a "
+            f"folder named like it (e.g. {base / next(iter(classes))}) holding its photos."
+        )
+    return DreamBoothDataset(
+        root=base,
+        subjects=tuple(subjects),
+        identifier=identifier,
+        missing=tuple(missing),
+        object_prompt_templates=tuple(object_templates),
+        live_prompt_templates=tuple(live_templates),
+        classes=dict(classes),
+    )
+
+
+def _resolve(base: Path, relative: str, fallbacks: Sequence[Path]) -> Path | None:
+    """``relative`` (as written in dataset.json) under ``base``, else the first existing fallback."""
+    for candidate in (base / relative, *fallbacks):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _fill_customconcept(template: str, identifier: str, class_noun: str) -> str | None:
+    """CustomConcept101 templates have one ``{}`` for the whole concept phrase ("sks dog")."""
+    if "<new1>" in template and "{" not in template:
+        return template.replace("<new1>", identifier)
+    try:
+        return template.format(f"{identifier} {class_noun}")
+    except (IndexError, KeyError, ValueError):
+        return None  # e.g. a multi-concept template with {0} and {1}
+
+
+def load_customconcept101_dataset(
+    root: StrPath, *, identifier: str = DEFAULT_IDENTIFIER
+) -> CustomConcept101Dataset:
+    """Read a CustomConcept101 benchmark folder (Kumari et al., "Multi-Concept Customization
+    of Text-to-Image Diffusion", CVPR 2023; github.com/adobe-research/custom-diffusion).
+
+    Layout (the repository's ``customconcept101/`` folder with the downloaded
+    ``benchmark_dataset/`` unzipped into it)::
+
+        root/dataset.json          # list of concepts, see below
+        root/prompts/<name>.txt    # one prompt per line, "{}" stands for the concept
+        root/benchmark_dataset/<concept>/*.jpg
+
+    ``dataset.json`` is a JSON list of objects such as::
+
+        {"instance_prompt": "photo of a <new1> dog", "class_prompt": "dog",
+         "instance_data_dir": "./benchmark_dataset/pet_dog1",
+         "class_data_dir": "./regularization/pet_dog", "prompt_filename": "prompts/dog.txt"}
+
+    Tolerances: paths are relative to ``root``; a missing ``instance_data_dir`` is also
+    looked up as ``root/benchmark_dataset/<basename>`` and ``root/<basename>``, a missing
+    ``prompt_filename`` as ``root/prompts/<basename>``. Without ``class_prompt`` the class noun
+    is what follows ``<new1>`` in ``instance_prompt``. Entries whose photos or prompt file are
+    absent, that lack ``instance_data_dir``, or that are multi-concept (a list rather than an
+    object, as in ``dataset_multiconcept.json``) are skipped with one :class:`DatasetWarning`.
+    Prompt lines are formatted with ``"<identifier> <class noun>"`` ("Photo of a sks dog.");
+    lines that do not take one ``{}`` are dropped. The subject name is the photo folder's name;
+    it is live if the class noun is in :data:`LIVE_CLASSES` or the folder starts with ``pet_``.
+    """
+    base = _check_root(root, CUSTOMCONCEPT101_FILE)
+    index = base / CUSTOMCONCEPT101_FILE
+    if not index.is_file():
+        raise DatasetError(
+            f"{base} is not a CustomConcept101 folder: {CUSTOMCONCEPT101_FILE} is missing. "
+            f"Point at the folder that holds dataset.json and prompts/."
+        )
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"Cannot parse {index}: {_one_line(exc)}. Is it valid JSON?") from None
+    if isinstance(entries, dict):  # tolerate {"concepts": [...]}-style wrappers
+        lists = [v for v in entries.values() if isinstance(v, list)]
+        entries = lists[0] if len(lists) == 1 else None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{index} must hold a JSON list of concept objects.")
+
+    subjects: list[BenchmarkSubject] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            skipped.append((f"entry {number}", "multi-concept or not an object"))
+            continue
+        data_dir = str(entry.get("instance_data_dir") or "").strip()
+        if not data_dir:
+            skipped.append((f"entry {number}", "no instance_data_dir"))
+            continue
+        name = Path(data_dir).name
+        folder = _resolve(base, data_dir, [base / "benchmark_dataset" / name, base / name])
+        photos = _subject_photos(folder) if folder is not None and folder.is_dir() else []
+        if not photos:
+            skipped.append((name, "no photos"))
+            continue
+        instance_template = str(entry.get("instance_prompt") or "")
+        noun = str(entry.get("class_prompt") or "").strip()
+        if not noun and "<new1>" in instance_template:
+            noun = instance_template.split("<new1>", 1)[1].strip()
+        if not noun:
+            skipped.append((name, "no class_prompt"))
+            continue
+        prompt_name = str(entry.get("prompt_filename") or "").strip()
+        prompt_file = (
+            _resolve(base, prompt_name, [base / "prompts" / Path(prompt_name).name])
+            if prompt_name else None
+        )
+        if prompt_file is None or not prompt_file.is_file():
+            skipped.append((name, f"no prompt file {prompt_name or '-'}"))
+            continue
+        try:
+            lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"Cannot read {prompt_file}: {_one_line(exc)}.") from None
+        prompts = [
+            filled for line in lines if line.strip()
+            if (filled := _fill_customconcept(line.strip(), identifier, noun)) is not None
+        ]
+        if not prompts:
+            skipped.append((name, f"no usable prompt in {prompt_file.name}"))
+            continue
+        if name in seen:
+            skipped.append((name, "listed twice"))
+            continue
+        seen.add(name)
+        if "<new1>" in instance_template:
+            instance_prompt = instance_template.replace("<new1>", identifier)
+            class_prompt = f"a photo of {noun}"
+        else:
+            instance_prompt, class_prompt = _training_prompts(identifier, noun)
+        subjects.append(
+            BenchmarkSubject(
+                name=name,
+                class_noun=noun,
+                is_live=_is_live(noun) or name.startswith("pet_"),
+                photo_paths=tuple(photos),
+                prompts=tuple(prompts),
+                identifier=identifier,
+                instance_prompt=instance_prompt,
+                class_prompt=class_prompt,
+            )
+        )
+    if skipped:
+        _warn(
+            f"CustomConcept101 benchmark at {base}: skipping {len(skipped)} of {len(entries)} "
+            f"entries: {'; '.join(f'{who} ({why})' for who, why in skipped)}.",
+            DatasetWarning,
+        )
+    if not subjects:
+        raise DatasetError(
+            f"No concept of {index} has both photos and prompts under {base}: unzip "
+            f"benchmark_dataset.zip there and keep the prompts/ folder next to dataset.json."
+        )
+    return CustomConcept101Dataset(
+        root=base,
+        subjects=tuple(subjects),
+        identifier=identifier,
+        missing=tuple(who for who, _ in skipped),
+    )
+
+
+def load_benchmark_dataset(
+    root: StrPath, *, identifier: str = DEFAULT_IDENTIFIER
+) -> BenchmarkDataset:
+    """Load a DreamBooth or CustomConcept101 benchmark folder, whichever ``root`` is.
+
+    DreamBooth if it holds ``prompts_and_classes.txt``, CustomConcept101 if it holds
+    ``dataset.json`` (also accepted: the path of either file). Anything else raises
+    :class:`DatasetError`.
+    """
+    path = Path(root).expanduser()
+    if path.is_file() and path.name == DREAMBOOTH_FILE:
+        return load_dreambooth_dataset(path, identifier=identifier)
+    if path.is_file() and path.name == CUSTOMCONCEPT101_FILE:
+        return load_customconcept101_dataset(path, identifier=identifier)
+    path = _check_root(path)
+    if (path / DREAMBOOTH_FILE).is_file():
+        return load_dreambooth_dataset(path, identifier=identifier)
+    if (path / CUSTOMCONCEPT101_FILE).is_file():
+        return load_customconcept101_dataset(path, identifier=identifier)
+    raise DatasetError(
+        f"{path} is not a benchmark folder: expected {DREAMBOOTH_FILE} (DreamBooth) or "
+        f"{CUSTOMCONCEPT101_FILE} (CustomConcept101) in it."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Demo photos
+# --------------------------------------------------------------------------------------
+
+
+def demo_photos_dir() -> Path:
+    """The bundled demo photos: 4 downscaled DreamBooth ``dog`` photos (CC BY 4.0, see
+    ``assets/demo/ATTRIBUTION.md`` next to them)."""
+    return Path(__file__).resolve().parent / "assets" / "demo" / "photos"
+
+
+def make_demo_photos(
+    src_folder: StrPath,
+    dst_folder: StrPath,
+    size: int = 128,
+    *,
+    count: int = 4,
+    quality: int = 85,
+) -> list[Path]:
+    """Write the first ``count`` photos of ``src_folder`` (by name) to ``dst_folder`` as
+    ``size x size`` center crops, JPEG ``quality``, without metadata, keeping their names
+    (with a ``.jpg`` extension). Returns the written paths.
+
+    This is how ``assets/demo/photos`` was made::
+
+        make_demo_photos("../shared/data/dreambooth/dog", demo_photos_dir())
+    """
+    size = _check_resolution(size)
+    paths = list_photos(src_folder)
+    if len(paths) < count:
+        raise PhotoError(
+            f"Only {len(paths)} photos in {src_folder}, {count} needed for the demo set."
+        )
+    out = Path(dst_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in paths[:count]:
+        target = out / (path.stem + ".jpg")
+        _prepare(path, size).save(target, "JPEG", quality=quality, optimize=True)
+        written.append(target)
+    return written

@@ -1,0 +1,267 @@
+"""Stage 1: photos -> pre-compute store.
+
+In order, each model part loaded, used once, and dropped:
+  1. text encoder: embed the prompts;
+  2. VAE encoder (decoder never loaded): encode the photos to latents;
+  3. U-Net encoder + hollow (outer up blocks never loaded), no grad: for every training sample
+     (photo, noise seed, timestep) the activation the hollow hands to the first kept up unit.
+For the ``lora``/``full`` baselines step 3 is skipped: they train on the whole U-Net.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import hollow as H
+from .errors import HollownetError
+from .model import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
+from .plan import DEFAULT_LORA_TARGETS, HollowPlan, meta_unet, resolve_plan
+from .store import FORMAT, Store, save_tensors, shard_name
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PrecomputeConfig:
+    """What stage 1 needs. Everything here except ``device`` and ``batch_size`` is saved with the store."""
+
+    model: str
+    images: str
+    prompt: str
+    output: str  # the store folder
+    method: str = "hollow"  # hollow | lora | full
+    hollow: float | None = None  # fraction of U-Net parameters to hollow (nearest valid cut)
+    hollow_blocks: list[str] | None = None  # or the cut, by name
+    resolution: int = 512
+    num_samples: int = 400  # training samples (= steps x batch: every step sees fresh noise)
+    seed: int = 0
+    precision: str = "fp32"  # compute dtype of frozen weights; activations are stored in it
+    class_prompt: str | None = None
+    class_images: str | None = None
+    prior_loss_weight: float = 1.0
+    shard_size: int = 64
+    batch_size: int = 4  # samples per U-Net forward (runtime only)
+    device: str = "cpu"  # runtime only
+
+    def __post_init__(self):
+        if self.method not in ("hollow", "lora", "full"):
+            raise HollownetError(f"--method {self.method!r} is not one of hollow, lora, full")
+        if self.precision not in DTYPES:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+        if self.resolution % 8:
+            raise HollownetError(f"--resolution {self.resolution} must be a multiple of 8 (the VAE's downscale factor)")
+        if self.num_samples < 1:
+            raise HollownetError("the number of training samples must be at least 1 (--steps x --batch)")
+        if bool(self.class_prompt) != bool(self.class_images):
+            raise HollownetError("prior preservation needs both --class-prompt and --class-images")
+
+
+@dataclass
+class PrecomputeResult:
+    store: Path
+    plan: HollowPlan | None
+    seconds: float
+    peak_bytes: dict = field(default_factory=dict)  # per part, measured by the caller's tracker if any
+    resumed_shards: int = 0
+
+
+def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
+    from diffusers import UNet2DConditionModel
+
+    unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
+    return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks, rank=getattr(cfg, "rank", 0),
+                        lora_targets=tuple(getattr(cfg, "lora_targets", DEFAULT_LORA_TARGETS)))
+
+
+def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int) -> list[dict]:
+    """The fixed, seeded list of training samples; sample i gets noise seeded by (seed, i).
+
+    With prior preservation, samples alternate instance / class (so a batch of 2k holds k of each).
+    """
+    g = torch.Generator().manual_seed(cfg.seed)
+    table = []
+    perm_i, perm_c = [], []
+    for i in range(cfg.num_samples):
+        if not perm_i:
+            perm_i = torch.randperm(n_instance, generator=g).tolist()
+        entry = dict(latent=perm_i.pop(), prompt=0, weight=1.0)
+        if n_class and i % 2 == 1:
+            if not perm_c:
+                perm_c = torch.randperm(n_class, generator=g).tolist()
+            entry = dict(latent=n_instance + perm_c.pop(), prompt=1, weight=cfg.prior_loss_weight)
+        entry["timestep"] = int(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        entry["noise_seed"] = cfg.seed * 1_000_003 + i
+        table.append(entry)
+    return table
+
+
+def sample_noise(seed: int, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
+    return hashlib.sha256(pixels.numpy().tobytes() + "|".join(names).encode()).hexdigest()[:16]
+
+
+def embed_prompts(model_dir: Path, prompts: list[str], dtype, device) -> torch.Tensor:
+    """Text-encoder output per prompt, exactly as StableDiffusionPipeline.encode_prompt computes it."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = encoder(ids.to(device))[0].float().cpu()
+    del encoder
+    release_memory()
+    return embeds
+
+
+def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int) -> torch.Tensor:
+    """Scaled VAE latents, one posterior sample per photo (seeded). The decoder is never loaded."""
+    from diffusers import AutoencoderKL
+
+    from .model import read_tensors, weight_files
+
+    config = AutoencoderKL.load_config(model_dir / "vae")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    files = weight_files(model_dir, "vae")
+    keys = [k for k in vae.state_dict() if not is_under(k, ["decoder", "post_quant_conv"])]
+    vae.load_state_dict(read_tensors(files, keys, dtype=dtype, device=device), strict=False, assign=True)
+    vae.eval()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for chunk in pixels.split(batch_size):
+            moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
+            mean, logvar = moments.float().cpu().chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            out.append(mean + std * torch.randn(mean.shape, generator=g))
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    del vae
+    release_memory()
+    return (torch.cat(out) - shift) * scale
+
+
+def run_precompute(cfg: PrecomputeConfig, tracker=None) -> PrecomputeResult:
+    """Stage 1, resumable: finished shards in an existing compatible store are kept."""
+    from diffusers import DDPMScheduler
+
+    from .data import load_photos
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(cfg.model)
+    dtype = DTYPES[cfg.precision]
+    plan = hollow_plan_for(model_dir, cfg) if cfg.method == "hollow" else None
+    pixels, names = load_photos(cfg.images, cfg.resolution)
+    class_pixels, class_names = (load_photos(cfg.class_images, cfg.resolution) if cfg.class_images else (pixels[:0], []))
+    scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    prompts = [cfg.prompt] + ([cfg.class_prompt] if cfg.class_prompt else [])
+    identity = dict(
+        format=FORMAT,
+        model=str(cfg.model),
+        model_fingerprint=model_fingerprint(model_dir),
+        method=cfg.method,
+        hollow_blocks=plan.hollow_blocks if plan else None,
+        resolution=cfg.resolution,
+        dtype=cfg.precision,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        photos=_photo_digest(names + class_names, torch.cat([pixels, class_pixels])),
+        prompts=prompts,
+        prediction_type=prediction_type(model_dir),
+    )
+    store = Store(cfg.output)
+    if store.exists():
+        store.check_identity(identity)
+    else:
+        table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps)
+        store.write_manifest({**identity, "photo_files": names, "class_photo_files": class_names,
+                              "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
+                              "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
+    manifest = store.manifest()
+    if not (store.root / "prompts.safetensors").exists():
+        save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device)})
+    if not (store.root / "latents.safetensors").exists():
+        latents = encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device, cfg.batch_size)
+        save_tensors(store.root / "latents.safetensors", {"latents": latents})
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    latents = store.tensors("latents.safetensors")["latents"]
+
+    done = store.done_shards()
+    todo = [i for i in range(manifest["num_shards"]) if i not in done]
+    unet = None
+    if plan is not None and todo:
+        from diffusers import UNet2DConditionModel
+
+        skip = kept_up_modules(meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")), plan)
+        unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
+    table = manifest["samples"]
+    size = manifest["shard_size"]
+    bar = tqdm(total=len(table), initial=len(done) * size, desc="pre-compute", unit="sample", disable=None)
+    for shard in todo:
+        rows = table[shard * size : (shard + 1) * size]
+        tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
+        save_tensors(store.root / shard_name(shard), tensors)
+        store.mark_done(shard)
+    bar.close()
+    del unet
+    release_memory()
+    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, resumed_shards=len(done))
+
+
+def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
+    """Stage 1 never runs the kept up units or the output head: don't load them."""
+    from .plan import unit_modules
+
+    names = [n for u in plan.kept_up for n in unit_modules(unet, u)]
+    return names + ["conv_norm_out", "conv_out"]
+
+
+def noisy_and_target(latent: torch.Tensor, rows: list[dict], scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward diffusion of each latent with its seeded noise, and the ε or v the U-Net must predict."""
+    noise = torch.stack([sample_noise(r["noise_seed"], latent.shape[1:]) for r in rows])
+    t = torch.tensor([r["timestep"] for r in rows], dtype=torch.long)
+    noisy = scheduler.add_noise(latent, noise, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latent, noise, t)
+    else:
+        raise HollownetError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return noisy, target, t
+
+
+def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) -> dict[str, torch.Tensor]:
+    latent = latents[[r["latent"] for r in rows]]
+    noisy, target, t = noisy_and_target(latent, rows, scheduler)
+    prompt_index = torch.tensor([r["prompt"] for r in rows], dtype=torch.long)
+    out = dict(noisy=noisy, target=target, timestep=t, prompt_index=prompt_index,
+               weight=torch.tensor([r["weight"] for r in rows], dtype=torch.float32))
+    if unet is None:
+        bar.update(len(rows))
+        return out
+    hollow_out = []
+    with torch.no_grad():
+        for s in range(0, len(rows), cfg.batch_size):
+            sl = slice(s, s + cfg.batch_size)
+            h = H.hollow_output(unet, plan, noisy[sl].to(cfg.device, dtype), t[sl].to(cfg.device),
+                                embeds[prompt_index[sl]].to(cfg.device, dtype))
+            hollow_out.append(h.cpu())
+            bar.update(h.shape[0])
+    out["hollow_out"] = torch.cat(hollow_out)
+    return out
+
+
+def config_dict(cfg: PrecomputeConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "batch_size")}

@@ -1,0 +1,229 @@
+"""Stage 2: fine-tune on the store, then export (stage 4).
+
+``hollow``: only the kept (outer) U-Net weights are read; the hollow stays on the meta device and
+its output comes from the store. ``lora`` / ``full``: the paper's baselines, on the whole U-Net,
+from the same store (its noisy latents, targets and prompt embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import hollow as H
+from .errors import HollownetError
+from .export import save_lora
+from .model import load_unet, model_fingerprint, release_memory, resolve_model_dir
+from .plan import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
+from .precompute import DTYPES
+from .store import Store, atomic_write
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2 settings; all but ``device`` are saved with the result."""
+
+    model: str
+    store: str
+    output: str
+    method: str = "hollow"
+    rank: int = 32
+    lora_alpha: float | None = None  # default: = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lr: float = 1e-4
+    steps: int = 400
+    batch: int = 1
+    seed: int = 0
+    precision: str = "fp32"  # frozen weights; LoRA weights, grads and AdamW state stay fp32
+    grad_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100
+    resume: bool = False
+    track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.precision not in DTYPES:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+        if self.method == "full" and self.precision != "fp32":
+            raise HollownetError("--method full trains every weight and needs --precision fp32")
+        if self.rank < 1 and self.method != "full":
+            raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
+        if self.steps < 1 or self.batch < 1:
+            raise HollownetError("--steps and --batch must be at least 1")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    losses: list[float]
+    seconds: float
+    plan: HollowPlan | None
+    memory: dict | None = None
+
+
+def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
+    """The network that is trained, with LoRA added; returns (unet, plan, trainable params)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    skeleton = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
+    plan = None
+    skip: list[str] = []
+    if cfg.method == "hollow":
+        plan = plan_for_blocks(skeleton, manifest["hollow_blocks"], rank=cfg.rank, lora_targets=tuple(cfg.lora_targets))
+        skip = plan.hollow_prefixes(skeleton)
+    dtype = DTYPES[cfg.precision]
+    unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
+    if cfg.method == "full":
+        unet.requires_grad_(True)
+        return unet, plan, [p for p in unet.parameters()]
+    targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
+    if not targets:
+        raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, target_modules=targets,
+                                init_lora_weights="gaussian"))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:  # LoRA trains in fp32 whatever the frozen weights' precision
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return unet, plan, params
+
+
+def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dtype, device, grad_checkpointing=False):
+    """The trained network's output for a batch of store samples."""
+    noisy = batch["noisy"].to(device, dtype)
+    t = batch["timestep"].to(device)
+    text = embeds[batch["prompt_index"]].to(device, dtype)
+    if plan is None:
+        return unet(noisy, t, text).sample
+    return H.hollowed_forward(unet, plan, noisy, t, text, batch["hollow_out"].to(device, dtype), grad_checkpointing)
+
+
+def loss_fn(pred: torch.Tensor, batch: dict, device) -> torch.Tensor:
+    """MSE to ε or v (whichever the store's targets are), weighted per sample (prior preservation)."""
+    per_sample = F.mse_loss(pred.float(), batch["target"].to(device).float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * batch["weight"].to(device)).mean()
+
+
+def batch_indices(step: int, batch: int, num_samples: int) -> list[int]:
+    """Step i trains on samples [i*b, (i+1)*b), wrapping around the store."""
+    return [(step * batch + j) % num_samples for j in range(batch)]
+
+
+def run_train(cfg: TrainConfig, tracker_factory=None) -> TrainResult:
+    """Stage 2 + export. ``tracker_factory()`` (hollownet.memory) measures the first steps' peak."""
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(cfg.model)
+    store = Store(cfg.store)
+    manifest = store.manifest()
+    if not store.is_complete():
+        raise HollownetError(f"the store in '{store.root}' is incomplete; run pre-compute again to finish it")
+    if manifest["method"] != cfg.method:
+        raise HollownetError(f"the store was made for --method {manifest['method']}, not {cfg.method}; use a new --output")
+    if manifest["model_fingerprint"] != model_fingerprint(model_dir):
+        raise HollownetError(f"the store in '{store.root}' was made from another model; use a new --output folder")
+    torch.manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.precision]
+    unet, plan, params = build_model(model_dir, manifest, cfg)
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoints"
+    start, losses = 0, []
+    if cfg.resume:
+        start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer)
+    per_step = cfg.batch * (2 if len(manifest["prompts"]) > 1 else 1)  # prior preservation doubles it
+    if plan is None and cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    memory = None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})", unit="step", disable=None)
+    for step in bar:
+        batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]),
+                              keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
+        tracker = tracker_factory() if tracker_factory and step - start < cfg.track_memory_steps else None
+        loss = train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
+        if tracker is not None:
+            memory = tracker.report()
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if math.isnan(loss):
+            raise HollownetError(f"loss became NaN at step {step}; lower --lr or use --precision fp32")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses)
+    bar.close()
+    info = result_info(cfg, manifest, plan, params)
+    if cfg.method == "full":
+        unet.save_pretrained(out / "unet")
+    else:
+        save_lora(unet, out, info)
+    del unet, optimizer
+    release_memory()
+    return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory)
+
+
+def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, dtype, tracker=None) -> float:
+    """forward, backward, clip, AdamW: phases marked for the memory tracker when one is given."""
+    from contextlib import nullcontext
+
+    phase = tracker.phase if tracker is not None else (lambda name: nullcontext())
+    with tracker if tracker is not None else nullcontext():
+        with phase("forward"):
+            loss = loss_fn(predict(unet, plan, batch, embeds, dtype, cfg.device, cfg.grad_checkpointing), batch, cfg.device)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, params) -> dict:
+    return {
+        "format": "hollownet-lora/1",
+        "base_model": manifest["model"],
+        "model_fingerprint": manifest["model_fingerprint"],
+        "method": cfg.method,
+        "hollow_blocks": plan.hollow_blocks if plan else None,
+        "plan": plan.to_dict() if plan else None,
+        "rank": cfg.rank,
+        "lora_alpha": cfg.lora_alpha or cfg.rank,
+        "lora_targets": cfg.lora_targets,
+        "trainable_params": sum(p.numel() for p in params),
+        "resolution": manifest["resolution"],
+        "prompt": manifest["prompts"][0],
+        "prediction_type": manifest["prediction_type"],
+        "training": {k: v for k, v in asdict(cfg).items() if k not in ("device", "model", "store", "output")},
+    }
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, unet, params, optimizer, losses) -> None:
+    """Trainable tensors + AdamW state + loss history, atomically; the two newest are kept."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(), "losses": losses}
+    atomic_write(ckpt_dir / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
+        old.unlink()
+
+
+def load_checkpoint(ckpt_dir: Path, unet, params, optimizer) -> tuple[int, list[float]]:
+    found = sorted(ckpt_dir.glob("step-*.pt"))
+    if not found:
+        return 0, []
+    state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    if len(state["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(state["params"], params)):
+        raise HollownetError(f"checkpoint {found[-1].name} was made with other settings (rank, targets, cut); drop --resume or use a new --output")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], list(state["losses"])
