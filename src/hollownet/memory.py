@@ -6,8 +6,9 @@ in which the peak occurs, the peak of every phase, and what the live bytes
 consisted of at the peak.  It works on real tensors and, unchanged, under
 :class:`torch._subclasses.FakeTensorMode`, where no memory is used but every
 fake tensor still has a storage with a size: for the same model and step the
-fake and the real count agree to the byte, so the count can plan memory for
-models that do not fit on the machine that plans.
+fake and the real count agree to the byte (wherever each op's meta kernel
+allocates outputs the size the real kernel does; see "Fake tensors" below), so
+the count can plan memory for models that do not fit on the machine that plans.
 
 Usage::
 
@@ -54,7 +55,10 @@ tracking started (or been made by something outside the dispatcher); it is
 counted as live from the start of tracking -- its bytes are added to every
 moment from the start until it is freed, which is exact for a pre-existing
 tensor.  Auto-discovered storages are of kind ``"weights"`` if the tensor is
-an ``nn.Parameter`` and ``"inputs"`` otherwise (typically the batch passed in).
+an ``nn.Parameter`` (which is then also registered for gradient
+classification) and ``"inputs"`` otherwise (typically the batch passed in).
+Registering residents explicitly is still better: a parameter that no op
+reads (or that is only read late) is otherwise missed or found late.
 
 Kinds (the breakdown)
 ---------------------
@@ -118,10 +122,32 @@ them into meta computations)::
         with tracker:
             ...
 
-Code that picks a path by tensor type can take a different path under fake
-tensors: e.g. ``torch.optim`` only defaults to ``foreach``/``fused`` for plain
-``Tensor``/``Parameter`` types, so pass ``foreach=``/``fused=`` explicitly
-when fake and real counts must match on CUDA.
+The tracker sees the same op sequence in both cases, so fake and real agree
+to the byte whenever (a) every op's meta kernel returns outputs with the same
+storage sizes as the real kernel and (b) the Python code takes the same path.
+Known exceptions:
+
+* (a) The CPU kernel of ``aten.mse_loss`` with a reduction returns the 0-dim
+  loss inside a storage as large as the input (the elementwise buffer is kept
+  and really stays allocated), while the meta kernel allocates 4 bytes.  Use
+  ``(a - b).pow(2).mean()`` when comparing, or accept the difference.
+* (b) ``torch.optim`` only defaults to ``foreach``/``fused`` for plain
+  ``Tensor``/``Parameter`` types, so pass ``foreach=``/``fused=`` explicitly
+  when fake and real counts must match on CUDA.  Likewise attention backend
+  selection can differ between a fake CUDA device and a real GPU.
+* ``module.half()`` / ``module.to(dtype)`` cannot swap fake parameters; build
+  the module under ``torch.set_default_dtype(...)`` instead.
+
+Notes
+-----
+* AdamW's ``step`` counters are 0-dim float32 tensors on the parameter's
+  device only for ``fused=True``/``capturable=True`` or on CPU; the default
+  CUDA path keeps them on the CPU, so they are not counted on ``cuda``.
+* Autograd's worker threads (CUDA backward) inherit the dispatch mode, so the
+  backward is seen on every device.  Phases are global to the tracker, not
+  per thread.
+* ``torch.UntypedStorage.resize_`` is wrapped while a tracker is active (it
+  bypasses the dispatcher); the original is restored on exit.
 """
 
 from __future__ import annotations
@@ -136,7 +162,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    is_traceable_wrapper_subclass,
+)
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
@@ -335,7 +366,7 @@ class _DispatchMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "prim":  # prim.device / prim.layout: metadata queries
+        if getattr(func, "namespace", None) == "prim":  # prim.device / prim.layout: metadata queries
             return func(*args, **kwargs)
         tr = self._tracker
         ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
@@ -359,19 +390,10 @@ def _leaf_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-    except Exception:  # pragma: no cover
-        return False
     return isinstance(t, FakeTensor)
 
 
 def _fake_mode_active() -> bool:
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-    except Exception:  # pragma: no cover
-        return False
     return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
 
 
@@ -423,6 +445,7 @@ class MemoryTracker:
         self._initial: list[_Record] = []  # live since the start (residents, discovered)
         self._events: list[tuple] = []
         self._stack: list[_PhaseFrame] = []
+        self._start_stack: tuple[str, ...] = ()
         self._params: dict[int, torch.Tensor] = {}
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
         self._hooks: list[Any] = []
@@ -503,8 +526,7 @@ class MemoryTracker:
             self._live = sum(r.nbytes for r in self._initial)
             self._max_live = self._live
             self._events = []
-            if self._stack:
-                self._log_phase()
+            self._start_stack = tuple(f.name for f in self._stack)
             self._state = "active"
             for p in self._params.values():
                 self._hook_param(p)
@@ -529,8 +551,12 @@ class MemoryTracker:
                 for h in self._hooks:
                     h.remove()
                 self._hooks.clear()
-                # Drop every reference: weakrefs (no more callbacks), params, optimizers.
+                # Drop every reference: weakrefs (no more callbacks), params, optimizers,
+                # and the event log (the report holds everything that was measured).
                 self._by_id.clear()
+                self._events = []
+                self._initial = []
+                self._records = []
                 self._params.clear()
                 self._optimizers.clear()
                 self._stack.clear()
@@ -724,6 +750,9 @@ class MemoryTracker:
                         rec = self._register_existing(leaf, st, counted=self.auto_register_inputs)
                         if isinstance(t, torch.nn.Parameter):
                             rec.resident_kind = "weights"
+                            if id(t) not in self._params:  # classify its .grad too
+                                self._params[id(t)] = t
+                                self._hook_param(t)
                         else:
                             rec.resident_kind = "inputs"
 
@@ -826,8 +855,8 @@ class MemoryTracker:
         for rec in self._records:
             kinds.setdefault(rec.kind(), 0)
         start = live
-        stack: tuple[str, ...] = ()
-        peak, peak_phase, peak_kinds = live, NO_PHASE, dict(kinds)
+        stack: tuple[str, ...] = self._start_stack
+        peak, peak_phase, peak_kinds = live, (stack[-1] if stack else NO_PHASE), dict(kinds)
         phase_peaks: dict[str, int] = {}
         phase_bd: dict[str, dict[str, int]] = {}
 

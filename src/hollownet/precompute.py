@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,8 +69,37 @@ class PrecomputeResult:
     store: Path
     plan: HollowPlan | None
     seconds: float
-    peak_bytes: dict = field(default_factory=dict)  # per part, measured by the caller's tracker if any
+    memory: dict | None = None  # measured peak (see PartMeter.summary)
     resumed_shards: int = 0
+
+
+class PartMeter:
+    """Peak tensor memory of each stage-1 part. One tracker per part: parts never overlap in memory
+    (each model is dropped before the next loads), so the stage's peak is the largest part's."""
+
+    def __init__(self, enabled: bool, device: str):
+        self.enabled, self.device, self.parts = enabled, device, {}
+
+    @contextmanager
+    def measure(self, name: str, *resident):
+        if not self.enabled or name in self.parts:
+            yield
+            return
+        from .memory import MemoryTracker
+
+        tracker = MemoryTracker(device=self.device)
+        tracker.add_resident(*resident)
+        with tracker:
+            yield
+        self.parts[name] = tracker.report
+
+    def summary(self) -> dict | None:
+        if not self.parts:
+            return None
+        name, top = max(self.parts.items(), key=lambda kv: kv[1].peak_bytes)
+        return {"peak_bytes": top.peak_bytes, "peak_phase": name, "breakdown": top.breakdown,
+                "cuda_max_allocated": max((r.cuda_max_allocated or 0) for r in self.parts.values()) or None,
+                "parts": {k: r.peak_bytes for k, r in self.parts.items()}}
 
 
 def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
@@ -110,21 +140,21 @@ def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
     return hashlib.sha256(pixels.numpy().tobytes() + "|".join(names).encode()).hexdigest()[:16]
 
 
-def embed_prompts(model_dir: Path, prompts: list[str], dtype, device) -> torch.Tensor:
+def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter) -> torch.Tensor:
     """Text-encoder output per prompt, exactly as StableDiffusionPipeline.encode_prompt computes it."""
     from transformers import AutoTokenizer, CLIPTextModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.no_grad(), meter.measure("text encoder", encoder):
         embeds = encoder(ids.to(device))[0].float().cpu()
     del encoder
     release_memory()
     return embeds
 
 
-def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int) -> torch.Tensor:
+def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int, meter: PartMeter) -> torch.Tensor:
     """Scaled VAE latents, one posterior sample per photo (seeded). The decoder is never loaded."""
     from diffusers import AutoencoderKL
 
@@ -139,7 +169,7 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     vae.eval()
     g = torch.Generator().manual_seed(seed)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), meter.measure("VAE encoder", vae):
         for chunk in pixels.split(batch_size):
             moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
             mean, logvar = moments.float().cpu().chunk(2, dim=1)
@@ -152,8 +182,11 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     return (torch.cat(out) - shift) * scale
 
 
-def run_precompute(cfg: PrecomputeConfig, tracker=None) -> PrecomputeResult:
-    """Stage 1, resumable: finished shards in an existing compatible store are kept."""
+def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> PrecomputeResult:
+    """Stage 1, resumable: finished shards in an existing compatible store are kept.
+
+    ``track_memory``: measure each part's exact peak tensor memory (the first U-Net shard only).
+    """
     from diffusers import DDPMScheduler
 
     from .data import load_photos
@@ -180,6 +213,7 @@ def run_precompute(cfg: PrecomputeConfig, tracker=None) -> PrecomputeResult:
         prompts=prompts,
         prediction_type=prediction_type(model_dir),
     )
+    meter = PartMeter(track_memory, cfg.device)
     store = Store(cfg.output)
     if store.exists():
         store.check_identity(identity)
@@ -190,9 +224,9 @@ def run_precompute(cfg: PrecomputeConfig, tracker=None) -> PrecomputeResult:
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
     manifest = store.manifest()
     if not (store.root / "prompts.safetensors").exists():
-        save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device)})
+        save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device, meter)})
     if not (store.root / "latents.safetensors").exists():
-        latents = encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device, cfg.batch_size)
+        latents = encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
         save_tensors(store.root / "latents.safetensors", {"latents": latents})
     embeds = store.tensors("prompts.safetensors")["embeds"]
     latents = store.tensors("latents.safetensors")["latents"]
@@ -210,13 +244,15 @@ def run_precompute(cfg: PrecomputeConfig, tracker=None) -> PrecomputeResult:
     bar = tqdm(total=len(table), initial=len(done) * size, desc="pre-compute", unit="sample", disable=None)
     for shard in todo:
         rows = table[shard * size : (shard + 1) * size]
-        tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
+        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
+            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
         save_tensors(store.root / shard_name(shard), tensors)
         store.mark_done(shard)
     bar.close()
     del unet
     release_memory()
-    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, resumed_shards=len(done))
+    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0,
+                            memory=meter.summary(), resumed_shards=len(done))
 
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:

@@ -117,8 +117,8 @@ def batch_indices(step: int, batch: int, num_samples: int) -> list[int]:
     return [(step * batch + j) % num_samples for j in range(batch)]
 
 
-def run_train(cfg: TrainConfig, tracker_factory=None) -> TrainResult:
-    """Stage 2 + export. ``tracker_factory()`` (hollownet.memory) measures the first steps' peak."""
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Stage 2 + export. The first ``cfg.track_memory_steps`` steps are measured exactly (hollownet.memory)."""
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
     store = Store(cfg.store)
@@ -148,10 +148,14 @@ def run_train(cfg: TrainConfig, tracker_factory=None) -> TrainResult:
     for step in bar:
         batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]),
                               keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
-        tracker = tracker_factory() if tracker_factory and step - start < cfg.track_memory_steps else None
+        tracker = None
+        if step - start < cfg.track_memory_steps:
+            from .memory import MemoryTracker
+
+            tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
         loss = train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
-        if tracker is not None:
-            memory = tracker.report()
+        if tracker is not None and (memory is None or tracker.report.peak_bytes >= memory["peak_bytes"]):
+            memory = tracker.report.to_dict()
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
         if math.isnan(loss):

@@ -1,0 +1,206 @@
+"""The ``hollownet`` command: parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+EPILOG_TRAIN = """\
+examples:
+  hollownet train --model ./sd21 --images ./my_dog --prompt "a photo of sks dog" --output runs/dog
+  hollownet train ... --hollow 0.5                   # hollow ~50%% of the U-Net (nearest valid cut)
+  hollownet train ... --precision bf16 --grad-checkpointing   # least memory
+  hollownet train ... --method lora                  # the plain-LoRA baseline, for comparison
+  hollownet train ... --resume                       # continue an interrupted run
+
+Stage 1 (pre-compute) writes OUTPUT/store; it resumes by itself when rerun with the same settings.
+Stage 2 writes OUTPUT/pytorch_lora_weights.safetensors (loadable with diffusers'
+load_lora_weights), OUTPUT/hollownet.json and OUTPUT/train.json (settings, timings, peak memory).
+"""
+
+EPILOG_GENERATE = """\
+examples:
+  hollownet generate --model ./sd21 --lora runs/dog --prompt "a sks dog on the beach" --output out/beach
+  hollownet generate ... --merged          # one U-Net pass per step, LoRA fused (cheaper, approximate)
+
+Default is the paper's two-path inference: per denoising step the original U-Net (LoRA off) runs up
+to the hollow's output and the LoRA layers run from it, exactly the function that was trained.
+"""
+
+
+def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--method", choices=("hollow", "lora", "full"), default="hollow",
+                   help="hollow: Hollowed Net (default); lora / full: the paper's baselines")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--hollow", type=float, metavar="FRACTION",
+                     help="fraction of U-Net parameters to hollow; the nearest skip-symmetric cut is used "
+                          "(default: the paper's cut, ~0.39 on SD 1.x/2.x)")
+    cut.add_argument("--hollow-blocks", type=lambda s: [b for b in s.split(",") if b], metavar="B1,B2,...",
+                     help="the cut by name, e.g. down_blocks.2.downsamplers,down_blocks.3,mid_block,up_blocks.0")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the frozen weights; LoRA always trains in fp32 (default fp32)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hollownet",
+        description="Personalize Stable Diffusion on your own photos with Hollowed Net: a LoRA trained "
+                    "on-device in about the memory inference needs, with the photos never leaving the machine.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with 'hollownet demo' (offline, tiny model, a minute on a CPU). 'hollownet COMMAND --help' for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"hollownet {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="personalize: pre-compute, fine-tune, export a LoRA",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
+    _add_model_and_cut(t, "base model: a diffusers folder or a hub id (SD 1.x / 2.x, eps or v prediction)")
+    t.add_argument("--images", required=True, help="folder of 3-6 photos of your subject (JPEG/PNG/WebP)")
+    t.add_argument("--prompt", required=True, help='instance prompt with a rare identifier, e.g. "a photo of sks dog"')
+    t.add_argument("--output", required=True, help="output folder (LoRA, records, store, checkpoints)")
+    t.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
+    t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
+                   help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--num-samples", type=int, help="pre-computed samples (default steps x batch: fresh noise every step)")
+    t.add_argument("--class-prompt", help='prior preservation: class prompt, e.g. "a photo of dog"')
+    t.add_argument("--class-images", help="prior preservation: folder of class images")
+    t.add_argument("--prior-loss-weight", type=float, default=1.0)
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+    g = sub.add_parser("generate", help="generate images with a trained LoRA",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_GENERATE)
+    g.add_argument("--model", required=True, help="the base model the LoRA was trained on")
+    g.add_argument("--lora", help="output folder of 'hollownet train' (omit for the base model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--output", required=True, help="folder for PNGs, manifest.json and generate.json")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--resolution", type=int, help="image size (default: the training resolution)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
+    g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    g.add_argument("--device", default=None)
+
+    e = sub.add_parser("eval", help="DINO, CLIP-I, CLIP-T of generated images against the real photos")
+    e.add_argument("--generated", required=True, help="output folder of 'hollownet generate' (has manifest.json)")
+    e.add_argument("--reference", required=True, help="folder of the subject's real photos")
+    e.add_argument("--prompt", help="use this prompt for every image instead of the manifest's")
+    e.add_argument("--identifier", default="sks", help="subject token removed from prompts for CLIP-T (default sks)")
+    e.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
+    e.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    e.add_argument("--device", default=None)
+
+    d = sub.add_parser("demo", help="the whole pipeline offline on a tiny bundled model and photos")
+    d.add_argument("--output", default="hollownet-demo", help="folder for everything the demo writes (default ./hollownet-demo)")
+    d.add_argument("--steps", type=int, default=30)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_train(args) -> int:
+    from .workflow import TrainRequest, personalize
+
+    record = personalize(TrainRequest(
+        model=args.model, images=args.images, prompt=args.prompt, output=args.output, method=args.method,
+        hollow=args.hollow, hollow_blocks=args.hollow_blocks, rank=args.rank, lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets, resolution=args.resolution, steps=args.steps, batch=args.batch,
+        lr=args.lr, seed=args.seed, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+        num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
+        prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        device=_device(args.device),
+    ))
+    print(record["summary"])
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .infer import GenerateConfig, run_generate
+
+    record = run_generate(GenerateConfig(
+        model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
+        resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+        num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
+        device=_device(args.device),
+    ))
+    print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_folder, format_markdown
+
+    result = evaluate_folder(args.generated, args.reference, prompt=args.prompt, identifier=args.identifier,
+                             dino_model=args.dino_model, clip_model=args.clip_model, device=_device(args.device))
+    print(json.dumps(result) if args.json else format_markdown(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .workflow import run_demo
+
+    run_demo(args.output, steps=args.steps)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .data import DatasetError, PhotoError
+    from .errors import HollownetError
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            return COMMANDS[args.command](args)
+        except (HollownetError, PhotoError, DatasetError) as e:
+            print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # the evaluation module's input errors
+            if args.command != "eval":
+                raise
+            print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"hollownet {args.command}: interrupted; finished work is kept, rerun with --resume", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random-weight SD models saved in the real diffusers layout, real photos."""
+
+from pathlib import Path
+
+import pytest
+
+DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+RES = 64  # tiny model: 64 px photos -> 8x8 latents
+
+
+@pytest.fixture(scope="session")
+def dog_photos() -> Path:
+    if not (DREAMBOOTH / "dog").is_dir():
+        pytest.skip("../shared/data/dreambooth is not present")
+    return DREAMBOOTH / "dog"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from hollownet.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-eps"), prediction_type="epsilon", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory) -> Path:
+    from hollownet.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def hollow_store(tmp_path_factory, tiny_model, dog_photos) -> Path:
+    """A finished stage-1 store for the default cut: 12 samples in shards of 5."""
+    from hollownet.precompute import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    run_precompute(PrecomputeConfig(model=str(tiny_model), images=str(dog_photos), prompt="a photo of sks dog",
+                                    output=str(out), resolution=RES, num_samples=12, shard_size=5),
+                   track_memory=False)
+    return out

@@ -1,0 +1,85 @@
+"""The split forward is the U-Net; the hollowed network fed the stored activation is too (LoRA at zero)."""
+
+import torch
+from safetensors import safe_open
+
+import hollownet.model as model_mod
+from hollownet import hollow as H
+from hollownet.model import load_unet
+from hollownet.plan import all_plans, make_plan
+from hollownet.store import Store
+from hollownet.train import TrainConfig, build_model, predict
+
+
+def test_split_forward_equals_unet_for_every_cut(tiny_model):
+    unet, _ = load_unet(tiny_model)
+    text = torch.randn(2, 7, 32)
+    for shape in ((2, 4, 8, 8), (2, 4, 6, 10)):  # the second is not a multiple of 8: explicit upsample sizes
+        x, t = torch.randn(shape), torch.tensor([3, 900])
+        ref = unet(x, t, text).sample
+        for plan in all_plans(unet):
+            torch.testing.assert_close(H.full_forward(unet, plan, x, t, text), ref, rtol=0, atol=0)
+
+
+def test_zero_lora_hollowed_forward_on_stored_activation_equals_full_unet(tiny_model, hollow_store):
+    store = Store(hollow_store)
+    batch = store.samples([0, 3, 11])
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    cfg = TrainConfig(model=str(tiny_model), store=str(hollow_store), output="unused", rank=4)
+    hollowed, plan, params = build_model(tiny_model, store.manifest(), cfg)
+    lora_b = [p for n, p in hollowed.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.detach().abs().max()) == 0 for p in lora_b)  # LoRA starts at zero
+    full, _ = load_unet(tiny_model)
+    text = embeds[batch["prompt_index"]]
+    with torch.no_grad():
+        ours = predict(hollowed, plan, batch, embeds, torch.float32, "cpu")
+        ref = full(batch["noisy"], batch["timestep"], text).sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stage2_reads_none_of_the_hollow(tiny_model, hollow_store, monkeypatch):
+    read = []
+    real = safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(model_mod, "safe_open", Recording)
+    cfg = TrainConfig(model=str(tiny_model), store=str(hollow_store), output="unused", rank=4)
+    unet, plan, _ = build_model(tiny_model, Store(hollow_store).manifest(), cfg)
+    hollow = plan.hollow_prefixes(unet)
+    assert read, "nothing recorded: the test would pass vacuously"
+    assert not [k for k in read if any(k.startswith(p + ".") for p in hollow)]
+    meta = [n for n, p in unet.named_parameters() if p.is_meta]
+    assert meta and all(any(n.startswith(p + ".") for p in hollow) for n in meta)
+    # and every kept tensor was read
+    kept = [k.replace(".base_layer", "") for k in unet.state_dict()
+            if not any(k.startswith(p + ".") for p in hollow) and "lora" not in k]
+    assert set(kept) <= set(read)
+
+
+def test_stage1_does_not_load_the_outer_up_blocks(tiny_model):
+    from hollownet.precompute import kept_up_modules
+
+    full, _ = load_unet(tiny_model)
+    plan = make_plan(full)
+    skip = kept_up_modules(full, plan)
+    partial, read = load_unet(tiny_model, skip=skip)
+    assert not any(k.startswith("up_blocks.3.") or k.startswith("conv_out") for k in read)
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32)
+    torch.testing.assert_close(H.hollow_output(partial, plan, x, t, text), H.hollow_output(full, plan, x, t, text))

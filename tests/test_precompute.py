@@ -1,0 +1,108 @@
+"""Stage 1: the store's contents, resume after interruption, a full disk, a store from another model."""
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hollownet.store as store_mod
+from hollownet.errors import HollownetError
+from hollownet.precompute import PrecomputeConfig, noisy_and_target, run_precompute
+from hollownet.store import Store, shard_name
+
+from conftest import RES
+
+
+def config(model, photos, out, **kw):
+    base = dict(model=str(model), images=str(photos), prompt="a photo of sks dog", output=str(out), resolution=RES,
+                num_samples=12, shard_size=5)
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def shards(root):
+    return [load_file(root / shard_name(i)) for i in range(3)]
+
+
+def test_store_contents(hollow_store):
+    store = Store(hollow_store)
+    m = store.manifest()
+    assert m["num_shards"] == 3 and m["done_shards"] == [0, 1, 2] and store.is_complete()
+    assert m["hollow_blocks"] == ["down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0"]
+    batch = store.samples(list(range(12)))
+    assert batch["hollow_out"].shape == (12, 32, 2, 2)  # what up_blocks.0 hands to up_blocks.1 at 8x8 latents
+    assert batch["noisy"].shape == batch["target"].shape == (12, 4, 8, 8)
+    assert [int(t) for t in batch["timestep"]] == [s["timestep"] for s in m["samples"]]
+
+
+def test_interrupted_run_resumes_to_the_same_store(tiny_model, dog_photos, hollow_store, tmp_path, monkeypatch):
+    real = store_mod.Store.mark_done
+    calls = []
+
+    def crash_after_first(self, shard):
+        real(self, shard)
+        calls.append(shard)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod.Store, "mark_done", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(config(tiny_model, dog_photos, tmp_path / "s"), track_memory=False)
+    monkeypatch.setattr(store_mod.Store, "mark_done", real)
+    assert Store(tmp_path / "s").done_shards() == {0}
+    result = run_precompute(config(tiny_model, dog_photos, tmp_path / "s"), track_memory=False)
+    assert result.resumed_shards == 1
+    for a, b in zip(shards(tmp_path / "s"), shards(hollow_store)):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_full_disk_keeps_finished_shards_and_says_how_to_resume(tiny_model, dog_photos, tmp_path, monkeypatch):
+    real = store_mod.save_file
+    written = []
+
+    def fill_up(tensors, path):
+        if "shard-00001" in path:
+            real(tensors, path)  # leaves a partial temporary file behind, as a real ENOSPC would
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(tensors, path)
+
+    monkeypatch.setattr(store_mod, "save_file", fill_up)
+    with pytest.raises(HollownetError, match="disk full.*run the same command again"):
+        run_precompute(config(tiny_model, dog_photos, tmp_path / "s"), track_memory=False)
+    root = tmp_path / "s"
+    assert Store(root).done_shards() == {0}
+    assert not list(root.glob(".*.tmp")), "temporary file left behind"
+    monkeypatch.setattr(store_mod, "save_file", real)
+    run_precompute(config(tiny_model, dog_photos, root), track_memory=False)
+    assert Store(root).is_complete()
+
+
+def test_store_from_another_model_or_cut_is_refused(tiny_model, tiny_model_v, dog_photos, hollow_store):
+    with pytest.raises(HollownetError, match="different model_fingerprint"):
+        run_precompute(config(tiny_model_v, dog_photos, hollow_store), track_memory=False)
+    with pytest.raises(HollownetError, match="different hollow_blocks"):
+        run_precompute(config(tiny_model, dog_photos, hollow_store, hollow=0.9), track_memory=False)
+    with pytest.raises(HollownetError, match="different resolution"):
+        run_precompute(config(tiny_model, dog_photos, hollow_store, resolution=128), track_memory=False)
+
+
+def test_v_prediction_targets(tiny_model_v):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_model_v / "scheduler")
+    latent = torch.randn(2, 4, 8, 8)
+    rows = [dict(noise_seed=1, timestep=10), dict(noise_seed=2, timestep=990)]
+    noisy, target, t = noisy_and_target(latent, rows, scheduler)
+    a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    noise = (noisy - a * latent) / s
+    torch.testing.assert_close(target, a * noise - s * latent, atol=1e-5, rtol=1e-5)
+
+
+def test_manifest_is_plain_json(hollow_store):
+    m = json.loads((hollow_store / "manifest.json").read_text())
+    assert m["format"] == "hollownet-store/1" and m["dtype"] == "fp32" and m["resolution"] == RES
