@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import hollow as H
@@ -71,7 +70,6 @@ class TrainResult:
 def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     """The network that is trained, with LoRA added; returns (unet, plan, trainable params)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
     skeleton = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
     plan = None
@@ -87,13 +85,23 @@ def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
     if not targets:
         raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, target_modules=targets,
-                                init_lora_weights="gaussian"))
+    return unet, plan, add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+
+
+def add_lora(unet, targets: list[str], rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
+    """peft LoRA on exactly ``targets`` (full module names); returns the trainable LoRA parameters.
+
+    B starts at zero, so the network starts as the base model. LoRA trains in fp32 whatever the
+    frozen weights' precision.
+    """
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian"))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:  # LoRA trains in fp32 whatever the frozen weights' precision
+    for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    return unet, plan, params
+    return params
 
 
 def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dtype, device, grad_checkpointing=False):
@@ -108,7 +116,9 @@ def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dt
 
 def loss_fn(pred: torch.Tensor, batch: dict, device) -> torch.Tensor:
     """MSE to ε or v (whichever the store's targets are), weighted per sample (prior preservation)."""
-    per_sample = F.mse_loss(pred.float(), batch["target"].to(device).float(), reduction="none").mean(dim=(1, 2, 3))
+    # Written out rather than F.mse_loss: same math, and CPU's mse kernel pads its output storage,
+    # which would make real and fake-tensor memory counts differ by a few KiB.
+    per_sample = (pred.float() - batch["target"].to(device).float()).pow(2).mean(dim=(1, 2, 3))
     return (per_sample * batch["weight"].to(device)).mean()
 
 
