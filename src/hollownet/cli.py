@@ -172,6 +172,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, 'no LoRA keys for the text encoder') is not for our users."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo}
 
 
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     from .data import DatasetError, PhotoError
     from .errors import HollownetError
 

@@ -150,12 +150,19 @@ def list_photos(folder: StrPath) -> list[Path]:
     return photos
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    """Open one photo: first frame, EXIF orientation applied, RGB (alpha on white)."""
+def _open_rgb(path: Path, min_side: int | None = None) -> Image.Image:
+    """Open one photo: first frame, EXIF orientation applied, RGB (alpha on white).
+
+    ``min_side``: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides
+    at least this long (libjpeg DCT scaling) — a 4000 px photo for 512 px training decodes
+    ~10x faster, and the resize that follows still has at least ``min_side`` pixels to work from.
+    """
     fix = "Remove it from the folder or replace it with a valid JPEG, PNG or WebP photo."
     try:
         with Image.open(path) as opened:
             opened.seek(0)  # multi-frame files (camera MPO, animated WebP): the first frame
+            if min_side and opened.format in ("JPEG", "MPO"):
+                opened.draft("RGB", (min_side, min_side))
             opened.load()
             try:
                 image = ImageOps.exif_transpose(opened)
@@ -239,7 +246,7 @@ def _check_resolution(resolution: int) -> int:
 
 
 def _prepare(path: Path, resolution: int) -> Image.Image:
-    image = _open_rgb(path)
+    image = _open_rgb(path, min_side=2 * resolution)  # 2x: room for an antialiased resize
     width, height = image.size
     if min(width, height) < resolution:
         _warn(

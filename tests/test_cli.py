@@ -1,0 +1,92 @@
+"""The command line end to end, and bad input: one clear line, a non-zero exit, no work lost."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from hollownet.cli import main
+
+from conftest import RES
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("hollownet ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def train_args(model, images, out, *extra):
+    return ["train", "--model", model, "--images", images, "--prompt", "a photo of sks dog", "--output", out,
+            "--steps", 3, "--resolution", RES, "--rank", 2, "--device", "cpu", *extra]
+
+
+def test_train_then_generate(capsys, tiny_model, dog_photos, tmp_path):
+    code, out, _ = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run"))
+    assert code == 0 and "peak memory, train" in out
+    record = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert record["settings"]["steps"] == 3 and len(record["loss"]["history"]) == 3
+    assert record["memory"]["train"]["peak_bytes"] > 0 and record["memory"]["precompute"]["peak_bytes"] > 0
+    assert record["plan"]["hollow_blocks"][-1] == "up_blocks.0"
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "loss.png").exists()
+
+    for extra in ([], ["--merged"]):
+        dest = tmp_path / ("gen" + "".join(extra))
+        code, out, _ = run(capsys, "generate", "--model", tiny_model, "--lora", tmp_path / "run", "--prompt",
+                           "a sks dog on the beach", "--output", dest, "--steps", 2, "--num-images", 2, "--device", "cpu",
+                           *extra)
+        assert code == 0
+        manifest = json.loads((dest / "manifest.json").read_text())
+        assert [e["file"] for e in manifest["images"]] == ["000.png", "001.png"]
+        assert Image.open(dest / "000.png").size == (RES, RES)
+        mode = json.loads((dest / "generate.json").read_text())["mode"]
+        assert mode == ("merged" if extra else "two-path")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not-an-image"])
+def test_bad_photo_folders(capsys, tiny_model, dog_photos, tmp_path, case):
+    photos = tmp_path / "photos"
+    if case != "missing":
+        photos.mkdir()
+    if case == "not-an-image":
+        for p in sorted(dog_photos.glob("*.jpg"))[:3]:
+            shutil.copy(p, photos)
+        (photos / "notes.jpg").write_text("this is not a photo")
+    code, _, err = run(capsys, *train_args(tiny_model, photos, tmp_path / "run"))
+    assert code == 2
+    line = error_line(err)
+    assert {"missing": "not found", "empty": "No photos", "not-an-image": "notes.jpg"}[case] in line
+
+
+def test_model_folder_that_is_not_diffusers(capsys, dog_photos, tmp_path):
+    (tmp_path / "weights").mkdir()
+    code, _, err = run(capsys, *train_args(tmp_path / "weights", dog_photos, tmp_path / "run"))
+    assert code == 2 and "not a diffusers model folder" in error_line(err)
+
+
+def test_hollow_fraction_out_of_range(capsys, tiny_model, dog_photos, tmp_path):
+    code, _, err = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run", "--hollow", "1.7"))
+    assert code == 2 and "outside what this U-Net allows" in error_line(err)
+
+
+def test_store_from_another_model_is_refused_and_kept(capsys, tiny_model, tiny_model_v, dog_photos, tmp_path):
+    run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run"))
+    manifest = (tmp_path / "run" / "store" / "manifest.json").read_text()
+    code, _, err = run(capsys, *train_args(tiny_model_v, dog_photos, tmp_path / "run"))
+    assert code == 2 and "different model_fingerprint" in error_line(err)
+    assert (tmp_path / "run" / "store" / "manifest.json").read_text() == manifest  # nothing lost
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--hollow-blocks" in out and "examples:" in out
