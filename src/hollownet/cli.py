@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries()
     from .data import DatasetError, PhotoError
     from .errors import HollownetError

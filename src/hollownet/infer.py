@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,7 +76,7 @@ def load_pipeline(model: str, lora: str | None, precision: str, device: str, sch
 
     model_dir = resolve_model_dir(model)
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, torch_dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False
+        model_dir, dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False
     )
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -132,10 +132,18 @@ def run_generate(cfg: GenerateConfig) -> dict:
     entries = []
     from tqdm.auto import tqdm
 
+    from .memory import MemoryTracker
+
+    memory = None
     for i in tqdm(range(cfg.num_images), desc="generate", unit="image", disable=None):
         generator = torch.Generator().manual_seed(cfg.seed + i)
-        image = denoise(pipe, plan, cfg.prompt, steps=cfg.steps, resolution=resolution, guidance=cfg.guidance,
-                        negative_prompt=cfg.negative_prompt, generator=generator, device=cfg.device)
+        # the first image is measured exactly (every tensor byte); the others cost the same
+        tracker = MemoryTracker(device=cfg.device).add_resident(pipe.unet, pipe.vae, pipe.text_encoder) if i == 0 else None
+        with tracker if tracker is not None else nullcontext():
+            image = denoise(pipe, plan, cfg.prompt, steps=cfg.steps, resolution=resolution, guidance=cfg.guidance,
+                            negative_prompt=cfg.negative_prompt, generator=generator, device=cfg.device)
+        if tracker is not None:
+            memory = {"peak_bytes": tracker.report.peak_bytes, "breakdown": tracker.report.breakdown}
         name = f"{i:03d}.png"
         image.save(out / name)
         entries.append({"file": name, "prompt": cfg.prompt, "seed": cfg.seed + i})
@@ -147,6 +155,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "lora_info": info,
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_image": round((time.perf_counter() - t0) / cfg.num_images, 3),
+        "memory": memory,
         "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cfg.device.startswith("cuda") else None,
         "images": [e["file"] for e in entries],
     }

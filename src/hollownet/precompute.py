@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import hollow as H
 from .errors import HollownetError
 from .model import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
-from .plan import DEFAULT_LORA_TARGETS, HollowPlan, meta_unet, resolve_plan
+from .plan import HollowPlan, meta_unet, resolve_plan
 from .store import FORMAT, Store, save_tensors, shard_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,8 +106,7 @@ def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
     from diffusers import UNet2DConditionModel
 
     unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
-    return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks, rank=getattr(cfg, "rank", 0),
-                        lora_targets=tuple(getattr(cfg, "lora_targets", DEFAULT_LORA_TARGETS)))
+    return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks)
 
 
 def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int) -> list[dict]:
@@ -145,7 +144,7 @@ def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: Par
     from transformers import AutoTokenizer, CLIPTextModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad(), meter.measure("text encoder", encoder):
         embeds = encoder(ids.to(device))[0].float().cpu()

@@ -78,14 +78,21 @@ def personalize(req: TrainRequest) -> dict:
                     "total_s": round(time.perf_counter() - t0, 3),
                     "train_s_per_step": round(res.seconds / max(1, len(res.losses)), 4)},
         "memory": {"precompute": pre.memory, "train": res.memory},
-        "loss": {"first": res.losses[0] if res.losses else None, "last": res.losses[-1] if res.losses else None,
-                 "history": [round(x, 6) for x in res.losses]},
+        "loss": loss_summary(res.losses),
         "outputs": {"lora": str(out / "pytorch_lora_weights.safetensors"), "store": store},
     }
     record["summary"] = summarize(record)
     save_json(out / "train.json", record)
     plot_loss(res.losses, out / "loss.png", title=f"{req.method} — {req.prompt}")
     return record
+
+
+def loss_summary(losses: list[float]) -> dict:
+    """Per-step loss is noisy (random timesteps): compare means of the first and last tenth."""
+    k = max(1, len(losses) // 10)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"window": k, "first_mean": mean(losses[:k]), "last_mean": mean(losses[-k:]),
+            "history": [round(x, 6) for x in losses]}
 
 
 def summarize(record: dict) -> str:
@@ -105,8 +112,8 @@ def summarize(record: dict) -> str:
             cuda = f", CUDA max allocated {format_bytes(m['cuda_max_allocated'])}" if m.get("cuda_max_allocated") else ""
             lines.append(f"peak memory, {stage}: {format_bytes(m['peak_bytes'])} ({m.get('peak_phase')}){cuda}")
     loss = record["loss"]
-    if loss["first"] is not None:
-        lines.append(f"loss {loss['first']:.4f} -> {loss['last']:.4f}")
+    if loss["history"]:
+        lines.append(f"loss (mean of {loss['window']} steps) {loss['first_mean']:.4f} at the start -> {loss['last_mean']:.4f} at the end")
     lines.append(f"LoRA: {record['outputs']['lora']}")
     return "\n".join(lines)
 
