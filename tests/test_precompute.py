@@ -106,3 +106,29 @@ def test_v_prediction_targets(tiny_model_v):
 def test_manifest_is_plain_json(hollow_store):
     m = json.loads((hollow_store / "manifest.json").read_text())
     assert m["format"] == "hollownet-store/1" and m["dtype"] == "fp32" and m["resolution"] == RES
+
+
+def test_prior_preservation_alternates_instance_and_class_samples(tiny_model, dog_photos, tmp_path):
+    from hollownet.train import TrainConfig, run_train
+
+    class_photos = dog_photos.parent / "dog2"
+    if not class_photos.is_dir():
+        pytest.skip("dog2 photos absent")
+    root = tmp_path / "s"
+    run_precompute(config(tiny_model, dog_photos, root, num_samples=6, class_prompt="a photo of dog",
+                          class_images=str(class_photos), prior_loss_weight=0.5), track_memory=False)
+    m = Store(root).manifest()
+    n_instance = len(m["photo_files"])
+    assert [s["prompt"] for s in m["samples"]] == [0, 1, 0, 1, 0, 1]
+    assert all((s["latent"] >= n_instance) == (s["prompt"] == 1) for s in m["samples"])
+    assert [s["weight"] for s in m["samples"]][:2] == [1.0, 0.5]
+    embeds = Store(root).tensors("prompts.safetensors")["embeds"]
+    assert embeds.shape[0] == 2 and not torch.equal(embeds[0], embeds[1])
+    result = run_train(TrainConfig(model=str(tiny_model), store=str(root), output=str(tmp_path / "o"), rank=2,
+                                   steps=3, checkpoint_every=0, track_memory_steps=0))
+    assert len(result.losses) == 3
+
+
+def test_config_rejects_half_of_prior_preservation(tiny_model, dog_photos, tmp_path):
+    with pytest.raises(HollownetError, match="needs both --class-prompt and --class-images"):
+        config(tiny_model, dog_photos, tmp_path, class_prompt="a photo of dog")

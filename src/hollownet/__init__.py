@@ -1,3 +1,33 @@
-"""hollownet: on-device personalization of Stable Diffusion with Hollowed Net."""
+"""hollownet: on-device personalization of Stable Diffusion with Hollowed Net.
+
+The API mirrors the command line::
+
+    from hollownet import TrainRequest, personalize, GenerateConfig, run_generate
+
+Names are imported lazily, so ``import hollownet`` stays fast (torch and diffusers load on first use).
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "TrainRequest": "workflow",
+    "personalize": "workflow",
+    "run_demo": "workflow",
+    "GenerateConfig": "infer",
+    "run_generate": "infer",
+    "make_plan": "plan",
+    "MemoryTracker": "memory",
+    "evaluate_folder": "evaluate",
+    "HollownetError": "errors",
+}
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module 'hollownet' has no attribute {name!r}")
+
+
+__all__ = list(_API)
