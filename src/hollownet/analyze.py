@@ -317,10 +317,11 @@ def significance(loras: list[LoraFile], level: str = "block") -> dict:
     }
 
 
-def _fmt(st: dict) -> str:
+def _fmt(st: dict, total: int = 1) -> str:
     if st["mean"] is None:
         return "—"
-    return f"{st['mean']:.3e}" + (f" ± {st['std']:.1e}" if st["std"] is not None else "")
+    text = f"{st['mean']:.3e}" + (f" ± {st['std']:.1e}" if st["std"] is not None else "")
+    return text + (f" (n={st['n']})" if st["n"] < total else "")
 
 
 def format_table(result: dict, bar_width: int = 20) -> str:
@@ -331,7 +332,7 @@ def format_table(result: dict, bar_width: int = 20) -> str:
              "|---|---:|---:|---:|---:|:---|"]
     for r in result["groups"]:
         bar = "█" * max(0, round(r["relative"] * bar_width))
-        lines.append(f"| {r['name']} | {r['layers']} | {r['numel']:,} | {_fmt(r['mean_abs'])} | {_fmt(r['rms'])} | "
+        lines.append(f"| {r['name']} | {r['layers']} | {r['numel']:,} | {_fmt(r['mean_abs'], n)} | {_fmt(r['rms'], n)} | "
                      f"{bar} {r['relative']:.2f} |")
     lines.append("")
     lines.append(f"{n} LoRA file{'s' if n != 1 else ''}" + (" (mean ± std over them)" if n > 1 else "")

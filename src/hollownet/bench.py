@@ -41,10 +41,13 @@ the sample standard deviation over those cells; ``summary.json`` also has, per m
 std over seeds of the subject-averaged score (``over_seeds``) and per-subject means over seeds.
 
 "vs inference" is the mean measured training peak divided by the inference peak: the tensor-memory
-peak of one no-grad forward of the full U-Net (batch 2, as classifier-free guidance runs it; same
-precision and resolution as training), measured with :class:`hollownet.memory.MemoryTracker` on the
-real model once per output folder. Both numbers are exact live tensor bytes on the device (weights
-included); neither includes the text encoder or the VAE.
+peak of one no-grad denoising step of the full U-Net at batch 1 (the paper's inference figure; the
+batch-2 classifier-free-guidance figure is kept beside it as ``peak_bytes_cfg``), same precision and
+resolution as training, text encoder and VAE not resident. It is predicted by
+:func:`hollownet.memplan.predict_inference` (fake tensors, no weights loaded) where that module is
+installed, else measured once with :class:`hollownet.memory.MemoryTracker` on the real model; the
+two agree to the byte on the tiny test model. Cached in ``inference_memory.json``; its ``source``
+says which was used. Training peaks are exact live tensor bytes on the device, weights included.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -319,6 +323,8 @@ def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts
 def _select_subjects(dataset, names: list[str] | None) -> list:
     from .data import DatasetError
 
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
     if not names:
         return list(dataset)
     out = []
@@ -342,13 +348,20 @@ def _select_subjects(dataset, names: list[str] | None) -> list:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) every cell, then write and return the summary (``summary.json``'s content)."""
-    from .data import load_benchmark_dataset
+    from .data import DatasetWarning, load_benchmark_dataset
     from .model import model_fingerprint, resolve_model_dir
 
     log = log or (lambda msg: print(msg, flush=True))
     specs = parse_methods(cfg.methods)
     seeds = parse_seeds(cfg.seeds)
-    dataset = load_benchmark_dataset(cfg.dataset, identifier=cfg.identifier)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DatasetWarning)
+        dataset = load_benchmark_dataset(cfg.dataset, identifier=cfg.identifier)
+    for w in caught:  # e.g. subjects without photos: one line each, not a Python warning with a source line
+        if issubclass(w.category, DatasetWarning):
+            log(f"note: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     subjects = _select_subjects(dataset, cfg.subjects)
     model_dir = resolve_model_dir(cfg.model)
     fingerprint = model_fingerprint(model_dir)
@@ -421,7 +434,7 @@ def _check_existing(cells: list[_Cell], out: Path) -> list[_Cell]:
         if diff:
             k = diff[0]
             raise HollownetError(
-                f"{cell.folder} was made with a different {k} ({_short(old.get(k))} vs {_short(cell.config[k])}); "
+                f"{cell.folder} was made with {k} {_short(old.get(k))}, not {_short(cell.config[k])}; "
                 f"use a new --output folder, or delete {out / 'cells'} to start over"
             )
     return todo
@@ -519,7 +532,7 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
         },
         "timings": {**record.get("timings", {}), "generate_s": round(t2 - t1, 3), "evaluate_s": round(t3 - t2, 3),
                     "cell_s": round(time.perf_counter() - t0, 3)},
-        "loss": {k: record.get("loss", {}).get(k) for k in ("first", "last")},
+        "loss": {k: v for k, v in (record.get("loss") or {}).items() if k != "history"},
         "scores": {k: scores[k] for k in (*METRICS, "n_generated", "n_reference", "n_prompts", "per_prompt")},
         "finished": _now(),
     }
@@ -588,11 +601,12 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
 
 
 def measure_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", device: str = "cpu",
-                           batch: int = 2) -> dict:
+                           batch: int = 1) -> dict:
     """Exact tensor-memory peak of one no-grad forward of the full U-Net (weights included).
 
-    ``batch=2`` is one denoising step with classifier-free guidance. The text-encoder output it
-    reads is a [batch, tokens, cross_attention_dim] tensor of the model's token length.
+    ``batch=1`` is the paper's inference figure, ``batch=2`` one denoising step with classifier-free
+    guidance. The text-encoder output it reads is a [batch, tokens, cross_attention_dim] tensor of
+    the model's token length.
     """
     import torch
 
@@ -620,28 +634,67 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
         "peak_bytes": report.peak_bytes,
         "weights_bytes": report.breakdown.get("weights"),
         "cuda_max_allocated": report.cuda_max_allocated,
-        "source": (f"measured: hollownet.memory.MemoryTracker, one no-grad forward of the full U-Net "
-                   f"(batch {batch} = classifier-free guidance, {resolution} px, {precision}, {device})"),
+        "source": (f"measured with hollownet.memory.MemoryTracker: one no-grad forward of the full U-Net, "
+                   f"text encoder and VAE not resident (batch {batch}, {resolution} px, {precision}, {device})"),
+        "batch": batch,
         "resolution": resolution,
         "precision": precision,
         "device": str(device),
     }
 
 
+def predict_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", batch: int = 1) -> dict:
+    """The same figure from ``hollownet.memplan`` (fake tensors: no weights loaded, seconds for SD)."""
+    from . import memplan
+    from .model import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    mc = memplan.load_model_configs(model_dir)
+    req = memplan.PlanRequest(model=str(model_dir), resolution=resolution, precision=precision)
+    report = memplan.predict_inference(mc, req, batch=batch)
+    return {
+        "peak_bytes": report.peak_bytes,
+        "weights_bytes": report.breakdown.get("weights"),
+        "source": (f"predicted by hollownet.memplan.predict_inference: {getattr(memplan, 'INFERENCE_DEFINITION', 'U-Net step')}"
+                   f" (batch {batch}, {resolution} px, {precision})"),
+        "batch": batch,
+        "resolution": resolution,
+        "precision": precision,
+    }
+
+
 def _inference_reference(cfg: BenchConfig, model_dir: Path, fingerprint: str, out: Path, *, measure: bool, log) -> dict:
+    """The inference peak for "vs inference": batch 1, the paper's figure (batch 2, CFG, kept beside it).
+
+    ``hollownet.memplan``'s prediction where that module is installed (it agrees to the byte with a
+    measurement), else measured once with the MemoryTracker; cached in OUTPUT/inference_memory.json.
+    """
     path = out / "inference_memory.json"
     want = {"model_fingerprint": fingerprint, "resolution": cfg.resolution, "precision": cfg.precision}
     try:
         cached = json.loads(path.read_text())
-        if all(cached.get(k) == v for k, v in want.items()) and cached.get("device", "").split(":")[0] == cfg.device.split(":")[0]:
+        if all(cached.get(k) == v for k, v in want.items()):
             return cached
     except (OSError, json.JSONDecodeError):
         pass
     if not measure:
-        return {"peak_bytes": None, "source": "not measured (run without --summarize-only once)"}
-    log("measuring the inference peak (one U-Net forward) ...")
-    result = {**measure_inference_peak(model_dir, resolution=cfg.resolution, precision=cfg.precision,
-                                       device=cfg.device), **want}
+        return {"peak_bytes": None, "source": "not known yet (run without --summarize-only once)"}
+    kw = dict(resolution=cfg.resolution, precision=cfg.precision)
+    result = None
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("hollownet.memplan") is not None:
+            result = predict_inference_peak(model_dir, **kw)
+            result["peak_bytes_cfg"] = predict_inference_peak(model_dir, batch=2, **kw)["peak_bytes"]
+    except Exception as e:  # noqa: BLE001 - the planner is optional here; measuring is the fallback
+        log(f"note: hollownet.memplan could not predict the inference peak ({type(e).__name__}: {e}); measuring it")
+        result = None
+    if result is None:
+        log("measuring the inference peak (one U-Net forward) ...")
+        result = measure_inference_peak(model_dir, device=cfg.device, **kw)
+        result["peak_bytes_cfg"] = measure_inference_peak(model_dir, device=cfg.device, batch=2, **kw)["peak_bytes"]
+    result = {**result, **want}
     save_json(path, result)
     return result
 
@@ -760,14 +813,14 @@ def format_summary(summary: dict) -> str:
                      + " | ".join(_fmt_score(row["scores"][k]) for k in METRICS) + " |")
     inf = summary.get("inference") or {}
     n_ok, n_all = summary.get("n_ok", 0), summary.get("n_cells", 0)
-    lines += ["", f"{n_ok} of {n_all} cells finished"
+    lines += ["", f"- {n_ok} of {n_all} cells finished"
               + (f", {summary['n_failed']} failed" if summary.get("n_failed") else "")
-              + (f", {len(summary['pending'])} not run yet" if summary.get("pending") else "") + ". "
-              "Scores: raw cosine, mean ± sample std over finished cells (subjects × seeds). "
-              "base params: U-Net parameters loaded for training (kept outer layers for hollow); "
-              "LoRA params: trained LoRA parameters (full fine-tuning trains every U-Net parameter). "
-              "peak memory: measured training peak (exact live tensor bytes, weights included). "
-              f"vs inference: training peak / inference peak ({format_bytes(inf.get('peak_bytes'))}; "
+              + (f", {len(summary['pending'])} not run yet" if summary.get("pending") else "") + ".",
+              "- DINO, CLIP-I, CLIP-T: raw cosine, mean ± sample std over finished cells (subjects × seeds).",
+              "- base params: U-Net parameters loaded for training (the kept outer layers for hollow); "
+              "LoRA params: trained LoRA parameters (full fine-tuning trains every U-Net parameter).",
+              "- peak memory: measured training peak (exact live tensor bytes on the device, weights included).",
+              f"- vs inference: training peak / inference peak ({format_bytes(inf.get('peak_bytes'))}; "
               f"{inf.get('source', 'n/a')})."]
     lines += ["", "| Method | hollowed | pre-compute peak | pre-compute vs inference | train s/step | "
               "generate s | cells |", "|---|---:|---:|---:|---:|---:|---:|"]

@@ -97,6 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     g.add_argument("--device", default=None)
 
+    epilog_plan = (
+        "examples:\n"
+        "  hollownet plan --model sd21 --rank 128                      # the paper's cut, fp32: stage peaks + breakdown\n"
+        "  hollownet plan --model sd21 --precision bf16 --grad-checkpointing --json\n"
+        "  hollownet plan --model ./my-sd15 --method lora --rank 4     # a diffusers folder: its configs only\n"
+        "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n\n"
+        "Runs the trainer's own code on fake tensors (shapes only) and counts live tensor bytes exactly as\n"
+        "'hollownet train' measures them. Inference = one U-Net denoising step without gradients (batch 1,\n"
+        "and 2 for classifier-free guidance); text encoder and VAE not resident. A GPU adds its CUDA context,\n"
+        "kernel workspaces and allocator caching on top.\n"
+    )
+    pl = sub.add_parser("plan", help="predict the memory of pre-compute, training and inference (no weights, seconds)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog_plan)
+    _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
+    pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
+                    help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
+    pl.add_argument("--optimizer", choices=("adamw", "adamw-foreach"), default="adamw",
+                    help="AdamW single-tensor (the trainer on CPU; default) or foreach (torch's default on CUDA)")
+    pl.add_argument("--steps", type=int, default=400, help="training steps: stage 1 stores steps x batch samples (default 400)")
+    pl.add_argument("--photos", type=int, default=4, help="photos stage 1 encodes (default 4)")
+    pl.add_argument("--budget", metavar="SIZE",
+                    help="which settings (cut, precision, checkpointing) fit in SIZE, e.g. 2GB (10^9 B), 1.5GiB (2^30 B); "
+                         "ignores --method, --hollow, --precision, --grad-checkpointing")
+    pl.add_argument("--top", type=int, default=5, help="with --budget: how many fitting settings to list, best first (0: all)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object (figures in bytes) instead of the table")
+
     e = sub.add_parser("eval", help="DINO, CLIP-I, CLIP-T of generated images against the real photos")
     e.add_argument("--generated", required=True, help="output folder of 'hollownet generate' (has manifest.json)")
     e.add_argument("--reference", required=True, help="folder of the subject's real photos")
@@ -110,6 +136,72 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline offline on a tiny bundled model and photos")
     d.add_argument("--output", default="hollownet-demo", help="folder for everything the demo writes (default ./hollownet-demo)")
     d.add_argument("--steps", type=int, default=30)
+
+    b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset (the paper's table)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+examples:
+  hollownet bench --model ./sd21 --dataset ../shared/data/dreambooth --output bench/db --methods hollow,lora,full:lr=5e-6
+  hollownet bench ... --methods hollow,hollow@0.56,lora,lora:r=1 --seeds 0-2 --subjects dog,cat --prompts 5
+
+method specs: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full, KEY r|alpha|lr|steps|blocks
+  hollow               the paper's cut          hollow@0.56     the valid cut nearest 56% of U-Net params
+  hollow:blocks=down_blocks.3+mid_block+up_blocks.0             a cut by name
+  lora, lora:r=1       plain LoRA (rank --rank unless r=)         full:lr=5e-6    full fine-tuning
+Each finished cell (subject x method x seed) is kept in OUTPUT/cells/.../result.json; rerunning the
+same command skips finished cells and retries failed ones. Results: OUTPUT/summary.{md,json,png}.
+""")
+    b.add_argument("--model", required=True, help="base model: a diffusers folder or a hub id")
+    b.add_argument("--dataset", required=True, help="benchmark folder: DreamBooth (prompts_and_classes.txt) or CustomConcept101 (dataset.json)")
+    b.add_argument("--output", required=True, help="folder for cells, summary.md/json/png")
+    b.add_argument("--methods", default="hollow,lora", help="comma-separated method specs (default hollow,lora; see below)")
+    b.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
+    b.add_argument("--subjects", type=lambda s: [x for x in s.split(",") if x], help="comma-separated subject names (default all)")
+    b.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    b.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    b.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
+    b.add_argument("--resolution", type=int, default=512, help="training and generation resolution (default 512)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    b.add_argument("--grad-checkpointing", action="store_true")
+    b.add_argument("--images-per-prompt", type=int, default=4, help="generated images per evaluation prompt (default 4)")
+    b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
+    b.add_argument("--gen-steps", type=int, default=30, help="denoising steps per image (default 30)")
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm")
+    b.add_argument("--identifier", default="sks", help="subject token in the prompts (default sks)")
+    b.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
+    b.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    b.add_argument("--keep", choices=("weights", "all", "results"), default="weights",
+                   help="after a cell: weights = delete the pre-compute store (default), all = keep everything, "
+                        "results = keep only result.json")
+    b.add_argument("--summarize-only", action="store_true", help="run nothing; rebuild the summary from finished cells")
+    b.add_argument("--device", default=None)
+
+    a = sub.add_parser("analyze", help="layer significance: size of a plain LoRA's update per U-Net block",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+examples:
+  hollownet analyze runs/dog_lora runs/cat_lora --output sig        # LoRAs of 'hollownet train --method lora'
+  hollownet analyze runs/dog_lora --level unit --output sig          # per resnets.i / attentions.i
+  hollownet analyze --train --model ./sd21 --images ./my_dog --prompt "a photo of sks dog" --output sig
+
+Per block: mean |dW| and ||dW||_F/sqrt(numel) of dW = (alpha/rank) B A, in U-Net order, averaged
+over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
+""")
+    a.add_argument("loras", nargs="*", metavar="LORA", help="LoRA folders (or .safetensors files), e.g. one per subject")
+    a.add_argument("--output", required=True, help="folder for significance.md/json/png (and the --train LoRA)")
+    a.add_argument("--level", choices=("block", "unit", "layer"), default="block", help="granularity (default block)")
+    a.add_argument("--train", action="store_true", help="first train a plain LoRA (--method lora) with the flags below")
+    a.add_argument("--model", help="--train: base model")
+    a.add_argument("--images", help="--train: folder of the subject's photos")
+    a.add_argument("--prompt", help='--train: instance prompt, e.g. "a photo of sks dog"')
+    a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--rank", type=int, default=32)
+    a.add_argument("--lr", type=float, default=1e-4)
+    a.add_argument("--resolution", type=int, default=512)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    a.add_argument("--device", default=None)
     return parser
 
 
@@ -156,6 +248,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .memplan import PlanRequest, fit_budget, parse_size, plan_memory
+
+    req = PlanRequest(model=args.model, method=args.method, hollow=args.hollow, hollow_blocks=args.hollow_blocks,
+                      rank=args.rank, resolution=args.resolution, batch=args.batch, precision=args.precision,
+                      grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, steps=args.steps,
+                      photos=args.photos, **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
+    if args.budget:
+        budget = parse_size(args.budget)
+        tick = (lambda c: print(".", end="", file=sys.stderr, flush=True)) if sys.stderr.isatty() and not args.json else None
+        answer = fit_budget(req, budget, top=max(0, args.top), progress=tick)
+        if tick:
+            print(file=sys.stderr)
+        print(json.dumps(answer.to_json()) if args.json else answer.format())
+        return 0
+    result = plan_memory(req)
+    print(json.dumps(result.to_json()) if args.json else result.format())
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_folder, format_markdown
 
@@ -181,7 +293,41 @@ def _quiet_libraries() -> None:
     tlog.set_verbosity_error()
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import BenchConfig, run_bench
+
+    run_bench(BenchConfig(
+        model=args.model, dataset=args.dataset, output=args.output, methods=args.methods, seeds=args.seeds,
+        subjects=args.subjects, steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=args.lora_alpha,
+        resolution=args.resolution, batch=args.batch, precision=args.precision,
+        grad_checkpointing=args.grad_checkpointing, images_per_prompt=args.images_per_prompt, prompts=args.prompts,
+        gen_steps=args.gen_steps, guidance=args.guidance, scheduler=args.scheduler, identifier=args.identifier,
+        dino_model=args.dino_model, clip_model=args.clip_model, keep=args.keep, summarize_only=args.summarize_only,
+        device=_device(args.device),
+    ))
+    print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
+    print(f"summary: {Path(args.output) / 'summary.md'}, summary.json, summary.png")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from .analyze import AnalyzeConfig, format_table, run_analyze
+
+    result = run_analyze(AnalyzeConfig(
+        output=args.output, loras=args.loras, level=args.level, train=args.train, model=args.model,
+        images=args.images, prompt=args.prompt, steps=args.steps, rank=args.rank, lr=args.lr,
+        resolution=args.resolution, seed=args.seed, precision=args.precision, device=_device(args.device),
+    ))
+    print(format_table(result))
+    print(f"written: {Path(args.output) / 'significance.json'}, significance.png, significance.md")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,11 +127,12 @@ def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = max(1, len(losses) // 20)
+    k = max(3, len(losses) // 10) if len(losses) >= 6 else 1
     smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(losses, alpha=0.35, label="loss")
-    ax.plot(smooth, label=f"mean of {k}")
+    if k > 1:
+        ax.plot(smooth, label=f"running mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE")
     ax.set_title(title[:80], fontsize=9)
