@@ -6,12 +6,18 @@ In order, each model part loaded, used once, and dropped:
   3. U-Net encoder + hollow (outer up blocks never loaded), no grad: for every training sample
      (photo, noise seed, timestep) the activation the hollow hands to the first kept up unit.
 For the ``lora``/``full`` baselines step 3 is skipped: they train on the whole U-Net.
+
+That is the sample-major order. ``PrecomputeConfig(layer_major=True, memory_budget=...)`` runs the
+same three steps layer-major instead (``layerwise.py``): one layer loaded at a time, every sample
+pushed through it in chunks, activations spilled to disk beyond the budget. Same store, same
+numbers; the peak is one layer plus one chunk instead of a whole model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -31,7 +37,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class PrecomputeConfig:
-    """What stage 1 needs. Everything here except ``device`` and ``batch_size`` is saved with the store."""
+    """What stage 1 needs. Everything here except the runtime-only fields (``device``, ``batch_size``,
+    ``layer_major``, ``memory_budget``) is saved with the store."""
 
     model: str
     images: str
@@ -50,6 +57,9 @@ class PrecomputeConfig:
     shard_size: int = 64
     batch_size: int = 4  # samples per U-Net forward (runtime only)
     device: str = "cpu"  # runtime only
+    # Layer-major stage 1 (runtime only: the store is the same): one layer in memory at a time.
+    layer_major: bool = False
+    memory_budget: int | str | None = None  # bytes or "800MiB"; beyond it activations spill to disk
 
     def __post_init__(self):
         if self.method not in ("hollow", "lora", "full"):
@@ -62,6 +72,12 @@ class PrecomputeConfig:
             raise HollownetError("the number of training samples must be at least 1 (--steps x --batch)")
         if bool(self.class_prompt) != bool(self.class_images):
             raise HollownetError("prior preservation needs both --class-prompt and --class-images")
+        if self.memory_budget is not None:
+            from .layerwise import parse_bytes
+
+            parse_bytes(self.memory_budget)  # validate early
+            if not self.layer_major:
+                raise HollownetError("a memory budget applies to layer-major pre-compute only (set layer_major)")
 
 
 @dataclass
@@ -71,11 +87,16 @@ class PrecomputeResult:
     seconds: float
     memory: dict | None = None  # measured peak (see PartMeter.summary)
     resumed_shards: int = 0
+    layer_major: dict | None = None  # per part: chunk sizes, spilled arrays (layer-major runs)
 
 
 class PartMeter:
     """Peak tensor memory of each stage-1 part. One tracker per part: parts never overlap in memory
-    (each model is dropped before the next loads), so the stage's peak is the largest part's."""
+    (each model is dropped before the next loads), so the stage's peak is the largest part's.
+
+    Layer-major runs measure one part per layer (``"U-Net encoder + hollow: mid_block.resnets.0"``):
+    residents are the loaded layer, the activation arrays kept in RAM and the part's constants; the
+    chunks count as they are created. Layers never overlap either, so the largest is the peak."""
 
     def __init__(self, enabled: bool, device: str):
         self.enabled, self.device, self.parts = enabled, device, {}
@@ -214,6 +235,11 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     )
     meter = PartMeter(track_memory, cfg.device)
     store = Store(cfg.output)
+    budget = None
+    if cfg.layer_major:
+        from . import layerwise as LW
+
+        budget = LW.parse_bytes(cfg.memory_budget)
     if store.exists():
         store.check_identity(identity)
     else:
@@ -222,6 +248,17 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
                               "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
     manifest = store.manifest()
+    if cfg.layer_major:  # an interrupted layer-major run's activations: never reused, recomputed
+        scratch = store.root / LW.SCRATCH
+        shutil.rmtree(scratch, ignore_errors=True)
+        info: dict = {"memory_budget": budget}
+        try:
+            _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget,
+                         meter, scratch, info)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
+                                resumed_shards=info["resumed_shards"], layer_major=info)
     if not (store.root / "prompts.safetensors").exists():
         save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device, meter)})
     if not (store.root / "latents.safetensors").exists():
@@ -252,6 +289,84 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     release_memory()
     return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0,
                             memory=meter.summary(), resumed_shards=len(done))
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+
+def _stats(stats) -> list[dict]:
+    return [asdict(s) for s in stats]
+
+
+def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget, meter,
+                 scratch, info) -> None:
+    """Stage 1 layer-major (``layerwise.py``): prompts, latents, then the unfinished shards.
+
+    Resumable like the sample-major path: finished files and shards are kept. The U-Net part runs
+    every sample of the unfinished shards through one layer at a time into scratch arrays, then
+    writes the shards (each atomically, marked done one by one). An interruption before that
+    leaves no shard written; the rerun recomputes those samples (the scratch is not reused).
+    """
+    from . import layerwise as LW
+    from .model import weight_files
+
+    if not (store.root / "prompts.safetensors").exists():
+        embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
+                                         scratch=scratch / "text", budget=budget)
+        save_tensors(store.root / "prompts.safetensors", {"embeds": embeds})
+        info["text encoder"] = _stats(stats)
+    if not (store.root / "latents.safetensors").exists():
+        latents, stats = LW.encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device,
+                                          cfg.batch_size, meter, budget=budget, scratch=scratch / "vae")
+        save_tensors(store.root / "latents.safetensors", {"latents": latents})
+        info["VAE encoder"] = _stats(stats)
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    latents = store.tensors("latents.safetensors")["latents"]
+    done = store.done_shards()
+    info["resumed_shards"] = len(done)
+    table, size = manifest["samples"], manifest["shard_size"]
+    todo = [i for i in range(manifest["num_shards"]) if i not in done]
+    spans, rows_all = [], []  # shard -> its rows' span in the arrays
+    for shard in todo:
+        rows = table[shard * size : (shard + 1) * size]
+        spans.append((shard, rows, len(rows_all), len(rows_all) + len(rows)))
+        rows_all += rows
+    bar = tqdm(total=len(table), initial=len(done) * size, desc="pre-compute", unit="sample", disable=None)
+    if plan is None or not todo:
+        for shard, rows, _, _ in spans:
+            save_tensors(store.root / shard_name(shard), make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar))
+            store.mark_done(shard)
+        bar.close()
+        return
+    from diffusers import UNet2DConditionModel
+
+    arrays = LW.Arrays(len(rows_all), scratch / "unet", budget)
+    layer_bar = tqdm(desc="pre-compute (layer-major U-Net)", unit="layer", disable=None, leave=False)
+    try:
+        for shard, rows, a, b in spans:  # the U-Net's inputs, exactly as make_shard draws them
+            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, _NoBar())
+            arrays.write("noisy", a, b, t["noisy"])
+            arrays.write("timestep", a, b, t["timestep"])
+            del t
+        prompt_index = torch.tensor([r["prompt"] for r in rows_all], dtype=torch.long)
+        unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")).requires_grad_(False).eval()
+        weights = LW.FileWeights(unet, weight_files(model_dir), dtype, cfg.device)
+        out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, embeds, prompt_index, dtype=dtype, device=cfg.device,
+                                        meter=meter, budget=budget, batch_size=cfg.batch_size, constants=(latents,),
+                                        bar=layer_bar)
+        info["U-Net encoder + hollow"] = _stats(stats)
+        info["spilled_bytes"] = sum(arrays.spilled.values())
+        for shard, rows, a, b in spans:  # each shard written atomically, then marked done
+            tensors = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar)
+            tensors["hollow_out"] = arrays.read(out, a, b).clone()
+            save_tensors(store.root / shard_name(shard), tensors)
+            store.mark_done(shard)
+    finally:
+        arrays.close()
+        layer_bar.close()
+        bar.close()
 
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
@@ -299,4 +414,4 @@ def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) ->
 
 
 def config_dict(cfg: PrecomputeConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "batch_size")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "batch_size", "layer_major", "memory_budget")}
