@@ -90,3 +90,13 @@ def test_help_teaches(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--hollow-blocks" in out and "examples:" in out
+
+
+def test_layer_major_flag_gives_the_same_lora(capsys, tiny_model, dog_photos, tmp_path):
+    from safetensors.torch import load_file
+
+    assert run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "a"))[0] == 0
+    assert run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "b", "--layer-major", "--memory-budget", "1MiB"))[0] == 0
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)

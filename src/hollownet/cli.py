@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-loss-weight", type=float, default=1.0)
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    t.add_argument("--layer-major", action="store_true",
+                   help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of activations)")
+    t.add_argument("--memory-budget", metavar="SIZE",
+                   help="with --layer-major: e.g. 800MiB; activations beyond it spill to disk in OUTPUT/store")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
     g = sub.add_parser("generate", help="generate images with a trained LoRA",
@@ -229,7 +233,7 @@ def cmd_train(args) -> int:
         lr=args.lr, seed=args.seed, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
         prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        device=_device(args.device),
+        layer_major=args.layer_major, memory_budget=args.memory_budget, device=_device(args.device),
     ))
     print(record["summary"])
     return 0

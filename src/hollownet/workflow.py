@@ -42,6 +42,8 @@ class TrainRequest:
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 100
     resume: bool = False
+    layer_major: bool = False
+    memory_budget: str | int | None = None
     device: str = "cpu"
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
@@ -61,7 +63,7 @@ def personalize(req: TrainRequest) -> dict:
         hollow_blocks=req.hollow_blocks, resolution=req.resolution,
         num_samples=req.num_samples or req.steps * req.batch, seed=req.seed, precision=req.precision,
         class_prompt=req.class_prompt, class_images=req.class_images, prior_loss_weight=req.prior_loss_weight,
-        device=req.device,
+        layer_major=req.layer_major, memory_budget=req.memory_budget, device=req.device,
     ), track_memory=req.track_memory)
     res = run_train(TrainConfig(
         model=req.model, store=store, output=str(out), method=req.method, rank=req.rank, lora_alpha=req.lora_alpha,
