@@ -1,0 +1,876 @@
+"""Predict the memory of every stage without weights: ``hollownet plan``.
+
+The prediction *runs the real code path* -- the trainer's ``add_lora`` and ``train_step`` (forward,
+loss, backward, clipping, AdamW), stage 1's ``make_shard`` and the same text-encoder and VAE calls
+-- on models whose tensors are fake (:class:`torch._subclasses.FakeTensorMode`: shapes and dtypes,
+no storage) and counts live bytes with the same :class:`~hollownet.memory.MemoryTracker` that
+``hollownet train`` uses to measure. So prediction and measurement are one code path: on the tiny
+test model they agree to the byte, and an SD 2.x prediction takes seconds on a laptop CPU.
+
+How each stage is modelled (exactly what ``precompute.py`` / ``train.py`` do, see there):
+
+* **pre-compute** (stage 1) is three parts, each loaded, used and dropped before the next, so its
+  peak is the largest part's: the text encoder embedding the prompts; the VAE *encoder* (decoder
+  never loaded) encoding all photos in chunks of ``precompute_batch``; the U-Net encoder + hollow
+  (the kept up blocks are never loaded) computing the first shard's hollow outputs, no grad.
+* **training** (stage 2) is one optimizer step after the first (AdamW's state exists by then, so
+  this step's peak is the run's; the first step's is never larger): the frozen weights in
+  ``precision`` -- for ``hollow`` only the kept outer layers, the hollow stays on the meta device
+  and costs nothing -- LoRA (or, for ``full``, every weight) in fp32 with its gradients and AdamW
+  state, the store's batch (noisy latents, targets, hollow output) and prompt embeddings, and the
+  activations of the forward and backward.
+* **inference** is one denoising step of the U-Net alone, no gradients: every U-Net weight in
+  ``precision`` + the activations of ``unet(latents, t, text)`` at batch 1 (the paper's inference
+  figure) and at batch 2 (classifier-free guidance). Text encoder and VAE are not counted.
+
+Counts are tensor storages (see ``memory.py``): a CUDA run adds the CUDA context, kernel workspaces
+and allocator rounding/caching on top. The optimizer is torch's AdamW: ``adamw`` is its single-tensor
+implementation (what the trainer runs on a CPU), ``adamw-foreach`` the multi-tensor one torch picks
+by default on CUDA (larger temporaries in the step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import HollownetError
+from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
+from .model import is_under
+from .plan import (
+    BUNDLED_UNETS,
+    CONFIG_DIR,
+    DEFAULT_LORA_TARGETS,
+    HollowPlan,
+    all_plans,
+    load_unet_config,
+    lora_size,
+    lora_target_modules,
+    meta_unet,
+    resolve_plan,
+)
+
+GiB = 1024**3
+OPTIMIZERS = ("adamw", "adamw-foreach")
+INFERENCE_DEFINITION = (
+    "one U-Net denoising step, no gradients: all U-Net weights in the chosen precision + the activations of "
+    "unet(latents, t, text); text encoder and VAE not resident"
+)
+PARTS = ("text encoder", "VAE encoder", "U-Net encoder + hollow")  # stage 1's parts, as precompute.py names them
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelConfigs:
+    """The configs a prediction needs: a bundled name's or a diffusers folder's. No weights."""
+
+    name: str
+    unet: dict
+    text_encoder: dict | None = None
+    vae: dict | None = None
+    scheduler: dict | None = None
+    text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text_dim(self) -> int:
+        if self.text_encoder:
+            return int(self.text_encoder["hidden_size"])
+        dim = self.unet.get("cross_attention_dim", 768)
+        return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+
+    @property
+    def added_cond(self) -> dict | None:
+        """SDXL-style U-Nets need pooled text embeddings and time ids: their shapes per sample."""
+        if self.unet.get("addition_embed_type") != "text_time":
+            return None
+        time_dim = int(self.unet["addition_time_embed_dim"])
+        pooled = int(self.unet["projection_class_embeddings_input_dim"]) - 6 * time_dim
+        return {"text_embeds": (pooled,), "time_ids": (6,)}
+
+
+def _strip(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_note")}
+
+
+def _read_json(path: Path) -> dict | None:
+    return _strip(json.loads(path.read_text())) if path.is_file() else None
+
+
+def load_model_configs(model: str | Path) -> ModelConfigs:
+    """``sd15``, ``sd21``, ``sdxl`` (bundled configs) or a diffusers folder (its ``*/config.json``)."""
+    name = str(model)
+    if name in BUNDLED_UNETS:
+        mc = ModelConfigs(
+            name=name,
+            unet=load_unet_config(name),
+            text_encoder=_read_json(CONFIG_DIR / f"{name}_text_encoder.json"),
+            vae=_read_json(CONFIG_DIR / f"{name}_vae.json"),
+            scheduler=_read_json(CONFIG_DIR / f"{name}_scheduler.json"),
+        )
+        if mc.text_encoder is None:
+            mc.notes.append(f"stage 1 for {name}: its text encoder(s) and VAE are not modelled (U-Net part only)")
+        return mc
+    path = Path(name).expanduser()
+    if not (path / "unet" / "config.json").is_file():
+        raise HollownetError(
+            f"unknown model '{name}': give sd15, sd21, sdxl or a diffusers model folder (one with unet/config.json)"
+        )
+    unet = _read_json(path / "unet" / "config.json")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise HollownetError(f"'{path / 'unet'}' holds a {unet.get('_class_name')}; hollownet plans UNet2DConditionModel U-Nets")
+    text = _read_json(path / "text_encoder" / "config.json")
+    if text is not None and text.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+        text = None
+    mc = ModelConfigs(
+        name=str(path),
+        unet=unet,
+        text_encoder=text,
+        vae=_read_json(path / "vae" / "config.json"),
+        scheduler=_read_json(path / "scheduler" / "scheduler_config.json"),
+    )
+    tok = _read_json(path / "tokenizer" / "tokenizer_config.json") or {}
+    max_pos = int((text or {}).get("max_position_embeddings", 77))
+    mc.text_len = int(tok.get("model_max_length", max_pos))
+    if mc.text_len > max_pos:  # tokenizers without a limit store a huge sentinel
+        mc.text_len = max_pos
+    for part, cfg in (("text encoder", mc.text_encoder), ("VAE", mc.vae)):
+        if cfg is None:
+            mc.notes.append(f"stage 1: no usable {part} config in '{path}'; that part is not modelled")
+    return mc
+
+
+# ------------------------------------------------------------------------------------ request
+
+
+@dataclass
+class PlanRequest:
+    """What ``hollownet plan`` takes; the names and defaults of ``hollownet train``'s flags."""
+
+    model: str = "sd21"
+    method: str = "hollow"  # hollow | lora | full
+    hollow: float | None = None  # fraction of U-Net parameters (nearest valid cut)
+    hollow_blocks: list[str] | None = None  # or the cut by name
+    depth: int | None = None  # or the cut by depth (sweeps)
+    rank: int = 32
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    resolution: int = 512
+    batch: int = 1
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw | adamw-foreach (torch's default on CUDA)
+    # stage 1 (defaults: PrecomputeConfig's and a typical personalization run)
+    photos: int = 4  # instance photos
+    class_photos: int = 0  # prior preservation: class photos (then 2 prompts, and a step trains 2 x batch samples)
+    steps: int = 400  # num_samples = steps x batch, as hollownet train
+    precompute_batch: int = 4  # PrecomputeConfig.batch_size: samples per U-Net (and VAE) forward in stage 1
+    shard_size: int = 64
+    inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
+
+    def __post_init__(self):
+        from .precompute import DTYPES
+
+        if self.precision not in DTYPES:
+            raise HollownetError(f"hollownet plan models --precision {', '.join(DTYPES)} (not {self.precision!r}: "
+                                 "quantized frozen weights are not modelled yet)")
+        if self.optimizer not in OPTIMIZERS:
+            raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
+        if self.photos < 1:
+            raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
+
+    @property
+    def prompts(self) -> int:
+        return 2 if self.class_photos else 1
+
+    @property
+    def per_step(self) -> int:
+        """Samples per training step: with prior preservation, ``batch`` of each kind (as run_train)."""
+        return self.batch * self.prompts
+
+    @property
+    def num_samples(self) -> int:
+        return self.steps * self.batch
+
+    def train_config(self):
+        from .train import TrainConfig
+
+        return TrainConfig(model=self.model, store="", output="", method=self.method, rank=self.rank,
+                           lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets), batch=self.batch,
+                           precision=self.precision, grad_checkpointing=self.grad_checkpointing, device="cpu")
+
+    def precompute_config(self):
+        from .precompute import PrecomputeConfig
+
+        prior = dict(class_prompt="class", class_images="class") if self.class_photos else {}
+        return PrecomputeConfig(model=self.model, images="", prompt="", output="", method=self.method,
+                                hollow=self.hollow, hollow_blocks=self.hollow_blocks, resolution=self.resolution,
+                                num_samples=self.num_samples, precision=self.precision, shard_size=self.shard_size,
+                                batch_size=self.precompute_batch, device="cpu", **prior)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    from .precompute import DTYPES
+
+    return DTYPES[precision]
+
+
+def _cut(unet: nn.Module, req: PlanRequest, rank: int = 0) -> HollowPlan | None:
+    if req.method != "hollow":
+        return None
+    return resolve_plan(unet, fraction=req.hollow, blocks=req.hollow_blocks, depth=req.depth, rank=rank,
+                        lora_targets=tuple(req.lora_targets))
+
+
+# ------------------------------------------------------------------------------- fake models
+
+
+def _fake_mode():
+    from torch._subclasses import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_only: bool = True, fp32=None) -> None:
+    """Inside a FakeTensorMode: give every tensor a stage loads a (fake) storage on the CPU.
+
+    The module is built on the meta device; this is what loading its weights with
+    ``load_state_dict(..., assign=True)`` does (``model.load_unet``, stage 1's VAE), minus the bytes:
+    floating tensors in ``dtype`` (``fp32(name)`` true: fp32), integer buffers as they are.
+    Tensors under the ``skip`` module prefixes stay on meta (never loaded: cost nothing).
+    ``persistent_only``: like ``load_state_dict``, leave non-persistent buffers alone;
+    ``from_pretrained`` (the text encoder) creates those too.
+    """
+    skip = list(skip)
+    for mname, mod in module.named_modules():
+        if skip and is_under(mname, skip):
+            continue
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            dt = torch.float32 if fp32 is not None and fp32(full) else (dtype if p.is_floating_point() else p.dtype)
+            mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=p.requires_grad)
+        for bname, b in list(mod._buffers.items()):
+            if b is None or (persistent_only and bname in mod._non_persistent_buffers_set):
+                continue
+            mod._buffers[bname] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
+
+
+class _FakeScalars:
+    """A dispatch mode under the tracker: ``.item()`` of a fake tensor that has no value answers 0.
+
+    The trainer returns ``loss.item()`` after its measured region; a fake loss has no value. Every
+    other op passes through unchanged (and a data-dependent op anywhere else still raises).
+    """
+
+    def __new__(cls):
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                try:
+                    return func(*args, **(kwargs or {}))
+                except DataDependentOutputException:
+                    if func is not torch.ops.aten._local_scalar_dense.default:
+                        raise
+                    return False if args[0].dtype == torch.bool else (0.0 if args[0].is_floating_point() else 0)
+
+        return Mode()
+
+
+class _WithAddedCond:
+    """``unet(x, t, text)`` for SDXL-style U-Nets, with their extra inputs made beforehand."""
+
+    def __init__(self, unet, added: dict):
+        self.unet, self.added = unet, added
+
+    def __call__(self, x, t, text):
+        return self.unet(x, t, text, added_cond_kwargs=self.added)
+
+
+def _added_cond(mc: ModelConfigs, batch: int, dtype) -> dict | None:
+    shapes = mc.added_cond
+    if shapes is None:
+        return None
+    return {k: torch.empty((batch, *s), dtype=dtype) for k, s in shapes.items()}
+
+
+def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
+    factor = 2 ** (len((mc.vae or {}).get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return resolution // factor, resolution // factor
+
+
+def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tuple[int, ...]:
+    """Per sample, what stage 1 stores for this cut (run on meta tensors: shapes only)."""
+    from . import hollow as H
+
+    unet = meta_unet(mc.unet)
+    h, w = latent_size(mc, resolution)
+    with torch.device("meta"), torch.no_grad():
+        x = torch.empty(1, unet.config.in_channels, h, w)
+        out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, mc.text_len, mc.text_dim))
+    return tuple(out.shape[1:])
+
+
+# -------------------------------------------------------------------------------- predictions
+
+
+def _trained_unet(mc: ModelConfigs, req: PlanRequest, cfg):
+    """``train.build_model`` on the meta device: the cut, the frozen U-Net, LoRA via the trainer's add_lora."""
+    from .train import add_lora
+
+    unet = meta_unet(mc.unet).requires_grad_(False).eval()  # as load_unet leaves it
+    plan = _cut(unet, req, rank=cfg.rank)
+    skip = plan.hollow_prefixes(unet) if plan else []
+    if cfg.method != "full":
+        targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
+        if not targets:
+            raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
+        add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+    return unet, plan, skip
+
+
+def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dict]:
+    """The peak of a training step (stage 2), as ``run_train`` measures it; and weight accounting."""
+    from .train import train_step
+
+    cfg = req.train_config()  # the trainer's own validation and defaults (lr, max_grad_norm)
+    dtype = _dtype(cfg.precision)
+    unet, plan, skip = _trained_unet(mc, req, cfg)
+    h, w = latent_size(mc, req.resolution)
+    ho_shape = hollow_out_shape(mc, plan, req.resolution) if plan else None
+    B = req.per_step
+    with _fake_mode(), _FakeScalars():
+        materialize(unet, dtype, skip=skip, fp32=lambda n: "lora_" in n)
+        if cfg.method == "full":
+            unet.requires_grad_(True)
+            params = list(unet.parameters())
+        else:
+            params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, **({"foreach": True} if req.optimizer == "adamw-foreach" else {}))
+        embeds = torch.empty(req.prompts, mc.text_len, mc.text_dim)  # the store's prompt embeddings (fp32)
+        if plan is None and cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        # What the first step leaves behind: AdamW's state. The run's peak is the second step's
+        # (the same step with that state resident all along), so that is the step measured.
+        # (The state is made by AdamW's own _init_group, shared by its implementations: the
+        # multi-tensor one makes it in fewer fake ops.)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        foreach = [g.get("foreach") for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["foreach"] = True
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for g, f in zip(optimizer.param_groups, foreach):
+            g["foreach"] = f
+        C = unet.config.in_channels
+        batch = dict(noisy=torch.empty(B, C, h, w), target=torch.empty(B, C, h, w),
+                     timestep=torch.zeros(B, dtype=torch.long), prompt_index=torch.zeros(B, dtype=torch.long),
+                     weight=torch.empty(B))
+        if plan is not None:
+            batch["hollow_out"] = torch.empty((B, *ho_shape), dtype=dtype)  # stored in the precision's dtype
+        added = _added_cond(mc, B, dtype)
+        model = unet if (plan is not None or added is None) else _WithAddedCond(unet, added)
+        tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
+        train_step(model, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
+        trainable = sum(p.numel() * p.element_size() for p in params)
+        frozen = sum(t.numel() * t.element_size() for t in _cpu_tensors(unet) if not t.requires_grad)
+    info = _param_info(mc, req, plan, params)
+    info.update(trainable_weight_bytes=trainable, frozen_weight_bytes=frozen,
+                hollow_out_shape=list(ho_shape) if ho_shape else None)
+    return tracker.report, info
+
+
+def _cpu_tensors(module: nn.Module):
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "cpu":
+            yield t
+
+
+def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, params) -> dict:
+    skeleton = meta_unet(mc.unet)
+    total = sum(p.numel() for p in skeleton.parameters())
+    if req.method == "full":
+        trained = total
+    else:
+        mods = dict(skeleton.named_modules())
+        skip = plan.hollow_prefixes(skeleton) if plan else []
+        trained = sum(lora_size(mods[n], req.rank) for n in lora_target_modules(skeleton, skip, tuple(req.lora_targets)))
+    hollow = plan.hollow_params if plan else 0
+    return {"unet_params": total, "hollow_params": hollow, "kept_params": total - hollow, "trainable_params": trained,
+            "lora_bytes_fp32": trained * 4 if req.method != "full" else 0,
+            "fraction": round(hollow / total, 4), "hollow_blocks": plan.hollow_blocks if plan else None,
+            "depth": plan.depth if plan else None}
+
+
+def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> MemoryReport:
+    """One U-Net denoising step without gradients (see INFERENCE_DEFINITION)."""
+    dtype = _dtype(req.precision)
+    unet = meta_unet(mc.unet).requires_grad_(False).eval()
+    h, w = latent_size(mc, req.resolution)
+    with _fake_mode():
+        materialize(unet, dtype)
+        x = torch.empty(batch, unet.config.in_channels, h, w, dtype=dtype)
+        t = torch.zeros((), dtype=torch.long)
+        text = torch.empty(batch, mc.text_len, mc.text_dim, dtype=dtype)
+        added = _added_cond(mc, batch, dtype)
+        model = unet if added is None else _WithAddedCond(unet, added)
+        tracker = MemoryTracker(device="cpu").add_resident(unet)
+        with torch.no_grad(), tracker, tracker.phase("unet"):
+            model(x, t, text).sample
+    return tracker.report
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+
+def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
+    """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``).
+
+    ``parts``: which of :data:`PARTS` to predict (the text encoder and VAE do not depend on the cut).
+    The U-Net part runs ``make_shard`` on the first shard, chunk by chunk, exactly as stage 1 does.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from .precompute import PartMeter, kept_up_modules, make_shard, sample_table
+
+    pcfg = req.precompute_config()  # stage 1's own validation and defaults
+    dtype = _dtype(pcfg.precision)
+    device = pcfg.device
+    meter = PartMeter(True, device)
+    reports: dict[str, MemoryReport] = {}
+    n_photos = req.photos + req.class_photos
+    h, w = latent_size(mc, req.resolution)
+
+    # 1. text encoder: as precompute.embed_prompts
+    if mc.text_encoder is not None and "text encoder" in parts:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            encoder = CLIPTextModel(CLIPTextConfig(**mc.text_encoder))
+        encoder.eval()
+        with _fake_mode():
+            materialize(encoder, dtype, persistent_only=False)  # from_pretrained makes every buffer
+            ids = torch.zeros(req.prompts, mc.text_len, dtype=torch.long)
+            with torch.no_grad(), meter.measure("text encoder", encoder):
+                embeds = encoder(ids.to(device))[0].float().cpu()
+            del encoder, embeds, ids
+
+    # 2. VAE encoder: as precompute.encode_photos (decoder and post_quant_conv never loaded)
+    if mc.vae is not None and "VAE encoder" in parts:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(mc.vae)
+        with _fake_mode():
+            materialize(vae, dtype, skip=["decoder", "post_quant_conv"])
+            vae.eval()
+            pixels = torch.empty(n_photos, vae.config.in_channels, req.resolution, req.resolution)
+            g = torch.Generator().manual_seed(pcfg.seed)
+            out = []
+            with torch.no_grad(), meter.measure("VAE encoder", vae):
+                for chunk in pixels.split(pcfg.batch_size):
+                    moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
+                    mean, logvar = moments.float().cpu().chunk(2, dim=1)
+                    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+                    out.append(mean + std * torch.randn(mean.shape, generator=g))
+            del vae, out, pixels
+
+    # 3. U-Net encoder + hollow on the first shard: precompute.make_shard itself
+    if "U-Net encoder + hollow" not in parts:
+        return _summary(meter)
+    unet = plan = None
+    if req.method == "hollow":
+        unet = meta_unet(mc.unet).requires_grad_(False).eval()
+        plan = _cut(unet, req)
+        skip = kept_up_modules(unet, plan)
+    sched_cfg = mc.scheduler or {"prediction_type": "epsilon"}
+    table = sample_table(req.photos, req.class_photos, pcfg, int(sched_cfg.get("num_train_timesteps", 1000)))
+    rows = table[: pcfg.shard_size]
+    with _fake_mode():
+        scheduler = DDPMScheduler.from_config(sched_cfg)
+        if unet is not None:
+            materialize(unet, dtype, skip=skip)
+        latents = torch.empty(n_photos, unet.config.in_channels if unet is not None else mc.unet.get("in_channels", 4), h, w)
+        embeds = torch.empty(req.prompts, mc.text_len, mc.text_dim)
+        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
+            make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, pcfg, _NoBar())
+        del unet, latents, embeds, scheduler
+    return _summary(meter)
+
+
+def _summary(meter) -> dict:
+    summary = meter.summary() or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
+    summary["reports"] = dict(meter.parts)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class MemoryPlan:
+    """Everything ``hollownet plan`` prints."""
+
+    request: PlanRequest
+    model: ModelConfigs
+    precompute: dict | None
+    train: MemoryReport | None
+    inference: dict[int, MemoryReport]
+    info: dict
+    seconds: float
+
+    @property
+    def precompute_peak(self) -> int:
+        return self.precompute["peak_bytes"] if self.precompute else 0
+
+    @property
+    def train_peak(self) -> int:
+        return self.train.peak_bytes if self.train else 0
+
+    @property
+    def inference_peak(self) -> int:
+        return self.inference[min(self.inference)].peak_bytes if self.inference else 0
+
+    @property
+    def peak(self) -> int:
+        """What a personalization run needs: its larger stage."""
+        return max(self.precompute_peak, self.train_peak)
+
+    def to_json(self) -> dict:
+        req = self.request
+        inf1 = self.inference.get(1)
+        d = {
+            "model": self.model.name,
+            "method": req.method,
+            "hollow_blocks": self.info.get("hollow_blocks"),
+            "fraction": self.info.get("fraction"),
+            "depth": self.info.get("depth"),
+            "rank": req.rank if req.method != "full" else None,
+            "resolution": req.resolution,
+            "batch": req.batch,
+            "precision": req.precision,
+            "grad_checkpointing": req.grad_checkpointing,
+            "optimizer": req.optimizer,
+            "units": "bytes",
+            "precompute_peak_bytes": self.precompute_peak if self.precompute else None,  # None: stage not predicted
+            "train_peak_bytes": self.train_peak if self.train else None,
+            "inference_peak_bytes": (inf1.peak_bytes if inf1 else self.inference_peak) if self.inference else None,
+            "inference_peak_bytes_by_batch": {str(b): r.peak_bytes for b, r in self.inference.items()},
+            "peak_bytes": self.peak,
+            "train_over_inference_bytes": self.train_peak - self.inference_peak if self.inference and self.train else None,
+            "train_over_inference_ratio": round(self.train_peak / self.inference_peak, 4) if self.inference and self.train else None,
+            "breakdown": {
+                "train": dict(self.train.breakdown) if self.train else None,
+                "train_weights": {"frozen": self.info.get("frozen_weight_bytes"), "trainable": self.info.get("trainable_weight_bytes")},
+                "precompute": dict(self.precompute["breakdown"]) if self.precompute else None,
+                "precompute_parts": dict(self.precompute["parts"]) if self.precompute else None,
+                "inference": dict(inf1.breakdown) if inf1 else None,
+            },
+            "train_peak_phase": self.train.peak_phase if self.train else None,
+            "train_phase_peaks": dict(self.train.phase_peaks) if self.train else None,
+            "precompute_peak_part": self.precompute["peak_phase"] if self.precompute else None,
+            "params": {k: self.info.get(k) for k in ("unet_params", "hollow_params", "kept_params", "trainable_params", "lora_bytes_fp32")},
+            "hollow_out_shape": self.info.get("hollow_out_shape"),
+            "stage1": {"photos": req.photos, "class_photos": req.class_photos, "precompute_batch": req.precompute_batch,
+                       "shard_samples": min(req.shard_size, req.num_samples)},
+            "inference_definition": INFERENCE_DEFINITION,
+            "notes": list(self.model.notes),
+            "seconds": round(self.seconds, 2),
+        }
+        return d
+
+    def format(self) -> str:
+        req, info = self.request, self.info
+        g = lambda n: f"{n / GiB:6.2f} GiB"  # noqa: E731
+        if req.method == "hollow":
+            what = f"hollow ({info['fraction']:.1%} of U-Net params hollowed: {', '.join(info['hollow_blocks'])}), LoRA r={req.rank}"
+        elif req.method == "lora":
+            what = f"LoRA r={req.rank} on the whole U-Net"
+        else:
+            what = "full fine-tuning"
+        lines = [
+            f"{self.model.name}: {what}",
+            f"  {req.resolution} px, batch {req.batch}, frozen weights {req.precision}, "
+            f"{'with' if req.grad_checkpointing else 'no'} gradient checkpointing, {req.optimizer}",
+            "",
+            "predicted peak tensor memory (1 GiB = 2^30 bytes; fake tensors, no weights loaded)",
+        ]
+        if self.precompute:
+            parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.precompute["parts"].items())
+            lines.append(f"  pre-compute (stage 1)  {g(self.precompute_peak)}   largest part of: {parts}")
+        if self.train:
+            lines.append(f"  training (stage 2)     {g(self.train_peak)}   peak in {self.train.peak_phase}")
+        for b, r in self.inference.items():
+            label = "inference" + (f", batch {b}" if b != 1 else "")
+            what = "U-Net only, one denoising step, no grad" + (", batch 2 = classifier-free guidance" if b == 2 else "")
+            lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
+        if self.train and self.inference:
+            delta = self.train_peak - self.inference_peak
+            lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "
+                         f"({self.train_peak / self.inference_peak - 1:+.1%} vs batch-1 inference; the paper's 'Comp. w/ Inf.')")
+        if self.train:
+            bd = dict(self.train.breakdown)
+            frozen, trainable = info.get("frozen_weight_bytes", 0), info.get("trainable_weight_bytes", 0)
+            lines += ["", "breakdown at the training peak"]
+            rows = [("weights (frozen)", frozen), ("weights (trained)", trainable),
+                    ("weights (other)", bd.get("weights", 0) - frozen - trainable)]
+            rows += [(k, bd.get(k, 0)) for k in KINDS if k != "weights"]
+            for k, v in rows:
+                if k == "weights (other)" and v == 0:
+                    continue
+                lines.append(f"  {k:<18} {format_bytes(v):>12}  {100 * v / max(1, self.train_peak):5.1f}%")
+        m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
+        lines += ["", f"parameters: U-Net {m(info['unet_params'])}"
+                  + (f", hollowed {m(info['hollow_params'])} (never loaded in stage 2), kept {m(info['kept_params'])}" if req.method == "hollow" else "")
+                  + (f", trained {m(info['trainable_params'])}" + (f" (LoRA file {info['lora_bytes_fp32'] / 2**20:.0f} MiB fp32)" if req.method != "full" else ""))]
+        lines.append(f"inference = {INFERENCE_DEFINITION}")
+        lines += [f"note: {n}" for n in self.model.notes]
+        lines.append(f"({self.seconds:.1f} s)")
+        return "\n".join(lines)
+
+
+def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference"), model: ModelConfigs | None = None) -> MemoryPlan:
+    """Predict the requested stages' peaks for ``req``."""
+    t0 = time.perf_counter()
+    mc = model or load_model_configs(req.model)
+    req.train_config()  # validate the combination before spending time (e.g. full needs fp32)
+    req.precompute_config()
+    _cut(meta_unet(mc.unet), req)  # an impossible fraction or cut fails here, in one line
+    train = info = None
+    if "train" in stages:
+        train, info = predict_train(mc, req)
+    else:
+        skeleton = meta_unet(mc.unet)
+        info = _param_info(mc, req, _cut(skeleton, req, rank=req.rank), None)
+    pre = predict_precompute(mc, req) if "precompute" in stages else None
+    inference = {b: predict_inference(mc, req, b) for b in req.inference_batches} if "inference" in stages else {}
+    return MemoryPlan(request=req, model=mc, precompute=pre, train=train, inference=inference, info=info,
+                      seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------ budget
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` (10^9 bytes), ``1.5GiB`` (2^30), ``800MB``, ``512MiB``, ``3000000000B``. A unit is required."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise HollownetError(f"--budget {text!r}: give a size with a unit, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 800MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class Candidate:
+    method: str
+    depth: int | None
+    fraction: float
+    hollow_blocks: list[str] | None
+    precision: str
+    grad_checkpointing: bool
+    lower_bound: int  # weights + trained params' grads and AdamW state: the step's peak is at least this
+    precompute_peak: int | None = None
+    train_peak: int | None = None
+
+    @property
+    def peak(self) -> int | None:
+        if self.train_peak is None:
+            return None
+        return max(self.train_peak, self.precompute_peak or 0)
+
+    @property
+    def fidelity_key(self):
+        """Expected fidelity cost, least first: less hollowing, then fp32 before bf16; checkpointing costs only time."""
+        return (self.fraction, ("fp32", "bf16", "fp16").index(self.precision), self.grad_checkpointing)
+
+    def label(self) -> str:
+        if self.method == "lora":
+            return "LoRA (no hollow)"
+        blocks = self.hollow_blocks or []
+        short = ",".join(b.replace(".downsamplers", ".ds").replace(".upsamplers", ".us").replace(".resnets.", ".r")
+                         .replace(".attentions.", ".a").replace("down_blocks.", "d").replace("up_blocks.", "u")
+                         .replace("mid_block", "mid") for b in blocks)
+        return f"hollow {self.fraction:5.1%} [{short}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak_bytes"] = self.peak
+        return d
+
+
+def candidates(mc: ModelConfigs, req: PlanRequest, precisions=("fp32", "bf16"), checkpointing=(False, True)) -> list[Candidate]:
+    """Plain LoRA and every valid hollow cut, in each precision, with and without checkpointing."""
+    skeleton = meta_unet(mc.unet)
+    mods = dict(skeleton.named_modules())
+    total = sum(p.numel() for p in skeleton.parameters())
+    out = []
+    cuts = [("lora", None, 0.0, None, [])] + [
+        ("hollow", p.depth, p.fraction, p.hollow_blocks, p.hollow_prefixes(skeleton)) for p in all_plans(skeleton)
+    ]
+    for method, depth, fraction, blocks, skip in cuts:
+        kept = total - sum(p.numel() for n in skip for p in mods[n].parameters())
+        lora = sum(lora_size(mods[n], req.rank) for n in lora_target_modules(skeleton, skip, tuple(req.lora_targets)))
+        for precision in precisions:
+            itemsize = _dtype(precision).itemsize
+            for ckpt in checkpointing:
+                out.append(Candidate(method, depth, fraction, blocks, precision, ckpt,
+                                     lower_bound=kept * itemsize + lora * 16))  # fp32 LoRA: weight, grad, 2 AdamW moments
+    return sorted(out, key=lambda c: c.fidelity_key)
+
+
+@dataclass
+class BudgetAnswer:
+    budget: int
+    fits: list[Candidate]
+    evaluated: list[Candidate]
+    smallest: Candidate | None
+    seconds: float
+    request: PlanRequest
+    model: str
+    top: int = 5
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "budget_bytes": self.budget, "rank": self.request.rank,
+                "resolution": self.request.resolution, "batch": self.request.batch, "optimizer": self.request.optimizer,
+                "fits": [c.to_dict() for c in self.fits],
+                "smallest": self.smallest.to_dict() if self.smallest else None,
+                "ranking": "less hollowing first, then fp32 before bf16, then without gradient checkpointing (it costs time only)",
+                "seconds": round(self.seconds, 2)}
+
+    def format(self) -> str:
+        req = self.request
+        head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
+                f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.optimizer}")
+        lines = [head, "ranked by expected fidelity cost: less hollowing first, then fp32 before bf16 (checkpointing costs only time)", ""]
+        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<7} {'ckpt':<5} {'stage 1':>9} {'training':>9} {'peak':>9}")
+        for i, c in enumerate(self.fits, 1):
+            lines.append(f"  {i:>2}  {c.label():<44} {c.precision:<7} {'yes' if c.grad_checkpointing else 'no':<5} "
+                         f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {c.peak / GiB:7.2f} G")
+        best = self.fits[0]
+        flags = (["--method lora"] if best.method == "lora" else [f"--hollow-blocks {','.join(best.hollow_blocks)}"])
+        flags += [f"--precision {best.precision}"] + (["--grad-checkpointing"] if best.grad_checkpointing else [])
+        more = f"the {self.top} best shown (--top 0: all); " if self.top and len(self.fits) >= self.top else ""
+        lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(flags)} --rank {req.rank}",
+                  f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
+        return "\n".join(lines)
+
+
+def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, model: ModelConfigs | None = None) -> BudgetAnswer:
+    """Which (cut, precision, checkpointing) settings fit ``budget``, best expected fidelity first.
+
+    Candidates are tried in fidelity order; the first ``top`` that fit are returned (``top=0``: all).
+    A candidate whose weights, gradients and AdamW state alone exceed the budget is ruled out without
+    a prediction; otherwise its training step is predicted exactly, then (if that fits) its stage 1
+    (once per cut and precision). If nothing fits, raises :class:`BudgetError` naming the smallest
+    achievable peak (branch and bound on the same lower bound, so it is exact too).
+    """
+    t0 = time.perf_counter()
+    mc = model or load_model_configs(req.model)
+    cands = candidates(mc, req)
+    stage1: dict = {}
+    evaluated: list[Candidate] = []
+
+    def sub(c: Candidate) -> PlanRequest:
+        return replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None,
+                       precision=c.precision, grad_checkpointing=c.grad_checkpointing)
+
+    def train(c: Candidate) -> int:
+        if c.train_peak is None:
+            c.train_peak = predict_train(mc, sub(c))[0].peak_bytes
+            evaluated.append(c)
+            if progress:
+                progress(c)
+        return c.train_peak
+
+    def front(c: Candidate) -> int:
+        """Stage 1's text encoder and VAE parts: the same for every cut (cached per precision)."""
+        if c.precision not in stage1:
+            stage1[c.precision] = predict_precompute(mc, sub(c), parts=PARTS[:2])["peak_bytes"]
+        return stage1[c.precision]
+
+    def pre(c: Candidate) -> int:
+        key = (c.method, c.depth, c.precision)
+        if key not in stage1:
+            stage1[key] = predict_precompute(mc, sub(c), parts=PARTS[2:])["peak_bytes"]
+        c.precompute_peak = max(front(c), stage1[key])
+        return c.precompute_peak
+
+    fits: list[Candidate] = []
+    for c in cands:
+        if c.lower_bound > budget or front(c) > budget or train(c) > budget or pre(c) > budget:
+            continue
+        fits.append(c)
+        if top and len(fits) >= top:
+            break
+    if not fits:
+        best, best_peak = None, None
+        bound = lambda c: max(c.lower_bound, front(c))  # noqa: E731  (stage 1's first parts are cut-independent)
+        for c in sorted(cands, key=lambda c: (bound(c), c.lower_bound)):
+            if best_peak is not None and bound(c) >= best_peak:
+                break
+            peak = max(train(c), pre(c))
+            if best_peak is None or peak < best_peak:
+                best, best_peak = c, peak
+        raise BudgetError(
+            f"nothing fits in {budget / GiB:.2f} GiB ({budget:,} bytes) at LoRA r={req.rank}, {req.resolution} px, batch {req.batch}: "
+            f"the smallest peak is {best_peak / GiB:.2f} GiB ({best.label().strip()}, {best.precision}, "
+            f"{'with' if best.grad_checkpointing else 'no'} gradient checkpointing); raise --budget or lower --resolution, --batch or --rank",
+            smallest=best,
+        )
+    return BudgetAnswer(budget=budget, fits=fits, evaluated=evaluated, smallest=None, top=top,
+                        seconds=time.perf_counter() - t0, request=req, model=mc.name)
+
+
+class BudgetError(HollownetError):
+    def __init__(self, message: str, smallest: Candidate | None = None):
+        super().__init__(message)
+        self.smallest = smallest
+
+
+def predict_figures(settings: dict, stages=("precompute", "train", "inference")) -> dict:
+    """``plan_memory(PlanRequest(**settings)).to_json()``: a picklable entry point for worker processes."""
+    settings = dict(settings)
+    for key in ("lora_targets", "inference_batches"):
+        if key in settings and settings[key] is not None:
+            settings[key] = tuple(settings[key])
+    return plan_memory(PlanRequest(**settings), stages=tuple(stages)).to_json()
+
+
+def predict_many(tasks: list[tuple[dict, tuple[str, ...]]], jobs: int = 1, progress=None) -> list[dict]:
+    """``predict_figures`` for many (settings, stages) pairs, in ``jobs`` worker processes; results in order."""
+    if jobs <= 1 or len(tasks) <= 1:
+        out = []
+        for settings, stages in tasks:
+            out.append(predict_figures(settings, stages))
+            if progress:
+                progress(out[-1])
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(predict_figures, settings, stages) for settings, stages in tasks]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if progress:
+                progress(out[-1])
+        return out

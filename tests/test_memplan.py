@@ -1,0 +1,153 @@
+"""hollownet.memplan / ``hollownet plan``: predictions (fake tensors, no weights) against real measurements.
+
+The tiny model runs the real stage 1 and stage 2 with exact memory tracking; the planner must give
+the same bytes (the issue asks for 2%; the shared code path gives 0). SD 2.1 checks are the cheap
+ones (configs, cut shapes, lower bounds): full-size figures are the benchmark's job.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hollownet.cli import main
+from hollownet.errors import HollownetError
+from hollownet.memplan import (
+    GiB,
+    PlanRequest,
+    candidates,
+    fit_budget,
+    hollow_out_shape,
+    load_model_configs,
+    parse_size,
+    plan_memory,
+)
+from hollownet.plan import make_plan, meta_unet
+
+RES = 64
+RANK = 4
+
+
+def _agree(predicted: int, measured: int) -> None:
+    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
+    assert predicted == measured  # the same code path: exact, not just within 2%
+
+
+def _photos(folder) -> int:
+    return len([p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")])
+
+
+def _measure(tiny_model, photos, tmp_path, method, **train_kw) -> tuple[dict, dict]:
+    """Stage 1 (first shard: 2 samples) and 2 training steps, run for real with exact memory tracking."""
+    from hollownet.precompute import PrecomputeConfig, run_precompute
+    from hollownet.train import TrainConfig, run_train
+
+    store = tmp_path / "store"
+    pre = run_precompute(PrecomputeConfig(model=str(tiny_model), images=str(photos), prompt="a photo of sks dog",
+                                          output=str(store), method=method, resolution=RES, num_samples=2, shard_size=2),
+                         track_memory=True)
+    train = run_train(TrainConfig(model=str(tiny_model), store=str(store), output=str(tmp_path / "out"), method=method,
+                                  rank=RANK, steps=2, track_memory_steps=2, checkpoint_every=0, **train_kw))
+    return pre.memory, train.memory
+
+
+def test_cli_json_equals_the_measured_peaks(tiny_model, dog_photos, tmp_path, capsys):
+    """``hollownet plan --json`` against a real stage 1 + stage 2 with the same settings."""
+    pre, train = _measure(tiny_model, dog_photos, tmp_path, "hollow")
+    rc = main(["plan", "--model", str(tiny_model), "--rank", str(RANK), "--resolution", str(RES), "--steps", "2",
+               "--photos", str(_photos(dog_photos)), "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    # the contract other scripts read
+    for key in ("precompute_peak_bytes", "train_peak_bytes", "inference_peak_bytes", "breakdown"):
+        assert key in d
+    # prediction == measurement (the issue asks for 2%; one code path gives 0)
+    _agree(d["precompute_peak_bytes"], pre["peak_bytes"])
+    for part, measured in pre["parts"].items():  # text encoder, VAE encoder, U-Net encoder + hollow
+        _agree(d["breakdown"]["precompute_parts"][part], measured)
+    assert d["precompute_peak_part"] == pre["peak_phase"]
+    _agree(d["train_peak_bytes"], train["peak_bytes"])
+    assert d["breakdown"]["train"] == train["breakdown"]
+    assert d["train_peak_phase"] == train["peak_phase"]
+    # internal consistency
+    assert sum(d["breakdown"]["train"].values()) == d["train_peak_bytes"]
+    assert sum(d["breakdown"]["precompute"].values()) == d["precompute_peak_bytes"]
+    assert sum(d["breakdown"]["inference"].values()) == d["inference_peak_bytes"] > 0
+    w = d["breakdown"]["train_weights"]
+    assert w["frozen"] + w["trainable"] == d["breakdown"]["train"]["weights"]
+    assert d["train_over_inference_bytes"] == d["train_peak_bytes"] - d["inference_peak_bytes"]
+    assert d["inference_peak_bytes_by_batch"]["2"] > d["inference_peak_bytes_by_batch"]["1"]
+    assert d["method"] == "hollow" and d["hollow_blocks"] and 0 < d["fraction"] < 1
+
+
+def test_lora_with_gradient_checkpointing_equals_the_measured_peak(tiny_model, dog_photos, tmp_path):
+    """diffusers' own checkpointing path (the whole U-Net), stage 1 without the U-Net."""
+    pre, train = _measure(tiny_model, dog_photos, tmp_path, "lora", grad_checkpointing=True)
+    p = plan_memory(PlanRequest(model=str(tiny_model), method="lora", rank=RANK, resolution=RES, steps=2,
+                                photos=_photos(dog_photos), grad_checkpointing=True), stages=("precompute", "train"))
+    _agree(p.precompute_peak, pre["peak_bytes"])
+    _agree(p.train_peak, train["peak_bytes"])
+    assert p.train.breakdown == train["breakdown"]
+
+
+def test_bad_input_is_one_clear_line(tiny_model, capsys):
+    cases = [
+        (["--model", "sd99"], "sd15, sd21, sdxl"),
+        (["--model", str(tiny_model), "--hollow", "1.5"], "outside what this U-Net allows"),
+        (["--model", "sd21", "--budget", "2"], "give a size with a unit"),
+        (["--model", "sd21", "--method", "full", "--precision", "bf16"], "needs --precision fp32"),
+        # 100 photos make stage 1's VAE part the largest of every setting: the search for the smallest
+        # peak then stops after one setting
+        (["--model", str(tiny_model), "--resolution", "64", "--photos", "100", "--steps", "2", "--budget", "1KB"],
+         "the smallest peak is"),
+    ]
+    for args, hint in cases:
+        assert main(["plan", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("hollownet plan: error:") and hint in err, err
+
+
+def test_budget_answers_best_fidelity_first(tiny_model):
+    req = PlanRequest(model=str(tiny_model), rank=RANK, resolution=RES, steps=2)
+    cands = candidates(load_model_configs(str(tiny_model)), req)
+    assert [c.fidelity_key for c in cands] == sorted(c.fidelity_key for c in cands)
+    answer = fit_budget(req, parse_size("1GiB"), top=1)
+    (best,) = answer.fits
+    assert (best.method, best.precision, best.grad_checkpointing) == ("lora", "fp32", False)  # nothing hollowed, fp32
+    assert best.peak == max(best.train_peak, best.precompute_peak) <= answer.budget
+    assert "best fidelity that fits: hollownet train ... --method lora --precision fp32" in answer.format()
+    json.dumps(answer.to_json())
+
+
+def test_parse_size_units():
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("800MB") == 800 * 10**6
+    assert parse_size("512 MiB") == 512 * 2**20
+    with pytest.raises(HollownetError):
+        parse_size("lots")
+
+
+def test_bundled_configs_and_paper_cut_shapes():
+    for name in ("sd15", "sd21", "sdxl"):
+        mc = load_model_configs(name)
+        assert mc.unet["_class_name"] == "UNet2DConditionModel"
+    mc = load_model_configs("sd21")
+    assert mc.text_encoder["num_hidden_layers"] == 23 and mc.text_dim == 1024 == mc.unet["cross_attention_dim"]
+    assert load_model_configs("sd15").text_dim == 768 == load_model_configs("sd15").unet["cross_attention_dim"]
+    assert load_model_configs("sdxl").added_cond == {"text_embeds": (1280,), "time_ids": (6,)}
+    plan = make_plan(meta_unet(mc.unet))
+    assert plan.hollow_blocks == ["down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0"]
+    assert hollow_out_shape(mc, plan, 512) == (1280, 16, 16)  # what stage 1 stores per sample at 512 px
+
+
+def test_candidates_and_lower_bounds_sd21():
+    cands = candidates(load_model_configs("sd21"), PlanRequest(model="sd21", rank=128))
+    assert len(cands) == (1 + 12) * 2 * 2  # plain LoRA + every cut (depth 0..11), fp32/bf16, checkpointing off/on
+    keys = [c.fidelity_key for c in cands]
+    assert keys == sorted(keys)
+    lora_fp32 = next(c for c in cands if c.method == "lora" and c.precision == "fp32")
+    assert 3.2 * GiB < lora_fp32.lower_bound < 3.7 * GiB  # 866M fp32 weights + LoRA state
+    paper = next(c for c in cands if c.depth == 3 and c.precision == "bf16")
+    assert paper.lower_bound < lora_fp32.lower_bound / 2
