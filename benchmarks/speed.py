@@ -184,8 +184,12 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; on a busy shared CPU fewer "
+                                                 "threads than cores avoid OpenMP spin-wait slowdowns)")
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from hollownet.memplan import load_model_configs
     from hollownet.precompute import DTYPES
@@ -210,8 +214,20 @@ def main(argv=None) -> int:
         front = stage1_front(mc, args.precision, args.device, args.photos, pres)
         print(f"  stage 1 text encoder {front['seconds']['text encoder']:.2f} s, "
               f"VAE encoder ({args.photos} photos) {front['seconds']['VAE encoder']:.2f} s", flush=True)
-    kept: dict[str, tuple] = {}  # lora and hollow models, reused for the personalization
-    for method in methods:
+
+    def report(method, res, times, build):
+        timed = sorted(times[1:] or times)
+        mid = len(timed) // 2
+        median = timed[mid] if len(timed) % 2 else (timed[mid - 1] + timed[mid]) / 2
+        record["steps"].setdefault(method, {})[str(res)] = dict(seconds_per_step=round(median, 3), min=round(timed[0], 3),
+                                                                 warmup=round(times[0], 3), all=[round(t, 3) for t in times])
+        print(f"  {method:<6} {res:>4} px: {median:7.2f} s/step median, {timed[0]:.2f} min  "
+              f"(warm-up {times[0]:.2f} s; model built in {build:.0f} s)", flush=True)
+
+    # Full fine-tuning alone (it needs the memory of the others together), then lora and hollow
+    # side by side, their steps interleaved so that whatever else runs on the machine slows both alike.
+    kept: dict[str, tuple] = {}  # method -> (unet, plan, params, cfg, build seconds)
+    for method in [m for m in methods if m == "full"] + [m for m in methods if m != "full"]:
         if method == "full" and args.precision != "fp32":
             continue
         cfg = TrainConfig(model=args.model, store="", output="", method=method, rank=args.rank, precision=args.precision,
@@ -219,22 +235,35 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         unet, plan, params = trained_model(mc, method, args.rank, args.precision, args.device)
         build = time.perf_counter() - t0
-        for res in resolutions:
-            batches = [store_batch(mc, plan, res, args.batch, dtype, args.device) for _ in range(1 + args.steps)]
-            times = time_steps(unet, plan, params, batches, embeds, cfg, dtype)
-            timed = sorted(times[1:] or times)
-            median = timed[len(timed) // 2] if len(timed) % 2 else sum(timed[len(timed) // 2 - 1: len(timed) // 2 + 1]) / 2
-            record["steps"].setdefault(method, {})[str(res)] = dict(seconds_per_step=round(median, 3), min=round(timed[0], 3),
-                                                                     warmup=round(times[0], 3), all=[round(t, 3) for t in times])
-            print(f"  {method:<6} {res:>4} px: {median:7.2f} s/step median, {timed[0]:.2f} min  "
-                  f"(warm-up {times[0]:.2f} s; model built in {build:.0f} s)", flush=True)
-        if front is not None and method in ("lora", "hollow"):
-            kept[method] = (unet, plan, params, cfg)
-        del unet, params, plan
-        gc.collect()
+        if method == "full":
+            for res in resolutions:
+                batches = [store_batch(mc, plan, res, args.batch, dtype, args.device) for _ in range(1 + args.steps)]
+                report(method, res, time_steps(unet, plan, params, batches, embeds, cfg, dtype), build)
+            del unet, params, plan
+            gc.collect()
+        else:
+            kept[method] = (unet, plan, params, cfg, build)
+    from hollownet.train import train_step
+
+    for res in resolutions:
+        batches = {m: [store_batch(mc, k[1], res, args.batch, dtype, args.device) for _ in range(1 + args.steps)]
+                   for m, k in kept.items()}
+        opts = {m: torch.optim.AdamW(k[2], lr=k[3].lr) for m, k in kept.items()}
+        times = {m: [] for m in kept}
+        for i in range(1 + args.steps):
+            for m, (unet, plan, params, cfg, _) in kept.items():
+                unet.train()
+                sync(args.device)
+                t0 = time.perf_counter()
+                train_step(unet, plan, batches[m][i], embeds, params, opts[m], cfg, dtype)
+                sync(args.device)
+                times[m].append(time.perf_counter() - t0)
+        for m in kept:
+            report(m, res, times[m], kept[m][4])
+        del opts, batches
 
     personal: dict[str, dict] = {}
-    if front is not None and len(kept) == 2:
+    if front is not None and {"lora", "hollow"} <= set(kept):
         # Stage 1's U-Net part for each method, then the N steps of both, interleaved step by step so
         # that whatever else runs on the machine slows both alike.
         n = args.personalize_steps
@@ -244,14 +273,10 @@ def main(argv=None) -> int:
             keys = ("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if method == "hollow" else ())
             batches[method] = [{k: shard[k][i * args.batch:(i + 1) * args.batch].clone() for k in keys} for i in range(n)]
             personal[method] = dict(stage1_text_vae=round(sum(front["seconds"].values()), 3), stage1_unet=round(s1, 3), steps=[])
-        from hollownet.train import train_step
-
-        opts = {m: torch.optim.AdamW(kept[m][2], lr=kept[m][3].lr) for m in kept}
-        for m in kept:
-            kept[m][0].train()
+        opts = {m: torch.optim.AdamW(kept[m][2], lr=kept[m][3].lr) for m in ("lora", "hollow")}
         for i in range(n):
             for m in ("lora", "hollow"):
-                unet, plan, params, cfg = kept[m]
+                unet, plan, params, cfg, _ = kept[m]
                 sync(args.device)
                 t0 = time.perf_counter()
                 train_step(unet, plan, batches[m][i], front["embeds"], params, opts[m], cfg, dtype)
@@ -263,8 +288,9 @@ def main(argv=None) -> int:
             r["total"] = round(r["stage1_text_vae"] + r["stage1_unet"] + r["train"], 3)
             print(f"  {m:<6} personalization at {pres} px, N={n}: text encoder + VAE {r['stage1_text_vae']:.2f} s, "
                   f"stage 1 U-Net part {r['stage1_unet']:.2f} s, {n} steps {r['train']:.2f} s = {r['total']:.2f} s", flush=True)
-        del opts, kept
-        gc.collect()
+        del opts
+    kept.clear()
+    gc.collect()
 
     lines = ["", "seconds per training step (median of the timed steps; ratios to LoRA)"]
     for res in resolutions:

@@ -29,6 +29,18 @@ RES = 64
 RANK = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy machine
+    (with two threads on two shared cores a 3 s training run was seen taking 45 s). Counts don't change."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _agree(predicted: int, measured: int) -> None:
     assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
     assert predicted == measured  # the same code path: exact, not just within 2%

@@ -8,6 +8,7 @@ with the stored hollow output in between; inference runs the hollow live.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ class Context:
     text: torch.Tensor
     upsample: bool  # latent size not a multiple of 2**num_upsamplers: pass sizes explicitly
     grad_checkpointing: bool = False
+    # ``unit_weights(unit)``: a context manager around each unit's forward (and its recomputation in
+    # backward) that brings the unit's frozen weights in and out (``stream.StreamedWeights``).
+    unit_weights: Callable | None = None
 
 
 def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Tensor, grad_checkpointing=False) -> Context:
@@ -36,10 +40,18 @@ def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Te
     factor = 2**unet.num_upsamplers
     upsample = any(d % factor for d in sample.shape[-2:])
     text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=None)
-    return Context(emb=emb, text=text, upsample=upsample, grad_checkpointing=grad_checkpointing)
+    return Context(emb=emb, text=text, upsample=upsample, grad_checkpointing=grad_checkpointing,
+                   unit_weights=getattr(unet, "hollownet_unit_weights", None))
 
 
 def _run_unit(unet: nn.Module, unit: Unit, h: torch.Tensor, ctx: Context, skip=None, size=None) -> torch.Tensor:
+    if ctx.unit_weights is not None:
+        with ctx.unit_weights(unit):
+            return _unit_forward(unet, unit, h, ctx, skip, size)
+    return _unit_forward(unet, unit, h, ctx, skip, size)
+
+
+def _unit_forward(unet: nn.Module, unit: Unit, h: torch.Tensor, ctx: Context, skip=None, size=None) -> torch.Tensor:
     blocks = unet.down_blocks if unit.side == "down" else unet.up_blocks
     block = blocks[unit.block]
     if unit.index is None:

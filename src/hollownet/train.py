@@ -3,6 +3,11 @@
 ``hollow``: only the kept (outer) U-Net weights are read; the hollow stays on the meta device and
 its output comes from the store. ``lora`` / ``full``: the paper's baselines, on the whole U-Net,
 from the same store (its noisy latents, targets and prompt embeddings).
+
+Low-memory modes: ``precision="int8"|"nf4"`` stores the frozen Linear/Conv2d weights quantized
+(``quant.py``, QLoRA-style; compute in ``compute_dtype``, bf16 by default); ``stream_weights`` reads
+each kept unit's frozen weights from the memory-mapped checkpoint only while it runs (``stream.py``);
+``optimizer="adamw-in-backward"`` applies AdamW per parameter as its gradient arrives (``quant.py``).
 """
 
 from __future__ import annotations
@@ -39,19 +44,36 @@ class TrainConfig:
     steps: int = 400
     batch: int = 1
     seed: int = 0
-    precision: str = "fp32"  # frozen weights; LoRA weights, grads and AdamW state stay fp32
+    precision: str = "fp32"  # frozen weights: fp32|bf16|fp16, or int8|nf4 (quantized); LoRA, its grads and AdamW state stay fp32
     grad_checkpointing: bool = False
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # global norm; with adamw-in-backward: per parameter tensor (see quant.InBackwardAdamW)
+    compute_dtype: str | None = None  # activations / dequantized weights: None = precision's dtype, bf16 for int8|nf4
+    stream_weights: bool = False  # kept units' frozen weights read per unit from the mapped checkpoint (turns checkpointing on)
+    optimizer: str = "adamw"  # adamw | adamw-in-backward
     checkpoint_every: int = 100
     resume: bool = False
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.precision not in DTYPES:
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+        from .quant import OPTIMIZERS, SCHEMES
+
+        if self.precision not in DTYPES and self.precision not in SCHEMES:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*DTYPES, *SCHEMES))}")
+        if self.compute_dtype is not None and (self.compute_dtype not in DTYPES or self.precision not in SCHEMES):
+            raise HollownetError(f"a compute dtype (one of {', '.join(DTYPES)}) goes with --precision int8|nf4 only")
         if self.method == "full" and self.precision != "fp32":
             raise HollownetError("--method full trains every weight and needs --precision fp32")
+        if self.optimizer not in OPTIMIZERS:
+            raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.method == "full" and (self.stream_weights or self.optimizer != "adamw"):
+            raise HollownetError("--method full supports neither --stream-weights nor another optimizer than adamw")
+        if self.stream_weights:
+            if self.method != "hollow":
+                raise HollownetError("--stream-weights needs --method hollow (it streams the kept units one by one)")
+            if self.precision in SCHEMES:
+                raise HollownetError("--stream-weights reads weights in a float precision: use --precision fp32, bf16 or fp16 with it")
+            self.grad_checkpointing = True  # a unit's weights must not stay in the autograd graph
         if self.rank < 1 and self.method != "full":
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
         if self.steps < 1 or self.batch < 1:
@@ -67,10 +89,22 @@ class TrainResult:
     memory: dict | None = None
 
 
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype of activations and of the (dequantized) frozen weights."""
+    if cfg.compute_dtype is not None:
+        return DTYPES[cfg.compute_dtype]
+    return DTYPES.get(cfg.precision, torch.bfloat16)
+
+
 def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     """The network that is trained, with LoRA added; returns (unet, plan, trainable params)."""
     from diffusers import UNet2DConditionModel
 
+    if cfg.precision not in DTYPES or cfg.stream_weights:
+        from .stream import SafetensorsSource, build_lowmem_model
+
+        return build_lowmem_model(UNet2DConditionModel.load_config(model_dir / "unet"), SafetensorsSource(model_dir),
+                                  manifest.get("hollow_blocks"), cfg)
     skeleton = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
     plan = None
     skip: list[str] = []
@@ -140,10 +174,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if manifest["model_fingerprint"] != model_fingerprint(model_dir):
         raise HollownetError(f"the store in '{store.root}' was made from another model; use a new --output folder")
     torch.manual_seed(cfg.seed)
-    dtype = DTYPES[cfg.precision]
+    dtype = compute_dtype(cfg)
     unet, plan, params = build_model(model_dir, manifest, cfg)
     embeds = store.tensors("prompts.safetensors")["embeds"]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = make_optimizer(params, cfg)
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
@@ -194,11 +228,20 @@ def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, d
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
-            if cfg.max_grad_norm:
+            if cfg.max_grad_norm and getattr(cfg, "optimizer", "adamw") == "adamw":  # in-backward clips per parameter
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW(params, lr)``, or its in-backward form (``quant.InBackwardAdamW``)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr)
+    from .quant import make_optimizer as make
+
+    return make(params, cfg.optimizer, cfg.lr, cfg.max_grad_norm)
 
 
 def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, params) -> dict:

@@ -1,0 +1,303 @@
+"""Low-memory stage-2 modes: peak memory, output error and step time against plain LoRA FT.
+
+Modes (``TrainConfig`` settings): plain LoRA FT on the whole U-Net (the baseline), the hollowed
+network in fp32 / bf16, with int8 or nf4 frozen weights (``quant.py``, bf16 compute), with streamed
+frozen weights (``stream.py``), each with per-unit gradient checkpointing, and with torch's AdamW
+or ``adamw-in-backward`` (per-parameter AdamW step inside backward, gradients freed at once).
+
+(a) **Stage-2 peak** on the real SD 2.1 architecture (bundled config), 512 px, batch 1, LoRA r=128
+    on to_q/to_k/to_v/to_out.0, the paper's cut, measured with ``MemoryTracker`` under
+    ``FakeTensorMode``: the trainer's own construction (``stream.build_lowmem_model`` from a
+    ``FakeSource``: shapes only; quantization runs on fake tensors) and its own ``train_step``. One
+    untracked step first (AdamW's state exists afterwards), then the measured step: the run's peak.
+    Beside it, stage 1's predicted peak, layer-major (``layerwise.predict_peak``, another module's
+    planner) at the given budgets, for the whole-run figure (max of the two stages).
+(b) **Relative output error** of the hollowed network (kept layers, stored hollow output) against
+    fp32 on the same inputs, per precision, on real random-weight models: the tiny test model and,
+    if present, an SD 2.1-architecture model with random weights (``--model-dir``, see
+    ``layerwise_stage1.py``, which builds one). Random weights are not trained weights: the error of a
+    trained model is not measured here.
+(c) **Step time**, real weights on this CPU, every mode in the same process, as a ratio to plain LoRA
+    FT (same model, same batch): ``--time-resolution`` px (default 64 on the SD 2.1 random model: on a
+    2-core CPU a step is weight-bandwidth-bound there, as a GPU step at 512 px is not), 1 warm-up step,
+    then the median of ``--time-steps`` steps; the baseline is timed again last to show drift. bf16
+    compute is emulated on CPUs without AVX512-BF16 (slow); the fp32-compute int8/nf4 rows separate
+    the cost of dequantizing from that.
+
+    python benchmarks/modes.py                       # (a), (b), (c); writes benchmarks/results/modes.json
+    python benchmarks/modes.py --skip-time --skip-error   # (a) only, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from hollownet import hollow as H  # noqa: E402
+from hollownet.plan import load_unet_config, make_plan, meta_unet  # noqa: E402
+from hollownet.quant import frozen_weight_bytes, relative_error  # noqa: E402
+from hollownet.stream import make_train_batch, predict_train_peak, train_batch_shapes  # noqa: E402
+from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+GiB = 1024**3
+IB = "adamw-in-backward"
+
+# label -> TrainConfig settings. The first is the baseline of the time ratios.
+MODES: dict[str, dict] = {
+    "LoRA FT (whole U-Net, fp32)": dict(method="lora"),
+    "hollow fp32": dict(),
+    "hollow fp32 + ckpt": dict(grad_checkpointing=True),
+    "hollow bf16 + ckpt": dict(precision="bf16", grad_checkpointing=True),
+    "hollow int8 + ckpt": dict(precision="int8", grad_checkpointing=True),
+    "hollow int8 + ckpt + in-backward": dict(precision="int8", grad_checkpointing=True, optimizer=IB),
+    "hollow int8 (fp32 compute) + ckpt + in-backward": dict(precision="int8", compute_dtype="fp32", grad_checkpointing=True, optimizer=IB),
+    "hollow nf4 + ckpt": dict(precision="nf4", grad_checkpointing=True),
+    "hollow nf4 + ckpt + in-backward": dict(precision="nf4", grad_checkpointing=True, optimizer=IB),
+    "hollow nf4 (fp32 compute) + ckpt + in-backward": dict(precision="nf4", compute_dtype="fp32", grad_checkpointing=True, optimizer=IB),
+    "hollow streamed fp32 (ckpt)": dict(stream_weights=True),
+    "hollow streamed fp32 + in-backward": dict(stream_weights=True, optimizer=IB),
+    "hollow streamed bf16 + in-backward": dict(precision="bf16", stream_weights=True, optimizer=IB),
+}
+TARGETS = {"hollow int8 + ckpt + in-backward": 1.0 * GiB, "hollow nf4 + ckpt + in-backward": 0.75 * GiB,
+           "hollow streamed fp32 + in-backward": 0.75 * GiB, "hollow streamed bf16 + in-backward": 0.75 * GiB,
+           "hollow int8 + ckpt": 1.0 * GiB, "hollow nf4 + ckpt": 0.75 * GiB, "hollow streamed fp32 (ckpt)": 0.75 * GiB}
+
+
+def _config(settings: dict, rank: int, **kw) -> TrainConfig:
+    return TrainConfig(**{"model": "-", "store": "-", "output": "-", "rank": rank, **settings, **kw})
+
+
+def synthetic_batch(unet_config: dict, plan, resolution: int, batch: int, dtype, text_len: int, text_dim: int):
+    shapes = train_batch_shapes(unet_config, plan, resolution, batch, text_len, text_dim)
+    return make_train_batch(shapes, dtype, torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------ (a) fake peaks
+
+
+def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution: int, text_dim: int | None = None) -> dict:
+    """The measured (second) training step's peak under FakeTensorMode (``stream.predict_train_peak``)."""
+    t0 = time.perf_counter()
+    r, info = predict_train_peak(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
+    return dict(peak_bytes=r.peak_bytes, peak_gib=round(r.peak_bytes / GiB, 4), peak_phase=r.peak_phase,
+                breakdown=r.breakdown, phase_peaks=r.phase_peaks, **info, seconds=round(time.perf_counter() - t0, 1))
+
+
+def stage1_peaks(model: str, resolution: int, budgets: list[str], samples: int, photos: int) -> dict:
+    """Layer-major stage 1's predicted peak (``layerwise.predict_peak``) per budget; {} if unavailable."""
+    try:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from hollownet import layerwise as LW
+        from hollownet.plan import CONFIG_DIR
+    except Exception as e:  # another module's planner: optional here
+        return {"error": f"{type(e).__name__}: {e}"}
+
+    def cfg(name):
+        return {k: v for k, v in json.loads((CONFIG_DIR / name).read_text()).items() if not k.startswith("_")}
+
+    out = {}
+    for budget in budgets:
+        unet = meta_unet(load_unet_config(model)).requires_grad_(False).eval()
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(cfg(f"{model}_vae.json")).requires_grad_(False).eval()
+            text = CLIPTextModel(CLIPTextConfig(**cfg(f"{model}_text_encoder.json"))).requires_grad_(False).eval()
+        t0 = time.perf_counter()
+        try:
+            pred = LW.predict_peak(unet, make_plan(unet), vae=vae, text=text, resolution=resolution, num_samples=samples,
+                                   photos=photos, budget=budget, dtype=torch.float32)
+        except Exception as e:
+            out[budget] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        s = pred["summary"]
+        out[budget] = dict(peak_bytes=s["peak_bytes"], peak_gib=round(s["peak_bytes"] / GiB, 4), peak_layer=s["peak_phase"],
+                           unet_spilled_bytes=pred["unet_spilled_bytes"], seconds=round(time.perf_counter() - t0, 1))
+    return out
+
+
+# -------------------------------------------------------------------------- (b) output error
+
+
+def output_errors(model_dir: Path, resolution: int, batch: int = 2, seed: int = 0,
+                  precisions=("fp32", "fp16", "bf16", "int8", "nf4", "int8/fp32", "nf4/fp32")) -> dict:
+    """Relative error ||out - out_fp32|| / ||out_fp32|| of the hollowed network, same inputs.
+
+    ``int8/fp32``: int8 weights with fp32 compute (isolates the quantization error from bf16's).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from hollownet.model import load_unet
+
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    plan = make_plan(meta_unet(config))
+    text_dim = config["cross_attention_dim"]
+    g = torch.Generator().manual_seed(seed)
+    h = resolution // 8
+    x = torch.randn(batch, config["in_channels"], h, h, generator=g)
+    t = torch.tensor([100 + 700 * i // max(1, batch - 1) for i in range(batch)])
+    text = torch.randn(batch, 77, text_dim, generator=g)
+    full, _ = load_unet(model_dir)
+    with torch.no_grad():
+        hollow_out = H.hollow_output(full, plan, x, t, text)
+    del full
+    manifest = {"hollow_blocks": plan.hollow_blocks}
+    out, ref = {}, None
+    for p in precisions:
+        prec, _, cd = p.partition("/")
+        cfg = TrainConfig(model=str(model_dir), store="-", output="-", rank=4, precision=prec, compute_dtype=cd or None)
+        torch.manual_seed(0)
+        unet, plan_, _ = build_model(model_dir, manifest, cfg)
+        dt = compute_dtype(cfg)
+        with torch.no_grad():
+            y = H.hollowed_forward(unet, plan_, x.to(dt), t, text.to(dt), hollow_out.to(dt)).float()
+        if ref is None:
+            ref = y
+        out[p] = dict(relative_error=relative_error(y, ref), frozen_bytes=frozen_weight_bytes(unet), compute_dtype=str(dt))
+        del unet
+    return out
+
+
+# ----------------------------------------------------------------------------- (c) step time
+
+
+def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, steps: int, batch: int = 1, _ratios=True) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    plan0 = make_plan(meta_unet(config))
+    manifest = {"hollow_blocks": plan0.hollow_blocks}
+    text_dim = config["cross_attention_dim"]
+    out = {}
+    for label, settings in modes.items():
+        cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        unet, plan, params = build_model(model_dir, manifest, cfg)
+        build_s = time.perf_counter() - t0
+        dtype = compute_dtype(cfg)
+        optimizer = make_optimizer(params, cfg)
+        b, embeds = synthetic_batch(config, plan, resolution, batch, dtype, 77, text_dim)
+        if plan is None and cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        times = []
+        for i in range(steps + 1):  # the first is a warm-up (AdamW state, allocator)
+            t0 = time.perf_counter()
+            train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[label] = dict(seconds=[round(s, 3) for s in times], median_seconds=round(statistics.median(times), 3),
+                          build_seconds=round(build_s, 1))
+        print(f"  {label:<40} {out[label]['median_seconds']:8.2f} s/step", flush=True)
+        del unet, optimizer, params
+    if not _ratios:
+        return out
+    # The baseline once more at the end: how much the machine's speed drifted during the run.
+    first = next(iter(modes))
+    again = step_times(model_dir, {first + " (again, last)": modes[first]}, rank=rank, resolution=resolution,
+                       steps=steps, batch=batch, _ratios=False) if len(modes) > 1 else {}
+    out.update(again)
+    base = out[first]["median_seconds"]
+    for v in out.values():
+        v["ratio_to_lora_ft"] = round(v["median_seconds"] / base, 3)
+    return out
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="sd21", help="bundled config for (a)")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--stage1-budgets", default="0.7GiB,0.95GiB", help="layer-major stage-1 budgets for the whole-run figure")
+    ap.add_argument("--stage1-samples", type=int, default=400)
+    ap.add_argument("--model-dir", default=str(RESULTS / "_model_sd21_random"),
+                    help="a diffusers folder with (random) SD 2.1-architecture weights for (b) and (c)")
+    ap.add_argument("--time-resolution", type=int, default=64)
+    ap.add_argument("--time-steps", type=int, default=2)
+    ap.add_argument("--time-rank", type=int, default=128)
+    ap.add_argument("--error-resolution", type=int, default=64)
+    ap.add_argument("--skip-fake", action="store_true")
+    ap.add_argument("--skip-stage1", action="store_true")
+    ap.add_argument("--skip-error", action="store_true")
+    ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument("--modes", default="", help="comma-separated subset of mode labels (default: all)")
+    ap.add_argument("--output", default=str(RESULTS / "modes.json"))
+    args = ap.parse_args(argv)
+    modes = {k: v for k, v in MODES.items() if not args.modes or k in args.modes.split(",")}
+    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "command": "modes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if not args.skip_fake:
+        config = load_unet_config(args.model)
+        print(f"(a) stage-2 peak, {args.model}, {args.resolution} px, batch 1, LoRA r={args.rank}, paper cut, fake tensors")
+        peaks = {}
+        for label, settings in modes.items():
+            peaks[label] = fake_stage2_peak(config, settings, rank=args.rank, resolution=args.resolution,
+                                            text_dim=config["cross_attention_dim"])
+            p = peaks[label]
+            print(f"  {label:<40} {p['peak_gib']:6.3f} GiB  (peak in {p['peak_phase']}; frozen resident "
+                  f"{p['resident_frozen_bytes'] / GiB:.3f} GiB; {p['seconds']} s)", flush=True)
+        result["stage2_peak"] = dict(setting=dict(model=args.model, resolution=args.resolution, batch=1, rank=args.rank,
+                                                  lora_targets="to_q,to_k,to_v,to_out.0", cut="paper (default)"),
+                                     modes=peaks)
+        if not args.skip_stage1:
+            budgets = [b for b in args.stage1_budgets.split(",") if b]
+            s1 = stage1_peaks(args.model, args.resolution, budgets, args.stage1_samples, photos=4)
+            result["stage1_layer_major"] = s1
+            for b, v in s1.items():
+                print(f"  stage 1 layer-major, budget {b}: " + (f"{v['peak_gib']:.3f} GiB" if "peak_gib" in v else str(v)))
+            whole = {}
+            for label, target in TARGETS.items():
+                if label not in peaks:
+                    continue
+                s1_ok = [v["peak_bytes"] for v in s1.values() if isinstance(v, dict) and "peak_bytes" in v and v["peak_bytes"] <= target]
+                s1_peak = max(s1_ok) if s1_ok else min((v["peak_bytes"] for v in s1.values() if isinstance(v, dict) and "peak_bytes" in v), default=None)
+                run = max(peaks[label]["peak_bytes"], s1_peak or 0)
+                whole[label] = dict(target_gib=target / GiB, stage2_gib=peaks[label]["peak_gib"],
+                                    stage1_gib=round(s1_peak / GiB, 4) if s1_peak else None, whole_run_gib=round(run / GiB, 4),
+                                    met=run <= target and s1_peak is not None)
+            result["targets"] = whole
+    model_dir = Path(args.model_dir)
+    tiny_dir = RESULTS / "_model_tiny"
+    if not args.skip_error:
+        from hollownet.tiny import build_tiny_model
+
+        if not (tiny_dir / "model_index.json").exists():
+            build_tiny_model(tiny_dir)
+        print("(b) relative output error of the hollowed network vs fp32, same inputs")
+        errs = {"tiny (64 px)": output_errors(tiny_dir, 64)}
+        if (model_dir / "model_index.json").exists():
+            errs[f"sd21 random weights ({args.error_resolution} px)"] = output_errors(model_dir, args.error_resolution)
+        for m, e in errs.items():
+            print(f"  {m}: " + ", ".join(f"{p} {v['relative_error']:.2e}" for p, v in e.items()))
+        result["output_error"] = errs
+    if not args.skip_time:
+        tdir = model_dir if (model_dir / "model_index.json").exists() else tiny_dir
+        res = args.time_resolution if tdir == model_dir else 64
+        print(f"(c) step time on {tdir.name}, {res} px, r={args.time_rank}, median of {args.time_steps} steps")
+        result["step_time"] = dict(model=tdir.name, resolution=res, rank=args.time_rank,
+                                   modes=step_times(tdir, modes, rank=args.time_rank, resolution=res, steps=args.time_steps))
+        for k, v in result["step_time"]["modes"].items():
+            print(f"  {k:<40} x{v['ratio_to_lora_ft']:.2f}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Quantized frozen weights (QLoRA-style) and low-memory optimizers for stage 2.
+
+``TrainConfig(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
+network quantized; biases and norms stay in the compute dtype (bf16 by default, see
+``train.compute_dtype``) and LoRA stays fp32. Weights are dequantized on the fly, one layer at a
+time, inside a custom autograd function that saves only the quantized tensors for backward (the
+input gradient re-dequantizes), so the dequantized weight is a temporary of one layer, never part
+of the autograd graph.
+
+* ``int8``: per-output-channel symmetric, ``q = round(w / s)`` in [-127, 127], ``s = max|w_row| / 127``
+  (fp32 scale per output channel): 1 byte a weight.
+* ``nf4``: QLoRA's 4-bit NormalFloat: the flattened weight in blocks of 64, each block divided by its
+  absmax (fp32), every value rounded to the nearest of the 16 standard NF4 levels, two 4-bit codes
+  packed per uint8: 0.5 + 4/64 = 0.5625 bytes a weight. (Checked once against bitsandbytes 0.50.2's
+  ``quantize_4bit(blocksize=64, quant_type="nf4")``: identical dequantized weights.)
+
+Why a small implementation of our own and not a library (checked with torch 2.13.0+cpu, Nov 2025):
+``torchao`` 0.18.0 and ``bitsandbytes`` 0.50.2 both install from PyPI without replacing torch, and
+both quantize ``nn.Linear`` on the CPU under peft's LoRA layers. Neither quantizes ``nn.Conv2d``:
+torchao's ``Int8Tensor`` has no ``aten.convolution`` (NotImplementedError) and bitsandbytes has no
+quantized conv module -- and half of the kept SD 2.x weights (274M of 529M parameters at the paper's
+cut) are convolutions, so with either library the int8/nf4 targets are out of reach. Both also use
+tensor subclasses (``Int8Tensor``, ``Params4bit``) whose storage the fake-tensor memory planner and
+``MemoryTracker`` see differently from plain tensors, torchao's NF4 is a prototype, and either would
+be a new dependency. Here the quantized weights are plain int8 / uint8 / fp32 buffers: the same on CPU
+and CUDA, counted to the byte under ``FakeTensorMode``, saved and moved like any buffer.
+
+peft compatibility: :class:`QuantLinear` / :class:`QuantConv2d` subclass ``nn.Linear`` / ``nn.Conv2d``
+(peft dispatches on ``isinstance``) with ``in_features``/``out_features`` (``in_channels``...) set,
+a ``qweight`` buffer (peft's device lookup reads ``qweight`` first) and ``compute_dtype`` (peft's
+dtype lookup, as for bitsandbytes' 4-bit layers). ``weight`` is a read-only property returning the
+dequantized weight (a full-size temporary: only for inspection and peft's shape checks at build
+time). peft's ``lora.Linear`` wraps one as its ``base_layer`` and calls ``base_layer(x)``; tested.
+
+Optimizers (``TrainConfig.optimizer``): ``"adamw"`` (torch's), ``"adamw-in-backward"``
+(:class:`InBackwardAdamW`: each parameter's AdamW step runs in its post-accumulate-grad hook and its
+gradient is freed at once, so no full set of gradients ever exists; same math as ``adamw``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .errors import HollownetError
+
+SCHEMES = ("int8", "nf4")
+NF4_BLOCK = 64
+# The 16 NormalFloat-4 levels (Dettmers et al. 2023, QLoRA, appendix E; as in bitsandbytes).
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_CHUNK = 1 << 20  # elements quantized at a time (bounds the temporaries of quantizing a large layer)
+
+
+# ------------------------------------------------------------------------------- int8 per channel
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (dim 0) symmetric int8: ``(q int8, scale fp32 [out])``, ``w ~ q * scale``."""
+    w = w.detach().float()
+    rows = w.reshape(w.shape[0], -1)
+    scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, rows.shape[0], max(1, _CHUNK // max(1, rows.shape[1]))):
+        j = i + max(1, _CHUNK // max(1, rows.shape[1]))
+        q[i:j] = (rows[i:j] / scale[i:j, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(w.shape), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` in ``dtype``, one allocation of the weight's size."""
+    return torch.mul(q, scale.to(dtype).view(-1, *([1] * (q.dim() - 1))))
+
+
+# --------------------------------------------------------------------------- nf4 block-wise absmax
+
+
+def _nf4_levels(device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=dtype, device=device)
+
+
+def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 with block-wise absmax: ``(packed uint8 [ceil(n/block)*block/2], absmax fp32 [ceil(n/block)])``.
+
+    The flattened weight is zero-padded to whole blocks; ``dequantize_nf4`` drops the padding.
+    """
+    if block % 2:
+        raise ValueError("the NF4 block size must be even (two codes per byte)")
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(-n // block)
+    padded = torch.zeros(nblocks * block, dtype=torch.float32, device=w.device)
+    padded[:n] = flat
+    blocks = padded.view(nblocks, block)
+    absmax = blocks.abs().amax(dim=1)
+    levels = _nf4_levels(w.device)
+    mids = (levels[1:] + levels[:-1]) / 2  # nearest level = bucket between midpoints
+    packed = torch.empty(nblocks * block // 2, dtype=torch.uint8, device=w.device)
+    step = max(1, _CHUNK // block)
+    for i in range(0, nblocks, step):
+        b = blocks[i : i + step]
+        normed = b / absmax[i : i + step, None].clamp_min(1e-12)
+        codes = torch.bucketize(normed, mids, out_int32=True).view(-1, 2)
+        packed[i * block // 2 : (i + b.shape[0]) * block // 2] = (codes[:, 0] * 16 + codes[:, 1]).to(torch.uint8)
+    return packed, absmax
+
+
+def _nf4_byte_table(device, dtype) -> torch.Tensor:
+    """[256, 2]: a packed byte -> its two levels (high nibble first)."""
+    levels = _nf4_levels(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([levels[byte // 16], levels[byte % 16]], dim=1).to(dtype)
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                   table: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight in ``dtype``: one table lookup and one in-place scaling (a view of the padded buffer)."""
+    table = _nf4_byte_table(packed.device, dtype) if table is None else table
+    nblocks = absmax.numel()
+    w = table.index_select(0, packed.int()).view(nblocks, -1)
+    w.mul_(absmax.to(dtype)[:, None])
+    n = 1
+    for d in shape:
+        n *= d
+    return w.view(-1)[:n].view(shape)
+
+
+# ------------------------------------------------------------------------------------- modules
+
+
+class _QuantMixin:
+    """Shared state of quantized layers: ``qweight``/``scale`` buffers and how to dequantize."""
+
+    def _init_quant(self, weight: torch.Tensor, scheme: str, compute_dtype: torch.dtype) -> None:
+        if scheme not in SCHEMES:
+            raise HollownetError(f"unknown quantization {scheme!r}; one of {', '.join(SCHEMES)}")
+        self.scheme = scheme
+        self.compute_dtype = compute_dtype
+        self.weight_shape = torch.Size(weight.shape)
+        with torch.no_grad():
+            q, s = quantize_int8(weight) if scheme == "int8" else quantize_nf4(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self.scheme == "int8":
+            return dequantize_int8(self.qweight, self.scale, dtype)
+        return dequantize_nf4(self.qweight, self.scale, self.weight_shape, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # read-only, a full-size temporary
+        return self.dequantize()
+
+    @property
+    def quantized_bytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _frozen_bias(bias: torch.Tensor | None, dtype) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored int8 or nf4 (see module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, compute_dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self._init_quant(weight, scheme, compute_dtype)
+        self.bias = _frozen_bias(bias, compute_dtype)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, scheme: str, compute_dtype: torch.dtype, weight: torch.Tensor | None = None):
+        return cls(mod.weight if weight is None else weight, mod.bias, scheme, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QLinearFn.apply(x, self, self.qweight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self.scheme}"
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """A frozen ``nn.Conv2d`` whose weight is stored int8 or nf4 (see module docstring)."""
+
+    def __init__(self, conv: nn.Conv2d, scheme: str, compute_dtype: torch.dtype, weight: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                  "output_padding", "groups", "padding_mode"):
+            setattr(self, k, getattr(conv, k))
+        self._reversed_padding_repeated_twice = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self._init_quant(conv.weight if weight is None else weight, scheme, compute_dtype)
+        self.bias = _frozen_bias(conv.bias, compute_dtype)
+        # The memory-lean backward needs numeric padding and zero padding mode; otherwise plain conv2d.
+        self._fused = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, scheme: str, compute_dtype: torch.dtype, weight: torch.Tensor | None = None):
+        return cls(mod, scheme, compute_dtype, weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused:
+            return _QConv2dFn.apply(x, self, self.qweight, self.scale, self.bias)
+        return self._conv_forward(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", {self.scheme}"
+
+
+class _QLinearFn(torch.autograd.Function):
+    """``F.linear`` with a dequantized-on-the-fly frozen weight; saves only the quantized weight."""
+
+    @staticmethod
+    def forward(ctx, x, mod, qweight, scale, bias):
+        ctx.mod = mod
+        ctx.save_for_backward(qweight, scale)
+        return F.linear(x, mod.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        ctx.saved_tensors  # noqa: B018 - checks the quantized weight was not modified in place
+        return grad_out.matmul(ctx.mod.dequantize(grad_out.dtype)), None, None, None, None
+
+
+class _QConv2dFn(torch.autograd.Function):
+    """``F.conv2d`` with a dequantized-on-the-fly frozen weight; saves only the quantized weight."""
+
+    @staticmethod
+    def forward(ctx, x, mod, qweight, scale, bias):
+        ctx.mod = mod
+        ctx.input_shape = x.shape
+        ctx.save_for_backward(qweight, scale)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.conv2d(x, mod.dequantize(x.dtype), bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        ctx.saved_tensors  # noqa: B018
+        m = ctx.mod
+        w = m.dequantize(grad_out.dtype)
+        # As torch.nn.grad.conv2d_input: the input is only needed for its shape.
+        fake_input = grad_out.new_empty(1).expand(ctx.input_shape)
+        gx = torch.ops.aten.convolution_backward(grad_out, fake_input, w, None, _pair(m.stride), _pair(m.padding),
+                                                 _pair(m.dilation), False, [0, 0], m.groups, (True, False, False))[0]
+        return gx, None, None, None, None
+
+
+def quantize_module(mod: nn.Module, scheme: str, compute_dtype: torch.dtype, weight: torch.Tensor | None = None) -> nn.Module:
+    if isinstance(mod, (QuantLinear, QuantConv2d)):
+        return mod
+    if isinstance(mod, nn.Linear):
+        return QuantLinear.from_float(mod, scheme, compute_dtype, weight)
+    if isinstance(mod, nn.Conv2d):
+        return QuantConv2d.from_float(mod, scheme, compute_dtype, weight)
+    raise TypeError(f"cannot quantize a {type(mod).__name__}")
+
+
+def quantizable(name: str, mod: nn.Module) -> bool:
+    """Frozen layers whose weight is quantized: Linear/Conv2d that are not LoRA's own A/B layers."""
+    return isinstance(mod, (nn.Linear, nn.Conv2d)) and not isinstance(mod, (QuantLinear, QuantConv2d)) \
+        and "lora_" not in name
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def quantize_model(model: nn.Module, scheme: str, compute_dtype: torch.dtype, *, skip=(), weight_of=None) -> list[str]:
+    """Replace every quantizable layer outside the ``skip`` prefixes, in place; returns their names.
+
+    ``weight_of(name)``: the layer's weight (any float dtype), when the module's own is not loaded
+    (e.g. on the meta device); read one at a time, so loading never holds more than one float weight.
+    peft LoRA layers are fine either way: their ``base_layer`` is quantized, ``lora_A``/``lora_B`` not.
+    """
+    from .model import is_under
+
+    skip = list(skip)
+    names = [n for n, m in model.named_modules() if quantizable(n, m) and not (skip and is_under(n, skip))]
+    for name in names:
+        mod = model.get_submodule(name)
+        weight = weight_of(name) if weight_of is not None else None
+        set_submodule(model, name, quantize_module(mod, scheme, compute_dtype, weight))
+    return names
+
+
+# ---------------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS = ("adamw", "adamw-in-backward")
+
+
+class InBackwardAdamW(torch.optim.AdamW):
+    """AdamW whose per-parameter step runs *during* backward, as each gradient is accumulated.
+
+    Each trainable parameter gets a post-accumulate-grad hook that (optionally) clips that
+    parameter's gradient to ``max_grad_norm`` (per tensor: a global norm needs every gradient at
+    once, which is what this optimizer avoids), runs torch's AdamW update for that parameter alone
+    and frees its gradient. Only one parameter's gradient lives at a time. The update is torch's
+    own (single-tensor AdamW on exactly the parameters that have a gradient), so without clipping
+    the parameters equal ``torch.optim.AdamW``'s step for step; the state dict has AdamW's format.
+    ``step()`` and ``zero_grad()`` are no-ops afterwards (no gradients remain), so a training loop
+    written for AdamW runs unchanged. A parameter used twice in one graph is stepped once per
+    accumulation: not the case for LoRA.
+    """
+
+    def __init__(self, params, *, max_grad_norm: float = 0.0, **kw):
+        kw.setdefault("foreach", False)
+        super().__init__(params, **kw)
+        self.max_grad_norm = max_grad_norm
+        self._handles = [p.register_post_accumulate_grad_hook(self._step_one)
+                         for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        # AdamW's own step on ``p`` alone: its group is narrowed to it for the call (the other
+        # parameters have no gradient now anyway; this only saves looking at them).
+        saved = []
+        for group in self.param_groups:
+            saved.append(group["params"])
+            group["params"] = [q for q in group["params"] if q is p]
+        try:
+            super().step()
+        finally:
+            for group, params in zip(self.param_groups, saved):
+                group["params"] = params
+        p.grad = None
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def make_optimizer(params, name: str, lr: float, max_grad_norm: float = 0.0) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "adamw-in-backward":
+        return InBackwardAdamW(params, lr=lr, max_grad_norm=max_grad_norm)
+    raise HollownetError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def frozen_weight_bytes(model: nn.Module, device: str | torch.device = "cpu") -> int:
+    """Bytes of the frozen parameters and buffers resident on ``device`` (meta tensors cost nothing)."""
+    dev = torch.device(device).type
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.requires_grad or t.device.type != dev:
+            continue
+        key = id(t.untyped_storage()) if not _is_fake(t) else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp32."""
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -1,0 +1,427 @@
+"""Streamed frozen weights for stage 2, and the builder of the low-memory training modes.
+
+``TrainConfig(stream_weights=True)``: the frozen weights of the kept *units* (the (resnet,
+attention) pairs and resamplers of the kept down and up blocks, see ``plan.py``) are not resident.
+The U-Net checkpoint is memory-mapped (:class:`SafetensorsSource`) and a unit's frozen tensors are
+read from it only while that unit runs: ``hollow._run_unit`` enters ``StreamedWeights(unit)``, which
+loads the unit's tensors into its modules, and puts them back on the meta device when the unit
+returns. Stage 2 runs every unit under per-unit gradient checkpointing (``stream_weights`` turns it
+on), so the forward keeps nothing of a unit, and the backward's recomputation of a unit -- the same
+``_run_unit`` call, hooks included -- loads its weights again; autograd holds them only until that
+unit's backward is done. So about one unit's frozen weights are resident at a time. The rest of
+the kept network (time embedding, ``conv_in``, ``conv_norm_out``, ``conv_out``: 2M parameters on
+SD 2.x) and the LoRA parameters stay resident; inside a unit only peft's ``base_layer`` tensors (and
+the unit's other frozen tensors: norms, biases) are streamed, never ``lora_A``/``lora_B``.
+
+Each load is a copy out of the page cache (``np.copyto`` from a read-only memory map into a tensor
+allocated by torch), so the memory tracker sees it as the allocation it is, when it happens; the
+mapped file itself is not tensor memory (pages are file-backed and reclaimable). The cost is one
+read of each kept unit's weights per forward and one more per backward recomputation: see
+``benchmarks/modes.py`` for the step time against resident weights.
+
+:func:`build_lowmem_model` builds the trained network for ``precision="int8"|"nf4"`` (``quant.py``)
+and/or ``stream_weights`` from a tensor *source*: :class:`SafetensorsSource` for a real model, or
+:class:`FakeSource` (shapes only) inside a ``FakeTensorMode``, so the memory benchmark runs exactly
+the trainer's construction on SD 2.x without its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import HollownetError
+from .model import is_under, weight_files
+from .plan import HollowPlan, Unit, lora_target_modules, meta_unet, plan_for_blocks, unit_modules
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+class SafetensorsSource:
+    """The U-Net's tensors, memory-mapped from its safetensors file(s); read one tensor at a time.
+
+    ``read(name, dtype, device)`` allocates the result with torch and copies the bytes into it from the
+    map: the only tensor memory is the result (plus, when the file's dtype or device differs, the
+    staging tensor in the file's dtype on the CPU, freed at once).
+    """
+
+    def __init__(self, model_dir: str | Path, component: str = "unet"):
+        self.files = weight_files(Path(model_dir), component)
+        self._maps: dict[Path, tuple[np.ndarray, int, dict]] = {}
+
+    def _open(self, path: Path):
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = (np.frombuffer(mm, dtype=np.uint8), 8 + n, header)
+        return self._maps[path]
+
+    def info(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        _, _, header = self._open(self.files[name])
+        entry = header[name]
+        return torch.Size(entry["shape"]), _ST_DTYPES[entry["dtype"]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor ``name``; floating tensors cast to ``dtype`` (as ``model.read_tensors``)."""
+        if name not in self.files:
+            raise HollownetError(f"the U-Net checkpoint has no tensor '{name}'")
+        data, base, header = self._open(self.files[name])
+        entry = header[name]
+        file_dtype = _ST_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=file_dtype)
+        if end > start:
+            np.copyto(out.view(-1).view(torch.uint8).numpy(), data[base + start : base + end])
+        return _cast(out, dtype, device)
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+class FakeSource:
+    """Shapes only: ``read`` returns ``torch.empty`` (a fake tensor inside a ``FakeTensorMode``).
+
+    Mirrors :class:`SafetensorsSource` op for op (the staging tensor in ``file_dtype`` included), so
+    a memory count over fake reads equals the count over real ones.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], file_dtype: torch.dtype = torch.float32):
+        self.shapes = shapes
+        self.file_dtype = file_dtype
+
+    @classmethod
+    def for_module(cls, module: nn.Module, file_dtype: torch.dtype = torch.float32) -> FakeSource:
+        return cls({k: (v.shape, v.dtype) for k, v in state_tensors(module)}, file_dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def info(self, name: str):
+        return self.shapes[name]
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        shape, dt = self.shapes[name]
+        out = torch.empty(shape, dtype=self.file_dtype if dt.is_floating_point else dt)
+        return _cast(out, dtype, device)
+
+
+def state_tensors(module: nn.Module):
+    """``(name, tensor)`` of what ``state_dict()`` holds, without its ``detach`` (usable on meta
+    modules inside a ``FakeTensorMode``)."""
+    for mname, mod in module.named_modules():
+        for k, p in mod._parameters.items():
+            if p is not None:
+                yield (f"{mname}.{k}" if mname else k), p
+        for k, b in mod._buffers.items():
+            if b is not None and k not in mod._non_persistent_buffers_set:
+                yield (f"{mname}.{k}" if mname else k), b
+
+
+def _cast(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    if t.is_floating_point() and dtype is not None and t.dtype != dtype:
+        return t.to(device, dtype)
+    return t.to(device)
+
+
+# ---------------------------------------------------------------------------- streamed weights
+
+
+def kept_units(plan: HollowPlan) -> list[Unit]:
+    return list(plan.kept_down) + list(plan.kept_up)
+
+
+class StreamedWeights:
+    """Loads a unit's frozen tensors from ``source`` while it runs; see the module docstring.
+
+    Call it as a context manager per unit: ``with streamed(unit): ...``. Between calls the unit's
+    frozen tensors are on the meta device (an accidental use outside raises). ``attach(unet)`` makes
+    ``hollow._run_unit`` do this for every unit (``unet.hollownet_unit_weights``).
+    """
+
+    ATTR = "hollownet_unit_weights"
+
+    def __init__(self, unet: nn.Module, plan: HollowPlan, source, dtype: torch.dtype, device="cpu"):
+        self.source, self.dtype, self.device = source, dtype, torch.device(device)
+        # unit -> [(module, name, is_param, file key, meta placeholder)]; module objects survive peft's
+        # wrapping (a LoRA target becomes ``<name>.base_layer``, the same object), so keys stay valid.
+        self.slots: dict[Unit, list] = {}
+        self.loads = 0
+        self.bytes_read = 0
+        for unit in kept_units(plan):
+            slots = []
+            for prefix in unit_modules(unet, unit):
+                for mname, mod in unet.get_submodule(prefix).named_modules(prefix=prefix):
+                    if "lora_" in mname:
+                        continue
+                    for pname, p in mod._parameters.items():
+                        if p is not None and not p.requires_grad:
+                            slots.append(self._slot(mod, mname, pname, p, True))
+                    for bname, b in mod._buffers.items():
+                        if b is not None and bname not in mod._non_persistent_buffers_set:
+                            slots.append(self._slot(mod, mname, bname, b, False))
+            self.slots[unit] = slots
+        self._active: list[Unit] = []
+
+    def _slot(self, mod, mname, name, t, is_param):
+        key = f"{mname}.{name}".replace(".base_layer.", ".")
+        if key not in self.source:
+            raise HollownetError(f"the U-Net checkpoint has no tensor '{key}'")
+        shape, file_dtype = self.source.info(key)
+        dtype = self.dtype if file_dtype.is_floating_point else file_dtype
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        return [mod, name, is_param, key, nn.Parameter(meta, requires_grad=False) if is_param else meta]
+
+    @property
+    def units(self) -> list[Unit]:
+        return list(self.slots)
+
+    def _set(self, slot, t: torch.Tensor) -> None:
+        mod, name, is_param = slot[0], slot[1], slot[2]
+        if is_param:
+            mod._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[name] = t
+
+    def load(self, unit: Unit) -> None:
+        for slot in self.slots.get(unit, ()):
+            t = self.source.read(slot[3], self.dtype, self.device)
+            self.bytes_read += t.numel() * t.element_size()
+            self._set(slot, t)
+        self.loads += 1
+
+    def release(self, unit: Unit) -> None:
+        for slot in self.slots.get(unit, ()):
+            self._set(slot, slot[4])
+
+    def release_all(self) -> None:
+        for unit in self.slots:
+            self.release(unit)
+
+    def placeholders(self) -> None:
+        """Every streamed tensor a zero-stride tensor of its shape on the device (a few bytes each).
+
+        For peft's ``add_adapter``, which puts LoRA on the base layer's device and dtype (meta would
+        put LoRA on meta). ``release_all`` afterwards.
+        """
+        for slots in self.slots.values():
+            for slot in slots:
+                meta = slot[4]
+                t = torch.zeros((), dtype=meta.dtype, device=self.device).expand(meta.shape)
+                self._set(slot, t)
+
+    @contextmanager
+    def __call__(self, unit: Unit):
+        if unit not in self.slots or unit in self._active:
+            yield
+            return
+        self._active.append(unit)
+        self.load(unit)
+        try:
+            yield
+        finally:  # also when a checkpoint recomputation stops early (it raises inside the unit)
+            self.release(unit)
+            self._active.remove(unit)
+
+    def attach(self, unet: nn.Module) -> StreamedWeights:
+        setattr(unet, self.ATTR, self)
+        return self
+
+    def resident_unit_bytes(self) -> dict[str, int]:
+        """Bytes each unit's streamed tensors take when loaded (for reports)."""
+        out = {}
+        for unit, slots in self.slots.items():
+            name = f"{unit.side}_blocks.{unit.block}." + ("samplers" if unit.index is None else f"{unit.index}")
+            out[name] = sum(s[4].numel() * s[4].element_size() for s in slots)
+        return out
+
+
+# ------------------------------------------------------------------------------------ builder
+
+
+def file_key(name: str) -> str:
+    """The checkpoint's name of a tensor of the (possibly peft-wrapped) U-Net."""
+    return name.replace(".base_layer.", ".")
+
+
+def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | None, cfg, device=None, skeleton=None):
+    """The trained network for quantized and/or streamed frozen weights: ``(unet, plan, LoRA params)``.
+
+    The same as ``train.build_model`` otherwise: the hollow stays on meta (never read), LoRA on the
+    same targets, added by the trainer's ``add_lora`` after the frozen weights are in (so the same
+    random init for the same seed). Quantized layers are read and quantized one at a time; streamed
+    units are left on meta.
+
+    ``skeleton``: the U-Net already built on the meta device from ``unet_config`` (it is filled in and
+    returned). Inside a ``FakeTensorMode`` modules cannot be built or moved, so there the caller
+    builds the skeleton *and adds LoRA to it* (``add_lora`` on meta) before entering the mode; this
+    function then gives the LoRA parameters fresh fp32 storage (zeros) instead of adding LoRA.
+    """
+    from .quant import SCHEMES, quantizable, quantize_model
+    from .train import add_lora, compute_dtype
+
+    if cfg.method == "full":
+        raise HollownetError("--method full trains every weight: it cannot use quantized or streamed weights")
+    device = torch.device(device or cfg.device)
+    unet = skeleton if skeleton is not None else meta_unet(unet_config)
+    has_lora = any("lora_" in k for k, _ in state_tensors(unet))
+    plan = None
+    skip: list[str] = []
+    if cfg.method == "hollow":
+        plan = plan_for_blocks(meta_unet(unet_config) if has_lora else unet, hollow_blocks, rank=cfg.rank,
+                               lora_targets=tuple(cfg.lora_targets))
+        skip = plan.hollow_prefixes(unet)
+    elif cfg.stream_weights:
+        raise HollownetError("streamed weights need --method hollow (they ride on its unit-by-unit forward)")
+    dtype = compute_dtype(cfg)
+    scheme = cfg.precision if cfg.precision in SCHEMES else None
+    if scheme and cfg.stream_weights:
+        raise HollownetError("streamed weights are stored in a float precision: use --precision fp32|bf16|fp16 with them")
+    streamed = [n for u in kept_units(plan) for n in unit_modules(unet, u)] if cfg.stream_weights else []
+    wanted = [k for k, _ in state_tensors(unet) if "lora_" not in k and not is_under(k, skip)]
+    missing = [file_key(k) for k in wanted if file_key(k) not in source]
+    if missing:
+        raise HollownetError(f"the U-Net checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); is it complete?")
+    qnames = [n for n, m in unet.named_modules() if scheme and quantizable(n, m) and not is_under(n, skip)]
+    qkeys = {n + ".weight" for n in qnames}
+    plain = [k for k in wanted if k not in qkeys and not (streamed and is_under(k, streamed))]
+    unet.load_state_dict({k: source.read(file_key(k), dtype, device) for k in plain}, strict=False, assign=True)
+    if scheme:
+        quantize_model(unet, scheme, dtype, skip=skip,
+                       weight_of=lambda n: source.read(file_key(n + ".weight"), torch.float32, device))
+    unet.requires_grad_(False).eval()
+    streamer = StreamedWeights(unet, plan, source, dtype, device) if streamed else None
+    if has_lora:
+        for mname, mod in unet.named_modules():
+            if "lora_" in mname:
+                for k, p in list(mod._parameters.items()):
+                    if p is not None and p.device.type == "meta":
+                        mod._parameters[k] = nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=device))
+        params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        if streamer is not None:
+            streamer.placeholders()
+        targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
+        if not targets:
+            raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
+        params = add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+    if streamer is not None:
+        streamer.release_all()
+        streamer.attach(unet)
+    return unet, plan, params
+
+
+# ------------------------------------------------------------------------------- fake planning
+
+
+def _fake_scalars():
+    """A dispatch mode: ``.item()`` of a fake tensor answers 0 (the loss; AdamW's CPU step counter)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            try:
+                return func(*args, **(kwargs or {}))
+            except DataDependentOutputException:
+                if func is not torch.ops.aten._local_scalar_dense.default:
+                    raise
+                return False if args[0].dtype == torch.bool else (0.0 if args[0].is_floating_point() else 0)
+
+    return Mode()
+
+
+def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int, text_dim: int):
+    """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
+    from . import hollow as H
+
+    h = resolution // 8
+    c = unet_config["in_channels"]
+    shapes = {"latent": (batch, c, h, h), "embeds": (1, text_len, text_dim)}
+    if plan is not None:
+        unet = meta_unet(unet_config)
+        with torch.device("meta"), torch.no_grad():
+            out = H.hollow_output(unet, plan, torch.empty(batch, c, h, h), torch.zeros(batch, dtype=torch.long),
+                                  torch.empty(batch, text_len, text_dim))
+        shapes["hollow_out"] = tuple(out.shape)
+    return shapes
+
+
+def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generator | None = None):
+    """A store-like batch of the given shapes (random values; fake tensors inside a FakeTensorMode)."""
+    b = shapes["latent"][0]
+    batch = dict(noisy=torch.randn(shapes["latent"], generator=generator), target=torch.randn(shapes["latent"], generator=generator),
+                 timestep=torch.full((b,), 500, dtype=torch.long), prompt_index=torch.zeros(b, dtype=torch.long),
+                 weight=torch.ones(b))
+    if "hollow_out" in shapes:
+        batch["hollow_out"] = torch.randn(shapes["hollow_out"], generator=generator).to(dtype)
+    return batch, torch.randn(shapes["embeds"], generator=generator)
+
+
+def predict_train_peak(unet_config: dict, cfg, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
+                       hollow_blocks: list[str] | None = None):
+    """Stage 2's peak for ``cfg`` without weights: ``(MemoryReport, info)``.
+
+    The trainer's construction (:func:`build_lowmem_model` from a :class:`FakeSource`) and its own
+    ``train.train_step`` under ``FakeTensorMode``: one untracked step (the optimizer's state exists
+    after it), then the measured step (the run's peak). Works for every float precision, int8/nf4,
+    streamed weights and both optimizers; ``method`` hollow (default cut unless ``hollow_blocks``) or
+    lora. The hollow output is in the compute dtype (a store made at the matching precision).
+    """
+    from torch._subclasses import FakeTensorMode
+
+    from .memory import MemoryTracker
+    from .plan import make_plan
+    from .quant import frozen_weight_bytes
+    from .train import add_lora, compute_dtype, make_optimizer, train_step
+
+    text_dim = text_dim or unet_config["cross_attention_dim"]
+    skeleton = meta_unet(unet_config)
+    plan0 = None
+    if cfg.method == "hollow":
+        plan0 = plan_for_blocks(skeleton, hollow_blocks) if hollow_blocks else make_plan(skeleton)
+    dtype = compute_dtype(cfg)
+    source = FakeSource.for_module(skeleton)
+    shapes = train_batch_shapes(unet_config, plan0, resolution, cfg.batch, text_len, text_dim)
+    # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
+    # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
+    skip = plan0.hollow_prefixes(skeleton) if plan0 else []
+    add_lora(skeleton, lora_target_modules(skeleton, skip, tuple(cfg.lora_targets)), cfg.rank, cfg.lora_alpha)
+    with FakeTensorMode(), _fake_scalars():
+        unet, plan, params = build_lowmem_model(unet_config, source, plan0.hollow_blocks if plan0 else None, cfg,
+                                                device="cpu", skeleton=skeleton)
+        optimizer = make_optimizer(params, cfg)
+        batch, embeds = make_train_batch(shapes, dtype)
+        if plan is None and cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype)
+        tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
+        train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
+        info = dict(resident_frozen_bytes=frozen_weight_bytes(unet),
+                    trainable_bytes=sum(p.numel() * p.element_size() for p in params))
+    streamer = getattr(unet, StreamedWeights.ATTR, None)
+    if streamer is not None:
+        units = streamer.resident_unit_bytes()
+        info.update(largest_streamed_unit=max(units, key=units.get), largest_streamed_unit_bytes=max(units.values()))
+    return tracker.report, info
