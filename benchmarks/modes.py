@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from hollownet import hollow as H  # noqa: E402
+from hollownet.memplan import make_train_batch, predict_lowmem_train, train_batch_shapes  # noqa: E402
 from hollownet.plan import load_unet_config, make_plan, meta_unet  # noqa: E402
 from hollownet.quant import frozen_weight_bytes, relative_error  # noqa: E402
-from hollownet.stream import make_train_batch, predict_train_peak, train_batch_shapes  # noqa: E402
 from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,9 +87,9 @@ def synthetic_batch(unet_config: dict, plan, resolution: int, batch: int, dtype,
 
 
 def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution: int, text_dim: int | None = None) -> dict:
-    """The measured (second) training step's peak under FakeTensorMode (``stream.predict_train_peak``)."""
+    """The measured (second) training step's peak under FakeTensorMode (``memplan.predict_lowmem_train``)."""
     t0 = time.perf_counter()
-    r, info = predict_train_peak(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
+    r, info = predict_lowmem_train(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
     return dict(peak_bytes=r.peak_bytes, peak_gib=round(r.peak_bytes / GiB, 4), peak_phase=r.peak_phase,
                 breakdown=r.breakdown, phase_peaks=r.phase_peaks, **info, seconds=round(time.perf_counter() - t0, 1))
 

@@ -100,3 +100,21 @@ def test_layer_major_flag_gives_the_same_lora(capsys, tiny_model, dog_photos, tm
     a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+@pytest.mark.parametrize("flags,hint", [(["--stream-weights", "--method", "lora"], "needs --method hollow"),
+                                        (["--precision", "nf4", "--stream-weights"], "float precision"),
+                                        (["--method", "full", "--precision", "int8"], "needs --precision fp32"),
+                                        (["--compute-dtype", "fp32"], "int8|nf4 only")])
+def test_low_memory_flag_conflicts_fail_before_any_work(capsys, tiny_model, dog_photos, tmp_path, flags, hint):
+    code, _, err = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run", *flags))
+    assert code == 2 and hint in error_line(err)
+    assert not (tmp_path / "run" / "store").exists()  # stage 2's settings are checked before stage 1 runs
+
+
+def test_low_memory_modes_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("int8", "nf4", "--stream-weights", "adamw-in-backward", "--compute-dtype", "--no-layer-major"):
+        assert flag in out

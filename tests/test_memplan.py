@@ -103,12 +103,39 @@ def test_lora_with_gradient_checkpointing_equals_the_measured_peak(tiny_model, d
     assert p.train.breakdown == train["breakdown"]
 
 
+@pytest.mark.parametrize("flags", [["--precision", "nf4", "--grad-checkpointing", "--optimizer", "adamw-in-backward"],
+                                   ["--stream-weights", "--optimizer", "adamw-in-backward"]], ids=["nf4", "stream"])
+def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys, flags):
+    """``hollownet train`` in a low-memory mode (stage 1 layer-major by default, stage 2 quantized or
+    streamed) against ``hollownet plan`` with the same flags: both stages' peaks to the byte."""
+    rc = main(["train", "--model", str(tiny_model), "--images", str(dog_photos), "--prompt", "a photo of sks dog",
+               "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", str(RANK),
+               "--checkpoint-every", "0", "--device", "cpu", *flags])
+    assert rc == 0
+    record = json.loads((tmp_path / "run" / "train.json").read_text())
+    pre, train = record["memory"]["precompute"], record["memory"]["train"]
+    capsys.readouterr()
+    rc = main(["plan", "--model", str(tiny_model), "--rank", str(RANK), "--resolution", str(RES), "--steps", "2",
+               "--photos", str(_photos(dog_photos)), "--json", *flags])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["stage1"]["layer_major"] and d["stage1"]["precision"] == d["compute_dtype"]
+    assert d["precompute_peak_part"] == pre["peak_phase"]
+    _agree(d["precompute_peak_bytes"], pre["peak_bytes"])
+    _agree(d["train_peak_bytes"], train["peak_bytes"])
+    assert d["breakdown"]["train"] == train["breakdown"]
+    assert d["stream_weights"] == ("--stream-weights" in flags) and d["grad_checkpointing"]
+
+
 def test_bad_input_is_one_clear_line(tiny_model, capsys):
     cases = [
         (["--model", "sd99"], "sd15, sd21, sdxl"),
         (["--model", str(tiny_model), "--hollow", "1.5"], "outside what this U-Net allows"),
         (["--model", "sd21", "--budget", "2"], "give a size with a unit"),
         (["--model", "sd21", "--method", "full", "--precision", "bf16"], "needs --precision fp32"),
+        (["--model", "sd21", "--method", "lora", "--stream-weights"], "needs --method hollow"),
+        (["--model", "sd21", "--precision", "int8", "--stream-weights"], "float precision"),
+        (["--model", "sd21", "--compute-dtype", "fp16"], "int8|nf4 only"),
         # 100 photos make stage 1's VAE part the largest of every setting: the search for the smallest
         # peak then stops after one setting
         (["--model", str(tiny_model), "--resolution", "64", "--photos", "100", "--steps", "2", "--budget", "1KB"],

@@ -18,10 +18,11 @@ from hollownet import hollow as H
 from hollownet.errors import HollownetError
 from hollownet.export import LORA_FILE
 from hollownet.memory import MemoryTracker
+from hollownet.memplan import make_train_batch, predict_lowmem_train, train_batch_shapes
 from hollownet.plan import make_plan, meta_unet
 from hollownet.quant import (NF4_LEVELS, InBackwardAdamW, QuantConv2d, QuantLinear, dequantize_nf4,
                              frozen_weight_bytes, quantize_nf4, relative_error)
-from hollownet.stream import StreamedWeights, make_train_batch, predict_train_peak, train_batch_shapes
+from hollownet.stream import StreamedWeights
 from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, run_train, train_step
 
 TEXT_LEN = 32  # the tiny model's tokenizer length
@@ -264,7 +265,7 @@ def test_fake_prediction_equals_real_measurement(tiny_model, settings):
     """What benchmarks/modes.py reports for SD 2.1 is this prediction; on the tiny model it is exact."""
     config = config_of(tiny_model)
     c = cfg(tiny_model, **settings)
-    predicted, info = predict_train_peak(config, c, resolution=64, text_len=TEXT_LEN)
+    predicted, info = predict_lowmem_train(config, c, resolution=64, text_len=TEXT_LEN)
     torch.manual_seed(0)
     unet, plan, params = build_model(tiny_model, manifest_of(tiny_model), c)
     dt = compute_dtype(c)

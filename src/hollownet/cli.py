@@ -8,15 +8,21 @@ import os
 import sys
 import warnings
 
+from .settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, QUANTIZED_PRECISIONS
+
 EPILOG_TRAIN = """\
 examples:
   hollownet train --model ./sd21 --images ./my_dog --prompt "a photo of sks dog" --output runs/dog
   hollownet train ... --hollow 0.5                   # hollow ~50%% of the U-Net (nearest valid cut)
-  hollownet train ... --precision bf16 --grad-checkpointing   # least memory
+  hollownet train ... --precision bf16 --grad-checkpointing   # half the memory, full-precision LoRA
+  hollownet train ... --precision nf4 --grad-checkpointing --optimizer adamw-in-backward   # least memory (QLoRA-style)
+  hollownet train ... --stream-weights --optimizer adamw-in-backward   # unquantized weights, ~one block resident
   hollownet train ... --method lora                  # the plain-LoRA baseline, for comparison
   hollownet train ... --resume                       # continue an interrupted run
 
 Stage 1 (pre-compute) writes OUTPUT/store; it resumes by itself when rerun with the same settings.
+With --precision int8|nf4 stage 1 runs the original weights in the compute dtype (bf16 by default).
+'hollownet plan' with the same flags predicts the peak memory of both stages before you start.
 Stage 2 writes OUTPUT/pytorch_lora_weights.safetensors (loadable with diffusers'
 load_lora_weights), OUTPUT/hollownet.json and OUTPUT/train.json (settings, timings, peak memory).
 """
@@ -29,6 +35,9 @@ examples:
 Default is the paper's two-path inference: per denoising step the original U-Net (LoRA off) runs up
 to the hollow's output and the LoRA layers run from it, exactly the function that was trained.
 """
+
+
+OPTIMIZER_CHOICES = ("adamw", "adamw-in-backward")
 
 
 def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -44,9 +53,22 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (default 512)")
     p.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="dtype of the frozen weights; LoRA always trains in fp32 (default fp32)")
+    p.add_argument("--precision", choices=(*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS), default="fp32",
+                   help="storage of the frozen weights: fp32, bf16, fp16, or int8 / nf4 quantized (QLoRA-style, "
+                        "computed in bf16; --method hollow or lora). LoRA always trains in fp32 (default fp32)")
+    p.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
+                   help="with --precision int8|nf4: dtype the weights are dequantized to and activations use "
+                        "(default bf16; fp32 on CPUs without fast bf16 is faster but takes more memory)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="--method hollow: keep the kept layers' frozen weights in the memory-mapped checkpoint and read "
+                        "each block only while it runs (about one block resident; turns on --grad-checkpointing; slower)")
+    p.add_argument("--layer-major", action=argparse.BooleanOptionalAction, default=None,
+                   help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of "
+                        "activations). Default: on with --precision int8|nf4 or --stream-weights, off otherwise")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="layer-major pre-compute: e.g. 700MiB; activations beyond it spill to disk "
+                        f"(default {LOW_MEMORY_STAGE1_BUDGET} when layer-major is on by default, none otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-loss-weight", type=float, default=1.0)
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
-    t.add_argument("--layer-major", action="store_true",
-                   help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of activations)")
-    t.add_argument("--memory-budget", metavar="SIZE",
-                   help="with --layer-major: e.g. 800MiB; activations beyond it spill to disk in OUTPUT/store")
+    t.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="adamw",
+                   help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
+                        "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
     g = sub.add_parser("generate", help="generate images with a trained LoRA",
@@ -106,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  hollownet plan --model sd21 --rank 128                      # the paper's cut, fp32: stage peaks + breakdown\n"
         "  hollownet plan --model sd21 --precision bf16 --grad-checkpointing --json\n"
         "  hollownet plan --model ./my-sd15 --method lora --rank 4     # a diffusers folder: its configs only\n"
+        "  hollownet plan --model sd21 --rank 128 --precision nf4 --grad-checkpointing --optimizer adamw-in-backward\n"
+        "  hollownet plan --model sd21 --rank 128 --stream-weights --optimizer adamw-in-backward\n"
         "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n\n"
         "Runs the trainer's own code on fake tensors (shapes only) and counts live tensor bytes exactly as\n"
         "'hollownet train' measures them. Inference = one U-Net denoising step without gradients (batch 1,\n"
@@ -117,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                     help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
-    pl.add_argument("--optimizer", choices=("adamw", "adamw-foreach"), default="adamw",
-                    help="AdamW single-tensor (the trainer on CPU; default) or foreach (torch's default on CUDA)")
+    pl.add_argument("--optimizer", choices=(*OPTIMIZER_CHOICES, "adamw-foreach"), default="adamw",
+                    help="AdamW single-tensor (the trainer's; default), adamw-in-backward (as train's), or "
+                         "adamw-foreach (torch's multi-tensor AdamW, its default on CUDA: larger step temporaries)")
     pl.add_argument("--steps", type=int, default=400, help="training steps: stage 1 stores steps x batch samples (default 400)")
     pl.add_argument("--photos", type=int, default=4, help="photos stage 1 encodes (default 4)")
     pl.add_argument("--budget", metavar="SIZE",
@@ -233,7 +257,8 @@ def cmd_train(args) -> int:
         lr=args.lr, seed=args.seed, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
         prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        layer_major=args.layer_major, memory_budget=args.memory_budget, device=_device(args.device),
+        layer_major=args.layer_major, memory_budget=args.memory_budget, compute_dtype=args.compute_dtype,
+        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device),
     ))
     print(record["summary"])
     return 0
@@ -258,7 +283,8 @@ def cmd_plan(args) -> int:
     req = PlanRequest(model=args.model, method=args.method, hollow=args.hollow, hollow_blocks=args.hollow_blocks,
                       rank=args.rank, resolution=args.resolution, batch=args.batch, precision=args.precision,
                       grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, steps=args.steps,
-                      photos=args.photos, **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
+                      photos=args.photos, compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
+                      layer_major=args.layer_major, memory_budget=args.memory_budget, **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
     if args.budget:
         budget = parse_size(args.budget)
         tick = (lambda c: print(".", end="", file=sys.stderr, flush=True)) if sys.stderr.isatty() and not args.json else None

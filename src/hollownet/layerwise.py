@@ -726,6 +726,8 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
             _, stats["VAE encoder"] = run_vae_encoder(vae, pixels, 0, EmptyWeights(vae, dtype, device), dtype=dtype,
                                                       simulate=True, **common)
             del pixels
+        if plan is None:  # no hollow (a baseline, or only the text encoder / VAE asked for): no U-Net part
+            return {"summary": meter.summary(), "stats": stats, "unet_spilled_bytes": 0}
         latents = torch.empty(photos, unet.config.in_channels, h, h)
         embeds = torch.empty(prompts, text_len, text_dim)
         arrays = Arrays(num_samples, None, budget, simulate=True)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import HollownetError
+from .settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
 from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
 from .model import is_under
 from .plan import (
@@ -58,7 +59,7 @@ from .plan import (
 )
 
 GiB = 1024**3
-OPTIMIZERS = ("adamw", "adamw-foreach")
+OPTIMIZERS = ("adamw", "adamw-in-backward", "adamw-foreach")
 INFERENCE_DEFINITION = (
     "one U-Net denoising step, no gradients: all U-Net weights in the chosen precision + the activations of "
     "unet(latents, t, text); text encoder and VAE not resident"
@@ -166,9 +167,13 @@ class PlanRequest:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     resolution: int = 512
     batch: int = 1
-    precision: str = "fp32"
+    precision: str = "fp32"  # frozen weights: fp32 | bf16 | fp16 | int8 | nf4
     grad_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw-foreach (torch's default on CUDA)
+    optimizer: str = "adamw"  # adamw | adamw-in-backward | adamw-foreach (torch's default on CUDA)
+    compute_dtype: str | None = None  # int8 | nf4: the dtype they are computed in (default bf16)
+    stream_weights: bool = False
+    layer_major: bool | None = None  # stage 1; None: as hollownet train decides (settings.stage1_layout)
+    memory_budget: str | int | None = None  # layer-major stage 1's budget
     # stage 1 (defaults: PrecomputeConfig's and a typical personalization run)
     photos: int = 4  # instance photos
     class_photos: int = 0  # prior preservation: class photos (then 2 prompts, and a step trains 2 x batch samples)
@@ -178,17 +183,24 @@ class PlanRequest:
     inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
 
     def __post_init__(self):
-        from .precompute import DTYPES
-
-        if self.precision not in DTYPES:
-            raise HollownetError(f"hollownet plan models --precision {', '.join(DTYPES)} (not {self.precision!r}: "
-                                 "quantized frozen weights are not modelled yet)")
+        if self.precision not in (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS):
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS))}")
         if self.optimizer not in OPTIMIZERS:
             raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.resolution < 8 or self.resolution % 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
         if self.photos < 1:
             raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
+
+    @property
+    def low_memory(self) -> bool:
+        """Stage 2 built by the trainer's low-memory builder (``stream.build_lowmem_model``)."""
+        return is_low_memory(self.precision, self.stream_weights) or self.optimizer == "adamw-in-backward"
+
+    @property
+    def compute_precision(self) -> str:
+        """The float dtype stage 1, inference and stage 2's activations use."""
+        return compute_precision(self.precision, self.compute_dtype)
 
     @property
     def prompts(self) -> int:
@@ -208,16 +220,22 @@ class PlanRequest:
 
         return TrainConfig(model=self.model, store="", output="", method=self.method, rank=self.rank,
                            lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets), batch=self.batch,
-                           precision=self.precision, grad_checkpointing=self.grad_checkpointing, device="cpu")
+                           precision=self.precision, compute_dtype=self.compute_dtype,
+                           grad_checkpointing=self.grad_checkpointing, stream_weights=self.stream_weights,
+                           optimizer="adamw" if self.optimizer == "adamw-foreach" else self.optimizer, device="cpu")
 
     def precompute_config(self):
+        """Stage 1 as ``hollownet train`` runs it for these settings (``workflow.personalize``)."""
         from .precompute import PrecomputeConfig
 
         prior = dict(class_prompt="class", class_images="class") if self.class_photos else {}
+        layer_major, budget = stage1_layout(self.layer_major, self.memory_budget, precision=self.precision,
+                                            stream_weights=self.stream_weights)
         return PrecomputeConfig(model=self.model, images="", prompt="", output="", method=self.method,
                                 hollow=self.hollow, hollow_blocks=self.hollow_blocks, resolution=self.resolution,
-                                num_samples=self.num_samples, precision=self.precision, shard_size=self.shard_size,
-                                batch_size=self.precompute_batch, device="cpu", **prior)
+                                num_samples=self.num_samples, precision=self.compute_precision, shard_size=self.shard_size,
+                                batch_size=self.precompute_batch, layer_major=layer_major, memory_budget=budget,
+                                device="cpu", **prior)
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -348,6 +366,8 @@ def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dic
     from .train import train_step
 
     cfg = req.train_config()  # the trainer's own validation and defaults (lr, max_grad_norm)
+    if req.low_memory:
+        return _predict_lowmem(mc, req, cfg)
     dtype = _dtype(cfg.precision)
     unet, plan, skip = _trained_unet(mc, req, cfg)
     h, w = latent_size(mc, req.resolution)
@@ -396,6 +416,101 @@ def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dic
     return tracker.report, info
 
 
+# ----------------------------------------------------- low-memory stage 2 (quantized, streamed)
+
+
+def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int,
+                       text_dim: int, prompts: int = 1):
+    """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
+    from . import hollow as H
+
+    h = resolution // 8
+    c = unet_config["in_channels"]
+    shapes = {"latent": (batch, c, h, h), "embeds": (prompts, text_len, text_dim)}
+    if plan is not None:
+        unet = meta_unet(unet_config)
+        with torch.device("meta"), torch.no_grad():
+            out = H.hollow_output(unet, plan, torch.empty(batch, c, h, h), torch.zeros(batch, dtype=torch.long),
+                                  torch.empty(batch, text_len, text_dim))
+        shapes["hollow_out"] = tuple(out.shape)
+    return shapes
+
+
+def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generator | None = None):
+    """A store-like batch of the given shapes (random values; fake tensors inside a FakeTensorMode)."""
+    b = shapes["latent"][0]
+    batch = dict(noisy=torch.randn(shapes["latent"], generator=generator), target=torch.randn(shapes["latent"], generator=generator),
+                 timestep=torch.full((b,), 500, dtype=torch.long), prompt_index=torch.zeros(b, dtype=torch.long),
+                 weight=torch.ones(b))
+    if "hollow_out" in shapes:
+        batch["hollow_out"] = torch.randn(shapes["hollow_out"], generator=generator).to(dtype)
+    return batch, torch.randn(shapes["embeds"], generator=generator)
+
+
+def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
+                         hollow_blocks: list[str] | None = None, batch: int | None = None, prompts: int = 1):
+    """Stage 2's peak for a low-memory ``cfg`` (int8/nf4, streamed weights, adamw-in-backward), no weights.
+
+    Returns ``(MemoryReport, info)``. Runs the trainer's own construction
+    (``stream.build_lowmem_model`` from a :class:`~hollownet.stream.FakeSource`: quantization runs on
+    fake tensors) and its own ``train.train_step`` under ``FakeTensorMode``: one untracked step (the
+    optimizer's state exists after it), then the measured step (the run's peak). Also right for
+    float precisions; ``method`` hollow (default cut unless ``hollow_blocks``) or lora. ``batch``:
+    samples per step (default ``cfg.batch``; prior preservation doubles it). The hollow output is in
+    the compute dtype (a store made at the matching precision, as ``hollownet train`` makes it).
+    """
+    from .plan import make_plan, plan_for_blocks
+    from .quant import frozen_weight_bytes
+    from .stream import FakeSource, StreamedWeights, build_lowmem_model
+    from .train import add_lora, compute_dtype, make_optimizer, train_step
+
+    text_dim = text_dim or unet_config["cross_attention_dim"]
+    skeleton = meta_unet(unet_config)
+    plan0 = None
+    if cfg.method == "hollow":
+        plan0 = plan_for_blocks(skeleton, hollow_blocks) if hollow_blocks else make_plan(skeleton)
+    dtype = compute_dtype(cfg)
+    source = FakeSource.for_module(skeleton)
+    shapes = train_batch_shapes(unet_config, plan0, resolution, batch or cfg.batch, text_len, text_dim, prompts)
+    # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
+    # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
+    skip = plan0.hollow_prefixes(skeleton) if plan0 else []
+    add_lora(skeleton, lora_target_modules(skeleton, skip, tuple(cfg.lora_targets)), cfg.rank, cfg.lora_alpha)
+    with _fake_mode(), _FakeScalars():
+        unet, plan, params = build_lowmem_model(unet_config, source, plan0.hollow_blocks if plan0 else None, cfg,
+                                                device="cpu", skeleton=skeleton)
+        optimizer = make_optimizer(params, cfg)
+        batch_, embeds = make_train_batch(shapes, dtype)
+        if plan is None and cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        train_step(unet, plan, batch_, embeds, params, optimizer, cfg, dtype)
+        tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
+        train_step(unet, plan, batch_, embeds, params, optimizer, cfg, dtype, tracker)
+        info = dict(resident_frozen_bytes=frozen_weight_bytes(unet),
+                    trainable_bytes=sum(p.numel() * p.element_size() for p in params))
+    streamer = getattr(unet, StreamedWeights.ATTR, None)
+    if streamer is not None:
+        units = streamer.resident_unit_bytes()
+        info.update(largest_streamed_unit=max(units, key=units.get), largest_streamed_unit_bytes=max(units.values()))
+    return tracker.report, info
+
+
+def _predict_lowmem(mc: ModelConfigs, req: PlanRequest, cfg) -> tuple[MemoryReport, dict]:
+    """``predict_train`` for quantized / streamed weights or adamw-in-backward: the trainer's low-memory builder."""
+    if mc.added_cond is not None:
+        raise HollownetError(f"{mc.name}: low-memory training modes are planned for SD 1.x / 2.x-style U-Nets only")
+    plan = _cut(meta_unet(mc.unet), req, rank=req.rank)
+    report, extra = predict_lowmem_train(mc.unet, cfg, resolution=req.resolution, text_len=mc.text_len, text_dim=mc.text_dim,
+                                         hollow_blocks=plan.hollow_blocks if plan else None, batch=req.per_step,
+                                         prompts=req.prompts)
+    info = _param_info(mc, req, plan, None)
+    info.update(trainable_weight_bytes=extra["trainable_bytes"], frozen_weight_bytes=extra["resident_frozen_bytes"],
+                hollow_out_shape=list(hollow_out_shape(mc, plan, req.resolution)) if plan else None,
+                **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})
+    return report, info
+
+
 def _cpu_tensors(module: nn.Module):
     for t in list(module.parameters()) + list(module.buffers()):
         if t.device.type == "cpu":
@@ -420,7 +535,7 @@ def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, par
 
 def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> MemoryReport:
     """One U-Net denoising step without gradients (see INFERENCE_DEFINITION)."""
-    dtype = _dtype(req.precision)
+    dtype = _dtype(req.compute_precision)  # int8/nf4: the original weights in their compute dtype
     unet = meta_unet(mc.unet).requires_grad_(False).eval()
     h, w = latent_size(mc, req.resolution)
     with _fake_mode():
@@ -452,6 +567,8 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     from .precompute import PartMeter, kept_up_modules, make_shard, sample_table
 
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
+    if pcfg.layer_major:
+        return predict_precompute_layer_major(mc, req, parts)
     dtype = _dtype(pcfg.precision)
     device = pcfg.device
     meter = PartMeter(True, device)
@@ -514,6 +631,37 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     return _summary(meter)
 
 
+def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
+    """Layer-major stage 1's peak (``layerwise.predict_peak``: its own loop on fake weights), in
+    ``predict_precompute``'s format; ``parts`` holds each part's largest layer, ``peak_phase`` names the layer."""
+    from diffusers import AutoencoderKL
+
+    from .layerwise import parse_bytes, predict_peak
+
+    pcfg = req.precompute_config()
+    budget = parse_bytes(pcfg.memory_budget)
+    unet = meta_unet(mc.unet).requires_grad_(False).eval()
+    plan = _cut(unet, req) if "U-Net encoder + hollow" in parts else None
+    vae = text = None
+    with torch.device("meta"):
+        if mc.vae is not None and "VAE encoder" in parts:
+            vae = AutoencoderKL.from_config(mc.vae).requires_grad_(False).eval()
+        if mc.text_encoder is not None and "text encoder" in parts:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            text = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).requires_grad_(False).eval()
+    pred = predict_peak(unet, plan, vae=vae, text=text, resolution=req.resolution, num_samples=pcfg.num_samples,
+                        photos=req.photos + req.class_photos, prompts=req.prompts, budget=budget,
+                        batch_size=pcfg.batch_size, dtype=_dtype(pcfg.precision))
+    summary = pred["summary"] or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
+    grouped: dict[str, int] = {}
+    for layer, peak in summary["parts"].items():
+        part = layer.split(":")[0]
+        grouped[part] = max(grouped.get(part, 0), peak)
+    return {**summary, "parts": grouped, "layer_major": True, "memory_budget": budget,
+            "spilled_bytes": pred["unet_spilled_bytes"]}
+
+
 def _summary(meter) -> dict:
     summary = meter.summary() or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
     summary["reports"] = dict(meter.parts)
@@ -565,7 +713,9 @@ class MemoryPlan:
             "resolution": req.resolution,
             "batch": req.batch,
             "precision": req.precision,
-            "grad_checkpointing": req.grad_checkpointing,
+            "compute_dtype": req.compute_precision,
+            "grad_checkpointing": req.grad_checkpointing or req.stream_weights,  # streaming turns it on
+            "stream_weights": req.stream_weights,
             "optimizer": req.optimizer,
             "units": "bytes",
             "precompute_peak_bytes": self.precompute_peak if self.precompute else None,  # None: stage not predicted
@@ -588,7 +738,10 @@ class MemoryPlan:
             "params": {k: self.info.get(k) for k in ("unet_params", "hollow_params", "kept_params", "trainable_params", "lora_bytes_fp32")},
             "hollow_out_shape": self.info.get("hollow_out_shape"),
             "stage1": {"photos": req.photos, "class_photos": req.class_photos, "precompute_batch": req.precompute_batch,
-                       "shard_samples": min(req.shard_size, req.num_samples)},
+                       "shard_samples": min(req.shard_size, req.num_samples), "precision": req.compute_precision,
+                       "layer_major": bool(self.precompute and self.precompute.get("layer_major")),
+                       "memory_budget_bytes": self.precompute.get("memory_budget") if self.precompute else None},
+            "largest_streamed_unit_bytes": self.info.get("largest_streamed_unit_bytes"),
             "inference_definition": INFERENCE_DEFINITION,
             "notes": list(self.model.notes),
             "seconds": round(self.seconds, 2),
@@ -604,21 +757,29 @@ class MemoryPlan:
             what = f"LoRA r={req.rank} on the whole U-Net"
         else:
             what = "full fine-tuning"
+        weights = req.precision + (f" (computed in {req.compute_precision})" if req.precision != req.compute_precision else "")
+        weights += ", streamed block by block" if req.stream_weights else ""
         lines = [
             f"{self.model.name}: {what}",
-            f"  {req.resolution} px, batch {req.batch}, frozen weights {req.precision}, "
-            f"{'with' if req.grad_checkpointing else 'no'} gradient checkpointing, {req.optimizer}",
+            f"  {req.resolution} px, batch {req.batch}, frozen weights {weights}, "
+            f"{'with' if req.grad_checkpointing or req.stream_weights else 'no'} gradient checkpointing, {req.optimizer}",
             "",
             "predicted peak tensor memory (1 GiB = 2^30 bytes; fake tensors, no weights loaded)",
         ]
         if self.precompute:
             parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.precompute["parts"].items())
-            lines.append(f"  pre-compute (stage 1)  {g(self.precompute_peak)}   largest part of: {parts}")
+            how = "largest part of"
+            if self.precompute.get("layer_major"):
+                budget = self.precompute.get("memory_budget")
+                how = ("layer-major" + (f", budget {budget / 2**20:.0f} MiB" if budget else "")
+                       + f", {req.compute_precision}; peak at {self.precompute['peak_phase']}; largest layer per part")
+            lines.append(f"  pre-compute (stage 1)  {g(self.precompute_peak)}   {how}: {parts}")
         if self.train:
             lines.append(f"  training (stage 2)     {g(self.train_peak)}   peak in {self.train.peak_phase}")
         for b, r in self.inference.items():
             label = "inference" + (f", batch {b}" if b != 1 else "")
-            what = "U-Net only, one denoising step, no grad" + (", batch 2 = classifier-free guidance" if b == 2 else "")
+            what = (f"U-Net only ({req.compute_precision}), one denoising step, no grad"
+                    + (", batch 2 = classifier-free guidance" if b == 2 else ""))
             lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak

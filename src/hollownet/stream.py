@@ -22,7 +22,7 @@ read of each kept unit's weights per forward and one more per backward recomputa
 :func:`build_lowmem_model` builds the trained network for ``precision="int8"|"nf4"`` (``quant.py``)
 and/or ``stream_weights`` from a tensor *source*: :class:`SafetensorsSource` for a real model, or
 :class:`FakeSource` (shapes only) inside a ``FakeTensorMode``, so the memory benchmark runs exactly
-the trainer's construction on SD 2.x without its weights.
+the trainer's construction on SD 2.x without its weights (``memplan.predict_lowmem_train``).
 """
 
 from __future__ import annotations
@@ -329,99 +329,3 @@ def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | Non
         streamer.release_all()
         streamer.attach(unet)
     return unet, plan, params
-
-
-# ------------------------------------------------------------------------------- fake planning
-
-
-def _fake_scalars():
-    """A dispatch mode: ``.item()`` of a fake tensor answers 0 (the loss; AdamW's CPU step counter)."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Mode(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            try:
-                return func(*args, **(kwargs or {}))
-            except DataDependentOutputException:
-                if func is not torch.ops.aten._local_scalar_dense.default:
-                    raise
-                return False if args[0].dtype == torch.bool else (0.0 if args[0].is_floating_point() else 0)
-
-    return Mode()
-
-
-def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int, text_dim: int):
-    """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
-    from . import hollow as H
-
-    h = resolution // 8
-    c = unet_config["in_channels"]
-    shapes = {"latent": (batch, c, h, h), "embeds": (1, text_len, text_dim)}
-    if plan is not None:
-        unet = meta_unet(unet_config)
-        with torch.device("meta"), torch.no_grad():
-            out = H.hollow_output(unet, plan, torch.empty(batch, c, h, h), torch.zeros(batch, dtype=torch.long),
-                                  torch.empty(batch, text_len, text_dim))
-        shapes["hollow_out"] = tuple(out.shape)
-    return shapes
-
-
-def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generator | None = None):
-    """A store-like batch of the given shapes (random values; fake tensors inside a FakeTensorMode)."""
-    b = shapes["latent"][0]
-    batch = dict(noisy=torch.randn(shapes["latent"], generator=generator), target=torch.randn(shapes["latent"], generator=generator),
-                 timestep=torch.full((b,), 500, dtype=torch.long), prompt_index=torch.zeros(b, dtype=torch.long),
-                 weight=torch.ones(b))
-    if "hollow_out" in shapes:
-        batch["hollow_out"] = torch.randn(shapes["hollow_out"], generator=generator).to(dtype)
-    return batch, torch.randn(shapes["embeds"], generator=generator)
-
-
-def predict_train_peak(unet_config: dict, cfg, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
-                       hollow_blocks: list[str] | None = None):
-    """Stage 2's peak for ``cfg`` without weights: ``(MemoryReport, info)``.
-
-    The trainer's construction (:func:`build_lowmem_model` from a :class:`FakeSource`) and its own
-    ``train.train_step`` under ``FakeTensorMode``: one untracked step (the optimizer's state exists
-    after it), then the measured step (the run's peak). Works for every float precision, int8/nf4,
-    streamed weights and both optimizers; ``method`` hollow (default cut unless ``hollow_blocks``) or
-    lora. The hollow output is in the compute dtype (a store made at the matching precision).
-    """
-    from torch._subclasses import FakeTensorMode
-
-    from .memory import MemoryTracker
-    from .plan import make_plan
-    from .quant import frozen_weight_bytes
-    from .train import add_lora, compute_dtype, make_optimizer, train_step
-
-    text_dim = text_dim or unet_config["cross_attention_dim"]
-    skeleton = meta_unet(unet_config)
-    plan0 = None
-    if cfg.method == "hollow":
-        plan0 = plan_for_blocks(skeleton, hollow_blocks) if hollow_blocks else make_plan(skeleton)
-    dtype = compute_dtype(cfg)
-    source = FakeSource.for_module(skeleton)
-    shapes = train_batch_shapes(unet_config, plan0, resolution, cfg.batch, text_len, text_dim)
-    # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
-    # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
-    skip = plan0.hollow_prefixes(skeleton) if plan0 else []
-    add_lora(skeleton, lora_target_modules(skeleton, skip, tuple(cfg.lora_targets)), cfg.rank, cfg.lora_alpha)
-    with FakeTensorMode(), _fake_scalars():
-        unet, plan, params = build_lowmem_model(unet_config, source, plan0.hollow_blocks if plan0 else None, cfg,
-                                                device="cpu", skeleton=skeleton)
-        optimizer = make_optimizer(params, cfg)
-        batch, embeds = make_train_batch(shapes, dtype)
-        if plan is None and cfg.grad_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype)
-        tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
-        train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
-        info = dict(resident_frozen_bytes=frozen_weight_bytes(unet),
-                    trainable_bytes=sum(p.numel() * p.element_size() for p in params))
-    streamer = getattr(unet, StreamedWeights.ATTR, None)
-    if streamer is not None:
-        units = streamer.resident_unit_bytes()
-        info.update(largest_streamed_unit=max(units, key=units.get), largest_streamed_unit_bytes=max(units.values()))
-    return tracker.report, info

@@ -26,6 +26,7 @@ from .export import save_lora
 from .model import load_unet, model_fingerprint, release_memory, resolve_model_dir
 from .plan import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
 from .precompute import DTYPES
+from .settings import compute_precision
 from .store import Store, atomic_write
 
 
@@ -91,9 +92,7 @@ class TrainResult:
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype of activations and of the (dequantized) frozen weights."""
-    if cfg.compute_dtype is not None:
-        return DTYPES[cfg.compute_dtype]
-    return DTYPES.get(cfg.precision, torch.bfloat16)
+    return DTYPES[compute_precision(cfg.precision, cfg.compute_dtype)]
 
 
 def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .plan import DEFAULT_LORA_TARGETS
 from .precompute import PrecomputeConfig, run_precompute
+from .settings import compute_precision, stage1_layout
 from .store import save_json
 from .train import TrainConfig, run_train
 
@@ -42,8 +43,11 @@ class TrainRequest:
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 100
     resume: bool = False
-    layer_major: bool = False
+    layer_major: bool | None = None  # None: on for int8/nf4 or streamed weights (settings.stage1_layout)
     memory_budget: str | int | None = None
+    compute_dtype: str | None = None
+    stream_weights: bool = False
+    optimizer: str = "adamw"
     device: str = "cpu"
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
@@ -58,20 +62,24 @@ def personalize(req: TrainRequest) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
+    train_cfg = TrainConfig(
+        model=req.model, store=store, output=str(out), method=req.method, rank=req.rank, lora_alpha=req.lora_alpha,
+        lora_targets=list(req.lora_targets or DEFAULT_LORA_TARGETS), lr=req.lr, steps=req.steps, batch=req.batch,
+        seed=req.seed, precision=req.precision, compute_dtype=req.compute_dtype, grad_checkpointing=req.grad_checkpointing,
+        stream_weights=req.stream_weights, optimizer=req.optimizer, checkpoint_every=req.checkpoint_every,
+        resume=req.resume, device=req.device, track_memory_steps=2 if req.track_memory else 0,
+    )  # made first: bad stage-2 settings fail before stage 1 spends any time
+    layer_major, budget = stage1_layout(req.layer_major, req.memory_budget, precision=req.precision,
+                                        stream_weights=req.stream_weights)
     pre = run_precompute(PrecomputeConfig(
         model=req.model, images=req.images, prompt=req.prompt, output=store, method=req.method, hollow=req.hollow,
         hollow_blocks=req.hollow_blocks, resolution=req.resolution,
-        num_samples=req.num_samples or req.steps * req.batch, seed=req.seed, precision=req.precision,
+        num_samples=req.num_samples or req.steps * req.batch, seed=req.seed,
+        precision=compute_precision(req.precision, req.compute_dtype),  # stage 1 runs the original, float weights
         class_prompt=req.class_prompt, class_images=req.class_images, prior_loss_weight=req.prior_loss_weight,
-        layer_major=req.layer_major, memory_budget=req.memory_budget, device=req.device,
+        layer_major=layer_major, memory_budget=budget, device=req.device,
     ), track_memory=req.track_memory)
-    res = run_train(TrainConfig(
-        model=req.model, store=store, output=str(out), method=req.method, rank=req.rank, lora_alpha=req.lora_alpha,
-        lora_targets=list(req.lora_targets or DEFAULT_LORA_TARGETS), lr=req.lr, steps=req.steps, batch=req.batch,
-        seed=req.seed, precision=req.precision, grad_checkpointing=req.grad_checkpointing,
-        checkpoint_every=req.checkpoint_every, resume=req.resume, device=req.device,
-        track_memory_steps=2 if req.track_memory else 0,
-    ))
+    res = run_train(train_cfg)
     record = {
         "command": "train",
         "settings": asdict(req),

@@ -1,0 +1,39 @@
+"""Defaults that tie the two stages' settings together; plain Python (the CLI imports it for --help).
+
+A personalization run picks one frozen-weight ``precision`` for stage 2. Stage 1 always runs the
+original, unquantized weights, so it needs a float dtype: the precision itself, or for int8/nf4 the
+dtype those weights are computed in. And a run that asks for a low-memory stage 2 (quantized or
+streamed frozen weights) should not spend more memory in stage 1 than in stage 2: by default its
+stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
+"""
+
+from __future__ import annotations
+
+FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZED_PRECISIONS = ("int8", "nf4")
+DEFAULT_QUANTIZED_COMPUTE = "bf16"  # QLoRA's choice; fp32 is faster on CPUs without native bf16, but larger
+# Layer-major stage 1 peaks at about its budget; 700 MiB keeps it under the nf4 / streamed stage 2
+# of SD 2.x at 512 px, r=128 (0.70-0.72 GiB, benchmarks/modes.py).
+LOW_MEMORY_STAGE1_BUDGET = "700MiB"
+
+
+def compute_precision(precision: str, compute_dtype: str | None = None) -> str:
+    """The float dtype (name) that activations and (dequantized) frozen weights use."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return precision if precision in FLOAT_PRECISIONS else DEFAULT_QUANTIZED_COMPUTE
+
+
+def is_low_memory(precision: str, stream_weights: bool) -> bool:
+    return precision in QUANTIZED_PRECISIONS or bool(stream_weights)
+
+
+def stage1_layout(layer_major: bool | None, memory_budget, *, precision: str, stream_weights: bool):
+    """``(layer_major, memory_budget)`` for stage 1; ``layer_major=None`` means: decide by the mode."""
+    if layer_major is None:
+        layer_major = is_low_memory(precision, stream_weights)
+        if layer_major and memory_budget is None:
+            memory_budget = LOW_MEMORY_STAGE1_BUDGET
+    if memory_budget is not None and not layer_major:
+        layer_major = True  # a budget only means something layer-major (as the help says)
+    return layer_major, memory_budget
