@@ -183,10 +183,16 @@ def test_bundled_configs_and_paper_cut_shapes():
 
 def test_candidates_and_lower_bounds_sd21():
     cands = candidates(load_model_configs("sd21"), PlanRequest(model="sd21", rank=128))
-    assert len(cands) == (1 + 12) * 2 * 2  # plain LoRA + every cut (depth 0..11), fp32/bf16, checkpointing off/on
+    # plain LoRA + every cut (depth 0..11) x 12 modes: fp32/bf16 x checkpointing off/on, int8/nf4 x optimizer,
+    # streamed fp32/bf16 x optimizer (hollow only)
+    assert len(cands) == (1 + 12) * 12 - 4
     keys = [c.fidelity_key for c in cands]
     assert keys == sorted(keys)
     lora_fp32 = next(c for c in cands if c.method == "lora" and c.precision == "fp32")
     assert 3.2 * GiB < lora_fp32.lower_bound < 3.7 * GiB  # 866M fp32 weights + LoRA state
-    paper = next(c for c in cands if c.depth == 3 and c.precision == "bf16")
-    assert paper.lower_bound < lora_fp32.lower_bound / 2
+    paper = {(c.precision, c.stream_weights, c.in_backward): c for c in cands if c.depth == 3}
+    assert paper["bf16", False, False].lower_bound < lora_fp32.lower_bound / 2
+    # weights: bf16 2 B, int8 >= 1 B, nf4 >= 0.5 B a weight, streamed none resident; in-backward: no gradients
+    assert paper["bf16", False, False].lower_bound > paper["int8", False, False].lower_bound > paper["nf4", False, False].lower_bound
+    assert paper["nf4", False, False].lower_bound > paper["fp32", True, False].lower_bound > paper["fp32", True, True].lower_bound
+    assert paper["fp32", True, True].flags()[1:] == ["--precision fp32", "--stream-weights", "--optimizer adamw-in-backward"]

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--photos", type=int, default=4, help="photos stage 1 encodes (default 4)")
     pl.add_argument("--budget", metavar="SIZE",
                     help="which settings (cut, precision, checkpointing) fit in SIZE, e.g. 2GB (10^9 B), 1.5GiB (2^30 B); "
-                         "ignores --method, --hollow, --precision, --grad-checkpointing")
+                         "ignores --method, --hollow, --precision, --grad-checkpointing, --stream-weights, --optimizer "
+                         "(it tries them all, quantized and streamed weights included)")
     pl.add_argument("--top", type=int, default=5, help="with --budget: how many fitting settings to list, best first (0: all)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (figures in bytes) instead of the table")
 

@@ -839,6 +839,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+#: Frozen-weight precisions from least to most fidelity cost; bytes per weight at least (quantization
+#: scales not counted: a lower bound).
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "nf4")
+_MIN_BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "nf4": 0.5}
+IB = "adamw-in-backward"
+
+
 @dataclass
 class Candidate:
     method: str
@@ -848,6 +855,8 @@ class Candidate:
     precision: str
     grad_checkpointing: bool
     lower_bound: int  # weights + trained params' grads and AdamW state: the step's peak is at least this
+    stream_weights: bool = False
+    in_backward: bool = False  # optimizer adamw-in-backward
     precompute_peak: int | None = None
     train_peak: int | None = None
 
@@ -859,8 +868,10 @@ class Candidate:
 
     @property
     def fidelity_key(self):
-        """Expected fidelity cost, least first: less hollowing, then fp32 before bf16; checkpointing costs only time."""
-        return (self.fraction, ("fp32", "bf16", "fp16").index(self.precision), self.grad_checkpointing)
+        """Expected fidelity cost, least first: less hollowing, then fp32 < bf16 < int8 < nf4 weights, then
+        global before per-tensor gradient clipping (adamw-in-backward); checkpointing and streaming cost only time."""
+        return (self.fraction, PRECISION_ORDER.index(self.precision), self.in_backward, self.grad_checkpointing,
+                self.stream_weights)
 
     def label(self) -> str:
         if self.method == "lora":
@@ -871,14 +882,29 @@ class Candidate:
                          .replace("mid_block", "mid") for b in blocks)
         return f"hollow {self.fraction:5.1%} [{short}]"
 
+    def flags(self) -> list[str]:
+        """``hollownet train`` flags for this setting."""
+        out = ["--method lora"] if self.method == "lora" else [f"--hollow-blocks {','.join(self.hollow_blocks)}"]
+        out.append(f"--precision {self.precision}")
+        out += ["--stream-weights"] if self.stream_weights else (["--grad-checkpointing"] if self.grad_checkpointing else [])
+        out += [f"--optimizer {IB}"] if self.in_backward else []
+        return out
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["peak_bytes"] = self.peak
         return d
 
 
-def candidates(mc: ModelConfigs, req: PlanRequest, precisions=("fp32", "bf16"), checkpointing=(False, True)) -> list[Candidate]:
-    """Plain LoRA and every valid hollow cut, in each precision, with and without checkpointing."""
+#: (precision, checkpointing, streamed, in-backward) settings tried per cut: float weights as they
+#: are, quantized ones with checkpointing (without it activations dominate), streamed (hollow only).
+MODES = ([(p, ck, False, False) for p in ("fp32", "bf16") for ck in (False, True)]
+         + [(p, True, False, ib) for p in ("int8", "nf4") for ib in (False, True)]
+         + [(p, True, True, ib) for p in ("fp32", "bf16") for ib in (False, True)])
+
+
+def candidates(mc: ModelConfigs, req: PlanRequest, modes=MODES) -> list[Candidate]:
+    """Plain LoRA and every valid hollow cut, in each of ``modes``, best expected fidelity first."""
     skeleton = meta_unet(mc.unet)
     mods = dict(skeleton.named_modules())
     total = sum(p.numel() for p in skeleton.parameters())
@@ -889,11 +915,13 @@ def candidates(mc: ModelConfigs, req: PlanRequest, precisions=("fp32", "bf16"), 
     for method, depth, fraction, blocks, skip in cuts:
         kept = total - sum(p.numel() for n in skip for p in mods[n].parameters())
         lora = sum(lora_size(mods[n], req.rank) for n in lora_target_modules(skeleton, skip, tuple(req.lora_targets)))
-        for precision in precisions:
-            itemsize = _dtype(precision).itemsize
-            for ckpt in checkpointing:
-                out.append(Candidate(method, depth, fraction, blocks, precision, ckpt,
-                                     lower_bound=kept * itemsize + lora * 16))  # fp32 LoRA: weight, grad, 2 AdamW moments
+        for precision, ckpt, stream, ib in modes:
+            if stream and method != "hollow":
+                continue
+            weights = 0 if stream else int(kept * _MIN_BYTES_PER_WEIGHT[precision])
+            # fp32 LoRA: weight and 2 AdamW moments, plus its gradients unless they are applied inside backward
+            out.append(Candidate(method, depth, fraction, blocks, precision, ckpt, stream_weights=stream, in_backward=ib,
+                                 lower_bound=weights + lora * (12 if ib else 16)))
     return sorted(out, key=lambda c: c.fidelity_key)
 
 
@@ -913,21 +941,23 @@ class BudgetAnswer:
                 "resolution": self.request.resolution, "batch": self.request.batch, "optimizer": self.request.optimizer,
                 "fits": [c.to_dict() for c in self.fits],
                 "smallest": self.smallest.to_dict() if self.smallest else None,
-                "ranking": "less hollowing first, then fp32 before bf16, then without gradient checkpointing (it costs time only)",
+                "ranking": "less hollowing first, then fp32 < bf16 < int8 < nf4 frozen weights, then AdamW before adamw-in-backward "
+                           "(per-tensor clipping), then without checkpointing, then without streaming (they cost time only)",
                 "seconds": round(self.seconds, 2)}
 
     def format(self) -> str:
         req = self.request
         head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
                 f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.optimizer}")
-        lines = [head, "ranked by expected fidelity cost: less hollowing first, then fp32 before bf16 (checkpointing costs only time)", ""]
-        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<7} {'ckpt':<5} {'stage 1':>9} {'training':>9} {'peak':>9}")
+        lines = [head, "ranked by expected fidelity cost: less hollowing first, then fp32 < bf16 < int8 < nf4 weights, then "
+                       "global gradient clipping (AdamW) before per-tensor (in-backward); checkpointing and streaming cost only time", ""]
+        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} {'peak':>9}")
         for i, c in enumerate(self.fits, 1):
-            lines.append(f"  {i:>2}  {c.label():<44} {c.precision:<7} {'yes' if c.grad_checkpointing else 'no':<5} "
+            weights = c.precision + (" stream" if c.stream_weights else "")
+            lines.append(f"  {i:>2}  {c.label():<44} {weights:<11} {'yes' if c.grad_checkpointing else 'no':<5} "
+                         f"{'in-bwd' if c.in_backward else 'after':<9} "
                          f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {c.peak / GiB:7.2f} G")
-        best = self.fits[0]
-        flags = (["--method lora"] if best.method == "lora" else [f"--hollow-blocks {','.join(best.hollow_blocks)}"])
-        flags += [f"--precision {best.precision}"] + (["--grad-checkpointing"] if best.grad_checkpointing else [])
+        flags = self.fits[0].flags()
         more = f"the {self.top} best shown (--top 0: all); " if self.top and len(self.fits) >= self.top else ""
         lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(flags)} --rank {req.rank}",
                   f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
@@ -935,7 +965,7 @@ class BudgetAnswer:
 
 
 def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, model: ModelConfigs | None = None) -> BudgetAnswer:
-    """Which (cut, precision, checkpointing) settings fit ``budget``, best expected fidelity first.
+    """Which (cut, precision, checkpointing, streaming, optimizer) settings fit ``budget``, best expected fidelity first.
 
     Candidates are tried in fidelity order; the first ``top`` that fit are returned (``top=0``: all).
     A candidate whose weights, gradients and AdamW state alone exceed the budget is ruled out without
@@ -949,9 +979,17 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     stage1: dict = {}
     evaluated: list[Candidate] = []
 
+    plain_optimizer = "adamw" if req.optimizer == IB else req.optimizer
+
     def sub(c: Candidate) -> PlanRequest:
         return replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None,
-                       precision=c.precision, grad_checkpointing=c.grad_checkpointing)
+                       precision=c.precision, grad_checkpointing=c.grad_checkpointing, stream_weights=c.stream_weights,
+                       optimizer=IB if c.in_backward else plain_optimizer,
+                       compute_dtype=req.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
+
+    def stage1_key(c: Candidate):
+        pcfg = sub(c).precompute_config()
+        return pcfg.precision, pcfg.layer_major, pcfg.memory_budget
 
     def train(c: Candidate) -> int:
         if c.train_peak is None:
@@ -962,13 +1000,14 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         return c.train_peak
 
     def front(c: Candidate) -> int:
-        """Stage 1's text encoder and VAE parts: the same for every cut (cached per precision)."""
-        if c.precision not in stage1:
-            stage1[c.precision] = predict_precompute(mc, sub(c), parts=PARTS[:2])["peak_bytes"]
-        return stage1[c.precision]
+        """Stage 1's text encoder and VAE parts: the same for every cut (cached per dtype and layout)."""
+        key = stage1_key(c)
+        if key not in stage1:
+            stage1[key] = predict_precompute(mc, sub(c), parts=PARTS[:2])["peak_bytes"]
+        return stage1[key]
 
     def pre(c: Candidate) -> int:
-        key = (c.method, c.depth, c.precision)
+        key = (c.method, c.depth, *stage1_key(c))
         if key not in stage1:
             stage1[key] = predict_precompute(mc, sub(c), parts=PARTS[2:])["peak_bytes"]
         c.precompute_peak = max(front(c), stage1[key])
@@ -992,8 +1031,8 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
                 best, best_peak = c, peak
         raise BudgetError(
             f"nothing fits in {budget / GiB:.2f} GiB ({budget:,} bytes) at LoRA r={req.rank}, {req.resolution} px, batch {req.batch}: "
-            f"the smallest peak is {best_peak / GiB:.2f} GiB ({best.label().strip()}, {best.precision}, "
-            f"{'with' if best.grad_checkpointing else 'no'} gradient checkpointing); raise --budget or lower --resolution, --batch or --rank",
+            f"the smallest peak is {best_peak / GiB:.2f} GiB ({best.label().strip()}: {' '.join(best.flags()[1:])}); "
+            "raise --budget or lower --resolution, --batch or --rank",
             smallest=best,
         )
     return BudgetAnswer(budget=budget, fits=fits, evaluated=evaluated, smallest=None, top=top,
