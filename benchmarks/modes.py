@@ -235,10 +235,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-stage1", action="store_true")
     ap.add_argument("--skip-error", action="store_true")
     ap.add_argument("--skip-time", action="store_true")
-    ap.add_argument("--modes", default="", help="comma-separated subset of mode labels (default: all)")
+    ap.add_argument("--modes", default="", help="';'-separated subset of mode labels (default: all; labels hold commas)")
     ap.add_argument("--output", default=str(RESULTS / "modes.json"))
     args = ap.parse_args(argv)
-    modes = {k: v for k, v in MODES.items() if not args.modes or k in args.modes.split(",")}
+    wanted = [m.strip() for m in args.modes.split(";") if m.strip()]
+    unknown = [m for m in wanted if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode {unknown[0]!r}; one of: " + "; ".join(MODES))
+    modes = {k: v for k, v in MODES.items() if not wanted or k in wanted}
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "command": "modes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not args.skip_fake:

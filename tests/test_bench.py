@@ -59,6 +59,9 @@ prompt_list = [
     ("full:lr=5e-6", "full:lr=5e-06", {"lr": 5e-6}),
     ("hollow:blocks=down_blocks.3+mid_block+up_blocks.0:steps=50", "hollow:steps=50:blocks=down_blocks.3+mid_block+up_blocks.0",
      {"steps": 50, "blocks": ("down_blocks.3", "mid_block", "up_blocks.0")}),
+    ("hollow:opt=in-backward:weights=NF4", "hollow:weights=nf4:opt=in-backward", {"weights": "nf4", "optimizer": "adamw-in-backward"}),
+    ("hollow:stream=yes:weights=bf16", "hollow:weights=bf16:stream=1", {"stream": True, "weights": "bf16"}),
+    ("lora:weights=int8:opt=adamw", "lora:weights=int8", {"weights": "int8", "optimizer": None}),
 ])
 def test_method_specs_parse_to_canonical_form(text, key, fields):
     spec = B.parse_method(text)
@@ -81,6 +84,11 @@ def test_method_specs_parse_to_canonical_form(text, key, fields):
     ("full:r=4", "no LoRA"),
     ("hollow@0.5:blocks=mid_block", "not both"),
     ("lora:r=1:r=2", "twice"),
+    ("hollow:weights=int4", "not one of"),
+    ("full:weights=int8", "no LoRA"),
+    ("lora:stream=1", "only for hollow"),
+    ("hollow:stream=1:weights=nf4", "float weights"),
+    ("hollow:opt=sgd", "not adamw or in-backward"),
 ])
 def test_bad_method_specs_say_why_in_one_line(text, why):
     with pytest.raises(HollownetError, match=why) as exc:
@@ -338,3 +346,23 @@ def test_bench_bad_input_is_one_line(capsys, tiny_model, tiny_dataset, tmp_path)
     code, lines = _cli(capsys, "bench", "--model", tmp_path / "nope", "--output", tmp_path / "o",
                        "--dataset", tiny_dataset)
     assert code == 2 and len(lines) == 1 and "neither an existing folder" in lines[0]
+
+
+def test_low_memory_method_options_reach_the_trainer(tiny_model, tiny_dataset, extractors, tmp_path, monkeypatch):
+    """``hollow:weights=int8:opt=in-backward`` trains with --precision int8 --optimizer adamw-in-backward;
+    generation keeps the run-wide float --precision (the original model)."""
+    calls = []
+
+    def fake_personalize(req):
+        calls.append(req)
+        raise RuntimeError("stop after the request")  # a failed cell is recorded; that is all we need here
+
+    monkeypatch.setattr("hollownet.workflow.personalize", fake_personalize)
+    summary = B.run_bench(bench_config(tiny_model, tiny_dataset, tmp_path / "b", extractors, subjects=["dog"],
+                                       methods="hollow:weights=int8:opt=in-backward,hollow:stream=1"), log=lambda m: None)
+    assert [(r.precision, r.optimizer, r.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
+                                                                              ("fp32", "adamw", True)]
+    assert [r["method"] for r in summary["methods"]] == ["hollow:weights=int8:opt=in-backward", "hollow:stream=1"]
+    cell = tmp_path / "b" / "cells" / "dog" / "hollow_weights=int8_opt=in-backward" / "seed-0" / "result.json"
+    config = json.loads(cell.read_text())["config"]
+    assert config["train_precision"] == "int8" and config["precision"] == "fp32" and config["optimizer"] == "adamw-in-backward"

@@ -13,18 +13,22 @@ Method specs
 
     SPEC   := NAME [ "@" FRACTION ] ( ":" KEY "=" VALUE )*
     NAME   := hollow | lora | full
-    KEY    := r | alpha | lr | steps | blocks
+    KEY    := r | alpha | lr | steps | weights | stream | opt | blocks
 
 * ``hollow``                the paper's cut (``--hollow`` default: up_blocks.0 and its skip partners)
 * ``hollow@0.56``           the skip-symmetric cut nearest to 56 % of U-Net parameters
 * ``hollow:blocks=down_blocks.3+mid_block+up_blocks.0``  a cut by name ("+" between names)
 * ``lora``, ``lora:r=1``    plain LoRA on the whole U-Net (rank from ``--rank`` unless ``r=``)
 * ``full``, ``full:lr=5e-6``  full fine-tuning of every U-Net weight
-* options combine: ``hollow@0.56:r=8:lr=2e-4:steps=800``
+* ``hollow:weights=nf4``    the frozen weights in stage 2 stored int8 / nf4 (or fp32 / bf16 / fp16),
+  overriding ``--precision`` for training only (generation runs the original model at ``--precision``)
+* ``hollow:stream=1``       streamed frozen weights (``hollownet train --stream-weights``)
+* ``hollow:opt=in-backward``  AdamW applied inside backward (``--optimizer adamw-in-backward``)
+* options combine: ``hollow@0.56:r=8:lr=2e-4:steps=800``, ``hollow:weights=int8:opt=in-backward``
 
 ``r`` (rank), ``alpha`` (LoRA alpha), ``lr`` and ``steps`` override the run-wide ``--rank``,
 ``--lora-alpha``, ``--lr`` and ``--steps`` for that method; ``@FRACTION`` and ``blocks=`` are for
-``hollow`` only, ``r``/``alpha`` not for ``full``. The canonical form of a spec (options in the order
+``hollow`` only, ``r``/``alpha``/``weights``/``stream``/``opt`` not for ``full``. The canonical form of a spec (options in the order
 above) names the method in the table and, with ":" written as "_", its folder.
 
 Outputs (all under ``--output``)
@@ -69,7 +73,10 @@ from .errors import HollownetError
 from .store import save_json
 
 METHOD_NAMES = ("hollow", "lora", "full")
-OPTION_KEYS = ("r", "alpha", "lr", "steps", "blocks")
+OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks")
+WEIGHTS = ("fp32", "bf16", "fp16", "int8", "nf4")
+OPTIMIZER_ALIASES = {"adamw": "adamw", "in-backward": "adamw-in-backward", "adamw-in-backward": "adamw-in-backward"}
+_TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 KEEP_CHOICES = ("weights", "all", "results")
@@ -105,6 +112,9 @@ class MethodSpec:
     alpha: float | None = None
     lr: float | None = None
     steps: int | None = None
+    weights: str | None = None  # stage-2 frozen-weight precision (train --precision) for this method
+    stream: bool = False  # train --stream-weights
+    optimizer: str | None = None  # train --optimizer
     blocks: tuple[str, ...] | None = None
 
     @property
@@ -114,6 +124,12 @@ class MethodSpec:
         for k, v in (("r", self.rank), ("alpha", self.alpha), ("lr", self.lr), ("steps", self.steps)):
             if v is not None:
                 text += f":{k}={v:g}" if isinstance(v, float) else f":{k}={v}"
+        if self.weights:
+            text += f":weights={self.weights}"
+        if self.stream:
+            text += ":stream=1"
+        if self.optimizer:
+            text += ":opt=" + ("in-backward" if self.optimizer == "adamw-in-backward" else self.optimizer)
         if self.blocks:
             text += ":blocks=" + "+".join(self.blocks)
         return text
@@ -130,7 +146,7 @@ class MethodSpec:
 def _bad(spec: str, why: str) -> HollownetError:
     return HollownetError(
         f"method spec {spec!r}: {why} (syntax: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full, "
-        f"KEY r|alpha|lr|steps|blocks; e.g. hollow@0.56, lora:r=1, full:lr=5e-6)"
+        f"KEY r|alpha|lr|steps|weights|stream|opt|blocks; e.g. hollow@0.56, lora:r=1, full:lr=5e-6, hollow:weights=nf4)"
     )
 
 
@@ -162,11 +178,28 @@ def parse_method(text: str) -> MethodSpec:
             raise _bad(spec, f"option {option!r} is not KEY=VALUE")
         if key not in OPTION_KEYS:
             raise _bad(spec, f"unknown option {key!r}")
-        target = {"r": "rank"}.get(key, key)
+        target = {"r": "rank", "opt": "optimizer"}.get(key, key)
         if target in fields:
             raise _bad(spec, f"option {key!r} given twice")
-        if key in ("r", "alpha") and name == "full":
+        if key in ("r", "alpha", "weights", "stream", "opt") and name == "full":
             raise _bad(spec, f"{key}= is a LoRA option; full fine-tuning has no LoRA")
+        if key == "weights":
+            if value.lower() not in WEIGHTS:
+                raise _bad(spec, f"weights={value!r} is not one of {'|'.join(WEIGHTS)}")
+            fields["weights"] = value.lower()
+            continue
+        if key == "stream":
+            if name != "hollow":
+                raise _bad(spec, "stream= is only for hollow")
+            if value.lower() not in _TRUE + _FALSE:
+                raise _bad(spec, f"stream={value!r} is not 1 or 0")
+            fields["stream"] = value.lower() in _TRUE
+            continue
+        if key == "opt":
+            if value.lower() not in OPTIMIZER_ALIASES:
+                raise _bad(spec, f"opt={value!r} is not adamw or in-backward")
+            fields["optimizer"] = OPTIMIZER_ALIASES[value.lower()]
+            continue
         if key == "blocks":
             if name != "hollow":
                 raise _bad(spec, "blocks= is only for hollow")
@@ -185,6 +218,12 @@ def parse_method(text: str) -> MethodSpec:
         fields[target] = number
     if "fraction" in fields and "blocks" in fields:
         raise _bad(spec, "give @FRACTION or blocks=, not both")
+    if fields.get("stream") and fields.get("weights") in ("int8", "nf4"):
+        raise _bad(spec, "stream=1 reads float weights; not with weights=int8|nf4")
+    if fields.get("optimizer") == "adamw":
+        fields.pop("optimizer")  # the default: one canonical form
+    if fields.get("stream") is False:
+        fields.pop("stream")
     return MethodSpec(name=name, **fields)
 
 
@@ -309,6 +348,10 @@ def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts
         "resolution": cfg.resolution,
         "precision": cfg.precision,
         "grad_checkpointing": cfg.grad_checkpointing,
+        # the low-memory options only when set, so cells finished before they existed stay valid
+        **({"train_precision": spec.weights} if spec.weights else {}),
+        **({"stream_weights": True} if spec.stream else {}),
+        **({"optimizer": spec.optimizer} if spec.optimizer else {}),
         "seed": seed,
         "prompts": prompts,
         "images_per_prompt": cfg.images_per_prompt,
@@ -490,8 +533,9 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
             model=cfg.model, images=str(cell.subject.folder), prompt=cell.subject.instance_prompt,
             output=str(train_dir), method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
             rank=c["rank"] or cfg.rank, lora_alpha=c["lora_alpha"], resolution=cfg.resolution, steps=c["steps"],
-            batch=cfg.batch, lr=c["lr"], seed=cell.seed, precision=cfg.precision,
-            grad_checkpointing=cfg.grad_checkpointing, checkpoint_every=0, device=cfg.device, track_memory=True,
+            batch=cfg.batch, lr=c["lr"], seed=cell.seed, precision=c.get("train_precision", cfg.precision),
+            grad_checkpointing=cfg.grad_checkpointing, stream_weights=c.get("stream_weights", False),
+            optimizer=c.get("optimizer", "adamw"), checkpoint_every=0, device=cfg.device, track_memory=True,
         ))
         info_path = train_dir / "hollownet.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}

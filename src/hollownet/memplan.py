@@ -868,10 +868,12 @@ class Candidate:
 
     @property
     def fidelity_key(self):
-        """Expected fidelity cost, least first: less hollowing, then fp32 < bf16 < int8 < nf4 weights, then
-        global before per-tensor gradient clipping (adamw-in-backward); checkpointing and streaming cost only time."""
-        return (self.fraction, PRECISION_ORDER.index(self.precision), self.in_backward, self.grad_checkpointing,
-                self.stream_weights)
+        """Expected fidelity cost, least first: nf4 weights last of all (their output error is an order of
+        magnitude above the others', see benchmarks/README.md), then less hollowing, then fp32 < bf16 < int8
+        weights, then global before per-tensor gradient clipping (adamw-in-backward); checkpointing and
+        streaming cost only time."""
+        return (self.precision == "nf4", self.fraction, PRECISION_ORDER.index(self.precision), self.in_backward,
+                self.grad_checkpointing, self.stream_weights)
 
     def label(self) -> str:
         if self.method == "lora":
@@ -941,16 +943,18 @@ class BudgetAnswer:
                 "resolution": self.request.resolution, "batch": self.request.batch, "optimizer": self.request.optimizer,
                 "fits": [c.to_dict() for c in self.fits],
                 "smallest": self.smallest.to_dict() if self.smallest else None,
-                "ranking": "less hollowing first, then fp32 < bf16 < int8 < nf4 frozen weights, then AdamW before adamw-in-backward "
-                           "(per-tensor clipping), then without checkpointing, then without streaming (they cost time only)",
+                "ranking": "nf4 frozen weights last; then less hollowing first, then fp32 < bf16 < int8 frozen weights, then AdamW "
+                           "before adamw-in-backward (per-tensor clipping), then without checkpointing, then without streaming "
+                           "(they cost time only)",
                 "seconds": round(self.seconds, 2)}
 
     def format(self) -> str:
         req = self.request
         head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
                 f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.optimizer}")
-        lines = [head, "ranked by expected fidelity cost: less hollowing first, then fp32 < bf16 < int8 < nf4 weights, then "
-                       "global gradient clipping (AdamW) before per-tensor (in-backward); checkpointing and streaming cost only time", ""]
+        lines = [head, "ranked by expected fidelity cost: nf4 weights last (10x the output error of int8); then less hollowing, "
+                       "then fp32 < bf16 < int8 weights, then global gradient clipping (AdamW) before per-tensor (in-backward); "
+                       "checkpointing and streaming cost only time", ""]
         lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} {'peak':>9}")
         for i, c in enumerate(self.fits, 1):
             weights = c.precision + (" stream" if c.stream_weights else "")

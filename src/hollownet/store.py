@@ -33,6 +33,7 @@ def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename; on a full disk, clean up and say how to resume."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a bench cell that failed before making its folder
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
