@@ -172,10 +172,13 @@ examples:
   hollownet bench --model ./sd21 --dataset ../shared/data/dreambooth --output bench/db --methods hollow,lora,full:lr=5e-6
   hollownet bench ... --methods hollow,hollow@0.56,lora,lora:r=1 --seeds 0-2 --subjects dog,cat --prompts 5
 
-method specs: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full, KEY r|alpha|lr|steps|blocks
+method specs: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full,
+              KEY r|alpha|lr|steps|weights|stream|opt|blocks
   hollow               the paper's cut          hollow@0.56     the valid cut nearest 56% of U-Net params
   hollow:blocks=down_blocks.3+mid_block+up_blocks.0             a cut by name
   lora, lora:r=1       plain LoRA (rank --rank unless r=)         full:lr=5e-6    full fine-tuning
+  hollow:weights=nf4:opt=in-backward   train with nf4 frozen weights, AdamW inside backward
+  hollow:stream=1      streamed frozen weights (train --stream-weights); generation always uses --precision
 Each finished cell (subject x method x seed) is kept in OUTPUT/cells/.../result.json; rerunning the
 same command skips finished cells and retries failed ones. Results: OUTPUT/summary.{md,json,png}.
 """)
