@@ -26,6 +26,7 @@ or ``adamw-in-backward`` (per-parameter AdamW step inside backward, gradients fr
 
     python benchmarks/modes.py                       # (a), (b), (c); writes benchmarks/results/modes.json
     python benchmarks/modes.py --skip-time --skip-error   # (a) only, about a minute
+    python benchmarks/modes.py --measure-real "hollow streamed fp32 + in-backward" --output results/real_stream.json
 """
 
 from __future__ import annotations
@@ -215,6 +216,52 @@ def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, step
     return out
 
 
+# ------------------------------------------------------------------- (d) real measurement
+
+
+def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> dict:
+    """Two real training steps on real (random) weights, the second measured with ``MemoryTracker``,
+    against ``memplan.predict_lowmem_train`` for the same settings; plus this process's peak RSS.
+
+    Run one mode per process (``--measure-real LABEL``): RSS is the process's high-water mark.
+    """
+    import resource
+
+    from diffusers import UNet2DConditionModel
+
+    from hollownet.memory import MemoryTracker
+
+    settings = MODES[label]
+    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
+    predicted, _ = predict_lowmem_train(config, cfg, resolution=resolution, text_dim=config["cross_attention_dim"])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.manual_seed(0)
+    unet, plan, params = build_model(model_dir, {"hollow_blocks": make_plan(meta_unet(config)).hollow_blocks}, cfg)
+    dtype = compute_dtype(cfg)
+    optimizer = make_optimizer(params, cfg)
+    b, embeds = synthetic_batch(config, plan, resolution, 1, dtype, 77, config["cross_attention_dim"])
+    if plan is None and cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    times = []
+    t0 = time.perf_counter()
+    train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype)
+    times.append(time.perf_counter() - t0)
+    tracker = MemoryTracker("cpu").add_resident(unet, optimizer)
+    t0 = time.perf_counter()
+    train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype, tracker)
+    times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = dict(mode=label, resolution=resolution, rank=rank, measured_peak_bytes=tracker.report.peak_bytes,
+               predicted_peak_bytes=predicted.peak_bytes, equal=tracker.report.peak_bytes == predicted.peak_bytes,
+               peak_rss_bytes=rss, rss_before_model_bytes=rss_before, step_seconds=[round(t, 2) for t in times])
+    print(f"  {label}: measured {tracker.report.peak_bytes / GiB:.4f} GiB, predicted {predicted.peak_bytes / GiB:.4f} GiB "
+          f"({'equal' if out['equal'] else 'DIFFERENT'}); process peak RSS {rss / GiB:.2f} GiB "
+          f"({rss_before / GiB:.2f} GiB before the model was built); steps {out['step_seconds']} s", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -235,6 +282,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-stage1", action="store_true")
     ap.add_argument("--skip-error", action="store_true")
     ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument("--measure-real", metavar="LABEL",
+                    help="(d) only: two real steps of this mode at --resolution on --model-dir's weights, the tracker's "
+                         "measurement against the fake prediction, and peak RSS (one mode per process)")
     ap.add_argument("--modes", default="", help="';'-separated subset of mode labels (default: all; labels hold commas)")
     ap.add_argument("--output", default=str(RESULTS / "modes.json"))
     args = ap.parse_args(argv)
@@ -243,6 +293,14 @@ def main(argv=None) -> dict:
     if unknown:
         ap.error(f"unknown mode {unknown[0]!r}; one of: " + "; ".join(MODES))
     modes = {k: v for k, v in MODES.items() if not wanted or k in wanted}
+    if args.measure_real:
+        if args.measure_real not in MODES:
+            ap.error(f"unknown mode {args.measure_real!r}; one of: " + "; ".join(MODES))
+        print(f"(d) real measurement on {Path(args.model_dir).name}, {args.resolution} px, r={args.rank}")
+        result = measure_real(Path(args.model_dir), args.measure_real, rank=args.rank, resolution=args.resolution)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        return result
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "command": "modes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not args.skip_fake:
