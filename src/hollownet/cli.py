@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from .settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, QUANTIZED_PRECISIONS
+from .settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
 
 EPILOG_TRAIN = """\
 examples:
@@ -35,9 +35,6 @@ examples:
 Default is the paper's two-path inference: per denoising step the original U-Net (LoRA off) runs up
 to the hollow's output and the LoRA layers run from it, exactly the function that was trained.
 """
-
-
-OPTIMIZER_CHOICES = ("adamw", "adamw-in-backward")
 
 
 def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -100,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-loss-weight", type=float, default=1.0)
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
-    t.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="adamw",
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -140,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                     help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
-    pl.add_argument("--optimizer", choices=(*OPTIMIZER_CHOICES, "adamw-foreach"), default="adamw",
+    pl.add_argument("--optimizer", choices=(*OPTIMIZERS, "adamw-foreach"), default="adamw",
                     help="AdamW single-tensor (the trainer's; default), adamw-in-backward (as train's), or "
                          "adamw-foreach (torch's multi-tensor AdamW, its default on CUDA: larger step temporaries)")
     pl.add_argument("--steps", type=int, default=400, help="training steps: stage 1 stores steps x batch samples (default 400)")

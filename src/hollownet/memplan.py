@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from .errors import HollownetError
-from .settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
 from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
 from .model import is_under
 from .plan import (
@@ -57,9 +56,11 @@ from .plan import (
     meta_unet,
     resolve_plan,
 )
+from .settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
+from .settings import OPTIMIZERS as TRAIN_OPTIMIZERS
 
 GiB = 1024**3
-OPTIMIZERS = ("adamw", "adamw-in-backward", "adamw-foreach")
+OPTIMIZERS = (*TRAIN_OPTIMIZERS, "adamw-foreach")  # foreach: torch's default AdamW on CUDA
 INFERENCE_DEFINITION = (
     "one U-Net denoising step, no gradients: all U-Net weights in the chosen precision + the activations of "
     "unet(latents, t, text); text encoder and VAE not resident"
@@ -333,13 +334,16 @@ def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
 
 def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tuple[int, ...]:
     """Per sample, what stage 1 stores for this cut (run on meta tensors: shapes only)."""
+    return _hollow_out_shape(mc.unet, plan, latent_size(mc, resolution), mc.text_len, mc.text_dim)
+
+
+def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int):
     from . import hollow as H
 
-    unet = meta_unet(mc.unet)
-    h, w = latent_size(mc, resolution)
+    unet = meta_unet(unet_config)
     with torch.device("meta"), torch.no_grad():
-        x = torch.empty(1, unet.config.in_channels, h, w)
-        out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, mc.text_len, mc.text_dim))
+        x = torch.empty(1, unet.config.in_channels, *latent_hw)
+        out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, text_len, text_dim))
     return tuple(out.shape[1:])
 
 
@@ -422,17 +426,11 @@ def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dic
 def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int,
                        text_dim: int, prompts: int = 1):
     """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
-    from . import hollow as H
-
     h = resolution // 8
     c = unet_config["in_channels"]
     shapes = {"latent": (batch, c, h, h), "embeds": (prompts, text_len, text_dim)}
     if plan is not None:
-        unet = meta_unet(unet_config)
-        with torch.device("meta"), torch.no_grad():
-            out = H.hollow_output(unet, plan, torch.empty(batch, c, h, h), torch.zeros(batch, dtype=torch.long),
-                                  torch.empty(batch, text_len, text_dim))
-        shapes["hollow_out"] = tuple(out.shape)
+        shapes["hollow_out"] = (batch, *_hollow_out_shape(unet_config, plan, (h, h), text_len, text_dim))
     return shapes
 
 
@@ -488,7 +486,8 @@ def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: i
         tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
         train_step(unet, plan, batch_, embeds, params, optimizer, cfg, dtype, tracker)
         info = dict(resident_frozen_bytes=frozen_weight_bytes(unet),
-                    trainable_bytes=sum(p.numel() * p.element_size() for p in params))
+                    trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+                    hollow_out_shape=list(shapes["hollow_out"][1:]) if "hollow_out" in shapes else None)
     streamer = getattr(unet, StreamedWeights.ATTR, None)
     if streamer is not None:
         units = streamer.resident_unit_bytes()
@@ -506,8 +505,7 @@ def _predict_lowmem(mc: ModelConfigs, req: PlanRequest, cfg) -> tuple[MemoryRepo
                                          prompts=req.prompts)
     info = _param_info(mc, req, plan, None)
     info.update(trainable_weight_bytes=extra["trainable_bytes"], frozen_weight_bytes=extra["resident_frozen_bytes"],
-                hollow_out_shape=list(hollow_out_shape(mc, plan, req.resolution)) if plan else None,
-                **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})
+                hollow_out_shape=extra["hollow_out_shape"], **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})
     return report, info
 
 

@@ -45,8 +45,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .errors import HollownetError
+from .settings import OPTIMIZERS, QUANTIZED_PRECISIONS
 
-SCHEMES = ("int8", "nf4")
+SCHEMES = QUANTIZED_PRECISIONS
 NF4_BLOCK = 64
 # The 16 NormalFloat-4 levels (Dettmers et al. 2023, QLoRA, appendix E; as in bitsandbytes).
 NF4_LEVELS = (
@@ -305,7 +306,6 @@ def quantize_model(model: nn.Module, scheme: str, compute_dtype: torch.dtype, *,
 
 # ---------------------------------------------------------------------------------- optimizers
 
-OPTIMIZERS = ("adamw", "adamw-in-backward")
 
 
 class InBackwardAdamW(torch.optim.AdamW):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "nf4")
+OPTIMIZERS = ("adamw", "adamw-in-backward")  # torch's AdamW; the same applied per tensor inside backward
 DEFAULT_QUANTIZED_COMPUTE = "bf16"  # QLoRA's choice; fp32 is faster on CPUs without native bf16, but larger
 # Layer-major stage 1 peaks at about its budget; 700 MiB keeps it under the nf4 / streamed stage 2
 # of SD 2.x at 512 px, r=128 (0.70-0.72 GiB, benchmarks/modes.py).

@@ -227,7 +227,7 @@ def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, d
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
-            if cfg.max_grad_norm and getattr(cfg, "optimizer", "adamw") == "adamw":  # in-backward clips per parameter
+            if cfg.max_grad_norm and cfg.optimizer == "adamw":  # in-backward clips per parameter, inside backward
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
