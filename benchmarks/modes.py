@@ -219,6 +219,43 @@ def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, step
 # ------------------------------------------------------------------- (d) real measurement
 
 
+class RssSampler:
+    """Peak anonymous and file-backed resident memory of this process (Linux ``/proc/self/status``),
+    sampled every 10 ms in a thread. Anonymous pages are what the process owns (tensors, the Python
+    and torch runtime, allocator slack); file-backed ones are mapped files, which the kernel may drop."""
+
+    def __init__(self, every: float = 0.01):
+        import threading
+
+        self.every, self.peak = every, {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            text = Path("/proc/self/status").read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> dict:
     """Two real training steps on real (random) weights, the second measured with ``MemoryTracker``,
     against ``memplan.predict_lowmem_train`` for the same settings; plus this process's peak RSS.
@@ -236,6 +273,7 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
     cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
     predicted, _ = predict_lowmem_train(config, cfg, resolution=resolution, text_dim=config["cross_attention_dim"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = RssSampler().__enter__()
     torch.manual_seed(0)
     unet, plan, params = build_model(model_dir, {"hollow_blocks": make_plan(meta_unet(config)).hollow_blocks}, cfg)
     dtype = compute_dtype(cfg)
@@ -252,13 +290,16 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
     t0 = time.perf_counter()
     train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype, tracker)
     times.append(time.perf_counter() - t0)
+    sampler.__exit__()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = dict(mode=label, resolution=resolution, rank=rank, measured_peak_bytes=tracker.report.peak_bytes,
                predicted_peak_bytes=predicted.peak_bytes, equal=tracker.report.peak_bytes == predicted.peak_bytes,
-               peak_rss_bytes=rss, rss_before_model_bytes=rss_before, step_seconds=[round(t, 2) for t in times])
+               peak_rss_bytes=rss, rss_before_model_bytes=rss_before, peak_rss_anon_bytes=sampler.peak["RssAnon"],
+               peak_rss_file_bytes=sampler.peak["RssFile"], step_seconds=[round(t, 2) for t in times])
     print(f"  {label}: measured {tracker.report.peak_bytes / GiB:.4f} GiB, predicted {predicted.peak_bytes / GiB:.4f} GiB "
           f"({'equal' if out['equal'] else 'DIFFERENT'}); process peak RSS {rss / GiB:.2f} GiB "
-          f"({rss_before / GiB:.2f} GiB before the model was built); steps {out['step_seconds']} s", flush=True)
+          f"({rss_before / GiB:.2f} GiB before the model was built; peak anonymous {sampler.peak['RssAnon'] / GiB:.2f}, "
+          f"file-backed {sampler.peak['RssFile'] / GiB:.2f}); steps {out['step_seconds']} s", flush=True)
     return out
 
 

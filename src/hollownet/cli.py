@@ -58,7 +58,7 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                         "(default bf16; fp32 on CPUs without fast bf16 is faster but takes more memory)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     p.add_argument("--stream-weights", action="store_true",
-                   help="--method hollow: keep the kept layers' frozen weights in the memory-mapped checkpoint and read "
+                   help="--method hollow: keep the kept layers' frozen weights in the checkpoint file on disk and read "
                         "each block only while it runs (about one block resident; turns on --grad-checkpointing; slower)")
     p.add_argument("--layer-major", action=argparse.BooleanOptionalAction, default=None,
                    help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of "

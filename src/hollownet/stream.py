@@ -2,7 +2,7 @@
 
 ``TrainConfig(stream_weights=True)``: the frozen weights of the kept *units* (the (resnet,
 attention) pairs and resamplers of the kept down and up blocks, see ``plan.py``) are not resident.
-The U-Net checkpoint is memory-mapped (:class:`SafetensorsSource`) and a unit's frozen tensors are
+The U-Net checkpoint stays on disk (:class:`SafetensorsSource`) and a unit's frozen tensors are
 read from it only while that unit runs: ``hollow._run_unit`` enters ``StreamedWeights(unit)``, which
 loads the unit's tensors into its modules, and puts them back on the meta device when the unit
 returns. Stage 2 runs every unit under per-unit gradient checkpointing (``stream_weights`` turns it
@@ -13,11 +13,13 @@ the kept network (time embedding, ``conv_in``, ``conv_norm_out``, ``conv_out``: 
 SD 2.x) and the LoRA parameters stay resident; inside a unit only peft's ``base_layer`` tensors (and
 the unit's other frozen tensors: norms, biases) are streamed, never ``lora_A``/``lora_B``.
 
-Each load is a copy out of the page cache (``np.copyto`` from a read-only memory map into a tensor
-allocated by torch), so the memory tracker sees it as the allocation it is, when it happens; the
-mapped file itself is not tensor memory (pages are file-backed and reclaimable). The cost is one
-read of each kept unit's weights per forward and one more per backward recomputation: see
-``benchmarks/modes.py`` for the step time against resident weights.
+Each load is a file read straight into a tensor allocated by torch (``readinto``; after the
+first step the bytes come from the OS page cache), so the memory tracker sees it as the
+allocation it is, when it happens. The file is not memory-mapped: the pages of a map that has been
+read count in the process's resident set (a run was seen at 3.8 GiB RSS for 0.71 GiB of tensors),
+while the page cache is the kernel's, shared and reclaimable. The cost is one read of each kept
+unit's weights per forward and one more per backward recomputation: see ``benchmarks/modes.py``
+for the step time against resident weights.
 
 :func:`build_lowmem_model` builds the trained network for ``precision="int8"|"nf4"`` (``quant.py``)
 and/or ``stream_weights`` from a tensor *source*: :class:`SafetensorsSource` for a real model, or
@@ -28,12 +30,10 @@ the trainer's construction on SD 2.x without its weights (``memplan.predict_lowm
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -52,25 +52,23 @@ _ST_DTYPES = {
 
 
 class SafetensorsSource:
-    """The U-Net's tensors, memory-mapped from its safetensors file(s); read one tensor at a time.
+    """The U-Net's tensors in its safetensors file(s), read one tensor at a time.
 
-    ``read(name, dtype, device)`` allocates the result with torch and copies the bytes into it from the
-    map: the only tensor memory is the result (plus, when the file's dtype or device differs, the
-    staging tensor in the file's dtype on the CPU, freed at once).
+    ``read(name, dtype, device)`` allocates the result with torch and reads the bytes into it from the
+    file: the only memory is the result (plus, when the file's dtype or device differs, the staging
+    tensor in the file's dtype on the CPU, freed at once). Files stay open (one handle each).
     """
 
     def __init__(self, model_dir: str | Path, component: str = "unet"):
         self.files = weight_files(Path(model_dir), component)
-        self._maps: dict[Path, tuple[np.ndarray, int, dict]] = {}
+        self._open_files: dict[Path, tuple[object, int, dict]] = {}
 
     def _open(self, path: Path):
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[path] = (np.frombuffer(mm, dtype=np.uint8), 8 + n, header)
-        return self._maps[path]
+        if path not in self._open_files:
+            f = open(path, "rb")  # noqa: SIM115 - kept open for the source's life; close() closes it
+            (n,) = struct.unpack("<Q", f.read(8))
+            self._open_files[path] = (f, 8 + n, json.loads(f.read(n)))
+        return self._open_files[path]
 
     def info(self, name: str) -> tuple[torch.Size, torch.dtype]:
         _, _, header = self._open(self.files[name])
@@ -84,17 +82,26 @@ class SafetensorsSource:
         """The tensor ``name``; floating tensors cast to ``dtype`` (as ``model.read_tensors``)."""
         if name not in self.files:
             raise HollownetError(f"the U-Net checkpoint has no tensor '{name}'")
-        data, base, header = self._open(self.files[name])
+        f, base, header = self._open(self.files[name])
         entry = header[name]
         file_dtype = _ST_DTYPES[entry["dtype"]]
         start, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=file_dtype)
         if end > start:
-            np.copyto(out.view(-1).view(torch.uint8).numpy(), data[base + start : base + end])
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            f.seek(base + start)
+            done = 0
+            while done < end - start:  # readinto may return short counts
+                got = f.readinto(buf[done:])
+                if not got:
+                    raise HollownetError(f"the U-Net checkpoint '{self.files[name]}' ends early; is it complete?")
+                done += got
         return _cast(out, dtype, device)
 
     def close(self) -> None:
-        self._maps.clear()
+        for f, _, _ in self._open_files.values():
+            f.close()
+        self._open_files.clear()
 
 
 class FakeSource:

@@ -6,7 +6,7 @@ from the same store (its noisy latents, targets and prompt embeddings).
 
 Low-memory modes: ``precision="int8"|"nf4"`` stores the frozen Linear/Conv2d weights quantized
 (``quant.py``, QLoRA-style; compute in ``compute_dtype``, bf16 by default); ``stream_weights`` reads
-each kept unit's frozen weights from the memory-mapped checkpoint only while it runs (``stream.py``);
+each kept unit's frozen weights from the checkpoint file only while it runs (``stream.py``);
 ``optimizer="adamw-in-backward"`` applies AdamW per parameter as its gradient arrives (``quant.py``).
 """
 
