@@ -9,6 +9,8 @@ stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
 
 from __future__ import annotations
 
+from .errors import HollownetError
+
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw-in-backward")  # torch's AdamW; the same applied per tensor inside backward
@@ -32,9 +34,10 @@ def is_low_memory(precision: str, stream_weights: bool) -> bool:
 def stage1_layout(layer_major: bool | None, memory_budget, *, precision: str, stream_weights: bool):
     """``(layer_major, memory_budget)`` for stage 1; ``layer_major=None`` means: decide by the mode."""
     if layer_major is None:
+        if memory_budget is not None:
+            return True, memory_budget  # a budget only means something layer-major (as the help says)
         layer_major = is_low_memory(precision, stream_weights)
-        if layer_major and memory_budget is None:
-            memory_budget = LOW_MEMORY_STAGE1_BUDGET
+        return layer_major, (LOW_MEMORY_STAGE1_BUDGET if layer_major else None)
     if memory_budget is not None and not layer_major:
-        layer_major = True  # a budget only means something layer-major (as the help says)
+        raise HollownetError("--memory-budget applies to layer-major pre-compute: drop --no-layer-major or the budget")
     return layer_major, memory_budget
