@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from hollownet import hollow as H  # noqa: E402
 from hollownet.memplan import make_train_batch, predict_lowmem_train, train_batch_shapes  # noqa: E402
 from hollownet.plan import load_unet_config, make_plan, meta_unet  # noqa: E402
+from hollownet.model import return_freed_memory_promptly  # noqa: E402
 from hollownet.quant import frozen_weight_bytes, relative_error  # noqa: E402
+from hollownet.settings import is_low_memory  # noqa: E402
 from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -273,6 +275,8 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
     cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
     predicted, _ = predict_lowmem_train(config, cfg, resolution=resolution, text_dim=config["cross_attention_dim"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if is_low_memory(cfg.precision, cfg.stream_weights):
+        return_freed_memory_promptly()  # as run_train does
     sampler = RssSampler().__enter__()
     torch.manual_seed(0)
     unet, plan, params = build_model(model_dir, {"hollow_blocks": make_plan(meta_unet(config)).hollow_blocks}, cfg)

@@ -238,8 +238,10 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     budget = None
     if cfg.layer_major:
         from . import layerwise as LW
+        from .model import return_freed_memory_promptly
 
         budget = LW.parse_bytes(cfg.memory_budget)
+        return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
     else:

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from . import hollow as H
 from .errors import HollownetError
 from .export import save_lora
-from .model import load_unet, model_fingerprint, release_memory, resolve_model_dir
+from .model import load_unet, model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
 from .plan import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
 from .precompute import DTYPES
-from .settings import compute_precision
+from .settings import compute_precision, is_low_memory
 from .store import Store, atomic_write
 
 
@@ -174,6 +174,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         raise HollownetError(f"the store in '{store.root}' was made from another model; use a new --output folder")
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(cfg)
+    if is_low_memory(cfg.precision, cfg.stream_weights):
+        return_freed_memory_promptly()  # before the layer-by-layer quantizing / reading starts
     unet, plan, params = build_model(model_dir, manifest, cfg)
     embeds = store.tensors("prompts.safetensors")["embeds"]
     optimizer = make_optimizer(params, cfg)
