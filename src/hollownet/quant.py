@@ -14,7 +14,7 @@ of the autograd graph.
   packed per uint8: 0.5 + 4/64 = 0.5625 bytes a weight. (Checked once against bitsandbytes 0.50.2's
   ``quantize_4bit(blocksize=64, quant_type="nf4")``: identical dequantized weights.)
 
-Why a small implementation of our own and not a library (checked with torch 2.13.0+cpu, Nov 2025):
+Why a small implementation of our own and not a library (checked with torch 2.13.0+cpu):
 ``torchao`` 0.18.0 and ``bitsandbytes`` 0.50.2 both install from PyPI without replacing torch, and
 both quantize ``nn.Linear`` on the CPU under peft's LoRA layers. Neither quantizes ``nn.Conv2d``:
 torchao's ``Int8Tensor`` has no ``aten.convolution`` (NotImplementedError) and bitsandbytes has no
