@@ -98,35 +98,18 @@ def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution
 
 
 def stage1_peaks(model: str, resolution: int, budgets: list[str], samples: int, photos: int) -> dict:
-    """Layer-major stage 1's predicted peak (``layerwise.predict_peak``) per budget; {} if unavailable."""
-    try:
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextConfig, CLIPTextModel
+    """Layer-major stage 1's predicted peak in fp32 per budget (``memplan.predict_precompute_layer_major``)."""
+    from hollownet.memplan import PlanRequest, load_model_configs, predict_precompute_layer_major
 
-        from hollownet import layerwise as LW
-        from hollownet.plan import CONFIG_DIR
-    except Exception as e:  # another module's planner: optional here
-        return {"error": f"{type(e).__name__}: {e}"}
-
-    def cfg(name):
-        return {k: v for k, v in json.loads((CONFIG_DIR / name).read_text()).items() if not k.startswith("_")}
-
+    mc = load_model_configs(model)
     out = {}
     for budget in budgets:
-        unet = meta_unet(load_unet_config(model)).requires_grad_(False).eval()
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config(cfg(f"{model}_vae.json")).requires_grad_(False).eval()
-            text = CLIPTextModel(CLIPTextConfig(**cfg(f"{model}_text_encoder.json"))).requires_grad_(False).eval()
+        req = PlanRequest(model=model, resolution=resolution, steps=samples, photos=photos, layer_major=True,
+                          memory_budget=budget)
         t0 = time.perf_counter()
-        try:
-            pred = LW.predict_peak(unet, make_plan(unet), vae=vae, text=text, resolution=resolution, num_samples=samples,
-                                   photos=photos, budget=budget, dtype=torch.float32)
-        except Exception as e:
-            out[budget] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        s = pred["summary"]
+        s = predict_precompute_layer_major(mc, req)
         out[budget] = dict(peak_bytes=s["peak_bytes"], peak_gib=round(s["peak_bytes"] / GiB, 4), peak_layer=s["peak_phase"],
-                           unet_spilled_bytes=pred["unet_spilled_bytes"], seconds=round(time.perf_counter() - t0, 1))
+                           unet_spilled_bytes=s["spilled_bytes"], seconds=round(time.perf_counter() - t0, 1))
     return out
 
 

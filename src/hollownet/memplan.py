@@ -352,16 +352,13 @@ def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int,
 
 def _trained_unet(mc: ModelConfigs, req: PlanRequest, cfg):
     """``train.build_model`` on the meta device: the cut, the frozen U-Net, LoRA via the trainer's add_lora."""
-    from .train import add_lora
+    from .train import add_lora_outside
 
     unet = meta_unet(mc.unet).requires_grad_(False).eval()  # as load_unet leaves it
     plan = _cut(unet, req, rank=cfg.rank)
     skip = plan.hollow_prefixes(unet) if plan else []
     if cfg.method != "full":
-        targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
-        if not targets:
-            raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
-        add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+        add_lora_outside(unet, skip, cfg)
     return unet, plan, skip
 
 
@@ -460,7 +457,7 @@ def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: i
     from .plan import make_plan, plan_for_blocks
     from .quant import frozen_weight_bytes
     from .stream import FakeSource, StreamedWeights, build_lowmem_model
-    from .train import add_lora, compute_dtype, make_optimizer, train_step
+    from .train import add_lora_outside, compute_dtype, make_optimizer, train_step
 
     text_dim = text_dim or unet_config["cross_attention_dim"]
     skeleton = meta_unet(unet_config)
@@ -473,7 +470,7 @@ def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: i
     # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
     # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
     skip = plan0.hollow_prefixes(skeleton) if plan0 else []
-    add_lora(skeleton, lora_target_modules(skeleton, skip, tuple(cfg.lora_targets)), cfg.rank, cfg.lora_alpha)
+    add_lora_outside(skeleton, skip, cfg)
     with _fake_mode(), _FakeScalars():
         unet, plan, params = build_lowmem_model(unet_config, source, plan0.hollow_blocks if plan0 else None, cfg,
                                                 device="cpu", skeleton=skeleton)

@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import HollownetError
 from .model import is_under, weight_files
-from .plan import HollowPlan, Unit, lora_target_modules, meta_unet, plan_for_blocks, unit_modules
+from .plan import HollowPlan, Unit, meta_unet, plan_for_blocks, unit_modules
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -189,7 +189,7 @@ class StreamedWeights:
         self._active: list[Unit] = []
 
     def _slot(self, mod, mname, name, t, is_param):
-        key = f"{mname}.{name}".replace(".base_layer.", ".")
+        key = file_key(f"{mname}.{name}")
         if key not in self.source:
             raise HollownetError(f"the U-Net checkpoint has no tensor '{key}'")
         shape, file_dtype = self.source.info(key)
@@ -283,10 +283,8 @@ def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | Non
     function then gives the LoRA parameters fresh fp32 storage (zeros) instead of adding LoRA.
     """
     from .quant import SCHEMES, quantizable, quantize_model
-    from .train import add_lora, compute_dtype
+    from .train import add_lora_outside, compute_dtype
 
-    if cfg.method == "full":
-        raise HollownetError("--method full trains every weight: it cannot use quantized or streamed weights")
     device = torch.device(device or cfg.device)
     unet = skeleton if skeleton is not None else meta_unet(unet_config)
     has_lora = any("lora_" in k for k, _ in state_tensors(unet))
@@ -296,12 +294,8 @@ def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | Non
         plan = plan_for_blocks(meta_unet(unet_config) if has_lora else unet, hollow_blocks, rank=cfg.rank,
                                lora_targets=tuple(cfg.lora_targets))
         skip = plan.hollow_prefixes(unet)
-    elif cfg.stream_weights:
-        raise HollownetError("streamed weights need --method hollow (they ride on its unit-by-unit forward)")
-    dtype = compute_dtype(cfg)
+    dtype = compute_dtype(cfg)  # method / precision / streaming combinations were checked by TrainConfig
     scheme = cfg.precision if cfg.precision in SCHEMES else None
-    if scheme and cfg.stream_weights:
-        raise HollownetError("streamed weights are stored in a float precision: use --precision fp32|bf16|fp16 with them")
     streamed = [n for u in kept_units(plan) for n in unit_modules(unet, u)] if cfg.stream_weights else []
     wanted = [k for k, _ in state_tensors(unet) if "lora_" not in k and not is_under(k, skip)]
     missing = [file_key(k) for k in wanted if file_key(k) not in source]
@@ -328,10 +322,7 @@ def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | Non
     else:
         if streamer is not None:
             streamer.placeholders()
-        targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
-        if not targets:
-            raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
-        params = add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+        params = add_lora_outside(unet, skip, cfg)
     if streamer is not None:
         streamer.release_all()
         streamer.attach(unet)

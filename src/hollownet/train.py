@@ -115,10 +115,15 @@ def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     if cfg.method == "full":
         unet.requires_grad_(True)
         return unet, plan, [p for p in unet.parameters()]
+    return unet, plan, add_lora_outside(unet, skip, cfg)
+
+
+def add_lora_outside(unet, skip: list[str], cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """``add_lora`` on every ``cfg.lora_targets`` layer outside the ``skip`` prefixes (the hollow)."""
     targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
     if not targets:
         raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
-    return unet, plan, add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
+    return add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
 
 
 def add_lora(unet, targets: list[str], rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
@@ -238,8 +243,6 @@ def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, d
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``torch.optim.AdamW(params, lr)``, or its in-backward form (``quant.InBackwardAdamW``)."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr)
     from .quant import make_optimizer as make
 
     return make(params, cfg.optimizer, cfg.lr, cfg.max_grad_norm)
