@@ -13,7 +13,7 @@ Method specs
 
     SPEC   := NAME [ "@" FRACTION ] ( ":" KEY "=" VALUE )*
     NAME   := hollow | lora | full
-    KEY    := r | alpha | lr | steps | weights | stream | opt | blocks
+    KEY    := r | alpha | lr | steps | weights | stream | opt | blocks | samples | infer
 
 * ``hollow``                the paper's cut (``--hollow`` default: up_blocks.0 and its skip partners)
 * ``hollow@0.56``           the skip-symmetric cut nearest to 56 % of U-Net parameters
@@ -24,6 +24,8 @@ Method specs
   overriding ``--precision`` for training only (generation runs the original model at ``--precision``)
 * ``hollow:stream=1``       streamed frozen weights (``hollownet train --stream-weights``)
 * ``hollow:opt=in-backward``  AdamW applied inside backward (``--optimizer adamw-in-backward``)
+* ``hollow:samples=100``    stage 1 stores 100 samples, reused over ``steps x batch`` (less stage-1 time)
+* ``hollow:infer=merged``   generate with the LoRA fused into one path (default: the paper's two-path)
 * options combine: ``hollow@0.56:r=8:lr=2e-4:steps=800``, ``hollow:weights=int8:opt=in-backward``
 
 ``r`` (rank), ``alpha`` (LoRA alpha), ``lr`` and ``steps`` override the run-wide ``--rank``,
@@ -71,14 +73,18 @@ from typing import Callable
 
 from .errors import HollownetError
 from .store import save_json
+from .toy import model_dir as toy_model_dir
 
 METHOD_NAMES = ("hollow", "lora", "full")
-OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks")
+OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks", "samples", "infer")
+INFER_MODES = ("two-path", "merged")
 WEIGHTS = ("fp32", "bf16", "fp16", "int8", "nf4")
 OPTIMIZER_ALIASES = {"adamw": "adamw", "in-backward": "adamw-in-backward", "adamw-in-backward": "adamw-in-backward"}
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 METRICS = ("dino", "clip_i", "clip_t")
-METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+TOY_METRICS = ("toy_subject", "presence", "background", "drift")  # hollownet.toy.bench: the toy's, not SD's
+METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "toy_subject": "toy subject",
+                 "presence": "presence", "background": "background", "drift": "drift"}
 KEEP_CHOICES = ("weights", "all", "results")
 CELL_FORMAT = "hollownet-bench-cell/1"
 SUMMARY_FORMAT = "hollownet-bench/1"
@@ -116,6 +122,8 @@ class MethodSpec:
     stream: bool = False  # train --stream-weights
     optimizer: str | None = None  # train --optimizer
     blocks: tuple[str, ...] | None = None
+    samples: int | None = None  # stage-1 samples (train --num-samples): fewer than steps x batch reuses them
+    infer: str | None = None  # hollow: "merged" generates with the LoRA fused (default: two-path)
 
     @property
     def key(self) -> str:
@@ -132,6 +140,10 @@ class MethodSpec:
             text += ":opt=" + ("in-backward" if self.optimizer == "adamw-in-backward" else self.optimizer)
         if self.blocks:
             text += ":blocks=" + "+".join(self.blocks)
+        if self.samples:
+            text += f":samples={self.samples}"
+        if self.infer:
+            text += f":infer={self.infer}"
         return text
 
     @property
@@ -146,7 +158,7 @@ class MethodSpec:
 def _bad(spec: str, why: str) -> HollownetError:
     return HollownetError(
         f"method spec {spec!r}: {why} (syntax: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full, "
-        f"KEY r|alpha|lr|steps|weights|stream|opt|blocks; e.g. hollow@0.56, lora:r=1, full:lr=5e-6, hollow:weights=nf4)"
+        f"KEY r|alpha|lr|steps|weights|stream|opt|blocks|samples|infer; e.g. hollow@0.56, lora:r=1, full:lr=5e-6, hollow:weights=nf4)"
     )
 
 
@@ -200,6 +212,13 @@ def parse_method(text: str) -> MethodSpec:
                 raise _bad(spec, f"opt={value!r} is not adamw or in-backward")
             fields["optimizer"] = OPTIMIZER_ALIASES[value.lower()]
             continue
+        if key == "infer":
+            if name != "hollow":
+                raise _bad(spec, "infer= is only for hollow (lora and full have one path)")
+            if value.lower() not in INFER_MODES:
+                raise _bad(spec, f"infer={value!r} is not two-path or merged")
+            fields["infer"] = value.lower()
+            continue
         if key == "blocks":
             if name != "hollow":
                 raise _bad(spec, "blocks= is only for hollow")
@@ -209,9 +228,9 @@ def parse_method(text: str) -> MethodSpec:
             fields["blocks"] = blocks
             continue
         try:
-            number = int(value) if key in ("r", "steps") else float(value)
+            number = int(value) if key in ("r", "steps", "samples") else float(value)
         except ValueError:
-            kind = "an integer" if key in ("r", "steps") else "a number"
+            kind = "an integer" if key in ("r", "steps", "samples") else "a number"
             raise _bad(spec, f"{key}={value!r} is not {kind}") from None
         if not (number > 0 and math.isfinite(number)):
             raise _bad(spec, f"{key}={value!r} must be positive")
@@ -224,6 +243,8 @@ def parse_method(text: str) -> MethodSpec:
         fields.pop("optimizer")  # the default: one canonical form
     if fields.get("stream") is False:
         fields.pop("stream")
+    if fields.get("infer") == "two-path":
+        fields.pop("infer")  # the default
     return MethodSpec(name=name, **fields)
 
 
@@ -330,7 +351,8 @@ class _Cell:
         return self.folder / "result.json"
 
 
-def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts: list[str], fingerprint: str) -> dict:
+def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts: list[str], fingerprint: str,
+                 scorer: str = "dino-clip") -> dict:
     """The settings a cell's result depends on; a rerun refuses a finished cell made with others."""
     return {
         "model_fingerprint": fingerprint,
@@ -352,14 +374,16 @@ def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts
         **({"train_precision": spec.weights} if spec.weights else {}),
         **({"stream_weights": True} if spec.stream else {}),
         **({"optimizer": spec.optimizer} if spec.optimizer else {}),
+        **({"num_samples": spec.samples} if spec.samples else {}),
+        **({"infer": spec.infer} if spec.infer else {}),
         "seed": seed,
         "prompts": prompts,
         "images_per_prompt": cfg.images_per_prompt,
         "gen_steps": cfg.gen_steps,
         "guidance": cfg.guidance,
         "scheduler": cfg.scheduler,
-        "dino_model": _model_label(cfg.dino_model),
-        "clip_model": _model_label(cfg.clip_model),
+        **({"scorer": "toy"} if scorer == "toy" else {"dino_model": _model_label(cfg.dino_model),
+                                                       "clip_model": _model_label(cfg.clip_model)}),
     }
 
 
@@ -397,9 +421,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     log = log or (lambda msg: print(msg, flush=True))
     specs = parse_methods(cfg.methods)
     seeds = parse_seeds(cfg.seeds)
+    out = Path(cfg.output)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DatasetWarning)
-        dataset = load_benchmark_dataset(cfg.dataset, identifier=cfg.identifier)
+        if cfg.dataset == "toy":  # the bundled novel subjects, rendered into the output folder
+            from .toy.bench import toy_dataset
+
+            dataset = toy_dataset(out / "toy-subjects", identifier=cfg.identifier)
+        else:
+            dataset = load_benchmark_dataset(cfg.dataset, identifier=cfg.identifier)
     for w in caught:  # e.g. subjects without photos: one line each, not a Python warning with a source line
         if issubclass(w.category, DatasetWarning):
             log(f"note: {w.message}")
@@ -408,7 +438,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     subjects = _select_subjects(dataset, cfg.subjects)
     model_dir = resolve_model_dir(cfg.model)
     fingerprint = model_fingerprint(model_dir)
-    out = Path(cfg.output)
+    # the toy model is scored by the toy evaluator (no DINO / CLIP weights exist for its world)
+    scorer = "toy" if model_dir.resolve() == toy_model_dir() else "dino-clip"
     out.mkdir(parents=True, exist_ok=True)
 
     cells: list[_Cell] = []
@@ -418,14 +449,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
             for seed in seeds:
                 folder = out / "cells" / subject.name / spec.slug / f"seed-{seed}"
                 cells.append(_Cell(subject, spec, seed, folder,
-                                   _cell_config(cfg, spec, subject, seed, prompts, fingerprint)))
+                                   _cell_config(cfg, spec, subject, seed, prompts, fingerprint, scorer)))
     todo = _check_existing(cells, out)
     log(f"bench: {len(subjects)} subject(s) × {len(specs)} method(s) × {len(seeds)} seed(s) = {len(cells)} cells, "
         f"{len(cells) - len(todo)} already finished, {len(todo)} to run")
 
     inference = _inference_reference(cfg, model_dir, fingerprint, out, measure=not cfg.summarize_only, log=log)
     if todo and not cfg.summarize_only:
-        dino, clip = _extractors(cfg)
+        dino, clip = _extractors(cfg) if scorer != "toy" else (None, None)
         unet_params = _unet_params(model_dir)
         for i, cell in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {cell.label}")
@@ -433,8 +464,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
             save_json(cell.result_path, result)
             if result["status"] == "ok":
                 s = result["scores"]
-                log(f"    done in {result['timings']['cell_s']:.1f} s: DINO {s['dino']:.4f}, CLIP-I {s['clip_i']:.4f}, "
-                    f"CLIP-T {s['clip_t']:.4f}")
+                log(f"    done in {result['timings']['cell_s']:.1f} s: "
+                    + ", ".join(f"{METRIC_LABELS[k]} {s[k]:.4f}" for k in metrics_of([result])))
             else:
                 log(f"    FAILED: {result['error']}")
 
@@ -461,6 +492,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     (out / "summary.md").write_text(format_summary(summary), encoding="utf-8")
     if any(m["n_ok"] for m in summary["methods"]):
         plot_summary(summary, out / "summary.png")
+        plot_tradeoffs(summary, out / "tradeoffs.png")
     return summary
 
 
@@ -536,17 +568,27 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
             batch=cfg.batch, lr=c["lr"], seed=cell.seed, precision=c.get("train_precision", cfg.precision),
             grad_checkpointing=cfg.grad_checkpointing, stream_weights=c.get("stream_weights", False),
             optimizer=c.get("optimizer", "adamw"), checkpoint_every=0, device=cfg.device, track_memory=True,
+            num_samples=c.get("num_samples"),
         ))
         info_path = train_dir / "hollownet.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         t1 = time.perf_counter()
-        generate_images(cfg.model, train_dir, c["method"], c["prompts"], images_dir,
-                        images_per_prompt=cfg.images_per_prompt, steps=cfg.gen_steps, guidance=cfg.guidance,
-                        scheduler=cfg.scheduler, resolution=cfg.resolution, precision=cfg.precision,
-                        device=cfg.device, seed=cell.seed)
+        gen = dict(images_per_prompt=cfg.images_per_prompt, steps=cfg.gen_steps, guidance=cfg.guidance,
+                   scheduler=cfg.scheduler, resolution=cfg.resolution, precision=cfg.precision, device=cfg.device,
+                   seed=cell.seed, merged=c.get("infer") == "merged")
+        generate_images(cfg.model, train_dir, c["method"], c["prompts"], images_dir, **gen)
+        if c.get("scorer") == "toy":  # ordinary prompts too: does the subject leak into them (drift)?
+            from .toy.bench import DRIFT_PROMPTS
+
+            generate_images(cfg.model, train_dir, c["method"], list(DRIFT_PROMPTS), cell.folder / "drift", **gen)
         t2 = time.perf_counter()
-        scores = evaluate_folder(images_dir, cell.subject.folder, identifier=identifier, dino_model=dino,
-                                 clip_model=clip, device=cfg.device)
+        if c.get("scorer") == "toy":
+            from .toy.bench import score_cell
+
+            scores = score_cell(images_dir, cell.folder / "drift", cell.subject.folder)
+        else:
+            scores = evaluate_folder(images_dir, cell.subject.folder, identifier=identifier, dino_model=dino,
+                                     clip_model=clip, device=cfg.device)
         t3 = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - a failed cell is recorded, not fatal
         lines = str(e).strip().splitlines()
@@ -577,7 +619,8 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
         "timings": {**record.get("timings", {}), "generate_s": round(t2 - t1, 3), "evaluate_s": round(t3 - t2, 3),
                     "cell_s": round(time.perf_counter() - t0, 3)},
         "loss": {k: v for k, v in (record.get("loss") or {}).items() if k != "history"},
-        "scores": {k: scores[k] for k in (*METRICS, "n_generated", "n_reference", "n_prompts", "per_prompt")},
+        "scores": {k: scores[k] for k in (*metrics_of([{"scores": scores}]), "n_generated", "n_reference", "n_prompts",
+                                          "per_prompt")},
         "finished": _now(),
     }
     _cleanup(cell.folder, cfg.keep)
@@ -588,8 +631,8 @@ def _cleanup(folder: Path, keep: str) -> None:
     if keep == "all":
         return
     if keep == "results":
-        shutil.rmtree(folder / "train", ignore_errors=True)
-        shutil.rmtree(folder / "images", ignore_errors=True)
+        for name in ("train", "images", "drift"):
+            shutil.rmtree(folder / name, ignore_errors=True)
         return
     shutil.rmtree(folder / "train" / "store", ignore_errors=True)
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
@@ -601,11 +644,12 @@ def _now() -> str:
 
 def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
                     images_per_prompt: int, steps: int, guidance: float = 7.5, scheduler: str = "dpm",
-                    resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0) -> dict:
+                    resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
+                    merged: bool = False) -> dict:
     """``images_per_prompt`` images per prompt into ``output`` with one ``manifest.json``; the pipeline loads once.
 
     hollow: the paper's two-path inference (as ``hollownet generate``); lora: the LoRA on the U-Net;
-    full: the fine-tuned U-Net in ``train_dir/unet``. Image ``i`` of prompt ``p`` uses the noise seed
+    full: the fine-tuned U-Net in ``train_dir/unet``; ``merged``: hollow's LoRA fused, one path. Image ``i`` of prompt ``p`` uses the noise seed
     ``seed * 1_000_003 + p * 1_009 + i``, so all methods of a cell see the same starting noise.
     """
     import torch
@@ -622,7 +666,9 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
         if not (train_dir / "unet").is_dir():
             raise HollownetError(f"no fine-tuned unet/ in '{train_dir}'")
         pipe.unet = UNet2DConditionModel.from_pretrained(train_dir / "unet", torch_dtype=DTYPES[precision]).to(device)
-    plan = plan_for_blocks(pipe.unet, info["hollow_blocks"]) if info.get("method") == "hollow" else None
+    plan = plan_for_blocks(pipe.unet, info["hollow_blocks"]) if info.get("method") == "hollow" and not merged else None
+    if merged and method != "full":
+        pipe.fuse_lora()
     resolution = resolution or info.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -636,7 +682,7 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
             entries.append({"file": name, "prompt": prompt, "seed": image_seed})
     save_json(out / "manifest.json", {"images": entries})
     del pipe
-    return {"images": entries, "mode": "two-path" if plan is not None else method}
+    return {"images": entries, "mode": "two-path" if plan is not None else ("merged" if merged else method)}
 
 
 # --------------------------------------------------------------------------
@@ -765,6 +811,7 @@ def aggregate(results: list[dict], inference_peak: int | None = None, methods: l
     every cell of a method); ``vs_inference``: mean training peak / ``inference_peak``.
     Failed cells count in ``n_failed`` and are listed in ``failed``; they add nothing to the means.
     """
+    metrics = metrics_of(results)
     order = list(methods or [])
     for r in results:
         if r["method"] not in order:
@@ -784,10 +831,10 @@ def aggregate(results: list[dict], inference_peak: int | None = None, methods: l
             "seeds": seeds,
             "params": _params(ok),
             "plan": next((r.get("plan") for r in ok if r.get("plan")), None),
-            "scores": {k: _stats(r["scores"][k] for r in ok) for k in METRICS},
+            "scores": {k: _stats(r["scores"][k] for r in ok) for k in metrics},
             "over_seeds": {k: _stats(_stats(r["scores"][k] for r in ok if r["seed"] == s)["mean"] for s in seeds)
-                           for k in METRICS},
-            "per_subject": {s: {k: _stats(r["scores"][k] for r in ok if r["subject"] == s) for k in METRICS}
+                           for k in metrics},
+            "per_subject": {s: {k: _stats(r["scores"][k] for r in ok if r["subject"] == s) for k in metrics}
                             for s in subjects},
             "memory": {k: _stats(r.get("memory", {}).get(k) for r in ok)
                        for k in ("train_peak_bytes", "precompute_peak_bytes")},
@@ -802,6 +849,7 @@ def aggregate(results: list[dict], inference_peak: int | None = None, methods: l
     failed = [{"subject": r["subject"], "method": r["method"], "seed": r["seed"], "error": r.get("error")}
               for r in results if r.get("status") != "ok"]
     return {
+        "metrics": list(metrics),
         "methods": rows,
         "failed": failed,
         "n_cells": len(results),
@@ -809,6 +857,12 @@ def aggregate(results: list[dict], inference_peak: int | None = None, methods: l
         "n_failed": len(failed),
         "inference_peak_bytes": inference_peak,
     }
+
+
+def metrics_of(results: list[dict]) -> tuple[str, ...]:
+    """The score columns: the toy's where the cells were scored by the toy evaluator, else DINO / CLIP."""
+    toy = any("toy_subject" in (r.get("scores") or {}) for r in results)
+    return TOY_METRICS if toy else METRICS
 
 
 def _params(ok: list[dict]) -> dict:
@@ -847,20 +901,26 @@ def format_summary(summary: dict) -> str:
     """The paper-style markdown table, a memory/time table, per-subject scores and failed cells."""
     from .memory import format_bytes
 
-    lines = ["| Method | base params | LoRA params | peak memory | vs inference | DINO | CLIP-I | CLIP-T |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    metrics = summary.get("metrics") or METRICS
+    lines = ["| Method | base params | LoRA params | peak memory | vs inference | "
+             + " | ".join(METRIC_LABELS[k] for k in metrics) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(metrics)]
     for row in summary["methods"]:
         p = row["params"]
         vs = f"{row['vs_inference']:.2f}×" if row.get("vs_inference") is not None else "—"
         lines.append(f"| {_md(row['method'])} | {_fmt_count(p['base'])} | {_fmt_count(p['lora'])} | "
                      f"{_fmt_bytes(row['memory']['train_peak_bytes'])} | {vs} | "
-                     + " | ".join(_fmt_score(row["scores"][k]) for k in METRICS) + " |")
+                     + " | ".join(_fmt_score(row["scores"][k]) for k in metrics) + " |")
     inf = summary.get("inference") or {}
     n_ok, n_all = summary.get("n_ok", 0), summary.get("n_cells", 0)
     lines += ["", f"- {n_ok} of {n_all} cells finished"
               + (f", {summary['n_failed']} failed" if summary.get("n_failed") else "")
               + (f", {len(summary['pending'])} not run yet" if summary.get("pending") else "") + ".",
-              "- DINO, CLIP-I, CLIP-T: raw cosine, mean ± sample std over finished cells (subjects × seeds).",
+              ("- toy subject: cosine of the toy evaluator's features, generated vs subject photos (DINO-like); "
+               "presence: share of images showing the subject; background: share following the prompt's background; "
+               "drift: share of ordinary-prompt images showing the subject (lower is better). All are the toy "
+               "model's figures, not Stable Diffusion's; mean ± sample std over finished cells (subjects × seeds)."
+               if tuple(metrics) == TOY_METRICS else
+               "- DINO, CLIP-I, CLIP-T: raw cosine, mean ± sample std over finished cells (subjects × seeds)."),
               "- base params: U-Net parameters loaded for training (the kept outer layers for hollow); "
               "LoRA params: trained LoRA parameters (full fine-tuning trains every U-Net parameter).",
               "- peak memory: measured training peak (exact live tensor bytes on the device, weights included).",
@@ -878,14 +938,14 @@ def format_summary(summary: dict) -> str:
                      f"{row['n_ok']}/{row['n_cells']} |")
     subjects = list(dict.fromkeys(s for row in summary["methods"] for s in row["per_subject"]))
     if subjects:
-        lines += ["", "Per subject (DINO / CLIP-I / CLIP-T, mean over seeds):", "",
+        lines += ["", f"Per subject ({' / '.join(METRIC_LABELS[k] for k in metrics)}, mean over seeds):", "",
                   "| subject | " + " | ".join(_md(r["method"]) for r in summary["methods"]) + " |",
                   "|---|" + "---:|" * len(summary["methods"])]
         for s in subjects:
             vals = []
             for row in summary["methods"]:
                 st = row["per_subject"].get(s)
-                vals.append("—" if st is None else " / ".join(f"{st[k]['mean']:.3f}" for k in METRICS))
+                vals.append("—" if st is None else " / ".join(f"{st[k]['mean']:.3f}" for k in metrics))
             lines.append(f"| {_md(s)} | " + " | ".join(vals) + " |")
     if summary.get("failed"):
         lines += ["", "Failed cells (rerun the same command to retry them):", ""]
@@ -904,14 +964,15 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     rows = [r for r in summary["methods"] if r["n_ok"]]
     names = [r["method"] for r in rows]
     x = range(len(rows))
-    fig, axes = plt.subplots(1, 4, figsize=(4 * (1.5 + 0.6 * max(2, len(rows))), 4), dpi=100)
-    for ax, k in zip(axes, METRICS):
+    metrics = summary.get("metrics") or METRICS
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=((len(metrics) + 1) * (1.5 + 0.6 * max(2, len(rows))), 4), dpi=100)
+    for ax, k in zip(axes, metrics):
         means = [r["scores"][k]["mean"] for r in rows]
         errs = [r["scores"][k]["std"] or 0.0 for r in rows]
         ax.bar(x, means, yerr=errs, capsize=4, color="tab:blue")
         ax.set_title(METRIC_LABELS[k])
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-    ax = axes[3]
+    ax = axes[len(metrics)]
     mib = [(r["memory"]["train_peak_bytes"]["mean"] or 0) / 2**20 for r in rows]
     ax.bar(x, mib, color="tab:orange", label="training peak")
     inf = summary.get("inference_peak_bytes")
@@ -920,6 +981,50 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     ax.set_title("peak memory (MiB)")
     ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tradeoffs(summary: dict, path: str | Path) -> None:
+    """Fidelity against the hollowed fraction (hollow rows; LoRA FT at 0) and against training peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = (summary.get("metrics") or METRICS)[0]
+    rows = [r for r in summary["methods"] if r["n_ok"] and r["scores"][metric]["mean"] is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    def plain_cut(m: str) -> bool:  # LoRA FT and hollow rows that differ only in their cut
+        opts = m.split(":")[1:]
+        return m == "lora" or (m.startswith("hollow") and all(o.startswith("blocks=") for o in opts))
+
+    cuts = sorted((((r["plan"] or {}).get("fraction", 0.0) if r.get("plan") else 0.0), r["method"], r) for r in rows
+                  if plain_cut(r["method"]))
+    cuts = [(f, r) for f, _, r in cuts]
+    if cuts:
+        xs, ys = [c[0] for c in cuts], [c[1]["scores"][metric]["mean"] for c in cuts]
+        es = [c[1]["scores"][metric]["std"] or 0.0 for c in cuts]
+        a.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
+        for x, y, (_, r) in zip(xs, ys, cuts):
+            a.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    a.set_xlabel("hollowed fraction of U-Net parameters (0 = LoRA FT on the whole U-Net)")
+    a.set_ylabel(METRIC_LABELS[metric])
+    a.set_title("fidelity vs hollowed fraction", fontsize=10)
+    for r in rows:
+        mem = r["memory"]["train_peak_bytes"]["mean"]
+        if mem is not None:
+            b.scatter(mem / 2**20, r["scores"][metric]["mean"], color="tab:blue")
+            b.annotate(r["method"], (mem / 2**20, r["scores"][metric]["mean"]), fontsize=7, xytext=(3, 3),
+                       textcoords="offset points")
+    inf = summary.get("inference_peak_bytes")
+    if inf:
+        b.axvline(inf / 2**20, color="k", linestyle="--", label="inference peak")
+        b.legend(fontsize=7)
+    b.set_xlabel("training peak memory (MiB)")
+    b.set_ylabel(METRIC_LABELS[metric])
+    b.set_title("fidelity vs memory", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -47,9 +47,9 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                           "(default: the paper's cut, ~0.39 on SD 1.x/2.x)")
     cut.add_argument("--hollow-blocks", type=lambda s: [b for b in s.split(",") if b], metavar="B1,B2,...",
                      help="the cut by name, e.g. down_blocks.2.downsamplers,down_blocks.3,mid_block,up_blocks.0")
-    p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (default 512)")
-    p.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 32; 8 with --model toy)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512; 64 with --model toy)")
+    p.add_argument("--batch", type=int, help="samples per step (default 1; 4 with --model toy)")
     p.add_argument("--precision", choices=(*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS), default="fp32",
                    help="storage of the frozen weights: fp32, bf16, fp16, or int8 / nf4 quantized (QLoRA-style, "
                         "computed in bf16; --method hollow or lora). LoRA always trains in fp32 (default fp32)")
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True, help="folder of 3-6 photos of your subject (JPEG/PNG/WebP)")
     t.add_argument("--prompt", required=True, help='instance prompt with a rare identifier, e.g. "a photo of sks dog"')
     t.add_argument("--output", required=True, help="output folder (LoRA, records, store, checkpoints)")
-    t.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
-    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    t.add_argument("--steps", type=int, help="training steps (default 400; 300 with --model toy)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; 1e-3 with --model toy)")
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
     t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                    help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", help="output folder of 'hollownet train' (omit for the base model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--output", required=True, help="folder for PNGs, manifest.json and generate.json")
-    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--steps", type=int, help="denoising steps (default 30; 25 with --model toy)")
     g.add_argument("--resolution", type=int, help="image size (default: the training resolution)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 3 with --model toy)")
     g.add_argument("--negative-prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=4)
@@ -159,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     e.add_argument("--device", default=None)
 
-    d = sub.add_parser("demo", help="the whole pipeline offline on a tiny bundled model and photos")
+    d = sub.add_parser("demo", help="personalize a novel subject on the bundled toy model, offline; before/after sheet")
     d.add_argument("--output", default="hollownet-demo", help="folder for everything the demo writes (default ./hollownet-demo)")
-    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--model", default="toy", help="toy (default: the bundled toy model) or a Stable Diffusion folder "
+                                                  "(then the bundled dog photos at 512 px)")
+    d.add_argument("--steps", type=int, help="training steps (default 300 on the toy model, 400 otherwise)")
 
     b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset (the paper's table)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
@@ -185,18 +187,18 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--methods", default="hollow,lora", help="comma-separated method specs (default hollow,lora; see below)")
     b.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
     b.add_argument("--subjects", type=lambda s: [x for x in s.split(",") if x], help="comma-separated subject names (default all)")
-    b.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
-    b.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    b.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    b.add_argument("--steps", type=int, help="training steps (default 400; 300 with --model toy)")
+    b.add_argument("--lr", type=float, help="learning rate (default 1e-4; 1e-3 with --model toy)")
+    b.add_argument("--rank", type=int, help="LoRA rank (default 32; 8 with --model toy)")
     b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
-    b.add_argument("--resolution", type=int, default=512, help="training and generation resolution (default 512)")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--resolution", type=int, help="training and generation resolution (default 512; 64 with --model toy)")
+    b.add_argument("--batch", type=int, help="samples per step (default 1; 4 with --model toy)")
     b.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     b.add_argument("--grad-checkpointing", action="store_true")
     b.add_argument("--images-per-prompt", type=int, default=4, help="generated images per evaluation prompt (default 4)")
     b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
-    b.add_argument("--gen-steps", type=int, default=30, help="denoising steps per image (default 30)")
-    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--gen-steps", type=int, help="denoising steps per image (default 30; 25 with --model toy)")
+    b.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5; 3 with --model toy)")
     b.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm")
     b.add_argument("--identifier", default="sks", help="subject token in the prompts (default sks)")
     b.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
@@ -311,8 +313,22 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .workflow import run_demo
 
-    run_demo(args.output, steps=args.steps)
+    run_demo(args.output, model=args.model, steps=args.steps)
     return 0
+
+
+def _fill_model_defaults(args) -> None:
+    """Flags left unset take the base model's defaults (settings.model_defaults: SD's, or the toy model's)."""
+    if not getattr(args, "model", None) or args.command == "demo":
+        return
+    from .settings import model_defaults
+
+    d = model_defaults(args.model)
+    if args.command == "generate":
+        d = {"steps": d["gen_steps"], "guidance": d["guidance"]}  # generate's --steps are denoising steps
+    for key, value in d.items():
+        if getattr(args, key, 0) is None:
+            setattr(args, key, value)
 
 
 def _quiet_libraries() -> None:
@@ -370,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries()
+    _fill_model_defaults(args)
     from .data import DatasetError, PhotoError
     from .errors import HollownetError
 

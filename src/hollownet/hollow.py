@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import HollownetError
 from .plan import HollowPlan, Unit
 
 
@@ -31,17 +32,39 @@ class Context:
     unit_weights: Callable | None = None
 
 
-def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Tensor, grad_checkpointing=False) -> Context:
-    """Stage 1 of diffusers' forward: time (and added) embeddings, text projection."""
+def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Tensor, grad_checkpointing=False,
+                 added_cond_kwargs: dict | None = None) -> Context:
+    """Stage 1 of diffusers' forward: time, class and added embeddings, text projection."""
+    check_supported(unet)
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs or {})
+    if aug is not None:
+        emb = emb + aug
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     factor = 2**unet.num_upsamplers
     upsample = any(d % factor for d in sample.shape[-2:])
-    text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=None)
+    text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs)
     return Context(emb=emb, text=text, upsample=upsample, grad_checkpointing=grad_checkpointing,
                    unit_weights=getattr(unet, "hollownet_unit_weights", None))
+
+
+# What the split forward follows of diffusers' forward. Anything else would be computed silently
+# wrong, so it is refused (tested against unet(...) for each supported variant).
+SUPPORTED_ADDED_EMBEDDINGS = (None, "text")
+
+
+def check_supported(unet: nn.Module) -> None:
+    cfg = unet.config
+    if cfg.addition_embed_type not in SUPPORTED_ADDED_EMBEDDINGS:
+        raise HollownetError(f"U-Nets with addition_embed_type={cfg.addition_embed_type!r} are not supported yet "
+                             "(supported: none, 'text'); use an SD 1.x/2.x-style model")
+    if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
+        raise HollownetError("U-Nets with class embeddings are not supported (the pipelines pass no class labels); "
+                             "use an SD 1.x/2.x-style model")
+    if cfg.time_cond_proj_dim is not None:
+        raise HollownetError("U-Nets with a timestep_cond projection (LCM-style) are not supported yet")
 
 
 def _run_unit(unet: nn.Module, unit: Unit, h: torch.Tensor, ctx: Context, skip=None, size=None) -> torch.Tensor:

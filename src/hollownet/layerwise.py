@@ -58,6 +58,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import HollownetError
+from . import hollow as H
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
 #: layer in flight (its weights and one chunk's activations).
@@ -526,9 +527,14 @@ def unet_hollow_layers(unet: nn.Module, plan, arrays: Arrays, text: Callable[[sl
     factor = 2**unet.num_upsamplers
     upsample = any(d % factor for d in latent_hw)
 
-    def time_fn(rows, x, t):
+    H.check_supported(unet)
+
+    def time_fn(rows, x, t):  # hollow.make_context's embedding part
         t_emb = unet.get_time_embed(sample=x.to(dtype), timestep=t)
         emb = unet.time_embedding(t_emb, None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text(rows), added_cond_kwargs={})
+        if aug is not None:
+            emb = emb + aug
         return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
 
     def conv_in(rows, x):
@@ -537,7 +543,8 @@ def unet_hollow_layers(unet: nn.Module, plan, arrays: Arrays, text: Callable[[sl
             x = 2 * x - 1.0
         return unet.conv_in(x)
 
-    layers = [Layer("time_embedding", ["time_embedding"], ["noisy", "timestep"], "emb", time_fn),
+    time_modules = ["time_embedding"] + (["add_embedding"] if getattr(unet, "add_embedding", None) is not None else [])
+    layers = [Layer("time_embedding", time_modules, ["noisy", "timestep"], "emb", time_fn),
               Layer("conv_in", ["conv_in"], ["noisy"], "conv_in", conv_in)]
 
     def add_x(name, modules, fn, extra=()):  # hidden state first, then extra inputs

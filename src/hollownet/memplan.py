@@ -44,6 +44,7 @@ from torch import nn
 from .errors import HollownetError
 from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
 from .model import is_under
+from .toy import NAME as TOY, model_dir as toy_model_dir
 from .plan import (
     BUNDLED_UNETS,
     CONFIG_DIR,
@@ -109,7 +110,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_model_configs(model: str | Path) -> ModelConfigs:
-    """``sd15``, ``sd21``, ``sdxl`` (bundled configs) or a diffusers folder (its ``*/config.json``)."""
+    """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model) or a diffusers folder."""
     name = str(model)
     if name in BUNDLED_UNETS:
         mc = ModelConfigs(
@@ -122,7 +123,7 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
         if mc.text_encoder is None:
             mc.notes.append(f"stage 1 for {name}: its text encoder(s) and VAE are not modelled (U-Net part only)")
         return mc
-    path = Path(name).expanduser()
+    path = toy_model_dir() if name == TOY else Path(name).expanduser()
     if not (path / "unet" / "config.json").is_file():
         raise HollownetError(
             f"unknown model '{name}': give sd15, sd21, sdxl or a diffusers model folder (one with unet/config.json)"

@@ -18,14 +18,16 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import HollownetError
+from .toy import NAME as TOY, model_dir as toy_model_dir
 
 LAYOUT = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local diffusers folder, or a hub id fetched into the local cache (where a network exists)."""
-    path = Path(model).expanduser()
+    """A local diffusers folder, the bundled toy model (``toy``), or a hub id fetched into the local cache
+    (where a network exists)."""
+    path = toy_model_dir() if str(model) == TOY else Path(model).expanduser()
     if path.exists():
         check_layout(path)
         return path

@@ -130,10 +130,12 @@ def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
     return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks)
 
 
-def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int) -> list[dict]:
+def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int,
+                 photo_prompts: list[int] | None = None) -> list[dict]:
     """The fixed, seeded list of training samples; sample i gets noise seeded by (seed, i).
 
     With prior preservation, samples alternate instance / class (so a batch of 2k holds k of each).
+    ``photo_prompts[j]``: the prompt index of instance photo j (per-photo captions; default 0).
     """
     g = torch.Generator().manual_seed(cfg.seed)
     table = []
@@ -141,7 +143,8 @@ def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train
     for i in range(cfg.num_samples):
         if not perm_i:
             perm_i = torch.randperm(n_instance, generator=g).tolist()
-        entry = dict(latent=perm_i.pop(), prompt=0, weight=1.0)
+        j = perm_i.pop()
+        entry = dict(latent=j, prompt=photo_prompts[j] if photo_prompts else 0, weight=1.0)
         if n_class and i % 2 == 1:
             if not perm_c:
                 perm_c = torch.randperm(n_class, generator=g).tolist()
@@ -154,6 +157,29 @@ def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train
 
 def sample_noise(seed: int, shape) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def photo_captions(folder: str | Path, names: list[str], prompt: str) -> list[str]:
+    """kohya's convention: ``NAME.txt`` beside a photo is that photo's caption, else the instance prompt.
+
+    A caption must keep the identifier the instance prompt teaches (its first rare word): a photo
+    captioned without it would train the base model's plain words instead, silently.
+    """
+    identifier = next((w for w in prompt.split() if w not in ("a", "an", "the", "photo", "of")), None)
+    out = []
+    for name in names:
+        txt = Path(folder).expanduser() / (Path(name).stem + ".txt")
+        if not txt.is_file():
+            out.append(prompt)
+            continue
+        caption = " ".join(txt.read_text(encoding="utf-8", errors="replace").split())
+        if not caption:
+            raise HollownetError(f"caption file {txt} is empty: write the photo's prompt in it or delete it")
+        if identifier and identifier not in caption.split():
+            raise HollownetError(f"caption {txt.name} ({caption!r}) lacks the identifier {identifier!r} of --prompt; "
+                                 "add it (e.g. 'a photo of sks dog on a sofa')")
+        out.append(caption)
+    return out
 
 
 def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
@@ -218,7 +244,11 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     pixels, names = load_photos(cfg.images, cfg.resolution)
     class_pixels, class_names = (load_photos(cfg.class_images, cfg.resolution) if cfg.class_images else (pixels[:0], []))
     scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    captions = photo_captions(cfg.images, names, cfg.prompt)
+    # prompt 0 is the instance prompt, then the class prompt, then any per-photo captions
     prompts = [cfg.prompt] + ([cfg.class_prompt] if cfg.class_prompt else [])
+    prompts += [c for c in dict.fromkeys(captions) if c not in prompts]
+    photo_prompts = [prompts.index(c) for c in captions]
     identity = dict(
         format=FORMAT,
         model=str(cfg.model),
@@ -245,7 +275,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     if store.exists():
         store.check_identity(identity)
     else:
-        table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps)
+        table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps, photo_prompts)
         store.write_manifest({**identity, "photo_files": names, "class_photo_files": class_names,
                               "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})

@@ -41,3 +41,20 @@ def stage1_layout(layer_major: bool | None, memory_budget, *, precision: str, st
     if memory_budget is not None and not layer_major:
         raise HollownetError("--memory-budget applies to layer-major pre-compute: drop --no-layer-major or the budget")
     return layer_major, memory_budget
+
+
+# Run defaults by base model. Stable Diffusion's are the paper's (512 px, r=32 as diffusers' scripts,
+# lr 1e-4, batch 1); the toy model (64 px, 10x narrower blocks than SD) gets its own: the LoRA rank
+# scaled with the channel width, a larger learning rate and batch. ``--model toy`` picks these for any
+# flag left unset; an explicit flag always wins.
+SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30}
+TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 3.0, "gen_steps": 25}
+
+
+def model_defaults(model) -> dict:
+    from pathlib import Path
+
+    from .toy import NAME, model_dir
+
+    is_toy = str(model) == NAME or Path(str(model)).expanduser().resolve() == model_dir()
+    return dict(TOY_DEFAULTS if is_toy else SD_DEFAULTS)

@@ -189,7 +189,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     start, losses = 0, []
     if cfg.resume:
         start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer)
-    per_step = cfg.batch * (2 if len(manifest["prompts"]) > 1 else 1)  # prior preservation doubles it
+    per_step = cfg.batch * (2 if manifest.get("class_photo_files") else 1)  # prior preservation doubles it
     if plan is None and cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

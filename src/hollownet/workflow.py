@@ -5,6 +5,7 @@ photos -> stage 1 (precompute.py) -> store -> stage 2 (train.py) -> LoRA (export
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,25 +153,83 @@ def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def run_demo(output: str | Path, steps: int = 30) -> dict:
-    """Tiny random model + bundled photos, the whole pipeline, offline, in about a minute on a CPU."""
+def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -> dict:
+    """Personalize a novel subject, generate it where its photos never were, show before / after.
+
+    ``model="toy"`` (default): the bundled toy model and one of its novel subjects (rendered photos),
+    offline, a few minutes on a CPU; scored by the toy evaluator against the base model. Any other
+    ``model`` (a Stable Diffusion folder or hub id): the bundled dog photos at 512 px.
+    Writes ``OUTPUT/sheet.png`` (photos | base model | personalized), the LoRA and the images.
+    """
+    from PIL import Image
+
     from .data import demo_photos_dir
     from .infer import GenerateConfig, run_generate
-    from .tiny import build_tiny_model
+    from .memory import format_bytes
+    from .settings import model_defaults
+    from .toy import NAME as TOY
+    from .toy import world as W
 
     out = Path(output)
-    model = out / "tiny-model"
-    if not (model / "model_index.json").exists():
-        print(f"building a tiny random-weight SD model in {model} (offline) ...")
-        build_tiny_model(model)
-    print(f"personalizing on the bundled photos in {demo_photos_dir()} ...")
-    record = personalize(TrainRequest(model=str(model), images=str(demo_photos_dir()), prompt="a photo of sks dog",
-                                      output=str(out / "lora"), resolution=64, steps=steps, rank=4, lr=1e-3,
-                                      checkpoint_every=0))
+    d = model_defaults(model)
+    if model == TOY:
+        photos_dir, subject = out / "photos", "plus"
+        photos_dir.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(W.subject_photos(subject, 5)):
+            img.save(photos_dir / f"{i:02d}.png")
+        prompt, prompts = W.INSTANCE_PROMPT, W.evaluation_prompts()
+        print(f"toy subject '{subject}' ({W.SUBJECTS[subject].description}), photos on "
+              f"{' and '.join(W.PHOTO_BACKGROUNDS)} backgrounds: {photos_dir}")
+    else:
+        photos_dir, prompt = demo_photos_dir(), "a photo of sks dog"
+        prompts = ["a photo of sks dog on the beach", "a photo of sks dog in the snow"]
+    print(f"personalizing with Hollowed Net: {prompt!r} ...")
+    record = personalize(TrainRequest(model=model, images=str(photos_dir), prompt=prompt, output=str(out / "lora"),
+                                      resolution=d["resolution"], steps=steps or d["steps"], rank=d["rank"], lr=d["lr"],
+                                      batch=d["batch"], checkpoint_every=0))
     print(record["summary"])
-    gen = run_generate(GenerateConfig(model=str(model), lora=str(out / "lora"), prompt="a photo of sks dog on the beach",
-                                      output=str(out / "images"), steps=10, num_images=2))
-    print(f"generated {len(gen['images'])} images in {out / 'images'} ({gen['mode']} inference)")
-    print("note: the demo model has random weights, so its images are noise; point --model at a real "
-          "Stable Diffusion folder for real pictures. Memory figures are for the tiny model.")
-    return {"train": record, "generate": gen}
+    rows: dict[str, list] = {"photos": [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir())
+                                        if p.suffix.lower() in (".png", ".jpg", ".jpeg")]}
+    gens = {}
+    for label, lora in (("base model", None), ("personalized", str(out / "lora"))):
+        rows[label] = []
+        for j, p in enumerate(prompts):
+            folder = out / "images" / ("base" if lora is None else "personalized") / f"p{j}"
+            gens[label] = run_generate(GenerateConfig(model=model, lora=lora, prompt=p, output=str(folder), num_images=2,
+                                                      steps=d["gen_steps"], guidance=d["guidance"], seed=j * 100))
+            rows[label] += [Image.open(folder / f) for f in gens[label]["images"]]
+    contact_sheet(rows, out / "sheet.png", caption=f"prompts: {'; '.join(prompts)}")
+    result = {"train": record, "generate": gens["personalized"], "sheet": str(out / "sheet.png")}
+    peak = (gens["personalized"].get("memory") or {}).get("peak_bytes")
+    print(f"generation ({gens['personalized']['mode']}) peak memory {format_bytes(peak)}; sheet: {out / 'sheet.png'}")
+    if model == TOY:
+        from .toy.evaluator import load_evaluator, score_images
+
+        ev = load_evaluator()
+        bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(2)]
+        scores = {k: score_images(ev, rows[k], rows["photos"], backgrounds=bgs) for k in ("base model", "personalized")}
+        result["toy_scores"] = scores
+        for k, v in scores.items():
+            print(f"toy scores, {k:12s}: subject {v['toy_subject_score']:.3f}, subject present "
+                  f"{v['presence']:.0%}, background followed {v['background_followed']:.0%}")
+        print("(the toy model's figures, measured by the toy evaluator: not Stable Diffusion's)")
+    save_json(out / "demo.json", json.loads(json.dumps(result, default=str)))
+    return result
+
+
+def contact_sheet(rows: dict[str, list], path: Path, caption: str = "", cell: int = 128) -> None:
+    """One labelled row of images per entry (upscaled to ``cell`` px, nearest: a 64 px image stays crisp)."""
+    from PIL import Image, ImageDraw
+
+    label_w, pad = 110, 4
+    cols = max(len(v) for v in rows.values())
+    sheet = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad) + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows.items()):
+        y = r * (cell + pad)
+        draw.text((6, y + cell // 2 - 6), label, fill=(0, 0, 0))
+        for c, img in enumerate(images):
+            sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + pad), y))
+    draw.text((6, len(rows) * (cell + pad) + 4), caption[:160], fill=(60, 60, 60))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)

@@ -1,0 +1,74 @@
+"""The toy benchmark: novel toy subjects as a benchmark dataset, and the toy scores of one cell.
+
+``hollownet bench --model toy --dataset toy`` renders :data:`world.SUBJECTS` (5 photos each, on the
+photo backgrounds) into ``OUTPUT/toy-subjects/`` and evaluates on the backgrounds the photos never
+showed. Columns (all the toy's, not Stable Diffusion's):
+  toy_subject   DINO-like: cosine of the toy evaluator's features, generated vs subject photos
+  presence      share of generated images in which the subject is drawn (pixel rule)
+  background    share of generated images whose background is the one the prompt named
+  drift         share of images for *ordinary* world prompts in which the subject appears anyway
+                (language drift: lower is better)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..data import BenchmarkDataset, BenchmarkSubject
+from . import world as W
+
+# ordinary prompts (no identifier) on the unseen backgrounds: the subject should not appear in them
+DRIFT_PROMPTS = ("a red circle on a black background", "a blue square on a teal background",
+                 "a yellow triangle on a navy background")
+
+
+def toy_dataset(root: Path, identifier: str = "sks", photos: int = 5, names: list[str] | None = None) -> BenchmarkDataset:
+    """Render the toy subjects into ``root/<name>/NN.png`` (once) and describe them as a benchmark."""
+    subjects = []
+    for name in names or list(W.SUBJECTS):
+        folder = root / name
+        paths = [folder / f"{i:02d}.png" for i in range(photos)]
+        if not all(p.exists() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            for p, img in zip(paths, W.subject_photos(name, photos)):
+                img.save(p)
+        subjects.append(BenchmarkSubject(
+            name=name, class_noun="shape", is_live=False, photo_paths=tuple(paths),
+            prompts=tuple(W.evaluation_prompts(identifier)), identifier=identifier,
+            instance_prompt=f"a {identifier} shape", class_prompt="a shape"))
+    return BenchmarkDataset(root=root, subjects=tuple(subjects), identifier=identifier)
+
+
+def background_named(prompt: str) -> str | None:
+    m = re.search(r"on an? (\w+) background", prompt)
+    return m.group(1) if m and m.group(1) in W.BACKGROUNDS else None
+
+
+def _manifest_images(folder: Path):
+    from PIL import Image
+
+    entries = json.loads((folder / "manifest.json").read_text())["images"]
+    return [Image.open(folder / e["file"]).convert("RGB") for e in entries], [e["prompt"] for e in entries]
+
+
+def score_cell(images_dir: Path, drift_dir: Path, photos_dir: Path, evaluator=None) -> dict:
+    """The toy columns for one cell: subject images in ``images_dir``, ordinary-prompt images in ``drift_dir``."""
+    from PIL import Image
+
+    from .evaluator import load_evaluator, score_images, subject_colours, subject_present
+
+    evaluator = evaluator or load_evaluator()
+    photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    images, prompts = _manifest_images(images_dir)
+    s = score_images(evaluator, images, photos, backgrounds=[background_named(p) for p in prompts])
+    drift_images, _ = _manifest_images(drift_dir)
+    colours = subject_colours(photos)
+    per_prompt = {}
+    for img, p in zip(images, prompts):
+        per_prompt.setdefault(p, []).append(subject_present(img, colours))
+    return {"toy_subject": s["toy_subject_score"], "presence": s["presence"], "background": s["background_followed"],
+            "drift": sum(subject_present(im, colours) for im in drift_images) / max(1, len(drift_images)),
+            "n_generated": len(images), "n_reference": len(photos), "n_prompts": len(set(prompts)),
+            "per_prompt": {p: sum(v) / len(v) for p, v in per_prompt.items()}}
