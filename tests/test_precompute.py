@@ -132,3 +132,25 @@ def test_prior_preservation_alternates_instance_and_class_samples(tiny_model, do
 def test_config_rejects_half_of_prior_preservation(tiny_model, dog_photos, tmp_path):
     with pytest.raises(HollownetError, match="needs both --class-prompt and --class-images"):
         config(tiny_model, dog_photos, tmp_path, class_prompt="a photo of dog")
+
+
+def test_per_photo_captions_kohya_convention(tiny_model, tmp_path):
+    """NAME.txt beside a photo is its caption (kohya's convention); the others keep --prompt."""
+    import shutil
+
+    from hollownet.data import demo_photos_dir
+
+    photos = tmp_path / "photos"
+    shutil.copytree(demo_photos_dir(), photos)
+    first = sorted(p for p in photos.iterdir() if p.suffix == ".jpg")[0]
+    first.with_suffix(".txt").write_text("a photo of sks dog on a sofa\n")
+    run_precompute(config(tiny_model, photos, tmp_path / "store", method="lora"), track_memory=False)
+    m = Store(tmp_path / "store").manifest()
+    assert m["prompts"] == ["a photo of sks dog", "a photo of sks dog on a sofa"]
+    index = m["photo_files"].index(first.name)
+    assert all(s["prompt"] == (1 if s["latent"] == index else 0) for s in m["samples"])
+    assert Store(tmp_path / "store").tensors("prompts.safetensors")["embeds"].shape[0] == 2
+
+    first.with_suffix(".txt").write_text("a photo of a dog on a sofa")  # the identifier is missing
+    with pytest.raises(HollownetError, match="lacks the identifier 'sks'"):
+        run_precompute(config(tiny_model, photos, tmp_path / "store2", method="lora"), track_memory=False)

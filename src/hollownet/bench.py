@@ -701,7 +701,7 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
     import torch
 
     from .memory import MemoryTracker
-    from .model import load_unet, release_memory, resolve_model_dir
+    from .model import load_unet, release_memory, resolve_model_dir, vae_scale_factor
     from .precompute import DTYPES
 
     model_dir = resolve_model_dir(model)
@@ -709,7 +709,7 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
     unet, _ = load_unet(model_dir, dtype=dtype, device=device)
     te_config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     tokens = te_config.get("max_position_embeddings", 77)
-    side = resolution // 8
+    side = resolution // vae_scale_factor(json.loads((model_dir / "vae" / "config.json").read_text()))
     tracker = MemoryTracker(device=device).add_resident(unet)
     with torch.no_grad(), tracker:
         sample = torch.randn(batch, unet.config.in_channels, side, side, device=device, dtype=dtype)

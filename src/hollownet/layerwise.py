@@ -57,8 +57,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import HollownetError
 from . import hollow as H
+from .errors import HollownetError
+from .model import vae_scale_factor
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
 #: layer in flight (its weights and one chunk's activations).
@@ -714,7 +715,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
 
     budget = parse_bytes(budget)
     meter, stats, spilled = PartMeter(True, device), {}, 0
-    h = resolution // 8
+    h = resolution // vae_scale_factor(dict(vae.config) if vae is not None else None)
     text_dim = text.config.hidden_size if text is not None else unet.config.cross_attention_dim
     text_len = text.config.max_position_embeddings if text is not None else 77
     common = dict(meter=meter, budget=budget, batch_size=batch_size, device=device)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import HollownetError
 from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
-from .model import is_under
+from .model import is_under, vae_scale_factor
 from .toy import NAME as TOY, model_dir as toy_model_dir
 from .plan import (
     BUNDLED_UNETS,
@@ -329,7 +329,7 @@ def _added_cond(mc: ModelConfigs, batch: int, dtype) -> dict | None:
 
 
 def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
-    factor = 2 ** (len((mc.vae or {}).get("block_out_channels", [0, 0, 0, 0])) - 1)
+    factor = vae_scale_factor(mc.vae)
     return resolution // factor, resolution // factor
 
 
@@ -422,9 +422,9 @@ def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dic
 
 
 def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int,
-                       text_dim: int, prompts: int = 1):
+                       text_dim: int, prompts: int = 1, vae_factor: int = 8):
     """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
-    h = resolution // 8
+    h = resolution // vae_factor
     c = unet_config["in_channels"]
     shapes = {"latent": (batch, c, h, h), "embeds": (prompts, text_len, text_dim)}
     if plan is not None:
@@ -444,7 +444,8 @@ def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generato
 
 
 def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
-                         hollow_blocks: list[str] | None = None, batch: int | None = None, prompts: int = 1):
+                         hollow_blocks: list[str] | None = None, batch: int | None = None, prompts: int = 1,
+                         vae_factor: int = 8):
     """Stage 2's peak for a low-memory ``cfg`` (int8/nf4, streamed weights, adamw-in-backward), no weights.
 
     Returns ``(MemoryReport, info)``. Runs the trainer's own construction
@@ -467,7 +468,8 @@ def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: i
         plan0 = plan_for_blocks(skeleton, hollow_blocks) if hollow_blocks else make_plan(skeleton)
     dtype = compute_dtype(cfg)
     source = FakeSource.for_module(skeleton)
-    shapes = train_batch_shapes(unet_config, plan0, resolution, batch or cfg.batch, text_len, text_dim, prompts)
+    shapes = train_batch_shapes(unet_config, plan0, resolution, batch or cfg.batch, text_len, text_dim, prompts,
+                                vae_factor)
     # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
     # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
     skip = plan0.hollow_prefixes(skeleton) if plan0 else []
@@ -500,7 +502,7 @@ def _predict_lowmem(mc: ModelConfigs, req: PlanRequest, cfg) -> tuple[MemoryRepo
     plan = _cut(meta_unet(mc.unet), req, rank=req.rank)
     report, extra = predict_lowmem_train(mc.unet, cfg, resolution=req.resolution, text_len=mc.text_len, text_dim=mc.text_dim,
                                          hollow_blocks=plan.hollow_blocks if plan else None, batch=req.per_step,
-                                         prompts=req.prompts)
+                                         prompts=req.prompts, vae_factor=vae_scale_factor(mc.vae))
     info = _param_info(mc, req, plan, None)
     info.update(trainable_weight_bytes=extra["trainable_bytes"], frozen_weight_bytes=extra["resident_frozen_bytes"],
                 hollow_out_shape=extra["hollow_out_shape"], **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})

@@ -85,6 +85,11 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def vae_scale_factor(vae_config: dict | None) -> int:
+    """Pixels per latent pixel: 2 per VAE down block after the first (diffusers' rule; SD's is 8, the toy's 4)."""
+    return 2 ** (len((vae_config or {}).get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+
 def is_under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
