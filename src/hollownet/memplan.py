@@ -110,7 +110,9 @@ def _read_json(path: Path) -> dict | None:
 
 def load_model_configs(model: str | Path) -> ModelConfigs:
     """``sd15``, ``sd21``, ``sdxl`` (bundled configs) or a diffusers folder (its ``*/config.json``)."""
-    name = str(model)
+    from .singlefile import plan_model
+
+    name = plan_model(str(model))  # a single-file checkpoint: its converted folder, or its type's bundled configs
     if name in BUNDLED_UNETS:
         mc = ModelConfigs(
             name=name,
