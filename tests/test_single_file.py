@@ -65,31 +65,23 @@ def test_train_generate_plan_take_a_single_file(single_file, tiny_model, dog_pho
     folder = singlefile.convert_single_file(single_file, config=tiny_model)  # as the previous test left it
     assert resolve_model_dir(single_file) == folder
     code = main(["train", "--model", str(single_file), "--images", str(dog_photos), "--prompt", "a photo of sks dog",
-                 "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", "2", "--device", "cpu"])
+                 "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", "2",
+                 "--lora-alpha", "4", "--device", "cpu", "--format", "kohya"])
     assert code == 0, capsys.readouterr().err
     info = json.loads((tmp_path / "run" / "hollownet.json").read_text())
-    assert info["lora_files"] == ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]
+    assert info["lora_files"] == ["pytorch_lora_weights_kohya.safetensors"]  # --format kohya: that file only
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.safetensors")) == info["lora_files"]
     # stage 2 on the converted folder reads no tensor of the hollow
     skeleton = meta_unet(json.loads((folder / "unet" / "config.json").read_text()))
     hollow = plan_for_blocks(skeleton, info["hollow_blocks"]).hollow_prefixes(skeleton)
     _, read = load_unet(folder, skip=hollow)
     assert read and not any(k == p or k.startswith(p + ".") for k in read for p in hollow)
+    # generate from a folder holding only the kohya file (diffusers' load_lora_weights reads it)
     code = main(["generate", "--model", str(single_file), "--lora", str(tmp_path / "run"), "--prompt", "a sks dog",
                  "--output", str(tmp_path / "gen"), "--steps", "2", "--num-images", "1", "--device", "cpu"])
     assert code == 0 and (tmp_path / "gen" / "000.png").exists()
     assert main(["plan", "--model", str(single_file), "--rank", "2", "--resolution", str(RES), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
-
-def test_kohya_only_output_generates(tiny_model, dog_photos, tmp_path, capsys):
-    code = main(["train", "--model", str(tiny_model), "--images", str(dog_photos), "--prompt", "a photo of sks dog",
-                 "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", "2",
-                 "--lora-alpha", "4", "--device", "cpu", "--format", "kohya"])
-    assert code == 0
-    assert sorted(p.name for p in (tmp_path / "run").glob("*.safetensors")) == ["pytorch_lora_weights_kohya.safetensors"]
-    code = main(["generate", "--model", str(tiny_model), "--lora", str(tmp_path / "run"), "--prompt", "a sks dog",
-                 "--output", str(tmp_path / "gen"), "--steps", "2", "--num-images", "1", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "gen" / "000.png").exists()
 
 
 def test_files_that_are_no_sd_checkpoint_are_refused_in_one_line(dog_photos, tmp_path, capsys, cache):
