@@ -36,6 +36,7 @@ def test_train_then_generate(capsys, tiny_model, dog_photos, tmp_path):
     assert record["memory"]["train"]["peak_bytes"] > 0 and record["memory"]["precompute"]["peak_bytes"] > 0
     assert record["plan"]["hollow_blocks"][-1] == "up_blocks.0"
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "pytorch_lora_weights_kohya.safetensors").exists()  # --format both by default
     assert (tmp_path / "run" / "loss.png").exists()
 
     for extra in ([], ["--merged"]):

@@ -319,6 +319,7 @@ class BenchConfig:
     keep: str = "weights"  # weights | all | results
     summarize_only: bool = False
     device: str = "cpu"
+    lora_format: str = "both"  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
 
     def __post_init__(self):
         if self.keep not in KEEP_CHOICES:
@@ -568,7 +569,7 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
             batch=cfg.batch, lr=c["lr"], seed=cell.seed, precision=c.get("train_precision", cfg.precision),
             grad_checkpointing=cfg.grad_checkpointing, stream_weights=c.get("stream_weights", False),
             optimizer=c.get("optimizer", "adamw"), checkpoint_every=0, device=cfg.device, track_memory=True,
-            num_samples=c.get("num_samples"),
+            num_samples=c.get("num_samples"), lora_format=cfg.lora_format,
         ))
         info_path = train_dir / "hollownet.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}

@@ -24,7 +24,8 @@ Stage 1 (pre-compute) writes OUTPUT/store; it resumes by itself when rerun with 
 With --precision int8|nf4 stage 1 runs the original weights in the compute dtype (bf16 by default).
 'hollownet plan' with the same flags predicts the peak memory of both stages before you start.
 Stage 2 writes OUTPUT/pytorch_lora_weights.safetensors (loadable with diffusers'
-load_lora_weights), OUTPUT/hollownet.json and OUTPUT/train.json (settings, timings, peak memory).
+load_lora_weights), OUTPUT/pytorch_lora_weights_kohya.safetensors (ComfyUI, Forge, AUTOMATIC1111;
+see --format), OUTPUT/hollownet.json and OUTPUT/train.json (settings, timings, peak memory).
 """
 
 EPILOG_GENERATE = """\
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_format(t)
 
     g = sub.add_parser("generate", help="generate images with a trained LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_GENERATE)
@@ -208,6 +210,21 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
                         "results = keep only result.json")
     b.add_argument("--summarize-only", action="store_true", help="run nothing; rebuild the summary from finished cells")
     b.add_argument("--device", default=None)
+    _add_format(b)
+
+    c = sub.add_parser("convert", help="rewrite a LoRA file in the kohya (ComfyUI, Forge, A1111) or diffusers layout",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+examples:
+  hollownet convert runs/dog runs/dog/pytorch_lora_weights_kohya.safetensors        # diffusers -> kohya
+  hollownet convert my_lora_kohya.safetensors out/ --to diffusers                    # kohya -> diffusers
+
+IN is a .safetensors LoRA or a LoRA folder (hollownet, diffusers or kohya layout, U-Net layers only).
+OUT is a file, or a folder (then pytorch_lora_weights[_kohya].safetensors in it). Every module's alpha is
+kept, and the written file is read back and compared: the printed max |dW| is 0 for a lossless conversion.
+""")
+    c.add_argument("input", metavar="IN", help="LoRA file or folder")
+    c.add_argument("output", metavar="OUT", help="output file or folder")
+    c.add_argument("--to", choices=("kohya", "diffusers"), help="target layout (default: the other one)")
 
     a = sub.add_parser("analyze", help="layer significance: size of a plain LoRA's update per U-Net block",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
@@ -236,6 +253,12 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     return parser
 
 
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", dest="lora_format", choices=("diffusers", "kohya", "both"), default="both",
+                   help="LoRA file(s) to write: diffusers = pytorch_lora_weights.safetensors (diffusers' load_lora_weights), "
+                        "kohya = pytorch_lora_weights_kohya.safetensors (ComfyUI, Forge, AUTOMATIC1111); default both")
+
+
 def _version() -> str:
     from . import __version__
 
@@ -262,6 +285,7 @@ def cmd_train(args) -> int:
         prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
         layer_major=args.layer_major, memory_budget=args.memory_budget, compute_dtype=args.compute_dtype,
         stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device),
+        lora_format=args.lora_format,
     ))
     print(record["summary"])
     return 0
@@ -352,7 +376,7 @@ def cmd_bench(args) -> int:
         grad_checkpointing=args.grad_checkpointing, images_per_prompt=args.images_per_prompt, prompts=args.prompts,
         gen_steps=args.gen_steps, guidance=args.guidance, scheduler=args.scheduler, identifier=args.identifier,
         dino_model=args.dino_model, clip_model=args.clip_model, keep=args.keep, summarize_only=args.summarize_only,
-        device=_device(args.device),
+        device=_device(args.device), lora_format=args.lora_format,
     ))
     print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
     print(f"summary: {Path(args.output) / 'summary.md'}, summary.json, summary.png")
@@ -374,7 +398,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze}
+def cmd_convert(args) -> int:
+    from .formats import convert
+
+    r = convert(args.input, args.output, args.to)
+    print(f"{r['from']} -> {r['to']}: {r['modules']} modules, {r['output']} (max |dW| after reading back: {r['max_abs_diff']:.3g})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

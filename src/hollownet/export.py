@@ -2,7 +2,9 @@
 
 The hollowed U-Net keeps the full model's module names, so its LoRA keys are already the full
 U-Net's: ``StableDiffusionPipeline.load_lora_weights(dir)`` loads the file with no conversion.
-Beside it, ``hollownet.json`` records the cut and the settings that ``generate`` needs.
+Beside it, ``hollownet.json`` records the cut and the settings that ``generate`` needs, and (by
+default) ``pytorch_lora_weights_kohya.safetensors`` holds the same LoRA in the kohya layout that
+ComfyUI, Forge and AUTOMATIC1111 read (``formats.py``).
 """
 
 from __future__ import annotations
@@ -29,34 +31,68 @@ def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, to
 
     name = adapter or next(iter(unet.peft_config))
     state = get_peft_model_state_dict(unet, adapter_name=name)
-    return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    converted = convert_state_dict_to_diffusers(state)
+    if any(".lora_A." in k for k in converted) and any(".lora.down." in k for k in converted):
+        # The converter renames only attention projections (to_q/k/v/out.0). With other targets too
+        # (proj_in, conv1 ...) the keys would be mixed, and load_lora_weights picks the layout from the
+        # first key: it silently dropped the attention layers. peft's names throughout load fully.
+        converted = state
+    return {k: v.detach().float().cpu().contiguous() for k, v in converted.items()}
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (+ LoRA config metadata) and ``hollownet.json``."""
+def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | None = None,
+              lora_format: str = "both") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (+ LoRA config metadata) and/or its kohya twin, and ``hollownet.json``.
+
+    ``lora_format``: diffusers, kohya or both. Returns the path of the first file written.
+    """
     from diffusers import StableDiffusionPipeline
 
+    from . import formats
+    from .errors import HollownetError
+
+    if lora_format not in formats.LORA_FORMATS:
+        raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = adapter or next(iter(unet.peft_config))
     metadata = unet.peft_config[name].to_dict()
     metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-    # Written into a scratch folder and renamed, so a crash never leaves half a LoRA file.
-    tmp = out_dir / ".lora.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=lora_state_dict(unet, name), unet_lora_adapter_metadata=metadata, safe_serialization=True
-    )
-    os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
-    shutil.rmtree(tmp, ignore_errors=True)
+    version = formats.base_model_version(unet.config)
+    info = {**info, "base_model_version": version, "lora_files": []}
+    if lora_format in ("diffusers", "both"):
+        # Written into a scratch folder and renamed, so a crash never leaves half a LoRA file.
+        tmp = out_dir / ".lora.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=lora_state_dict(unet, name), unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+        os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
+        shutil.rmtree(tmp, ignore_errors=True)
+        info["lora_files"].append(LORA_FILE)
+    if lora_format in ("kohya", "both"):
+        lora = formats.from_peft_model(unet, name)
+        meta = formats.kohya_metadata(lora, base_model_version=version, method=info.get("method"),
+                                      hollow_blocks=info.get("hollow_blocks") if "hollow_blocks" in info else None)
+        formats.write_kohya(lora, out_dir / formats.KOHYA_FILE, meta)
+        info["lora_files"].append(formats.KOHYA_FILE)
     save_json(out_dir / INFO_FILE, info)
-    return out_dir / LORA_FILE
+    return out_dir / info["lora_files"][0]
 
 
 def read_info(lora_dir: str | Path) -> dict:
     from .errors import HollownetError
 
+    from .formats import KOHYA_FILE
+
     path = Path(lora_dir) / INFO_FILE
-    if not (Path(lora_dir) / LORA_FILE).exists():
-        raise HollownetError(f"no {LORA_FILE} in '{lora_dir}'; pass the --output folder of 'hollownet train'")
+    if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, KOHYA_FILE)):
+        raise HollownetError(f"no {LORA_FILE} (or {KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def lora_weight_name(lora_dir: str | Path) -> str:
+    """The file in a LoRA folder that ``load_lora_weights`` should read: the diffusers one, else the kohya one."""
+    from .formats import lora_file
+
+    return lora_file(lora_dir).name

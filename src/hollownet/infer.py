@@ -19,7 +19,7 @@ import torch
 
 from . import hollow as H
 from .errors import HollownetError
-from .export import read_info
+from .export import lora_weight_name, read_info
 from .model import resolve_model_dir
 from .plan import HollowPlan, plan_for_blocks
 from .precompute import DTYPES
@@ -85,7 +85,7 @@ def load_pipeline(model: str, lora: str | None, precision: str, device: str, sch
     info = {}
     if lora:
         info = read_info(lora)
-        pipe.load_lora_weights(lora)
+        pipe.load_lora_weights(lora, weight_name=lora_weight_name(lora))  # the diffusers file, else the kohya one
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), info
 

@@ -110,8 +110,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_model_configs(model: str | Path) -> ModelConfigs:
-    """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model) or a diffusers folder."""
-    name = str(model)
+    """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model), a single-file
+    checkpoint or a diffusers folder (its ``*/config.json``)."""
+    from .singlefile import plan_model
+
+    name = plan_model(str(model))  # a single-file checkpoint: its converted folder, or its type's bundled configs
     if name in BUNDLED_UNETS:
         mc = ModelConfigs(
             name=name,

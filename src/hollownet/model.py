@@ -25,9 +25,13 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local diffusers folder, the bundled toy model (``toy``), or a hub id fetched into the local cache
-    (where a network exists)."""
+    """A local diffusers folder, the bundled toy model (``toy``), a single-file checkpoint, or a hub id
+    fetched into the local cache (where a network exists)."""
     path = toy_model_dir() if str(model) == TOY else Path(model).expanduser()
+    from .singlefile import convert_single_file, is_single_file
+
+    if is_single_file(path):  # one .safetensors / .ckpt in the original SD layout: converted once, cached
+        return convert_single_file(path)
     if path.exists():
         check_layout(path)
         return path
@@ -50,7 +54,8 @@ def check_layout(path: Path) -> None:
     if missing:
         raise HollownetError(
             f"'{path}' is not a diffusers model folder (missing {', '.join(missing)}); "
-            "point --model at a folder saved by StableDiffusionPipeline.save_pretrained"
+            "point --model at a folder saved by StableDiffusionPipeline.save_pretrained, "
+            "or at a single-file SD 1.x / 2.x checkpoint (.safetensors / .ckpt)"
         )
 
 

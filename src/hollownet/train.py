@@ -55,6 +55,7 @@ class TrainConfig:
     resume: bool = False
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
+    lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
 
     def __post_init__(self):
         from .quant import OPTIMIZERS, SCHEMES
@@ -79,6 +80,10 @@ class TrainConfig:
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
         if self.steps < 1 or self.batch < 1:
             raise HollownetError("--steps and --batch must be at least 1")
+        from .formats import LORA_FORMATS
+
+        if self.lora_format not in LORA_FORMATS:
+            raise HollownetError(f"--format {self.lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
 
 
 @dataclass
@@ -217,7 +222,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if cfg.method == "full":
         unet.save_pretrained(out / "unet")
     else:
-        save_lora(unet, out, info)
+        save_lora(unet, out, info, lora_format=cfg.lora_format)
     del unet, optimizer
     release_memory()
     return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory)

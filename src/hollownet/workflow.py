@@ -53,6 +53,7 @@ class TrainRequest:
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
     extra: dict = field(default_factory=dict)
+    lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
 
 
 def personalize(req: TrainRequest) -> dict:
@@ -69,6 +70,7 @@ def personalize(req: TrainRequest) -> dict:
         seed=req.seed, precision=req.precision, compute_dtype=req.compute_dtype, grad_checkpointing=req.grad_checkpointing,
         stream_weights=req.stream_weights, optimizer=req.optimizer, checkpoint_every=req.checkpoint_every,
         resume=req.resume, device=req.device, track_memory_steps=2 if req.track_memory else 0,
+        lora_format=req.lora_format,
     )  # made first: bad stage-2 settings fail before stage 1 spends any time
     layer_major, budget = stage1_layout(req.layer_major, req.memory_budget, precision=req.precision,
                                         stream_weights=req.stream_weights)
@@ -90,12 +92,19 @@ def personalize(req: TrainRequest) -> dict:
                     "train_s_per_step": round(res.seconds / max(1, len(res.losses)), 4)},
         "memory": {"precompute": pre.memory, "train": res.memory},
         "loss": loss_summary(res.losses),
-        "outputs": {"lora": str(out / "pytorch_lora_weights.safetensors"), "store": store},
+        "outputs": {"lora": str(out / lora_files(req.lora_format)[0]), "lora_files": [str(out / f) for f in lora_files(req.lora_format)],
+                    "store": store},
     }
     record["summary"] = summarize(record)
     save_json(out / "train.json", record)
     plot_loss(res.losses, out / "loss.png", title=f"{req.method} — {req.prompt}")
     return record
+
+
+def lora_files(lora_format: str) -> list[str]:
+    from .formats import DIFFUSERS_FILE, KOHYA_FILE
+
+    return {"diffusers": [DIFFUSERS_FILE], "kohya": [KOHYA_FILE]}.get(lora_format, [DIFFUSERS_FILE, KOHYA_FILE])
 
 
 def loss_summary(losses: list[float]) -> dict:
@@ -125,7 +134,8 @@ def summarize(record: dict) -> str:
     loss = record["loss"]
     if loss["history"]:
         lines.append(f"loss (mean of {loss['window']} steps) {loss['first_mean']:.4f} at the start -> {loss['last_mean']:.4f} at the end")
-    lines.append(f"LoRA: {record['outputs']['lora']}")
+    files = record["outputs"].get("lora_files") or [record["outputs"]["lora"]]
+    lines.append(f"LoRA: {', '.join(files)}")
     return "\n".join(lines)
 
 

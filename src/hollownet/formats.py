@@ -1,0 +1,332 @@
+"""LoRA file layouts: diffusers/peft (what ``load_lora_weights`` reads) and kohya (what ComfyUI, Forge and
+AUTOMATIC1111 read), and lossless conversion between them.
+
+diffusers layout: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (older files: ``.lora.down`` /
+``.lora.up``), alphas in the ``lora_adapter_metadata`` JSON (peft's ``lora_alpha`` / ``alpha_pattern``);
+without it every module's alpha is its rank.
+
+kohya layout: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+(a 0-d tensor; scale = alpha / rank, alpha = rank when absent), plus ``ss_*`` metadata strings.
+
+Keys are converted with diffusers' own converters: ``convert_state_dict_to_kohya`` one way, and
+diffusers' kohya reader (``StableDiffusionPipeline.lora_state_dict``) then
+``convert_unet_state_dict_to_peft`` the other. (``convert_all_state_dict_to_peft`` is not used on the way
+back: for the reader's ``...attn1.processor.to_q_lora.down`` keys it picks the text-encoder mapping and
+names U-Net layers ``q_proj``.) Every read is checked by converting the result forward again: a file whose
+names do not come back exactly is refused, never guessed at. ``convert_state_dict_to_kohya`` writes each
+``.alpha`` as the rank, which is wrong whenever alpha differs from the rank; the true alphas are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import HollownetError
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
+LORA_FORMATS = ("diffusers", "kohya", "both")
+LAYOUTS = ("diffusers", "kohya")
+
+
+@dataclass
+class Lora:
+    """A U-Net LoRA independent of file layout: peft tensors and one alpha per module."""
+
+    tensors: dict[str, torch.Tensor]  # "<module>.lora_A.weight" / "<module>.lora_B.weight", no "unet." prefix
+    alphas: dict[str, float]  # module -> alpha (scale = alpha / rank)
+    metadata: dict[str, str] = field(default_factory=dict)  # kohya-style strings carried along (ss_*, hollownet_*)
+
+    def modules(self) -> list[str]:
+        return [k[: -len(".lora_A.weight")] for k in self.tensors if k.endswith(".lora_A.weight")]
+
+    def rank(self, module: str) -> int:
+        return int(self.tensors[f"{module}.lora_A.weight"].shape[0])
+
+    def scale(self, module: str) -> float:
+        return self.alphas[module] / self.rank(module)
+
+    def common(self) -> tuple[int, float, dict[str, int], dict[str, float]]:
+        """Most common rank and alpha, and the modules that differ (peft's rank_pattern / alpha_pattern)."""
+        mods = self.modules()
+        rank = Counter(self.rank(m) for m in mods).most_common(1)[0][0]
+        alpha = Counter(self.alphas[m] for m in mods).most_common(1)[0][0]
+        return (rank, alpha, {m: self.rank(m) for m in mods if self.rank(m) != rank},
+                {m: self.alphas[m] for m in mods if self.alphas[m] != alpha})
+
+
+# ---- from a trained model ------------------------------------------------------------------------------
+
+
+def from_peft_model(unet, adapter: str | None = None) -> Lora:
+    """The LoRA of a peft-adapted U-Net, with each module's alpha as peft resolves it."""
+    from peft.utils import get_peft_model_state_dict
+
+    name = adapter or next(iter(unet.peft_config))
+    cfg = unet.peft_config[name]
+    if getattr(cfg, "use_dora", False) or getattr(cfg, "use_rslora", False):
+        raise HollownetError("DoRA / rsLoRA adapters have no kohya equivalent; train without use_dora / use_rslora")
+    state = get_peft_model_state_dict(unet, adapter_name=name)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    lora = Lora(tensors, {})
+    lora.alphas = {m: peft_alpha(cfg.lora_alpha, cfg.alpha_pattern or {}, m) for m in lora.modules()}
+    return lora
+
+
+def peft_alpha(default: float, pattern: dict[str, float], module: str) -> float:
+    """peft's rule: the first ``alpha_pattern`` key matching the end of the module name, else ``lora_alpha``."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(pattern), module)
+    return float(pattern.get(key, default))
+
+
+# ---- kohya ---------------------------------------------------------------------------------------------
+
+
+def kohya_names(modules: list[str]) -> dict[str, str]:
+    """module -> kohya LoRA name, by diffusers' ``convert_state_dict_to_kohya``."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    out = {}
+    for m in modules:
+        (key,) = [k for k in convert_state_dict_to_kohya({f"unet.{m}.lora_A.weight": torch.zeros(1)}) if k.endswith(".lora_down.weight")]
+        out[m] = key[: -len(".lora_down.weight")]
+    return out
+
+
+def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
+    """kohya tensors: diffusers' converter for the names, then each ``.alpha`` set to the true alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.tensors.items()})
+    names = kohya_names(lora.modules())
+    for m, name in names.items():
+        if f"{name}.alpha" not in out:
+            raise HollownetError(f"diffusers' kohya converter wrote no alpha for {m}")
+        out[f"{name}.alpha"] = torch.tensor(float(lora.alphas[m]))  # kohya (and ComfyUI, A1111) read .alpha as a scalar
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def kohya_metadata(lora: Lora, *, base_model_version: str | None = None, method: str | None = None,
+                   hollow_blocks: list[str] | None = None) -> dict[str, str]:
+    """The metadata strings kohya's sd-scripts write (those the tools show), plus hollownet's own."""
+    rank, alpha, _, _ = lora.common()
+    meta = dict(lora.metadata)
+    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha))})
+    if base_model_version:
+        meta["ss_base_model_version"] = base_model_version
+        meta["ss_v2"] = str(base_model_version.startswith("sd_v2"))
+    if method:
+        meta["hollownet_method"] = method
+    if hollow_blocks is not None:
+        meta["hollownet_hollow_blocks"] = json.dumps(hollow_blocks)
+    return meta
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Lora:
+    """A kohya U-Net LoRA, read by diffusers' kohya reader, then checked by converting it back."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    others = sorted({k.split(".")[0] for k in tensors if not k.startswith("lora_unet_")})
+    if others:
+        raise HollownetError(f"kohya LoRA has layers outside the U-Net (e.g. {others[0]}); hollownet converts U-Net LoRAs only")
+    names = {k.split(".")[0] for k in tensors}
+    bad = sorted(k for k in tensors if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha"))
+    if bad:
+        raise HollownetError(f"kohya LoRA key '{bad[0]}' is not a plain LoRA (lora_down / lora_up / alpha); LyCORIS / DoRA are not supported")
+    pairs = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(dict(pairs))
+        peft = convert_unet_state_dict_to_peft(converted)
+    except (ValueError, KeyError) as e:
+        raise HollownetError(f"diffusers cannot read this kohya LoRA ({str(e).splitlines()[0][:120]})") from None
+    peft = {k.removeprefix("unet."): v for k, v in peft.items()}
+    lora = Lora(peft, {}, {k: v for k, v in (metadata or {}).items() if k.startswith(("ss_", "hollownet_"))})
+    back = kohya_names(lora.modules())
+    if set(back.values()) != names:
+        odd = sorted(names - set(back.values())) or sorted(set(back.values()) - names)
+        raise HollownetError(f"kohya LoRA name '{odd[0]}' does not map back to one U-Net module by diffusers' rules; refusing to guess")
+    for m, name in back.items():
+        a = tensors.get(f"{name}.alpha")
+        lora.alphas[m] = float(a.item()) if a is not None else float(lora.rank(m))  # kohya: no alpha = rank
+    return lora
+
+
+# ---- diffusers -----------------------------------------------------------------------------------------
+
+
+def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Lora:
+    """A diffusers/peft LoRA file's U-Net part; alphas from its ``lora_adapter_metadata``, else rank."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    others = sorted({k.split(".")[0] for k in tensors if not k.startswith("unet.")})
+    if others:
+        raise HollownetError(f"LoRA has layers outside the U-Net (prefix '{others[0]}.'); hollownet converts U-Net LoRAs only")
+    peft = {k.removeprefix("unet."): v for k, v in convert_unet_state_dict_to_peft(dict(tensors)).items()}
+    bad = sorted(k for k in peft if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if bad:
+        raise HollownetError(f"LoRA key 'unet.{bad[0]}' is not a plain LoRA weight (lora_A / lora_B); DoRA and LoRA biases are not supported")
+    metadata = metadata or {}
+    cfg = {}
+    if "lora_adapter_metadata" in metadata:
+        raw = json.loads(metadata["lora_adapter_metadata"])
+        cfg = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+    if cfg.get("use_dora") or cfg.get("use_rslora"):
+        raise HollownetError("DoRA / rsLoRA adapters have no kohya equivalent")
+    lora = Lora(peft, {}, {k: v for k, v in metadata.items() if k.startswith(("ss_", "hollownet_"))})
+    for m in lora.modules():
+        if f"{m}.lora_B.weight" not in peft:
+            raise HollownetError(f"LoRA module 'unet.{m}' has a down but no up weight")
+        lora.alphas[m] = peft_alpha(cfg["lora_alpha"], cfg.get("alpha_pattern") or {}, m) if "lora_alpha" in cfg else float(lora.rank(m))
+    return lora
+
+
+def adapter_metadata(lora: Lora) -> dict:
+    """peft ``LoraConfig`` (as diffusers stores it) that gives every module its rank and alpha."""
+    from peft import LoraConfig
+
+    rank, alpha, rank_pattern, alpha_pattern = lora.common()
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(lora.modules()), rank_pattern=rank_pattern,
+                     alpha_pattern=alpha_pattern, init_lora_weights="gaussian").to_dict()
+    return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+
+def detect_layout(keys) -> str:
+    """'kohya' or 'diffusers' from the key names; anything else is refused in one line."""
+    keys = list(keys)
+    if not keys:
+        raise HollownetError("the LoRA file holds no tensors")
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys) and any(
+        s in k for k in keys for s in (".lora_A.", ".lora.down.", "_lora.down.", ".lora_linear_layer.")
+    ):
+        return "diffusers"
+    raise HollownetError(f"unknown LoRA layout (first key '{keys[0]}'): expected diffusers "
+                         "(unet.<module>.lora_A.weight) or kohya (lora_unet_<module>.lora_down.weight)")
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """A LoRA file, or the one in a LoRA folder (diffusers file first, then the kohya one)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (DIFFUSERS_FILE, KOHYA_FILE):
+            if (path / name).exists():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise HollownetError(f"no LoRA file in '{path}' (looked for {DIFFUSERS_FILE} and {KOHYA_FILE})")
+    if not path.exists():
+        raise HollownetError(f"LoRA '{path}' not found")
+    if path.suffix != ".safetensors":
+        raise HollownetError(f"'{path}' is not a .safetensors file; only safetensors LoRAs are read")
+    return path
+
+
+def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
+    """(LoRA, layout) of a LoRA file or folder."""
+    from safetensors import SafetensorError, safe_open
+
+    f = lora_file(path)
+    try:
+        with safe_open(f, framework="pt") as sf:
+            metadata = sf.metadata() or {}
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+    except (SafetensorError, OSError) as e:
+        raise HollownetError(f"cannot read '{f}' as safetensors ({e})") from None
+    layout = detect_layout(tensors)
+    lora = from_kohya(tensors, metadata) if layout == "kohya" else from_diffusers(tensors, metadata)
+    return lora, layout
+
+
+def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **(metadata if metadata is not None else kohya_metadata(lora))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(to_kohya(lora), tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def write_diffusers(lora: Lora, path: str | os.PathLike) -> Path:
+    """A file ``StableDiffusionPipeline.load_lora_weights`` reads, written by diffusers' ``save_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora.tensors, unet_lora_adapter_metadata=adapter_metadata(lora),
+                                              safe_serialization=True)
+    os.replace(tmp / DIFFUSERS_FILE, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def base_model_version(unet_config) -> str | None:
+    """kohya's ``ss_base_model_version`` from a U-Net config: sd_v1, sd_v2 or sdxl_base_v1-0."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    if get("addition_embed_type") == "text_time":
+        return "sdxl_base_v1-0"
+    return {768: "sd_v1", 1024: "sd_v2"}.get(get("cross_attention_dim"))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None) -> dict:
+    """Rewrite a LoRA file (or folder) in the other layout (or ``to``). ``dst``: a file, or a folder.
+
+    Returns what was done: layouts, module count, and the largest difference of the effective
+    weights (scale * B @ A) between what was read and what was written back, which is 0 when lossless.
+    """
+    lora, layout = read_lora(src)
+    to = to or ("diffusers" if layout == "kohya" else "kohya")
+    if to not in LAYOUTS:
+        raise HollownetError(f"--to {to!r} is not one of {', '.join(LAYOUTS)}")
+    dst = Path(dst)
+    if dst.is_dir() or not dst.suffix:
+        dst = dst / (KOHYA_FILE if to == "kohya" else DIFFUSERS_FILE)
+    if dst.resolve() == lora_file(src).resolve():
+        raise HollownetError(f"'{dst}' is the input file; choose another output")
+    info = {}
+    src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
+    if (src_dir / "hollownet.json").exists():
+        info = json.loads((src_dir / "hollownet.json").read_text())
+    if to == "kohya":
+        meta = kohya_metadata(lora, base_model_version=info.get("base_model_version") or lora.metadata.get("ss_base_model_version"),
+                              method=info.get("method") or lora.metadata.get("hollownet_method"),
+                              hollow_blocks=info.get("hollow_blocks") if "hollow_blocks" in info else
+                              (json.loads(lora.metadata["hollownet_hollow_blocks"]) if "hollownet_hollow_blocks" in lora.metadata else None))
+        write_kohya(lora, dst, meta)
+    else:
+        write_diffusers(lora, dst)
+    again, _ = read_lora(dst)
+    return {"input": str(lora_file(src)), "from": layout, "output": str(dst), "to": to, "modules": len(lora.modules()),
+            "max_abs_diff": max_weight_diff(lora, again)}
+
+
+def delta(lora: Lora, module: str) -> torch.Tensor:
+    """The module's weight update scale * B @ A (convolutions flattened)."""
+    a = lora.tensors[f"{module}.lora_A.weight"].double().flatten(1)
+    b = lora.tensors[f"{module}.lora_B.weight"].double().flatten(1)
+    return lora.scale(module) * (b @ a)
+
+
+def max_weight_diff(a: Lora, b: Lora) -> float:
+    if set(a.modules()) != set(b.modules()):
+        raise HollownetError("the written LoRA has other modules than the one read")
+    return max((delta(a, m) - delta(b, m)).abs().max().item() for m in a.modules())
