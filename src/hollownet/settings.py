@@ -48,7 +48,7 @@ def stage1_layout(layer_major: bool | None, memory_budget, *, precision: str, st
 # scaled with the channel width, a larger learning rate and batch. ``--model toy`` picks these for any
 # flag left unset; an explicit flag always wins.
 SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30}
-TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 3.0, "gen_steps": 25}
+TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25}
 
 
 def model_defaults(model) -> dict:

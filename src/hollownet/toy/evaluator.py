@@ -149,17 +149,23 @@ def subject_colours(photos, k: int = 2) -> np.ndarray:
     return np.stack(picked)
 
 
+def subject_shares(image: Image.Image, colours: np.ndarray) -> tuple[float, list[float]]:
+    """(foreground area as a share of the image, per subject colour the share of the foreground whose
+    nearest colour, among the subject's and the world's shape colours, is that subject colour)."""
+    arr = np.asarray(image.convert("RGB").resize((W.SIZE, W.SIZE)), np.float32)
+    fg = foreground(arr)
+    if not len(fg):
+        return 0.0, [0.0] * len(colours)
+    palette = np.concatenate([colours, np.array(list(W.COLOURS.values()), np.float32)])
+    nearest = np.linalg.norm(fg[:, None] - palette[None], axis=-1).argmin(1)
+    return len(fg) / (W.SIZE * W.SIZE), [float((nearest == i).mean()) for i in range(len(colours))]
+
+
 def subject_present(image: Image.Image, colours: np.ndarray, min_area: float = 0.03) -> bool:
     """Foreground covers >= ``min_area`` of the image, over half of it is nearest a subject colour
     (against the world's shape colours), and each subject colour holds at least 15% of it."""
-    arr = np.asarray(image.convert("RGB").resize((W.SIZE, W.SIZE)), np.float32)
-    fg = foreground(arr)
-    if len(fg) < min_area * W.SIZE * W.SIZE:
-        return False
-    palette = np.concatenate([colours, np.array(list(W.COLOURS.values()), np.float32)])
-    nearest = np.linalg.norm(fg[:, None] - palette[None], axis=-1).argmin(1)
-    shares = [(nearest == i).mean() for i in range(len(colours))]
-    return sum(shares) > 0.5 and min(shares) >= 0.15
+    area, shares = subject_shares(image, colours)
+    return area >= min_area and sum(shares) > 0.5 and min(shares) >= 0.15
 
 
 def score_images(model: ToyEvaluator, generated, photos, *, backgrounds: list[str] | None = None) -> dict:
@@ -169,6 +175,8 @@ def score_images(model: ToyEvaluator, generated, photos, *, backgrounds: list[st
     out = {
         "toy_subject_score": float((feats_gen @ feats_ref.T).mean()),
         "presence": float(np.mean([subject_present(im, colours) for im in generated])),
+        # continuous companion of presence: share of the foreground in the subject's own colours
+        "subject_colour_share": float(np.mean([sum(subject_shares(im, colours)[1]) for im in generated])),
     }
     if backgrounds:
         got = [c["background"] for c in classify(model, generated)]
