@@ -251,10 +251,13 @@ def _version() -> str:
     return __version__
 
 
-def _device(name: str | None) -> str:
-    from .devices import resolve_device
+def _device(name: str | None, precision: str | None = None) -> str:
+    from .devices import check_dtype, resolve_device
 
-    return resolve_device(name)  # checked before anything loads
+    device = resolve_device(name)  # checked before anything loads
+    if precision:
+        check_dtype(device, precision)
+    return device
 
 
 def cmd_train(args) -> int:
@@ -268,7 +271,7 @@ def cmd_train(args) -> int:
         num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
         prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
         layer_major=args.layer_major, memory_budget=args.memory_budget, compute_dtype=args.compute_dtype,
-        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device),
+        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device, args.precision),
     ))
     print(record["summary"])
     return 0
@@ -281,7 +284,7 @@ def cmd_generate(args) -> int:
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
-        device=_device(args.device), force=args.force,
+        device=_device(args.device, args.precision), force=args.force,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0

@@ -8,7 +8,6 @@ Beside it, ``hollownet.json`` records the cut and the settings that ``generate``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

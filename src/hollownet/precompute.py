@@ -246,6 +246,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
+        for stale in store.root.glob(".*.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
+            stale.unlink()
     else:
         table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps)
         store.write_manifest({**identity, "photo_files": names, "class_photo_files": class_names,

@@ -190,6 +190,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
     settings = checkpoint_settings(cfg, manifest)
+    for stale in ckpt_dir.glob(".step-*.pt.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
+        stale.unlink()
     if cfg.resume:
         start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer, settings=settings, steps=cfg.steps)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from .plan import DEFAULT_LORA_TARGETS
 from .precompute import PrecomputeConfig, run_precompute
 from .settings import compute_precision, stage1_layout
-from .store import save_json
+from .store import atomic_write, save_json
 from .train import TrainConfig, run_train
 
 
@@ -160,7 +160,7 @@ def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
     ax.set_title(title[:80], fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # the one write path (store.write_bytes)
     plt.close(fig)
 
 
