@@ -111,9 +111,10 @@ def test_mistyped_model_path_is_a_missing_folder(capsys, dog_photos, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
-def test_refused_train_leaves_no_folder(capsys, tiny_model, dog_photos, tmp_path):
-    code, _, err = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run", "--hollow", "1.7"))
-    assert code == 2 and "outside what this U-Net allows" in error_line(err)
+@pytest.mark.parametrize("fraction", ["1.0", "1.7", "0"])
+def test_refused_train_leaves_no_folder(capsys, tiny_model, dog_photos, tmp_path, fraction):
+    code, _, err = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run", "--hollow", fraction))
+    assert code == 2 and "outside what this U-Net allows" in error_line(err)  # a whole U-Net cannot be hollowed
     assert not (tmp_path / "run").exists()
 
 
@@ -126,13 +127,14 @@ def test_doubtful_input_warns_in_one_line_and_trains(capsys, tiny_model, tmp_pat
     photos.mkdir()
     Image.new("RGB", (1, 1), (200, 30, 30)).save(photos / "tiny.png")
     hi = all_plans(meta_unet(UNet2DConditionModel.load_config(tiny_model / "unet")))[-1].fraction
-    assert hi < 1.0 <= hi + 0.05  # 1.0 is past the deepest cut but near enough to be taken, with a warning
-    code, _, err = run(capsys, *train_args(tiny_model, photos, tmp_path / "run", "--hollow", "1.0", "--steps", 1,
+    beyond = round(min(hi + 0.02, 0.99), 2)  # past the deepest cut but near enough to be taken, with a warning
+    assert hi < beyond
+    code, _, err = run(capsys, *train_args(tiny_model, photos, tmp_path / "run", "--hollow", beyond, "--steps", 1,
                                           prompt="   "))
     assert code == 0, err
     warnings = warning_lines(err)
     text = "\n".join(warnings)
-    assert "--prompt is empty" in text and "only 1 photo" in text and "--hollow 1 is beyond" in text, err
+    assert "--prompt is empty" in text and "only 1 photo" in text and f"--hollow {beyond:g} is beyond" in text, err
     assert "tiny.png" in text  # the 1x1 photo is upscaled, with a warning naming it
 
 
@@ -167,7 +169,7 @@ def test_lora_from_another_base_model_is_refused(capsys, tiny_model, tiny_model_
     other = tmp_path / "wide"
     shutil.copytree(tiny_model, other)
     shutil.rmtree(other / "unet")
-    UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (16, 32, 32, 48)}).save_pretrained(other / "unet")
+    UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (24, 32, 32, 32)}).save_pretrained(other / "unet")
     code, _, err = run(capsys, *gen_args(other, lora, tmp_path / "gen", "--force"))
     assert code == 2 and "does not fit" in error_line(err) and "shape" in error_line(err)
 

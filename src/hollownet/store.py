@@ -98,7 +98,28 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_bytes(path, save(tensors, metadata=metadata))
+    data = save(tensors, metadata=metadata)
+    write_bytes(path, _sorted_metadata(data) if metadata and len(metadata) > 1 else data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps metadata in a Rust HashMap, whose order changes from one process (one map)
+    to the next, so two saves of the same LoRA could differ in their header bytes. Sorted, the
+    same tensors and metadata always give the same bytes. The header keeps its length (padded
+    with spaces, as the format allows); if it would not fit, the bytes are returned unchanged.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        return data
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    if len(text) > n:
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def save_json(path: Path, obj: dict) -> None:
