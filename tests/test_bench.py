@@ -168,9 +168,8 @@ def test_aggregate_mean_and_std_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    if not (DREAMBOOTH / "dog").is_dir():
-        pytest.skip("../shared/data/dreambooth is not present")
+def tiny_dataset(tmp_path_factory, dreambooth):
+    DREAMBOOTH = dreambooth  # the real subset, or its stand-in on a fresh clone
     root = tmp_path_factory.mktemp("dataset")
     (root / "prompts_and_classes.txt").write_text(PROMPTS_FILE)
     for name in ("backpack", "dog"):

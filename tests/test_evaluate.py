@@ -19,7 +19,6 @@ from PIL import Image
 from helpers_models import build_tiny_clip, build_tiny_vit
 from hollownet import evaluate as ev
 
-DREAMBOOTH = Path(__file__).resolve().parents[1].parent / "shared/data/dreambooth"
 
 # Silence the "requires torchvision, falling back to the PIL backend" notices.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -341,9 +340,8 @@ def test_load_image_applies_exif_orientation_and_rgb(tmp_path):
     assert loaded.size == (20, 40)
 
 
-@pytest.mark.skipif(not (DREAMBOOTH / "dog").is_dir(), reason="DreamBooth dataset not present")
-def test_real_photos(tmp_path, extractors):
-    photos = sorted((DREAMBOOTH / "dog").glob("*.jpg"))[:2]
+def test_real_photos(tmp_path, extractors, dog_photos):
+    photos = sorted(dog_photos.glob("*.jpg"))[:2]
     assert len(photos) == 2
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     gen.mkdir()

@@ -1,6 +1,5 @@
 """Stage 1: the store's contents, resume after interruption, a full disk, a store from another model."""
 
-import errno
 import json
 
 import pytest
@@ -59,26 +58,7 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_model, dog_photos, hollo
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_full_disk_keeps_finished_shards_and_says_how_to_resume(tiny_model, dog_photos, tmp_path, monkeypatch):
-    real = store_mod.save_file
-    written = []
-
-    def fill_up(tensors, path):
-        if "shard-00001" in path:
-            real(tensors, path)  # leaves a partial temporary file behind, as a real ENOSPC would
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(path)
-        real(tensors, path)
-
-    monkeypatch.setattr(store_mod, "save_file", fill_up)
-    with pytest.raises(HollownetError, match="disk full.*run the same command again"):
-        run_precompute(config(tiny_model, dog_photos, tmp_path / "s"), track_memory=False)
-    root = tmp_path / "s"
-    assert Store(root).done_shards() == {0}
-    assert not list(root.glob(".*.tmp")), "temporary file left behind"
-    monkeypatch.setattr(store_mod, "save_file", real)
-    run_precompute(config(tiny_model, dog_photos, root), track_memory=False)
-    assert Store(root).is_complete()
+# A full disk in stage 1 (a real one, a small tmpfs): tests/test_faults.py.
 
 
 def test_store_from_another_model_or_cut_is_refused(tiny_model, tiny_model_v, dog_photos, hollow_store):
@@ -108,12 +88,10 @@ def test_manifest_is_plain_json(hollow_store):
     assert m["format"] == "hollownet-store/1" and m["dtype"] == "fp32" and m["resolution"] == RES
 
 
-def test_prior_preservation_alternates_instance_and_class_samples(tiny_model, dog_photos, tmp_path):
+def test_prior_preservation_alternates_instance_and_class_samples(tiny_model, dog_photos, dreambooth, tmp_path):
     from hollownet.train import TrainConfig, run_train
 
-    class_photos = dog_photos.parent / "dog2"
-    if not class_photos.is_dir():
-        pytest.skip("dog2 photos absent")
+    class_photos = dreambooth / "dog2"
     root = tmp_path / "s"
     run_precompute(config(tiny_model, dog_photos, root, num_samples=6, class_prompt="a photo of dog",
                           class_images=str(class_photos), prior_loss_weight=0.5), track_memory=False)

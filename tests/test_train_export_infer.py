@@ -52,15 +52,34 @@ def test_loss_falls_on_one_subject(trained, tiny_model, hollow_store):
     assert losses[1] < 0.95 * losses[0], losses  # the store's 12 samples, before and after 24 steps
 
 
-def test_resume_continues_exactly(tiny_model, hollow_store, tmp_path):
+def test_resume_continues_exactly(tiny_model, hollow_store, tmp_path, capsys):
     straight = train(tiny_model, hollow_store, tmp_path / "a", steps=6)
     train(tiny_model, hollow_store, tmp_path / "b", steps=4, checkpoint_every=2)  # leaves step-2 checkpoint
-    resumed = train(tiny_model, hollow_store, tmp_path / "b", steps=6, resume=True, checkpoint_every=2)
-    assert len(resumed.losses) == 6
-    assert resumed.losses[:2] == straight.losses[:2]
-    a, b = load_file(tmp_path / "a" / LORA_FILE), load_file(tmp_path / "b" / LORA_FILE)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
+    capsys.readouterr()
+    resumed = train(tiny_model, hollow_store, tmp_path / "b", steps=6, checkpoint_every=2)  # resumes by itself
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert resumed.start_step == 2 and len(resumed.losses) == 6
+    assert resumed.losses == straight.losses  # before the checkpoint (restored) and after it (recomputed)
+    assert (tmp_path / "a" / LORA_FILE).read_bytes() == (tmp_path / "b" / LORA_FILE).read_bytes()
+
+
+def test_no_resume_starts_over_and_other_settings_are_refused(tiny_model, hollow_store, tmp_path):
+    from hollownet.errors import HollownetError
+
+    train(tiny_model, hollow_store, tmp_path, steps=4, checkpoint_every=2)
+    with pytest.raises(HollownetError, match=r"made with other settings: a different --lr .*--no-resume"):
+        train(tiny_model, hollow_store, tmp_path, steps=4, checkpoint_every=2, lr=5e-4)
+    fresh = train(tiny_model, hollow_store, tmp_path, steps=3, resume=False, lr=5e-4)
+    assert fresh.start_step == 0 and len(fresh.losses) == 3
+    assert not list((tmp_path / "checkpoints").glob("step-*.pt"))  # the old run's checkpoints are gone
+
+
+def test_a_damaged_checkpoint_is_never_picked(tiny_model, hollow_store, tmp_path):
+    train(tiny_model, hollow_store, tmp_path, steps=5, checkpoint_every=2)  # step-2 and step-4
+    (tmp_path / "checkpoints" / "step-000004.pt").write_bytes(b"half a checkpoint")
+    with pytest.warns(UserWarning, match="step-000004.pt cannot be read"):
+        resumed = train(tiny_model, hollow_store, tmp_path, steps=5, checkpoint_every=2)
+    assert resumed.start_step == 2
 
 
 def test_exported_lora_loads_in_diffusers_and_changes_output(trained, tiny_model):

@@ -13,14 +13,15 @@ from .settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QU
 EPILOG_TRAIN = """\
 examples:
   hollownet train --model ./sd21 --images ./my_dog --prompt "a photo of sks dog" --output runs/dog
-  hollownet train ... --hollow 0.5                   # hollow ~50%% of the U-Net (nearest valid cut)
+  hollownet train ... --hollow 0.5                   # hollow ~50% of the U-Net (nearest valid cut)
   hollownet train ... --precision bf16 --grad-checkpointing   # half the memory, full-precision LoRA
   hollownet train ... --precision nf4 --grad-checkpointing --optimizer adamw-in-backward   # least memory (QLoRA-style)
   hollownet train ... --stream-weights --optimizer adamw-in-backward   # unquantized weights, ~one block resident
   hollownet train ... --method lora                  # the plain-LoRA baseline, for comparison
-  hollownet train ... --resume                       # continue an interrupted run
+  hollownet train ... --no-resume                    # start stage 2 over instead of continuing it
 
-Stage 1 (pre-compute) writes OUTPUT/store; it resumes by itself when rerun with the same settings.
+Stage 1 (pre-compute) writes OUTPUT/store and stage 2 OUTPUT/checkpoints; rerun with the same
+settings, both resume by themselves (after a crash, Ctrl-C or a full disk).
 With --precision int8|nf4 stage 1 runs the original weights in the compute dtype (bf16 by default).
 'hollownet plan' with the same flags predicts the peak memory of both stages before you start.
 Stage 2 writes OUTPUT/pytorch_lora_weights.safetensors (loadable with diffusers'
@@ -47,7 +48,7 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                      help="fraction of U-Net parameters to hollow; the nearest skip-symmetric cut is used "
                           "(default: the paper's cut, ~0.39 on SD 1.x/2.x)")
     cut.add_argument("--hollow-blocks", type=lambda s: [b for b in s.split(",") if b], metavar="B1,B2,...",
-                     help="the cut by name, e.g. down_blocks.2.downsamplers,down_blocks.3,mid_block,up_blocks.0")
+                     help="the cut by name, e.g. down_blocks.3,mid_block,up_blocks.0")
     p.add_argument("--rank", type=int, help="LoRA rank (default 32; 8 with --model toy)")
     p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512; 64 with --model toy)")
     p.add_argument("--batch", type=int, help="samples per step (default 1; 4 with --model toy)")
@@ -91,35 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
     t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                    help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the noise, timesteps and LoRA init (default 0)")
     t.add_argument("--num-samples", type=int, help="pre-computed samples (default steps x batch: fresh noise every step)")
     t.add_argument("--class-prompt", help='prior preservation: class prompt, e.g. "a photo of dog"')
     t.add_argument("--class-images", help="prior preservation: folder of class images")
-    t.add_argument("--prior-loss-weight", type=float, default=1.0)
+    t.add_argument("--prior-loss-weight", type=float, default=1.0,
+                   help="prior preservation: weight of the class images' loss (default 1.0)")
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    resume = t.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=True,
+                        help="continue from the newest checkpoint in OUTPUT/checkpoints (the default; kept for scripts)")
+    resume.add_argument("--no-resume", "--overwrite", dest="resume", action="store_false",
+                        help="start stage 2 over, deleting OUTPUT/checkpoints (the store is still reused)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
-    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     _add_format(t)
 
     g = sub.add_parser("generate", help="generate images with a trained LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_GENERATE)
     g.add_argument("--model", required=True, help="the base model the LoRA was trained on")
     g.add_argument("--lora", help="output folder of 'hollownet train' (omit for the base model)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help='what to draw, with the identifier, e.g. "a sks dog on the beach"')
     g.add_argument("--output", required=True, help="folder for PNGs, manifest.json and generate.json")
     g.add_argument("--steps", type=int, help="denoising steps (default 30; 25 with --model toy)")
     g.add_argument("--resolution", type=int, help="image size (default: the training resolution)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 1.5 with --model toy)")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--negative-prompt", help="what to steer away from, e.g. \"blurry, low quality\"")
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
     g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the weights and activations (default fp32; fp16/bf16 on a GPU)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
+    g.add_argument("--force", action="store_true",
+                   help="load a LoRA whose hollownet.json names another base model (deliberate cross-model use)")
 
     epilog_plan = (
         "examples:\n"
@@ -250,6 +259,8 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     a.add_argument("--device", default=None)
+    for p in (t, g, e, d, b, a):
+        p.add_argument("--verbose", action="store_true", help="show the libraries' logs, progress bars and warnings")
     return parser
 
 
@@ -265,12 +276,13 @@ def _version() -> str:
     return __version__
 
 
-def _device(name: str | None) -> str:
-    if name:
-        return name
-    import torch
+def _device(name: str | None, precision: str | None = None) -> str:
+    from .devices import check_dtype, resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(name)  # checked before anything loads
+    if precision:
+        check_dtype(device, precision)
+    return device
 
 
 def cmd_train(args) -> int:
@@ -284,7 +296,7 @@ def cmd_train(args) -> int:
         num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
         prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
         layer_major=args.layer_major, memory_budget=args.memory_budget, compute_dtype=args.compute_dtype,
-        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device),
+        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device, args.precision),
         lora_format=args.lora_format,
     ))
     print(record["summary"])
@@ -298,7 +310,7 @@ def cmd_generate(args) -> int:
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
-        device=_device(args.device),
+        device=_device(args.device, args.precision), force=args.force,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0
@@ -355,13 +367,25 @@ def _fill_model_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (deprecations, 'no LoRA keys for the text encoder') is not for our users."""
+def _quiet_libraries(verbose: bool = False) -> None:
+    """Library chatter (deprecations, 'no LoRA keys for the text encoder', loading bars) is not for
+    our users; ``--verbose`` shows it."""
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warning: <message>`` instead of Python's file path and source line."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=file or sys.stderr)
 
 
 def cmd_bench(args) -> int:
@@ -416,18 +440,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
-    _quiet_libraries()
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
+    _quiet_libraries(verbose)
     _fill_model_defaults(args)
     from .data import DatasetError, PhotoError
     from .errors import HollownetError
+    from .store import disk_error
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        if not verbose:
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = _one_line_warning  # restored by catch_warnings
         try:
             return COMMANDS[args.command](args)
         except (HollownetError, PhotoError, DatasetError) as e:
             print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a write outside store.write_bytes (a folder made on a full / read-only disk)
+            mapped = disk_error(e, e.filename or "the output")
+            if mapped is None:
+                raise
+            print(f"hollownet {args.command}: error: {mapped}", file=sys.stderr)
             return 2
         except ValueError as e:  # the evaluation module's input errors
             if args.command != "eval":
@@ -435,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"hollownet {args.command}: interrupted; finished work is kept, rerun with --resume", file=sys.stderr)
+            print(f"hollownet {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
             return 130
 
 

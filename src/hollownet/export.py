@@ -10,14 +10,13 @@ ComfyUI, Forge and AUTOMATIC1111 read (``formats.py``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .store import save_json
+from .store import save_json, save_tensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 INFO_FILE = "hollownet.json"
@@ -61,14 +60,20 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     version = formats.base_model_version(unet.config)
     info = {**info, "base_model_version": version, "lora_files": []}
     if lora_format in ("diffusers", "both"):
-        # Written into a scratch folder and renamed, so a crash never leaves half a LoRA file.
-        tmp = out_dir / ".lora.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # diffusers' own writer, with its metadata, through the one atomic write path (store.write_bytes):
+        # a crash or a full disk never leaves half a LoRA file.
+        def save_function(weights, filename):
+            from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+            packed = {f"unet.{k}": v for k, v in metadata.items()}  # as diffusers' own writer packs it
+            meta = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+            save_tensors(Path(filename), weights, metadata=meta)
+
+        shutil.rmtree(out_dir / ".lora.tmp", ignore_errors=True)  # left by an older version
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(unet, name), unet_lora_adapter_metadata=metadata, safe_serialization=True
+            out_dir, unet_lora_layers=lora_state_dict(unet, name), unet_lora_adapter_metadata=metadata,
+            safe_serialization=True, save_function=save_function, weight_name=LORA_FILE,
         )
-        os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
-        shutil.rmtree(tmp, ignore_errors=True)
         info["lora_files"].append(LORA_FILE)
     if lora_format in ("kohya", "both"):
         lora = formats.from_peft_model(unet, name)

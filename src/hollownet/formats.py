@@ -253,14 +253,12 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
 
 
 def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    from .store import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata if metadata is not None else kohya_metadata(lora))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(to_kohya(lora), tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_tensors(path, to_kohya(lora), metadata=meta)  # the one atomic write path (full disk: one line)
     return path
 
 

@@ -44,6 +44,7 @@ class GenerateConfig:
     scheduler: str = "dpm"
     precision: str = "fp32"
     device: str = "cpu"
+    force: bool = False  # load a LoRA recorded for another base model anyway
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -71,10 +72,14 @@ def two_path_forward(unet, plan: HollowPlan, sample, timestep, text) -> torch.Te
     return H.hollowed_forward(unet, plan, sample, timestep, text, hollow_out)
 
 
-def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str):
+def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    from .checks import check_lora_matches
+
     model_dir = resolve_model_dir(model)
+    if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
+        check_lora_matches(model_dir, lora, read_info(lora), force=force)
     pipe = StableDiffusionPipeline.from_pretrained(
         model_dir, dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False
     )
@@ -117,8 +122,12 @@ def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, gu
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
+    from .checks import preflight_generate
+    from .store import save_image
+
+    preflight_generate(cfg)  # paths and resolution: before any model loads
     t0 = time.perf_counter()
-    pipe, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler)
+    pipe, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force)
     plan = None
     if info.get("method") == "hollow" and not cfg.merged:
         plan = plan_for_blocks(pipe.unet, info["hollow_blocks"])
@@ -145,7 +154,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         if tracker is not None:
             memory = {"peak_bytes": tracker.report.peak_bytes, "breakdown": tracker.report.breakdown}
         name = f"{i:03d}.png"
-        image.save(out / name)
+        save_image(out / name, image)
         entries.append({"file": name, "prompt": cfg.prompt, "seed": cfg.seed + i})
     save_json(out / "manifest.json", {"images": entries})
     record = {

@@ -44,6 +44,8 @@ layer writes exists from its first chunk on and nothing else accumulates between
 
 from __future__ import annotations
 
+import errno
+
 import math
 import re
 import shutil
@@ -157,6 +159,7 @@ class Arrays:
                 self.scratch.mkdir(parents=True, exist_ok=True)
                 arr.path = self.scratch / f"{len(self.arrays):04d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
                 arr.disk = np.lib.format.open_memmap(arr.path, mode="w+", dtype=_RAW[dtype.itemsize][1], shape=shape)
+                _reserve(arr.path)
         self.arrays[name] = arr
         return arr
 
@@ -747,3 +750,25 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
         spilled = sum(arrays.spilled.values())
         arrays.close()
     return {"summary": meter.summary(), "stats": stats, "unet_spilled_bytes": spilled}
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a spill file's blocks now: on a full disk a memmap would otherwise die of SIGBUS at
+    its first write; reserved, it fails here with ENOSPC (one line, see store.disk_error)."""
+    import os
+
+    from .store import disk_error
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        mapped = disk_error(e, path)
+        if mapped is not None:
+            raise mapped from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)

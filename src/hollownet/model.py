@@ -42,7 +42,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
             local = Path(snapshot_download(str(model), allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
         except Exception as e:  # offline, unknown id, gated repo...
             raise HollownetError(
-                f"cannot fetch model '{model}' from the hub ({type(e).__name__}); pass a local diffusers folder instead"
+                f"model '{model}' is not a local folder (no such directory: {path.absolute()}) and cannot be fetched "
+                f"as a hub id ({type(e).__name__}): check the path, or pass a local diffusers folder"
             ) from None
         check_layout(local)
         return local

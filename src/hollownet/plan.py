@@ -248,12 +248,17 @@ def plan_for_fraction(unet: nn.Module, fraction: float, **kw) -> HollowPlan:
     """The valid cut whose hollowed-parameter fraction is nearest to ``fraction``."""
     plans = all_plans(unet)
     lo, hi = plans[0].fraction, plans[-1].fraction
-    if not (lo - 0.05 <= fraction <= hi + 0.05):
+    if not (0 < fraction < 1) or not (lo - 0.05 <= fraction <= hi + 0.05):
         raise HollownetError(
             f"hollow fraction {fraction:g} is outside what this U-Net allows ({lo:.2f}-{hi:.2f}); "
             f"pick --hollow in that range or name the cut with --hollow-blocks"
         )
     best = min(plans, key=lambda p: abs(p.fraction - fraction))
+    if not (lo <= fraction <= hi):
+        import warnings
+
+        warnings.warn(f"--hollow {fraction:g} is beyond this U-Net's range ({lo:.2f}-{hi:.2f}); "
+                      f"using the nearest cut, {best.fraction:.2f}")
     return make_plan(unet, best.depth, **kw)
 
 

@@ -66,6 +66,8 @@ class PrecomputeConfig:
             raise HollownetError(f"--method {self.method!r} is not one of hollow, lora, full")
         if self.precision not in DTYPES:
             raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 8:
+            raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8, e.g. 512")
         if self.resolution % 8:
             raise HollownetError(f"--resolution {self.resolution} must be a multiple of 8 (the VAE's downscale factor)")
         if self.num_samples < 1:
@@ -274,6 +276,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
+        for stale in store.root.glob(".*.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
+            stale.unlink()
     else:
         table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps, photo_prompts)
         store.write_manifest({**identity, "photo_files": names, "class_photo_files": class_names,
@@ -309,7 +313,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
     table = manifest["samples"]
     size = manifest["shard_size"]
-    bar = tqdm(total=len(table), initial=len(done) * size, desc="pre-compute", unit="sample", disable=None)
+    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
+    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
     for shard in todo:
         rows = table[shard * size : (shard + 1) * size]
         with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
@@ -365,7 +370,8 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
         rows = table[shard * size : (shard + 1) * size]
         spans.append((shard, rows, len(rows_all), len(rows_all) + len(rows)))
         rows_all += rows
-    bar = tqdm(total=len(table), initial=len(done) * size, desc="pre-compute", unit="sample", disable=None)
+    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
+    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
     if plan is None or not todo:
         for shard, rows, _, _ in spans:
             save_tensors(store.root / shard_name(shard), make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar))

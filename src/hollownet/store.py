@@ -8,7 +8,8 @@ A folder of safetensors files plus ``manifest.json``::
     shard-00000.safetensors  per sample: "noisy", "target", "timestep", "prompt_index", "weight",
                              and "hollow_out" (the activation the hollow hands to the first kept up unit)
 
-Every file is written to a temporary name and renamed, so a crash leaves either the old or the
+Every file is written to a temporary name and renamed (``write_bytes``, the one write path of
+hollownet: temp file removed on any error, disk errors mapped to one line), so a crash leaves either the old or the
 new file, never half of one. The manifest lists finished shards; a rerun computes only the rest.
 """
 
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import HollownetError
 
@@ -29,30 +29,136 @@ FORMAT = "hollownet-store/1"
 IDENTITY_KEYS = ("model_fingerprint", "method", "hollow_blocks", "resolution", "dtype", "seed", "num_samples", "photos", "prompts", "prediction_type")
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename; on a full disk, clean up and say how to resume."""
+# errno -> (what happened, what to do); the one line a user sees for a failed write of any kind
+DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free some space or pick another --output"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or pick another --output"),
+    errno.EROFS: ("read-only file system", "pick a writable --output"),
+    errno.EACCES: ("permission denied", "pick a writable --output or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "pick a writable --output or fix its permissions"),
+}
+RESUME_HINT = "; finished work is kept: rerun the same command to resume"
+
+
+def disk_error(e: BaseException, path: Path | str) -> HollownetError | None:
+    """The one-line error for a failed write of ``path``, or None if ``e`` is not a disk problem.
+
+    OSErrors carry their errno; libraries that raise their own errors (safetensors'
+    SafetensorError, torch.save's RuntimeError) are recognized by the OS message they quote.
+    """
+    code = getattr(e, "errno", None)
+    if code not in DISK_ERRORS:
+        text = str(e)
+        code = next((c for c in DISK_ERRORS if f"os error {c})" in text or os.strerror(c) in text), None)
+        if code is None:
+            return None
+    what, fix = DISK_ERRORS[code]
+    return HollownetError(f"{what} writing {path}: {fix}{RESUME_HINT if code in (errno.ENOSPC, errno.EDQUOT) else ''}")
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
+
+    On any error (a full disk, a signal, Ctrl-C) the temp file is removed and ``path`` is left as
+    it was; disk errors (ENOSPC, EDQUOT, EROFS, EACCES) become one :class:`HollownetError` line.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a bench cell that failed before making its folder
-        write(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HollownetError(
-                f"disk full while writing {path.name}; finished work in {path.parent} is kept: "
-                "free some space and run the same command again to resume"
-            ) from None
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        mapped = disk_error(e, path) if isinstance(e, Exception) else None
+        if mapped is not None:
+            raise mapped from None
         raise
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` into memory, then :func:`write_bytes`: one atomic, error-mapped write path.
+
+    ``write`` gets a binary file object (``torch.save(obj, f)``, ``image.save(f, "PNG")``...).
+    """
+    import io
+
+    buf = io.BytesIO()
+    write(buf)
+    write_bytes(path, buf.getvalue())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    data = save(tensors, metadata=metadata)
+    write_bytes(path, _sorted_metadata(data) if metadata and len(metadata) > 1 else data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps metadata in a Rust HashMap, whose order changes from one process (one map)
+    to the next, so two saves of the same LoRA could differ in their header bytes. Sorted, the
+    same tensors and metadata always give the same bytes. The header keeps its length (padded
+    with spaces, as the format allows); if it would not fit, the bytes are returned unchanged.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        return data
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    if len(text) > n:
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def save_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_image(path: Path, image, format: str = "PNG") -> None:
+    atomic_write(path, lambda f: image.save(f, format))
+
+
+def check_writable(folder: Path | str, flag: str = "--output") -> Path:
+    """Refuse, before any model loads, an output folder that is a file or cannot be written.
+
+    Creates nothing: the nearest existing ancestor is probed with a temp file.
+    """
+    import tempfile
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise HollownetError(f"{flag} '{folder}' is an existing file, not a folder: pick another {flag}")
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise HollownetError(f"{flag} '{folder}' is inside '{probe}', which is a file: pick another {flag}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".hollownet-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        what, fix = DISK_ERRORS.get(e.errno, (e.strerror or str(e), f"pick a writable {flag}"))
+        raise HollownetError(f"{what}: cannot write to {flag} '{folder}': {fix.replace('--output', flag)}") from None
+    return folder
 
 
 def shard_name(i: int) -> str:

@@ -27,7 +27,7 @@ from .model import load_unet, model_fingerprint, release_memory, resolve_model_d
 from .plan import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
 from .precompute import DTYPES
 from .settings import compute_precision, is_low_memory
-from .store import Store, atomic_write
+from .store import Store, save_torch
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TrainConfig:
     stream_weights: bool = False  # kept units' frozen weights read per unit from the mapped checkpoint (turns checkpointing on)
     optimizer: str = "adamw"  # adamw | adamw-in-backward
     checkpoint_every: int = 100
-    resume: bool = False
+    resume: bool = True  # continue from the newest valid checkpoint with the same settings; False: start over
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
     lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
@@ -93,6 +93,8 @@ class TrainResult:
     seconds: float
     plan: HollowPlan | None
     memory: dict | None = None
+    start_step: int = 0  # > 0: resumed from a checkpoint at this step
+    train_seconds: float = 0.0  # the steps this run made (not loading, not the resumed ones)
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -192,14 +194,21 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
+    settings = checkpoint_settings(cfg, manifest)
+    for stale in ckpt_dir.glob(".step-*.pt.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
+        stale.unlink()
     if cfg.resume:
-        start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer)
+        start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer, settings=settings, steps=cfg.steps)
+    else:
+        for old in ckpt_dir.glob("step-*.pt"):  # starting over: an old run's checkpoints must never be resumed
+            old.unlink()
     per_step = cfg.batch * (2 if manifest.get("class_photo_files") else 1)  # prior preservation doubles it
     if plan is None and cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     memory = None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})", unit="step", disable=None)
+    t_loop = time.perf_counter()
     for step in bar:
         batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]),
                               keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
@@ -216,8 +225,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         if math.isnan(loss):
             raise HollownetError(f"loss became NaN at step {step}; lower --lr or use --precision fp32")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses)
+            save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses, settings)
     bar.close()
+    train_seconds = time.perf_counter() - t_loop
     info = result_info(cfg, manifest, plan, params)
     if cfg.method == "full":
         unet.save_pretrained(out / "unet")
@@ -225,7 +235,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         save_lora(unet, out, info, lora_format=cfg.lora_format)
     del unet, optimizer
     release_memory()
-    return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory)
+    return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory,
+                       start_step=start, train_seconds=train_seconds)
 
 
 def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, dtype, tracker=None) -> float:
@@ -272,24 +283,66 @@ def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, param
     }
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, unet, params, optimizer, losses) -> None:
-    """Trainable tensors + AdamW state + loss history, atomically; the two newest are kept."""
+CHECKPOINT_SETTINGS = ("method", "rank", "lora_alpha", "lora_targets", "lr", "batch", "seed", "precision",
+                       "compute_dtype", "stream_weights", "optimizer", "max_grad_norm")
+
+
+def checkpoint_settings(cfg: TrainConfig, manifest: dict) -> dict:
+    """What a checkpoint must share with a run to be resumed by it (``steps`` may grow)."""
+    settings = {k: getattr(cfg, k) for k in CHECKPOINT_SETTINGS}
+    settings["lora_alpha"] = cfg.lora_alpha or cfg.rank
+    settings["lora_targets"] = list(cfg.lora_targets)
+    settings["store"] = {k: manifest.get(k) for k in ("model_fingerprint", "hollow_blocks", "resolution", "dtype",
+                                                      "seed", "num_samples", "photos", "prompts")}
+    return settings
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, unet, params, optimizer, losses, settings: dict | None = None) -> None:
+    """Trainable tensors + AdamW state + loss history + settings, atomically; the two newest are kept."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(), "losses": losses}
-    atomic_write(ckpt_dir / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
+    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+             "losses": losses, "settings": settings}
+    save_torch(ckpt_dir / f"step-{step:06d}.pt", state)
     for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
         old.unlink()
 
 
-def load_checkpoint(ckpt_dir: Path, unet, params, optimizer) -> tuple[int, list[float]]:
-    found = sorted(ckpt_dir.glob("step-*.pt"))
-    if not found:
-        return 0, []
-    state = torch.load(found[-1], map_location="cpu", weights_only=True)
-    if len(state["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(state["params"], params)):
-        raise HollownetError(f"checkpoint {found[-1].name} was made with other settings (rank, targets, cut); drop --resume or use a new --output")
-    with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], list(state["losses"])
+def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | None = None,
+                    steps: int | None = None) -> tuple[int, list[float]]:
+    """Restore the newest checkpoint that loads; (0, []) when there is none.
+
+    Checkpoints are written atomically, so a half-written one is never named ``step-*.pt``; one
+    that still fails to load (a damaged disk) is skipped with a warning for the one before it.
+    One made with other ``settings`` (or other tensor shapes) is refused in one line.
+    """
+    import sys
+    import warnings
+
+    for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state["step"], state["params"], state["optimizer"], state["losses"]  # noqa: B018
+        except Exception as e:  # noqa: BLE001  a damaged file: try the one before it
+            warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}); trying an older one")
+            continue
+        refuse = f"checkpoint {path} was made with other settings"
+        fix = "rerun with the settings it was made with, or add --no-resume to start over (or use a new --output)"
+        saved = state.get("settings")
+        if saved is not None and settings is not None:
+            for key in settings:
+                if saved.get(key) != settings[key]:
+                    what = "pre-compute store" if key == "store" else f"--{key.replace('_', '-')}"
+                    have = "" if key == "store" else f" ({saved.get(key)} vs {settings[key]})"
+                    raise HollownetError(f"{refuse}: a different {what}{have}; {fix}")
+        if len(state["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(state["params"], params)):
+            raise HollownetError(f"{refuse} (rank, targets, cut); {fix}")
+        if steps is not None and state["step"] > steps:
+            raise HollownetError(f"checkpoint {path} is at step {state['step']}, beyond --steps {steps}; "
+                                 "raise --steps, or add --no-resume to start over")
+        with torch.no_grad():
+            for p, saved_p in zip(params, state["params"]):
+                p.copy_(saved_p)
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"resuming from step {state['step']} ({path}); --no-resume starts over", file=sys.stderr)
+        return state["step"], list(state["losses"])
+    return 0, []

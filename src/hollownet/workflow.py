@@ -13,7 +13,7 @@ from pathlib import Path
 from .plan import DEFAULT_LORA_TARGETS
 from .precompute import PrecomputeConfig, run_precompute
 from .settings import compute_precision, stage1_layout
-from .store import save_json
+from .store import atomic_write, save_json
 from .train import TrainConfig, run_train
 
 
@@ -43,7 +43,7 @@ class TrainRequest:
     class_images: str | None = None
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 100
-    resume: bool = False
+    resume: bool = True  # stage 2 continues from its newest matching checkpoint; False: start stage 2 over
     layer_major: bool | None = None  # None: on for int8/nf4 or streamed weights (settings.stage1_layout)
     memory_budget: str | int | None = None
     compute_dtype: str | None = None
@@ -58,10 +58,21 @@ class TrainRequest:
 
 def personalize(req: TrainRequest) -> dict:
     """Stage 1 + stage 2 + export; writes OUTPUT/train.json and OUTPUT/loss.png and returns the record."""
+    from .checks import preflight_train
     from .memory import MemoryTracker  # noqa: F401  (imported early: a missing module fails before work starts)
 
+    preflight_train(req)  # paths, prompt, photo count: before any model loads
     out = Path(req.output)
-    out.mkdir(parents=True, exist_ok=True)
+    made = not out.exists()
+    try:
+        return _personalize(req, out)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty folder behind
+        raise
+
+
+def _personalize(req: TrainRequest, out: Path) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
     train_cfg = TrainConfig(
@@ -89,7 +100,8 @@ def personalize(req: TrainRequest) -> dict:
         "plan": res.plan.to_dict() if res.plan else None,
         "timings": {"precompute_s": round(pre.seconds, 3), "train_s": round(res.seconds, 3),
                     "total_s": round(time.perf_counter() - t0, 3),
-                    "train_s_per_step": round(res.seconds / max(1, len(res.losses)), 4)},
+                    "train_s_per_step": round(res.train_seconds / max(1, len(res.losses) - res.start_step), 4),
+                    "resumed_from_step": res.start_step},
         "memory": {"precompute": pre.memory, "train": res.memory},
         "loss": loss_summary(res.losses),
         "outputs": {"lora": str(out / lora_files(req.lora_format)[0]), "lora_files": [str(out / f) for f in lora_files(req.lora_format)],
@@ -159,7 +171,7 @@ def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
     ax.set_title(title[:80], fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # the one write path (store.write_bytes)
     plt.close(fig)
 
 

@@ -1,0 +1,158 @@
+"""Checks that run before any model loads: paths, prompts, photo counts, devices.
+
+Refusals are :class:`HollownetError` (one line, exit 2 in the CLI); doubtful-but-possible input
+is a ``warnings.warn`` (one ``warning: ...`` line in the CLI).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from .errors import HollownetError
+from .store import check_writable
+
+# identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too
+RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "olis", "shs", "zkz", "tok")
+FEW_PHOTOS, MANY_PHOTOS = 3, 20
+
+
+def has_rare_identifier(prompt: str) -> bool:
+    words = re.findall(r"<[^<>\s]+>|[A-Za-z0-9_]+", prompt)
+    return any(w.startswith("<") or w.lower() in RARE_IDENTIFIERS for w in words)
+
+
+def check_instance_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        warnings.warn('--prompt is empty: the LoRA learns the subject with no words to call it by; '
+                      'use e.g. "a photo of sks dog"')
+    elif not has_rare_identifier(prompt):
+        warnings.warn(f'--prompt "{prompt}" has no rare identifier, so training changes what its common words '
+                      'mean for every prompt; add one, e.g. "a photo of sks dog"')
+
+
+def check_generate_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        warnings.warn("--prompt is empty: the images will not be conditioned on any text")
+
+
+def check_photo_folder(folder: str | Path, flag: str = "--images") -> None:
+    """The folder exists and has photos (load_photos says what is wrong); warn about odd counts."""
+    from .data import list_photos
+
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise HollownetError(f"{flag} folder '{folder}' not found: check the path")
+    if not path.is_dir():
+        raise HollownetError(f"{flag} '{folder}' is a file: pass the folder that holds the photos")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stray files: load_photos warns about them once, later
+        n = len(list_photos(path))
+    if n == 0:
+        return  # load_photos raises its own, more detailed error (HEIC hint etc.)
+    if flag == "--images" and n < FEW_PHOTOS:
+        warnings.warn(f"only {n} photo{'s' if n != 1 else ''} in {folder}: 3-6 varied photos of the subject "
+                      "give the best results")
+    elif flag == "--images" and n > MANY_PHOTOS:
+        warnings.warn(f"{n} photos in {folder}: DreamBooth-style training uses 3-6 (more cost pre-compute time "
+                      "and rarely help)")
+
+
+def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
+    if resolution is None:
+        return
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+        raise HollownetError(f"{flag} {resolution} must be a positive multiple of 8 (the VAE's downscale factor), "
+                             "e.g. 512")
+
+
+def check_model_path(model: str) -> None:
+    """A local-looking --model that does not exist is a mistyped path, not a hub id."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HollownetError(f"--model '{model}' is a file: pass a diffusers model folder")
+        return
+    looks_local = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
+    first = Path(text.split("/")[0]).expanduser()
+    if looks_local or (text.count("/") == 1 and first.is_dir()):
+        nearest = path
+        while not nearest.exists() and nearest.parent != nearest:
+            nearest = nearest.parent
+        raise HollownetError(f"model folder '{model}' does not exist (nearest existing folder: '{nearest}'); "
+                             "check the path")
+
+
+def preflight_train(req) -> None:
+    """Everything ``personalize`` can check before stage 1 loads a model."""
+    check_model_path(req.model)
+    check_resolution(req.resolution)
+    check_photo_folder(req.images)
+    if req.class_images:
+        check_photo_folder(req.class_images, "--class-images")
+    check_writable(req.output)
+    check_instance_prompt(req.prompt)
+
+
+def preflight_generate(cfg) -> None:
+    check_model_path(cfg.model)
+    check_resolution(cfg.resolution)
+    if cfg.lora is not None and not Path(cfg.lora).expanduser().exists():
+        raise HollownetError(f"--lora '{cfg.lora}' not found: pass the --output folder of 'hollownet train'")
+    check_writable(cfg.output)
+    check_generate_prompt(cfg.prompt)
+
+
+def check_lora_matches(model_dir: Path, lora_dir: str | Path, info: dict, force: bool = False) -> None:
+    """Refuse, before loading, a LoRA recorded for another base model, or whose shapes do not fit."""
+    from .export import LORA_FILE
+    from .model import model_fingerprint
+
+    recorded = info.get("model_fingerprint")
+    if recorded and not force:
+        have = model_fingerprint(model_dir)
+        if recorded != have:
+            raise HollownetError(
+                f"the LoRA in '{lora_dir}' was trained on another base model ('{info.get('base_model')}', fingerprint "
+                f"{recorded}; --model '{model_dir}' is {have}): pass that model, or --force to load it anyway")
+    bad = lora_shape_mismatch(model_dir, Path(lora_dir) / LORA_FILE)
+    if bad:
+        raise HollownetError(f"the LoRA in '{lora_dir}' does not fit --model '{model_dir}': {bad}; "
+                             "it was trained on a different architecture")
+
+
+def lora_shape_mismatch(model_dir: Path, lora_file: Path) -> str | None:
+    """The first U-Net LoRA tensor whose shape does not fit the model (read from headers only)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from torch import nn
+
+    from .plan import meta_unet
+
+    unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
+    modules = dict(unet.named_modules())
+    with safe_open(lora_file, framework="pt") as f:
+        for key in f.keys():
+            if not key.startswith("unet."):
+                continue
+            m = re.match(r"unet\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
+            if not m:
+                continue
+            name, part = m.group(1), m.group(2)
+            mod = modules.get(name)
+            if mod is None:
+                return f"it has LoRA weights for {name}, which this U-Net lacks"
+            shape = tuple(f.get_slice(key).get_shape())
+            if isinstance(mod, nn.Linear):
+                n_in, n_out = mod.in_features, mod.out_features
+            elif isinstance(mod, nn.Conv2d):
+                n_in, n_out = mod.in_channels, mod.out_channels
+            else:
+                continue
+            down = part in ("lora.down", "lora_A")
+            if (down and shape[1] != n_in) or (not down and shape[0] != n_out):
+                want = f"{'input' if down else 'output'} size {n_in if down else n_out}"
+                return f"{key} has shape {list(shape)}, the layer needs {want}"
+    return None
