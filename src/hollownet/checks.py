@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 from .errors import HollownetError
+from .singlefile import SUFFIXES
+from .toy import NAME as TOY
 from .store import check_writable
 
 # identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too
@@ -70,10 +72,13 @@ def check_resolution(resolution: int | None, flag: str = "--resolution") -> None
 def check_model_path(model: str) -> None:
     """A local-looking --model that does not exist is a mistyped path, not a hub id."""
     text = str(model)
+    if text == TOY:  # the bundled toy model
+        return
     path = Path(text).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise HollownetError(f"--model '{model}' is a file: pass a diffusers model folder")
+        if not path.is_dir() and path.suffix.lower() not in SUFFIXES:
+            raise HollownetError(f"--model '{model}' is a file but not a .safetensors / .ckpt checkpoint: pass a "
+                                 "diffusers model folder or a single-file SD checkpoint")
         return
     looks_local = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
     first = Path(text.split("/")[0]).expanduser()
@@ -107,7 +112,6 @@ def preflight_generate(cfg) -> None:
 
 def check_lora_matches(model_dir: Path, lora_dir: str | Path, info: dict, force: bool = False) -> None:
     """Refuse, before loading, a LoRA recorded for another base model, or whose shapes do not fit."""
-    from .export import LORA_FILE
     from .model import model_fingerprint
 
     recorded = info.get("model_fingerprint")
@@ -117,42 +121,39 @@ def check_lora_matches(model_dir: Path, lora_dir: str | Path, info: dict, force:
             raise HollownetError(
                 f"the LoRA in '{lora_dir}' was trained on another base model ('{info.get('base_model')}', fingerprint "
                 f"{recorded}; --model '{model_dir}' is {have}): pass that model, or --force to load it anyway")
-    bad = lora_shape_mismatch(model_dir, Path(lora_dir) / LORA_FILE)
+    bad = lora_shape_mismatch(model_dir, Path(lora_dir))
     if bad:
         raise HollownetError(f"the LoRA in '{lora_dir}' does not fit --model '{model_dir}': {bad}; "
                              "it was trained on a different architecture")
 
 
-def lora_shape_mismatch(model_dir: Path, lora_file: Path) -> str | None:
-    """The first U-Net LoRA tensor whose shape does not fit the model (read from headers only)."""
+def lora_shape_mismatch(model_dir: Path, lora_dir: Path) -> str | None:
+    """The first U-Net LoRA tensor whose shape does not fit the model (the diffusers or the kohya file)."""
     from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
     from torch import nn
 
+    from .formats import lora_file, read_lora
     from .plan import meta_unet
 
     unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
     modules = dict(unet.named_modules())
-    with safe_open(lora_file, framework="pt") as f:
-        for key in f.keys():
-            if not key.startswith("unet."):
-                continue
-            m = re.match(r"unet\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
-            if not m:
-                continue
-            name, part = m.group(1), m.group(2)
-            mod = modules.get(name)
-            if mod is None:
-                return f"it has LoRA weights for {name}, which this U-Net lacks"
-            shape = tuple(f.get_slice(key).get_shape())
-            if isinstance(mod, nn.Linear):
-                n_in, n_out = mod.in_features, mod.out_features
-            elif isinstance(mod, nn.Conv2d):
-                n_in, n_out = mod.in_channels, mod.out_channels
-            else:
-                continue
-            down = part in ("lora.down", "lora_A")
-            if (down and shape[1] != n_in) or (not down and shape[0] != n_out):
-                want = f"{'input' if down else 'output'} size {n_in if down else n_out}"
-                return f"{key} has shape {list(shape)}, the layer needs {want}"
+    try:
+        lora, _ = read_lora(lora_file(lora_dir))
+    except HollownetError:  # a layout hollownet does not read (e.g. with text-encoder layers): diffusers checks it
+        return None
+    for key, tensor in lora.tensors.items():
+        name, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        mod = modules.get(name)
+        if mod is None:
+            return f"it has LoRA weights for {name}, which this U-Net lacks"
+        if isinstance(mod, nn.Linear):
+            n_in, n_out = mod.in_features, mod.out_features
+        elif isinstance(mod, nn.Conv2d):
+            n_in, n_out = mod.in_channels, mod.out_channels
+        else:
+            continue
+        down = part == "lora_A"
+        if (down and tensor.shape[1] != n_in) or (not down and tensor.shape[0] != n_out):
+            want = f"{'input' if down else 'output'} size {n_in if down else n_out}"
+            return f"{key} has shape {list(tensor.shape)}, the layer needs {want}"
     return None
