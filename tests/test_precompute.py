@@ -122,7 +122,13 @@ def test_per_photo_captions_kohya_convention(tiny_model, tmp_path):
     shutil.copytree(demo_photos_dir(), photos)
     first = sorted(p for p in photos.iterdir() if p.suffix == ".jpg")[0]
     first.with_suffix(".txt").write_text("a photo of sks dog on a sofa\n")
-    run_precompute(config(tiny_model, photos, tmp_path / "store", method="lora"), track_memory=False)
+    import warnings
+
+    from hollownet.data import PhotoWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PhotoWarning)  # a caption file is not an "ignored non-photo entry"
+        run_precompute(config(tiny_model, photos, tmp_path / "store", method="lora"), track_memory=False)
     m = Store(tmp_path / "store").manifest()
     assert m["prompts"] == ["a photo of sks dog", "a photo of sks dog on a sofa"]
     index = m["photo_files"].index(first.name)

@@ -112,7 +112,8 @@ def list_photos(folder: StrPath) -> list[Path]:
 
     A file is a photo if its extension is one of :data:`IMAGE_EXTENSIONS` (any case). Hidden
     entries (names starting with ``.``, e.g. ``.DS_Store`` or macOS ``._IMG_1.jpg`` resource
-    forks) are skipped silently; other files and sub-folders are skipped with one
+    forks) and a photo's caption (``NAME.txt`` beside ``NAME.jpg``) are skipped silently; other files
+    and sub-folders are skipped with one
     :class:`PhotoWarning` naming them. Sub-folders are not searched.
 
     Raises :class:`PhotoError` if the folder does not exist or is not a directory. An empty
@@ -134,6 +135,8 @@ def list_photos(folder: StrPath) -> list[Path]:
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
             continue
+        if entry.suffix.lower() == ".txt" and any(entry.with_suffix(e).exists() for e in IMAGE_EXTENSIONS):
+            continue  # a photo's caption (kohya's convention, read by precompute.photo_captions)
         if entry.is_dir():
             ignored.append(entry.name + "/")
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
