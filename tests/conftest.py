@@ -8,6 +8,22 @@ DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreamboo
 RES = 64  # tiny model: 64 px photos -> 8x8 latents
 
 
+def run(capsys, *argv):
+    """``hollownet ARGV`` in this process: (exit code, stdout, stderr)."""
+    from hollownet.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one ``hollownet ...: error: ...`` line of a refused command (and no traceback)."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("hollownet ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def dog_photos() -> Path:
     """The DreamBooth dog where ../shared has it, else the 4 bundled demo photos (made from it):

@@ -13,16 +13,10 @@ import torch
 
 
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte -> printable unicode table (the BPE base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2/CLIP byte -> printable unicode table (the BPE base alphabet), in CLIP's order."""
+    from hollownet.singlefile import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
 
 
 def write_tiny_clip_tokenizer(folder: Path):

@@ -11,19 +11,7 @@ from PIL import Image
 
 from hollownet.cli import build_parser, main
 
-from conftest import RES
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("hollownet ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from conftest import RES, error_line, run
 
 
 def warning_lines(err: str) -> list[str]:

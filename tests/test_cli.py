@@ -8,19 +8,7 @@ from PIL import Image
 
 from hollownet.cli import main
 
-from conftest import RES
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("hollownet ")]
-    assert len(lines) == 1, err
-    return lines[0]
+from conftest import RES, error_line, run
 
 
 def train_args(model, images, out, *extra):

@@ -39,16 +39,10 @@ TINY_VAE = dict(
 
 
 def byte_symbols() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves), by byte."""
+    from .singlefile import bytes_to_unicode
+
+    return dict(sorted(bytes_to_unicode().items()))
 
 
 def byte_vocab() -> tuple[dict[str, int], str]:
