@@ -176,24 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(then the bundled dog photos at 512 px)")
     d.add_argument("--steps", type=int, help="training steps (default 300 on the toy model, 400 otherwise)")
 
-    b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset (the paper's table)",
+    b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset, or the toy (the paper's table)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
 examples:
   hollownet bench --model ./sd21 --dataset ../shared/data/dreambooth --output bench/db --methods hollow,lora,full:lr=5e-6
   hollownet bench ... --methods hollow,hollow@0.56,lora,lora:r=1 --seeds 0-2 --subjects dog,cat --prompts 5
+  hollownet bench --model toy --dataset toy --output bench/toy --methods hollow:r=12,lora:r=12,full:lr=1e-4
+                       # the bundled toy model and novel subjects, scored by the toy evaluator (toy figures)
 
 method specs: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full,
-              KEY r|alpha|lr|steps|weights|stream|opt|blocks
+              KEY r|alpha|lr|steps|weights|stream|opt|blocks|samples|infer
   hollow               the paper's cut          hollow@0.56     the valid cut nearest 56% of U-Net params
   hollow:blocks=down_blocks.3+mid_block+up_blocks.0             a cut by name
   lora, lora:r=1       plain LoRA (rank --rank unless r=)         full:lr=5e-6    full fine-tuning
   hollow:weights=nf4:opt=in-backward   train with nf4 frozen weights, AdamW inside backward
   hollow:stream=1      streamed frozen weights (train --stream-weights); generation always uses --precision
+  hollow:samples=100   stage 1 stores 100 samples, reused    hollow:infer=merged  generate with the LoRA fused
 Each finished cell (subject x method x seed) is kept in OUTPUT/cells/.../result.json; rerunning the
 same command skips finished cells and retries failed ones. Results: OUTPUT/summary.{md,json,png}.
 """)
     b.add_argument("--model", required=True, help="base model: a diffusers folder or a hub id")
-    b.add_argument("--dataset", required=True, help="benchmark folder: DreamBooth (prompts_and_classes.txt) or CustomConcept101 (dataset.json)")
+    b.add_argument("--dataset", required=True, help="benchmark folder: DreamBooth (prompts_and_classes.txt) or CustomConcept101 (dataset.json); toy: the bundled toy subjects (with --model toy)")
     b.add_argument("--output", required=True, help="folder for cells, summary.md/json/png")
     b.add_argument("--methods", default="hollow,lora", help="comma-separated method specs (default hollow,lora; see below)")
     b.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
