@@ -997,27 +997,30 @@ def plot_tradeoffs(summary: dict, path: str | Path) -> None:
     metric = (summary.get("metrics") or METRICS)[0]
     rows = [r for r in summary["methods"] if r["n_ok"] and r["scores"][metric]["mean"] is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    def plain_cut(m: str) -> bool:  # LoRA FT and hollow rows that differ only in their cut
-        opts = m.split(":")[1:]
-        return m == "lora" or (m.startswith("hollow") and all(o.startswith("blocks=") for o in opts))
 
-    cuts = sorted((((r["plan"] or {}).get("fraction", 0.0) if r.get("plan") else 0.0), r["method"], r) for r in rows
+    def plain_cut(m: str) -> bool:  # LoRA FT and hollow rows that differ only in their cut (and rank)
+        name = m.split(":")[0].split("@")[0]
+        return name in ("hollow", "lora") and all(o.split("=")[0] in ("r", "blocks") for o in m.split(":")[1:])
+
+    def label(r: dict) -> str:  # a cut by name is long: its hollowed share says it
+        return f"cut {r['plan']['fraction']:.0%}" if r.get("plan") and "blocks=" in r["method"] else r["method"]
+
+    cuts = sorted(((r["plan"]["fraction"] if r.get("plan") else 0.0), r["method"], r) for r in rows
                   if plain_cut(r["method"]))
-    cuts = [(f, r) for f, _, r in cuts]
     if cuts:
-        xs, ys = [c[0] for c in cuts], [c[1]["scores"][metric]["mean"] for c in cuts]
-        es = [c[1]["scores"][metric]["std"] or 0.0 for c in cuts]
-        a.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
-        for x, y, (_, r) in zip(xs, ys, cuts):
-            a.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    a.set_xlabel("hollowed fraction of U-Net parameters (0 = LoRA FT on the whole U-Net)")
+        xs, ys = [c[0] for c in cuts], [c[2]["scores"][metric]["mean"] for c in cuts]
+        es = [c[2]["scores"][metric]["std"] or 0.0 for c in cuts]
+        a.errorbar(xs, ys, yerr=es, marker="o", capsize=3, linestyle="none")
+        for x, y, c in zip(xs, ys, cuts):
+            a.annotate(label(c[2]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    a.set_xlabel("hollowed share of U-Net parameters (0: LoRA FT)")
     a.set_ylabel(METRIC_LABELS[metric])
     a.set_title("fidelity vs hollowed fraction", fontsize=10)
     for r in rows:
         mem = r["memory"]["train_peak_bytes"]["mean"]
         if mem is not None:
             b.scatter(mem / 2**20, r["scores"][metric]["mean"], color="tab:blue")
-            b.annotate(r["method"], (mem / 2**20, r["scores"][metric]["mean"]), fontsize=7, xytext=(3, 3),
+            b.annotate(label(r), (mem / 2**20, r["scores"][metric]["mean"]), fontsize=7, xytext=(3, 3),
                        textcoords="offset points")
     inf = summary.get("inference_peak_bytes")
     if inf:
