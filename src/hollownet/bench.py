@@ -73,7 +73,7 @@ from typing import Callable
 
 from .errors import HollownetError
 from .store import save_json
-from .toy import model_dir as toy_model_dir
+from .toy import is_toy
 
 METHOD_NAMES = ("hollow", "lora", "full")
 OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks", "samples", "infer")
@@ -440,7 +440,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     model_dir = resolve_model_dir(cfg.model)
     fingerprint = model_fingerprint(model_dir)
     # the toy model is scored by the toy evaluator (no DINO / CLIP weights exist for its world)
-    scorer = "toy" if model_dir.resolve() == toy_model_dir() else "dino-clip"
+    scorer = "toy" if is_toy(model_dir) else "dino-clip"
     out.mkdir(parents=True, exist_ok=True)
 
     cells: list[_Cell] = []

@@ -52,9 +52,6 @@ TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 30
 
 
 def model_defaults(model) -> dict:
-    from pathlib import Path
+    from .toy import is_toy
 
-    from .toy import NAME, model_dir
-
-    is_toy = str(model) == NAME or Path(str(model)).expanduser().resolve() == model_dir()
-    return dict(TOY_DEFAULTS if is_toy else SD_DEFAULTS)
+    return dict(TOY_DEFAULTS if is_toy(model) else SD_DEFAULTS)

@@ -21,3 +21,8 @@ def model_dir() -> Path:
     """
     override = os.environ.get("HOLLOWNET_TOY_MODEL")
     return Path(override).expanduser().resolve() if override else Path(__file__).resolve().parent / "model"
+
+
+def is_toy(model) -> bool:
+    """``model`` (a name or a folder) is the toy model: its defaults and its evaluator apply."""
+    return str(model) == NAME or Path(str(model)).expanduser().resolve() == model_dir()
