@@ -13,11 +13,22 @@ from .errors import HollownetError
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "nf4")
+#: Every frozen-weight precision, from least to most fidelity cost (the planner's order).
+PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
 OPTIMIZERS = ("adamw", "adamw-in-backward")  # torch's AdamW; the same applied per tensor inside backward
 DEFAULT_QUANTIZED_COMPUTE = "bf16"  # QLoRA's choice; fp32 is faster on CPUs without native bf16, but larger
 # Layer-major stage 1 peaks at about its budget; 700 MiB keeps it under the nf4 / streamed stage 2
 # of SD 2.x at 512 px, r=128 (0.70-0.72 GiB, benchmarks/modes.py).
 LOW_MEMORY_STAGE1_BUDGET = "700MiB"
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a float precision name (``fp32``, ``bf16``, ``fp16``)."""
+    import torch  # here, not at the top: the CLI imports this module for --help
+
+    if name not in FLOAT_PRECISIONS:
+        raise HollownetError(f"precision {name!r} is not a float dtype: one of {', '.join(FLOAT_PRECISIONS)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def compute_precision(precision: str, compute_dtype: str | None = None) -> str:
