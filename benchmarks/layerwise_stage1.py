@@ -46,10 +46,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hollownet import layerwise as LW  # noqa: E402
-from hollownet.memory import format_bytes  # noqa: E402
-from hollownet.plan import CONFIG_DIR, load_unet_config, make_plan, meta_unet  # noqa: E402
-from hollownet.precompute import PartMeter, PrecomputeConfig, kept_up_modules, make_shard, run_precompute, sample_table  # noqa: E402
+from hollownet.lowmem import layerwise as LW  # noqa: E402
+from hollownet.memory.tracker import format_bytes  # noqa: E402
+from hollownet.cut import CONFIG_DIR, load_unet_config, make_plan, meta_unet  # noqa: E402
+from hollownet.stages.precompute import PartMeter, PrecomputeConfig, kept_up_modules, make_shard, run_precompute, sample_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1024**3
@@ -63,7 +63,7 @@ def _config(name: str) -> dict:
 def materialize(module: nn.Module, dtype, skip=()) -> None:
     """Every parameter and buffer (non-persistent ones too, as ``from_pretrained`` makes them) a
     fresh tensor of its shape: fake inside a FakeTensorMode. Tensors under ``skip`` stay on meta."""
-    from hollownet.model import is_under
+    from hollownet.loading import is_under
 
     for mname, mod in module.named_modules():
         if skip and is_under(mname, list(skip)):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's memory table, reproduced: SD 2.x U-Net, 512 px, batch 1, fp32, AdamW.
 
-Every figure is the peak of live tensor bytes predicted by ``hollownet.memplan`` -- the trainer's
+Every figure is the peak of live tensor bytes predicted by ``hollownet.memory.planner`` -- the trainer's
 own step on fake tensors, counted by the same tracker that measures real runs (they agree to the
 byte on the tiny test model) -- so it runs on a laptop CPU in a few minutes with no weights.
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=str(RESULTS), help="folder for memory_table.json and memory_table.png")
     args = ap.parse_args(argv)
 
-    from hollownet.memplan import predict_many
+    from hollownet.memory.planner import predict_many
 
     common = dict(model=args.model, resolution=args.resolution, batch=args.batch, optimizer=args.optimizer)
     # the paper ran on a GPU, where torch's AdamW defaults to its multi-tensor (foreach) implementation: its

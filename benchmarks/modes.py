@@ -44,13 +44,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hollownet import hollow as H  # noqa: E402
-from hollownet.memplan import make_train_batch, predict_lowmem_train, train_batch_shapes  # noqa: E402
-from hollownet.plan import load_unet_config, make_plan, meta_unet  # noqa: E402
-from hollownet.model import return_freed_memory_promptly  # noqa: E402
-from hollownet.quant import frozen_weight_bytes, relative_error  # noqa: E402
+from hollownet import unet_split as H  # noqa: E402
+from hollownet.memory.planner import make_train_batch, predict_lowmem_train, train_batch_shapes  # noqa: E402
+from hollownet.cut import load_unet_config, make_plan, meta_unet  # noqa: E402
+from hollownet.loading import return_freed_memory_promptly  # noqa: E402
+from hollownet.lowmem.quant import frozen_weight_bytes, relative_error  # noqa: E402
 from hollownet.settings import is_low_memory  # noqa: E402
-from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
+from hollownet.stages.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1024**3
@@ -99,7 +99,7 @@ def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution
 
 def stage1_peaks(model: str, resolution: int, budgets: list[str], samples: int, photos: int) -> dict:
     """Layer-major stage 1's predicted peak in fp32 per budget (``memplan.predict_precompute_layer_major``)."""
-    from hollownet.memplan import PlanRequest, load_model_configs, predict_precompute_layer_major
+    from hollownet.memory.planner import PlanRequest, load_model_configs, predict_precompute_layer_major
 
     mc = load_model_configs(model)
     out = {}
@@ -124,7 +124,7 @@ def output_errors(model_dir: Path, resolution: int, batch: int = 2, seed: int = 
     """
     from diffusers import UNet2DConditionModel
 
-    from hollownet.model import load_unet
+    from hollownet.loading import load_unet
 
     config = UNet2DConditionModel.load_config(model_dir / "unet")
     plan = make_plan(meta_unet(config))
@@ -251,7 +251,7 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
 
     from diffusers import UNet2DConditionModel
 
-    from hollownet.memory import MemoryTracker
+    from hollownet.memory.tracker import MemoryTracker
 
     settings = MODES[label]
     config = UNet2DConditionModel.load_config(model_dir / "unet")

@@ -53,9 +53,9 @@ def random_unet(mc, dtype, device, drop=()):
 
 def trained_model(mc, method: str, rank: int, precision: str, device: str):
     """What train.build_model returns, with random weights: (unet, plan, trainable params)."""
-    from hollownet.plan import make_plan, meta_unet
-    from hollownet.precompute import DTYPES
-    from hollownet.train import add_lora
+    from hollownet.cut import make_plan, meta_unet
+    from hollownet.stages.precompute import DTYPES
+    from hollownet.stages.train import add_lora
 
     plan, skip = None, []
     if method == "hollow":
@@ -66,13 +66,13 @@ def trained_model(mc, method: str, rank: int, precision: str, device: str):
     if method == "full":
         unet.requires_grad_(True)
         return unet, plan, list(unet.parameters())
-    from hollownet.plan import lora_target_modules
+    from hollownet.cut import lora_target_modules
 
     return unet, plan, add_lora(unet, lora_target_modules(unet, skip, TARGETS), rank)
 
 
 def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
-    from hollownet.memplan import hollow_out_shape, latent_size
+    from hollownet.memory.planner import hollow_out_shape, latent_size
 
     h, w = latent_size(mc, resolution)
     c = mc.unet.get("in_channels", 4)
@@ -86,7 +86,7 @@ def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
 
 def time_steps(unet, plan, params, batches, embeds, cfg, dtype) -> list[float]:
     """Seconds of each ``train_step`` over ``batches`` (a fresh AdamW: the first step makes its state)."""
-    from hollownet.train import train_step
+    from hollownet.stages.train import train_step
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     unet.train()
@@ -106,7 +106,7 @@ def stage1_front(mc, precision: str, device: str, photos: int, resolution: int) 
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hollownet.precompute import DTYPES
+    from hollownet.stages.precompute import DTYPES
 
     dtype = DTYPES[precision]
     out = {}
@@ -144,8 +144,8 @@ def stage1_unet(mc, method: str, front: dict, n: int, precision: str, device: st
     """Stage 1's U-Net part on ``n`` samples with precompute.make_shard (hollow: encoder + hollow only)."""
     from diffusers import DDPMScheduler
 
-    from hollownet.plan import make_plan, meta_unet
-    from hollownet.precompute import DTYPES, PrecomputeConfig, kept_up_modules, make_shard, sample_table
+    from hollownet.cut import make_plan, meta_unet
+    from hollownet.stages.precompute import DTYPES, PrecomputeConfig, kept_up_modules, make_shard, sample_table
 
     class Bar:
         def update(self, k=1):
@@ -191,9 +191,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hollownet.memplan import load_model_configs
-    from hollownet.precompute import DTYPES
-    from hollownet.train import TrainConfig
+    from hollownet.memory.planner import load_model_configs
+    from hollownet.stages.precompute import DTYPES
+    from hollownet.stages.train import TrainConfig
 
     torch.set_flush_denormal(True)  # random weights can underflow; denormal arithmetic would distort CPU timings
     mc = load_model_configs(args.model)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
             gc.collect()
         else:
             kept[method] = (unet, plan, params, cfg, build)
-    from hollownet.train import train_step
+    from hollownet.stages.train import train_step
 
     for res in resolutions:
         batches = {m: [store_batch(mc, k[1], res, args.batch, dtype, args.device) for _ in range(1 + args.steps)]

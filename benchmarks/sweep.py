@@ -5,7 +5,7 @@ For each skip-symmetric cut (depth 0 = only the mid block ... the deepest) and p
 hollow, fraction 0): hollowed / kept / LoRA parameters, the LoRA file size (fp32), the predicted
 training peak in each setting (default: fp32; fp32 + gradient checkpointing; bf16 frozen weights +
 checkpointing) and stage 1's peak (fp32, as the trainer runs it). Predictions are
-``hollownet.memplan``'s (fake tensors, no weights; the trainer's own code path).
+``hollownet.memory.planner``'s (fake tensors, no weights; the trainer's own code path).
 
     python benchmarks/sweep.py                              # SD 2.1, r=128, 512 px -> results/sweep.{json,png}
     python benchmarks/sweep.py --settings fp32 --no-stage1  # quicker
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from hollownet.memplan import load_model_configs, predict_many
-    from hollownet.plan import all_plans, default_depth, lora_size, lora_target_modules, meta_unet
+    from hollownet.memory.planner import load_model_configs, predict_many
+    from hollownet.cut import all_plans, default_depth, lora_size, lora_target_modules, meta_unet
 
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETTINGS]

@@ -19,7 +19,7 @@ REDUCED = ["full:lr=1e-4", f"lora:r={HIGH_RANK}", "lora:r=1", f"hollow:r={HIGH_R
 
 
 def all_rows() -> list[str]:
-    from hollownet.plan import all_plans, load_unet_config, make_plan, meta_unet
+    from hollownet.cut import all_plans, load_unet_config, make_plan, meta_unet
     from hollownet.toy import model_dir
 
     unet = meta_unet(load_unet_config(model_dir()))

@@ -52,7 +52,7 @@ def tiny_model_v(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hollow_store(tmp_path_factory, tiny_model, dog_photos) -> Path:
     """A finished stage-1 store for the default cut: 12 samples in shards of 5."""
-    from hollownet.precompute import PrecomputeConfig, run_precompute
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
 
     out = tmp_path_factory.mktemp("store") / "store"
     run_precompute(PrecomputeConfig(model=str(tiny_model), images=str(dog_photos), prompt="a photo of sks dog",

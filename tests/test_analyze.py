@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import RES
-from hollownet import analyze as A
+from hollownet.evaluation import analyze as A
 from hollownet.cli import main
 from hollownet.errors import HollownetError
 

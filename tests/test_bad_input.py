@@ -109,7 +109,7 @@ def test_refused_train_leaves_no_folder(capsys, tiny_model, dog_photos, tmp_path
 def test_doubtful_input_warns_in_one_line_and_trains(capsys, tiny_model, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from hollownet.plan import all_plans, meta_unet
+    from hollownet.cut import all_plans, meta_unet
 
     photos = tmp_path / "one"
     photos.mkdir()

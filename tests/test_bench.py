@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DREAMBOOTH, RES
 from helpers_models import build_tiny_clip, build_tiny_vit
-from hollownet import bench as B
+from hollownet.evaluation import bench as B
 from hollownet.cli import main
 from hollownet.errors import HollownetError
 
@@ -182,7 +182,7 @@ def tiny_dataset(tmp_path_factory, dreambooth):
 
 @pytest.fixture(scope="module")
 def extractors(tmp_path_factory):
-    from hollownet.evaluate import ClipExtractor, DinoExtractor
+    from hollownet.evaluation.metrics import ClipExtractor, DinoExtractor
 
     root = tmp_path_factory.mktemp("eval-models")
     return DinoExtractor(build_tiny_vit(root / "vit")), ClipExtractor(build_tiny_clip(root / "clip"))
@@ -223,7 +223,7 @@ def test_bench_end_to_end(bench_run):
     assert 0 < hollow["params"]["lora"] < lora["params"]["lora"]
     assert hollow["plan"]["hollow_blocks"][-1] == "up_blocks.0"
     inf = summary["inference"]
-    assert inf["source"].startswith(("predicted by hollownet.memplan", "measured"))
+    assert inf["source"].startswith(("predicted by hollownet.memory.planner", "measured"))
     assert json.loads((out / "inference_memory.json").read_text())["peak_bytes"] == inf["peak_bytes"]
     # predicted or measured, it is the real forward's exact peak (batch 1; batch 2 for CFG beside it)
     measured = B.measure_inference_peak(summary["model"], resolution=RES)

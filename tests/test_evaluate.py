@@ -1,4 +1,4 @@
-"""Tests for hollownet.evaluate: metric math, extractors, folder scoring, errors.
+"""Tests for hollownet.evaluation.metrics: metric math, extractors, folder scoring, errors.
 
 Models are tiny random ViT / CLIP checkpoints written with save_pretrained into a
 temporary folder, so nothing is downloaded and the whole file runs in seconds.
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from helpers_models import build_tiny_clip, build_tiny_vit
-from hollownet import evaluate as ev
+from hollownet.evaluation import metrics as ev
 
 
 # Silence the "requires torchvision, falling back to the PIL backend" notices.

@@ -139,8 +139,8 @@ def test_stage2_disk_full_leaves_no_temp_file_and_resumes(tiny_model, dog_photos
 def test_stage1_full_disk_keeps_finished_shards(tiny_model, dog_photos, hollow_store, tmpfs):
     """Shard 0 fits, shard 1 does not: one line, shard 0 kept, no temp file; then it resumes."""
     from hollownet.errors import HollownetError
-    from hollownet.precompute import PrecomputeConfig, run_precompute
-    from hollownet.store import Store
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+    from hollownet.stages.store import Store
 
     def pages(name):
         return -(-(hollow_store / name).stat().st_size // PAGE) * PAGE
@@ -168,8 +168,8 @@ def test_export_on_a_full_disk_keeps_the_old_lora(reference, tiny_model, tmpfs):
     from safetensors.torch import load_file
 
     from hollownet.errors import HollownetError
-    from hollownet.export import save_lora
-    from hollownet.train import add_lora
+    from hollownet.stages.export import save_lora
+    from hollownet.stages.train import add_lora
 
     size = (reference / LORA).stat().st_size
     fs = tmpfs(-(-size // PAGE) * PAGE + PAGE)
@@ -202,7 +202,7 @@ def test_read_only_output_is_refused_in_one_line(tiny_model, dog_photos, tmpfs, 
 
 def test_write_bytes_maps_every_disk_error(tmpfs):
     from hollownet.errors import HollownetError
-    from hollownet.store import save_json, save_tensors
+    from hollownet.stages.store import save_json, save_tensors
 
     import torch
 

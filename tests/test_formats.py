@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hollownet import formats
+from hollownet.stages import formats
 from hollownet.cli import main
-from hollownet.export import save_lora
+from hollownet.stages.export import save_lora
 
 # alpha != rank, and a per-module alpha (peft alpha_pattern) on the resnets' conv1. Not on an attention
 # projection: diffusers' own kohya reader (0.42) names those alphas '...processor.to_k_lora.down.weight.alpha',

@@ -3,12 +3,12 @@
 import torch
 from safetensors import safe_open
 
-import hollownet.model as model_mod
-from hollownet import hollow as H
-from hollownet.model import load_unet
-from hollownet.plan import all_plans, make_plan
-from hollownet.store import Store
-from hollownet.train import TrainConfig, build_model, predict
+import hollownet.loading as model_mod
+from hollownet import unet_split as H
+from hollownet.loading import load_unet
+from hollownet.cut import all_plans, make_plan
+from hollownet.stages.store import Store
+from hollownet.stages.train import TrainConfig, build_model, predict
 
 
 def test_split_forward_equals_unet_for_every_cut(tiny_model):
@@ -74,7 +74,7 @@ def test_stage2_reads_none_of_the_hollow(tiny_model, hollow_store, monkeypatch):
 
 
 def test_stage1_does_not_load_the_outer_up_blocks(tiny_model):
-    from hollownet.precompute import kept_up_modules
+    from hollownet.stages.precompute import kept_up_modules
 
     full, _ = load_unet(tiny_model)
     plan = make_plan(full)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hollownet.layerwise as LW
-import hollownet.store as store_mod
+import hollownet.lowmem.layerwise as LW
+import hollownet.stages.store as store_mod
 
 # A 1-byte budget (everything spilled, one sample per chunk) is below every layer's need: expected.
-pytestmark = pytest.mark.filterwarnings("ignore::hollownet.layerwise.BudgetWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::hollownet.lowmem.layerwise.BudgetWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +22,9 @@ def one_intra_op_thread():
     yield
     torch.set_num_threads(n)
 from hollownet.errors import HollownetError
-from hollownet.memory import MemoryTracker
-from hollownet.precompute import PrecomputeConfig, run_precompute
-from hollownet.store import Store
+from hollownet.memory.tracker import MemoryTracker
+from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+from hollownet.stages.store import Store
 
 from conftest import RES
 
@@ -99,7 +99,7 @@ def test_text_encoder_layerwise_equals_clip(tiny_model, tmp_path):
 def test_text_encoder_reads_only_the_used_token_rows(tiny_model):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hollownet.model import weight_files
+    from hollownet.loading import weight_files
 
     ids = torch.tensor([[512, 70, 71, 70, 513, 513]])
     with torch.device("meta"):
@@ -113,8 +113,8 @@ def test_text_encoder_reads_only_the_used_token_rows(tiny_model):
 def test_vae_encoder_layerwise_equals_encoder(tiny_model):
     from diffusers import AutoencoderKL
 
-    from hollownet.model import weight_files
-    from hollownet.precompute import PartMeter, encode_photos
+    from hollownet.loading import weight_files
+    from hollownet.stages.precompute import PartMeter, encode_photos
 
     pixels = torch.rand(5, 3, 64, 64) * 2 - 1
     vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
@@ -144,9 +144,9 @@ def test_unet_layerwise_equals_hollow_output_for_every_cut(tiny_model, tmp_path)
     """Every cut depth, odd non-square latents (5x7), with and without spilling."""
     from diffusers import UNet2DConditionModel
 
-    from hollownet import hollow as H
-    from hollownet.model import load_unet, weight_files
-    from hollownet.plan import make_plan, max_depth, meta_unet, unit_modules
+    from hollownet import unet_split as H
+    from hollownet.loading import load_unet, weight_files
+    from hollownet.cut import make_plan, max_depth, meta_unet, unit_modules
 
     unet, _ = load_unet(tiny_model)
     g = torch.Generator().manual_seed(0)
@@ -222,9 +222,9 @@ def test_fake_and_real_layer_major_measurements_agree(tiny_model, tmp_path):
     from diffusers import UNet2DConditionModel
     from torch._subclasses import FakeTensorMode
 
-    from hollownet.model import weight_files
-    from hollownet.plan import make_plan, meta_unet
-    from hollownet.precompute import PartMeter
+    from hollownet.loading import weight_files
+    from hollownet.cut import make_plan, meta_unet
+    from hollownet.stages.precompute import PartMeter
 
     n, budget = 11, 300_000
     g = torch.Generator().manual_seed(0)
@@ -303,7 +303,7 @@ def test_layer_major_resumes_a_sample_major_store(tiny_model, dog_photos, hollow
         assert_same_store(root, hollow_store)
 
 
-@pytest.mark.filterwarnings("error::hollownet.layerwise.BudgetWarning")
+@pytest.mark.filterwarnings("error::hollownet.lowmem.layerwise.BudgetWarning")
 def test_a_budget_too_small_for_one_sample_warns(tiny_model, tmp_path):
     with pytest.warns(LW.BudgetWarning, match="VAE encoder: the memory budget .* below what .* need for a single sample"):
         LW.encode_photos(tiny_model, torch.zeros(2, 3, 64, 64), 0, torch.float32, "cpu", 2, None, budget=1000,
@@ -332,7 +332,7 @@ def test_predicted_peak_equals_the_measured_one(tiny_model, dog_photos, tmp_path
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     from hollownet.data import load_photos
-    from hollownet.plan import make_plan, meta_unet
+    from hollownet.cut import make_plan, meta_unet
 
     budget = 600_000
     result = run_precompute(config(tiny_model, dog_photos, tmp_path / "s", layer_major=True, memory_budget=budget,

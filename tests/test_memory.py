@@ -1,4 +1,4 @@
-"""Tests for hollownet.memory: exact live-bytes accounting, real and fake."""
+"""Tests for hollownet.memory.tracker: exact live-bytes accounting, real and fake."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses import FakeTensorMode
 
-from hollownet.memory import KINDS, NO_PHASE, MemoryReport, MemoryTracker, format_bytes, measure_step
+from hollownet.memory.tracker import KINDS, NO_PHASE, MemoryReport, MemoryTracker, format_bytes, measure_step
 
 
 def _nbytes(ts) -> int:

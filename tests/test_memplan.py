@@ -1,4 +1,4 @@
-"""hollownet.memplan / ``hollownet plan``: predictions (fake tensors, no weights) against real measurements.
+"""hollownet.memory.planner / ``hollownet plan``: predictions (fake tensors, no weights) against real measurements.
 
 The tiny model runs the real stage 1 and stage 2 with exact memory tracking; the planner must give
 the same bytes (the issue asks for 2%; the shared code path gives 0). SD 2.1 checks are the cheap
@@ -13,7 +13,7 @@ import pytest
 
 from hollownet.cli import main
 from hollownet.errors import HollownetError
-from hollownet.memplan import (
+from hollownet.memory.planner import (
     GiB,
     PlanRequest,
     candidates,
@@ -23,7 +23,7 @@ from hollownet.memplan import (
     parse_size,
     plan_memory,
 )
-from hollownet.plan import make_plan, meta_unet
+from hollownet.cut import make_plan, meta_unet
 
 RES = 64
 RANK = 4
@@ -52,8 +52,8 @@ def _photos(folder) -> int:
 
 def _measure(tiny_model, photos, tmp_path, method, **train_kw) -> tuple[dict, dict]:
     """Stage 1 (first shard: 2 samples) and 2 training steps, run for real with exact memory tracking."""
-    from hollownet.precompute import PrecomputeConfig, run_precompute
-    from hollownet.train import TrainConfig, run_train
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+    from hollownet.stages.train import TrainConfig, run_train
 
     store = tmp_path / "store"
     pre = run_precompute(PrecomputeConfig(model=str(tiny_model), images=str(photos), prompt="a photo of sks dog",

@@ -1,7 +1,7 @@
 import pytest
 
 from hollownet.errors import HollownetError
-from hollownet.plan import (all_plans, ladder, load_unet_config, make_plan, meta_unet, plan_for_blocks,
+from hollownet.cut import (all_plans, ladder, load_unet_config, make_plan, meta_unet, plan_for_blocks,
                             plan_for_fraction, unit_modules)
 
 PAPER_CUT = ["down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0"]

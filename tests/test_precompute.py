@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hollownet.store as store_mod
+import hollownet.stages.store as store_mod
 from hollownet.errors import HollownetError
-from hollownet.precompute import PrecomputeConfig, noisy_and_target, run_precompute
-from hollownet.store import Store, shard_name
+from hollownet.stages.precompute import PrecomputeConfig, noisy_and_target, run_precompute
+from hollownet.stages.store import Store, shard_name
 
 from conftest import RES
 
@@ -89,7 +89,7 @@ def test_manifest_is_plain_json(hollow_store):
 
 
 def test_prior_preservation_alternates_instance_and_class_samples(tiny_model, dog_photos, dreambooth, tmp_path):
-    from hollownet.train import TrainConfig, run_train
+    from hollownet.stages.train import TrainConfig, run_train
 
     class_photos = dreambooth / "dog2"
     root = tmp_path / "s"

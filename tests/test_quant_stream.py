@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from hollownet import hollow as H
+from hollownet import unet_split as H
 from hollownet.errors import HollownetError
-from hollownet.export import LORA_FILE
-from hollownet.memory import MemoryTracker
-from hollownet.memplan import make_train_batch, predict_lowmem_train, train_batch_shapes
-from hollownet.plan import make_plan, meta_unet
-from hollownet.quant import (NF4_LEVELS, InBackwardAdamW, QuantConv2d, QuantLinear, dequantize_nf4,
+from hollownet.stages.export import LORA_FILE
+from hollownet.memory.tracker import MemoryTracker
+from hollownet.memory.planner import make_train_batch, predict_lowmem_train, train_batch_shapes
+from hollownet.cut import make_plan, meta_unet
+from hollownet.lowmem.quant import (NF4_LEVELS, InBackwardAdamW, QuantConv2d, QuantLinear, dequantize_nf4,
                              frozen_weight_bytes, quantize_nf4, relative_error)
-from hollownet.stream import StreamedWeights
-from hollownet.train import TrainConfig, build_model, compute_dtype, make_optimizer, run_train, train_step
+from hollownet.lowmem.stream import StreamedWeights
+from hollownet.stages.train import TrainConfig, build_model, compute_dtype, make_optimizer, run_train, train_step
 
 TEXT_LEN = 32  # the tiny model's tokenizer length
 
@@ -84,7 +84,7 @@ def test_nf4_codes_are_the_sixteen_levels_with_blockwise_absmax():
 def test_peft_lora_wraps_a_quantized_base_layer():
     from peft import LoraConfig, inject_adapter_in_model
 
-    from hollownet.quant import quantize_model
+    from hollownet.lowmem.quant import quantize_model
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Conv2d(2, 2, 1))
@@ -108,7 +108,7 @@ def test_peft_lora_wraps_a_quantized_base_layer():
 
 
 def test_output_error_per_precision_is_small_and_ordered(tiny_model):
-    from hollownet.model import load_unet
+    from hollownet.loading import load_unet
 
     config = config_of(tiny_model)
     plan = make_plan(meta_unet(config))

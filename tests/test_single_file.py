@@ -59,8 +59,8 @@ def test_single_file_converts_once_to_the_same_weights(single_file, tiny_model, 
 
 
 def test_train_generate_plan_take_a_single_file(single_file, tiny_model, dog_photos, cache, tmp_path, capsys):
-    from hollownet.model import load_unet, resolve_model_dir
-    from hollownet.plan import meta_unet, plan_for_blocks
+    from hollownet.loading import load_unet, resolve_model_dir
+    from hollownet.cut import meta_unet, plan_for_blocks
 
     folder = singlefile.convert_single_file(single_file, config=tiny_model)  # as the previous test left it
     assert resolve_model_dir(single_file) == folder

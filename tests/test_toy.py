@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hollownet import hollow as H
-from hollownet.plan import all_plans
+from hollownet import unet_split as H
+from hollownet.cut import all_plans
 from hollownet.toy import model_dir
 from hollownet.toy import world as W
 from hollownet.toy.evaluator import classify, load_evaluator, score_images, subject_colours, subject_present
@@ -50,7 +50,7 @@ def test_world_words_are_single_tokens(pipe):
 
 
 def test_paper_cut_applies_and_split_forward_equals_unet(pipe):
-    from hollownet.plan import make_plan
+    from hollownet.cut import make_plan
 
     unet = pipe.unet
     default = make_plan(unet)
@@ -95,7 +95,7 @@ def test_prompt_following_well_above_chance(pipe, evaluator):
 @pytest.fixture(scope="module")
 def personalized(tmp_path_factory):
     """One short hollow run and one lora run on the 'plus' subject, shared by the tests below."""
-    from hollownet.infer import GenerateConfig, run_generate
+    from hollownet.stages.generate import GenerateConfig, run_generate
     from hollownet.settings import TOY_DEFAULTS as D
     from hollownet.workflow import TrainRequest, personalize
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hollownet.export import LORA_FILE, lora_state_dict, save_lora
-from hollownet.infer import load_pipeline, two_path_forward
-from hollownet.plan import plan_for_blocks
-from hollownet.store import Store
-from hollownet.train import TrainConfig, build_model, predict, run_train
+from hollownet.stages.export import LORA_FILE, lora_state_dict, save_lora
+from hollownet.stages.generate import load_pipeline, two_path_forward
+from hollownet.cut import plan_for_blocks
+from hollownet.stages.store import Store
+from hollownet.stages.train import TrainConfig, build_model, predict, run_train
 
 
 def train(model, store, out, **kw):
@@ -38,7 +38,7 @@ def hollowed_with_lora(model, store_dir, lora_dir=None):
 
 
 def test_loss_falls_on_one_subject(trained, tiny_model, hollow_store):
-    from hollownet.train import loss_fn
+    from hollownet.stages.train import loss_fn
 
     out, _ = trained
     store = Store(hollow_store)
@@ -129,7 +129,7 @@ def test_bf16_frozen_weights_train_lora_in_fp32(tiny_model, hollow_store, tmp_pa
 
 
 def test_baseline_lora_method_trains_whole_unet(tiny_model, dog_photos, tmp_path):
-    from hollownet.precompute import PrecomputeConfig, run_precompute
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
 
     run_precompute(PrecomputeConfig(model=str(tiny_model), images=str(dog_photos), prompt="a photo of sks dog",
                                     output=str(tmp_path / "s"), method="lora", resolution=64, num_samples=4),

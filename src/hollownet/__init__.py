@@ -13,11 +13,11 @@ _API = {
     "TrainRequest": "workflow",
     "personalize": "workflow",
     "run_demo": "workflow",
-    "GenerateConfig": "infer",
-    "run_generate": "infer",
-    "make_plan": "plan",
-    "MemoryTracker": "memory",
-    "evaluate_folder": "evaluate",
+    "GenerateConfig": "stages.generate",
+    "run_generate": "stages.generate",
+    "make_plan": "cut",
+    "MemoryTracker": "memory.tracker",
+    "evaluate_folder": "evaluation.metrics",
     "HollownetError": "errors",
 }
 

@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from .settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
+from hollownet.settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
 
 EPILOG_TRAIN = """\
 examples:
@@ -274,13 +274,13 @@ def _add_format(p: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from hollownet import __version__
 
     return __version__
 
 
 def _device(name: str | None, precision: str | None = None) -> str:
-    from .devices import check_dtype, resolve_device
+    from hollownet.devices import check_dtype, resolve_device
 
     device = resolve_device(name)  # checked before anything loads
     if precision:
@@ -289,7 +289,7 @@ def _device(name: str | None, precision: str | None = None) -> str:
 
 
 def cmd_train(args) -> int:
-    from .workflow import TrainRequest, personalize
+    from hollownet.workflow import TrainRequest, personalize
 
     record = personalize(TrainRequest(
         model=args.model, images=args.images, prompt=args.prompt, output=args.output, method=args.method,
@@ -307,7 +307,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .infer import GenerateConfig, run_generate
+    from hollownet.stages.generate import GenerateConfig, run_generate
 
     record = run_generate(GenerateConfig(
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
@@ -320,7 +320,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .memplan import PlanRequest, fit_budget, parse_size, plan_memory
+    from hollownet.memory.planner import PlanRequest, fit_budget, parse_size, plan_memory
 
     req = PlanRequest(model=args.model, method=args.method, hollow=args.hollow, hollow_blocks=args.hollow_blocks,
                       rank=args.rank, resolution=args.resolution, batch=args.batch, precision=args.precision,
@@ -341,7 +341,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_folder, format_markdown
+    from hollownet.evaluation.metrics import evaluate_folder, format_markdown
 
     result = evaluate_folder(args.generated, args.reference, prompt=args.prompt, identifier=args.identifier,
                              dino_model=args.dino_model, clip_model=args.clip_model, device=_device(args.device))
@@ -350,7 +350,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .workflow import run_demo
+    from hollownet.workflow import run_demo
 
     run_demo(args.output, model=args.model, steps=args.steps)
     return 0
@@ -360,7 +360,7 @@ def _fill_model_defaults(args) -> None:
     """Flags left unset take the base model's defaults (settings.model_defaults: SD's, or the toy model's)."""
     if not getattr(args, "model", None) or args.command == "demo":
         return
-    from .settings import model_defaults
+    from hollownet.settings import model_defaults
 
     d = model_defaults(args.model)
     if args.command == "generate":
@@ -394,7 +394,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .bench import BenchConfig, run_bench
+    from hollownet.evaluation.bench import BenchConfig, run_bench
 
     run_bench(BenchConfig(
         model=args.model, dataset=args.dataset, output=args.output, methods=args.methods, seeds=args.seeds,
@@ -413,7 +413,7 @@ def cmd_bench(args) -> int:
 def cmd_analyze(args) -> int:
     from pathlib import Path
 
-    from .analyze import AnalyzeConfig, format_table, run_analyze
+    from hollownet.evaluation.analyze import AnalyzeConfig, format_table, run_analyze
 
     result = run_analyze(AnalyzeConfig(
         output=args.output, loras=args.loras, level=args.level, train=args.train, model=args.model,
@@ -426,7 +426,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .formats import convert
+    from hollownet.stages.formats import convert
 
     r = convert(args.input, args.output, args.to)
     print(f"{r['from']} -> {r['to']}: {r['modules']} modules, {r['output']} (max |dW| after reading back: {r['max_abs_diff']:.3g})")
@@ -448,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
     _fill_model_defaults(args)
-    from .data import DatasetError, PhotoError
-    from .errors import HollownetError
-    from .store import disk_error
+    from hollownet.data import DatasetError, PhotoError
+    from hollownet.errors import HollownetError
+    from hollownet.stages.store import disk_error
 
     with warnings.catch_warnings():
         if not verbose:

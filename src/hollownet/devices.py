@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 KINDS = ("cuda", "mps", "xpu", "cpu")
 

@@ -9,7 +9,7 @@ stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
 
 from __future__ import annotations
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "nf4")
@@ -63,6 +63,6 @@ TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 30
 
 
 def model_defaults(model) -> dict:
-    from .toy import is_toy
+    from hollownet.toy import is_toy
 
     return dict(TOY_DEFAULTS if is_toy(model) else SD_DEFAULTS)

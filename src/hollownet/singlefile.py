@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -40,7 +40,7 @@ TINY_VAE = dict(
 
 def byte_symbols() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves), by byte."""
-    from .singlefile import bytes_to_unicode
+    from hollownet.singlefile import bytes_to_unicode
 
     return dict(sorted(bytes_to_unicode().items()))
 

@@ -10,11 +10,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .plan import DEFAULT_LORA_TARGETS
-from .precompute import PrecomputeConfig, run_precompute
-from .settings import compute_precision, stage1_layout
-from .store import atomic_write, save_json
-from .train import TrainConfig, run_train
+from hollownet.cut import DEFAULT_LORA_TARGETS
+from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+from hollownet.settings import compute_precision, stage1_layout
+from hollownet.stages.store import atomic_write, save_json
+from hollownet.stages.train import TrainConfig, run_train
 
 
 @dataclass
@@ -58,8 +58,8 @@ class TrainRequest:
 
 def personalize(req: TrainRequest) -> dict:
     """Stage 1 + stage 2 + export; writes OUTPUT/train.json and OUTPUT/loss.png and returns the record."""
-    from .checks import preflight_train
-    from .memory import MemoryTracker  # noqa: F401  (imported early: a missing module fails before work starts)
+    from hollownet.checks import preflight_train
+    from hollownet.memory.tracker import MemoryTracker  # noqa: F401  (imported early: a missing module fails before work starts)
 
     preflight_train(req)  # paths, prompt, photo count: before any model loads
     out = Path(req.output)
@@ -114,7 +114,7 @@ def _personalize(req: TrainRequest, out: Path) -> dict:
 
 
 def lora_files(lora_format: str) -> list[str]:
-    from .formats import DIFFUSERS_FILE, KOHYA_FILE
+    from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 
     return {"diffusers": [DIFFUSERS_FILE], "kohya": [KOHYA_FILE]}.get(lora_format, [DIFFUSERS_FILE, KOHYA_FILE])
 
@@ -128,7 +128,7 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 def summarize(record: dict) -> str:
-    from .memory import format_bytes
+    from hollownet.memory.tracker import format_bytes
 
     mem = record["memory"]
     lines = []
@@ -185,12 +185,12 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     """
     from PIL import Image
 
-    from .data import demo_photos_dir
-    from .infer import GenerateConfig, run_generate
-    from .memory import format_bytes
-    from .settings import model_defaults
-    from .toy import NAME as TOY
-    from .toy import world as W
+    from hollownet.data import demo_photos_dir
+    from hollownet.stages.generate import GenerateConfig, run_generate
+    from hollownet.memory.tracker import format_bytes
+    from hollownet.settings import model_defaults
+    from hollownet.toy import NAME as TOY
+    from hollownet.toy import world as W
 
     out = Path(output)
     d = model_defaults(model)
@@ -225,7 +225,7 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     peak = (gens["personalized"].get("memory") or {}).get("peak_bytes")
     print(f"generation ({gens['personalized']['mode']}) peak memory {format_bytes(peak)}; sheet: {out / 'sheet.png'}")
     if model == TOY:
-        from .toy.evaluator import load_evaluator, score_images
+        from hollownet.toy.evaluator import load_evaluator, score_images
 
         ev = load_evaluator()
         bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(2)]

@@ -16,8 +16,8 @@ import json
 import re
 from pathlib import Path
 
-from ..data import BenchmarkDataset, BenchmarkSubject
-from . import world as W
+from hollownet.data import BenchmarkDataset, BenchmarkSubject
+from hollownet.toy import world as W
 
 # ordinary prompts (no identifier) on the unseen backgrounds: the subject should not appear in them
 DRIFT_PROMPTS = ("a red circle on a black background", "a blue square on a teal background",
@@ -57,7 +57,7 @@ def score_cell(images_dir: Path, drift_dir: Path, photos_dir: Path, evaluator=No
     """The toy columns for one cell: subject images in ``images_dir``, ordinary-prompt images in ``drift_dir``."""
     from PIL import Image
 
-    from .evaluator import load_evaluator, score_images, subject_colours, subject_present
+    from hollownet.toy.evaluator import load_evaluator, score_images, subject_colours, subject_present
 
     evaluator = evaluator or load_evaluator()
     photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]

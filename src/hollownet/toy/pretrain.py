@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world as W
+from hollownet.toy import world as W
 
 MAX_TOKENS = 16  # captions are at most 9 tokens with start/end
 
@@ -74,7 +74,7 @@ def save_toy_tokenizer(folder: Path):
     """A CLIPTokenizer over the byte symbols plus the world's words, each word one token."""
     from transformers import CLIPTokenizer
 
-    from ..tiny import byte_vocab
+    from hollownet.tiny import byte_vocab
 
     vocab, _ = byte_vocab()
     merges: list[tuple[str, str]] = []
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from .evaluator import save_evaluator, train_evaluator
+    from hollownet.toy.evaluator import save_evaluator, train_evaluator
 
     out = Path(args.output)
     t_start = time.perf_counter()

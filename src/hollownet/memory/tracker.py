@@ -171,7 +171,7 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_leaves
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 __all__ = [
     "KINDS",

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import hollow as H
-from .errors import HollownetError
-from .export import lora_weight_name, read_info
-from .model import resolve_model_dir
-from .plan import HollowPlan, plan_for_blocks
-from .precompute import DTYPES
-from .store import save_json
+from hollownet import unet_split as H
+from hollownet.errors import HollownetError
+from hollownet.stages.export import lora_weight_name, read_info
+from hollownet.loading import resolve_model_dir
+from hollownet.cut import HollowPlan, plan_for_blocks
+from hollownet.stages.precompute import DTYPES
+from hollownet.stages.store import save_json
 
 SCHEDULERS = ("ddim", "dpm", "default")
 
@@ -75,7 +75,7 @@ def two_path_forward(unet, plan: HollowPlan, sample, timestep, text) -> torch.Te
 def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from .checks import check_lora_matches
+    from hollownet.checks import check_lora_matches
 
     model_dir = resolve_model_dir(model)
     if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
@@ -122,8 +122,8 @@ def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, gu
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
-    from .checks import preflight_generate
-    from .store import save_image
+    from hollownet.checks import preflight_generate
+    from hollownet.stages.store import save_image
 
     preflight_generate(cfg)  # paths and resolution: before any model loads
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     entries = []
     from tqdm.auto import tqdm
 
-    from .memory import MemoryTracker
+    from hollownet.memory.tracker import MemoryTracker
 
     memory = None
     for i in tqdm(range(cfg.num_images), desc="generate", unit="image", disable=None):

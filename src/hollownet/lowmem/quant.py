@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .errors import HollownetError
-from .settings import OPTIMIZERS, QUANTIZED_PRECISIONS
+from hollownet.errors import HollownetError
+from hollownet.settings import OPTIMIZERS, QUANTIZED_PRECISIONS
 
 SCHEMES = QUANTIZED_PRECISIONS
 NF4_BLOCK = 64
@@ -293,7 +293,7 @@ def quantize_model(model: nn.Module, scheme: str, compute_dtype: torch.dtype, *,
     (e.g. on the meta device); read one at a time, so loading never holds more than one float weight.
     peft LoRA layers are fine either way: their ``base_layer`` is quantized, ``lora_A``/``lora_B`` not.
     """
-    from .model import is_under
+    from hollownet.loading import is_under
 
     skip = list(skip)
     names = [n for n, m in model.named_modules() if quantizable(n, m) and not (skip and is_under(n, skip))]

@@ -3,7 +3,7 @@
 The prediction *runs the real code path* -- the trainer's ``add_lora`` and ``train_step`` (forward,
 loss, backward, clipping, AdamW), stage 1's ``make_shard`` and the same text-encoder and VAE calls
 -- on models whose tensors are fake (:class:`torch._subclasses.FakeTensorMode`: shapes and dtypes,
-no storage) and counts live bytes with the same :class:`~hollownet.memory.MemoryTracker` that
+no storage) and counts live bytes with the same :class:`~hollownet.memory.tracker.MemoryTracker` that
 ``hollownet train`` uses to measure. So prediction and measurement are one code path: on the tiny
 test model they agree to the byte, and an SD 2.x prediction takes seconds on a laptop CPU.
 
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HollownetError
-from .memory import KINDS, MemoryReport, MemoryTracker, format_bytes
-from .model import is_under, vae_scale_factor
-from .toy import NAME as TOY, model_dir as toy_model_dir
-from .plan import (
+from hollownet.errors import HollownetError
+from hollownet.memory.tracker import KINDS, MemoryReport, MemoryTracker, format_bytes
+from hollownet.loading import is_under, vae_scale_factor
+from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
+from hollownet.cut import (
     BUNDLED_UNETS,
     CONFIG_DIR,
     DEFAULT_LORA_TARGETS,
@@ -57,8 +57,8 @@ from .plan import (
     meta_unet,
     resolve_plan,
 )
-from .settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
-from .settings import OPTIMIZERS as TRAIN_OPTIMIZERS
+from hollownet.settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
+from hollownet.settings import OPTIMIZERS as TRAIN_OPTIMIZERS
 
 GiB = 1024**3
 OPTIMIZERS = (*TRAIN_OPTIMIZERS, "adamw-foreach")  # foreach: torch's default AdamW on CUDA
@@ -112,7 +112,7 @@ def _read_json(path: Path) -> dict | None:
 def load_model_configs(model: str | Path) -> ModelConfigs:
     """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model), a single-file
     checkpoint or a diffusers folder (its ``*/config.json``)."""
-    from .singlefile import plan_model
+    from hollownet.singlefile import plan_model
 
     name = plan_model(str(model))  # a single-file checkpoint: its converted folder, or its type's bundled configs
     if name in BUNDLED_UNETS:
@@ -221,7 +221,7 @@ class PlanRequest:
         return self.steps * self.batch
 
     def train_config(self):
-        from .train import TrainConfig
+        from hollownet.stages.train import TrainConfig
 
         return TrainConfig(model=self.model, store="", output="", method=self.method, rank=self.rank,
                            lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets), batch=self.batch,
@@ -231,7 +231,7 @@ class PlanRequest:
 
     def precompute_config(self):
         """Stage 1 as ``hollownet train`` runs it for these settings (``workflow.personalize``)."""
-        from .precompute import PrecomputeConfig
+        from hollownet.stages.precompute import PrecomputeConfig
 
         prior = dict(class_prompt="class", class_images="class") if self.class_photos else {}
         layer_major, budget = stage1_layout(self.layer_major, self.memory_budget, precision=self.precision,
@@ -244,7 +244,7 @@ class PlanRequest:
 
 
 def _dtype(precision: str) -> torch.dtype:
-    from .precompute import DTYPES
+    from hollownet.stages.precompute import DTYPES
 
     return DTYPES[precision]
 
@@ -342,7 +342,7 @@ def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tup
 
 
 def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int):
-    from . import hollow as H
+    from hollownet import unet_split as H
 
     unet = meta_unet(unet_config)
     with torch.device("meta"), torch.no_grad():
@@ -356,7 +356,7 @@ def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int,
 
 def _trained_unet(mc: ModelConfigs, req: PlanRequest, cfg):
     """``train.build_model`` on the meta device: the cut, the frozen U-Net, LoRA via the trainer's add_lora."""
-    from .train import add_lora_outside
+    from hollownet.stages.train import add_lora_outside
 
     unet = meta_unet(mc.unet).requires_grad_(False).eval()  # as load_unet leaves it
     plan = _cut(unet, req, rank=cfg.rank)
@@ -368,7 +368,7 @@ def _trained_unet(mc: ModelConfigs, req: PlanRequest, cfg):
 
 def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dict]:
     """The peak of a training step (stage 2), as ``run_train`` measures it; and weight accounting."""
-    from .train import train_step
+    from hollownet.stages.train import train_step
 
     cfg = req.train_config()  # the trainer's own validation and defaults (lr, max_grad_norm)
     if req.low_memory:
@@ -452,17 +452,17 @@ def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: i
     """Stage 2's peak for a low-memory ``cfg`` (int8/nf4, streamed weights, adamw-in-backward), no weights.
 
     Returns ``(MemoryReport, info)``. Runs the trainer's own construction
-    (``stream.build_lowmem_model`` from a :class:`~hollownet.stream.FakeSource`: quantization runs on
+    (``stream.build_lowmem_model`` from a :class:`~hollownet.lowmem.stream.FakeSource`: quantization runs on
     fake tensors) and its own ``train.train_step`` under ``FakeTensorMode``: one untracked step (the
     optimizer's state exists after it), then the measured step (the run's peak). Also right for
     float precisions; ``method`` hollow (default cut unless ``hollow_blocks``) or lora. ``batch``:
     samples per step (default ``cfg.batch``; prior preservation doubles it). The hollow output is in
     the compute dtype (a store made at the matching precision, as ``hollownet train`` makes it).
     """
-    from .plan import make_plan, plan_for_blocks
-    from .quant import frozen_weight_bytes
-    from .stream import FakeSource, StreamedWeights, build_lowmem_model
-    from .train import add_lora_outside, compute_dtype, make_optimizer, train_step
+    from hollownet.cut import make_plan, plan_for_blocks
+    from hollownet.lowmem.quant import frozen_weight_bytes
+    from hollownet.lowmem.stream import FakeSource, StreamedWeights, build_lowmem_model
+    from hollownet.stages.train import add_lora_outside, compute_dtype, make_optimizer, train_step
 
     text_dim = text_dim or unet_config["cross_attention_dim"]
     skeleton = meta_unet(unet_config)
@@ -565,7 +565,7 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     """
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from .precompute import PartMeter, kept_up_modules, make_shard, sample_table
+    from hollownet.stages.precompute import PartMeter, kept_up_modules, make_shard, sample_table
 
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
@@ -637,7 +637,7 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
     ``predict_precompute``'s format; ``parts`` holds each part's largest layer, ``peak_phase`` names the layer."""
     from diffusers import AutoencoderKL
 
-    from .layerwise import parse_bytes, predict_peak
+    from hollownet.lowmem.layerwise import parse_bytes, predict_peak
 
     pcfg = req.precompute_config()
     budget = parse_bytes(pcfg.memory_budget)

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HollownetError
-from .model import is_under, weight_files
-from .plan import HollowPlan, Unit, meta_unet, plan_for_blocks, unit_modules
+from hollownet.errors import HollownetError
+from hollownet.loading import is_under, weight_files
+from hollownet.cut import HollowPlan, Unit, meta_unet, plan_for_blocks, unit_modules
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -282,8 +282,8 @@ def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | Non
     builds the skeleton *and adds LoRA to it* (``add_lora`` on meta) before entering the mode; this
     function then gives the LoRA parameters fresh fp32 storage (zeros) instead of adding LoRA.
     """
-    from .quant import SCHEMES, quantizable, quantize_model
-    from .train import add_lora_outside, compute_dtype
+    from hollownet.lowmem.quant import SCHEMES, quantizable, quantize_model
+    from hollownet.stages.train import add_lora_outside, compute_dtype
 
     device = torch.device(device or cfg.device)
     unet = skeleton if skeleton is not None else meta_unet(unet_config)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .store import save_json, save_tensors
+from hollownet.stages.store import save_json, save_tensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 INFO_FILE = "hollownet.json"
@@ -47,8 +47,8 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     """
     from diffusers import StableDiffusionPipeline
 
-    from . import formats
-    from .errors import HollownetError
+    from hollownet.stages import formats
+    from hollownet.errors import HollownetError
 
     if lora_format not in formats.LORA_FORMATS:
         raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
@@ -86,9 +86,9 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
 
 
 def read_info(lora_dir: str | Path) -> dict:
-    from .errors import HollownetError
+    from hollownet.errors import HollownetError
 
-    from .formats import KOHYA_FILE
+    from hollownet.stages.formats import KOHYA_FILE
 
     path = Path(lora_dir) / INFO_FILE
     if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, KOHYA_FILE)):
@@ -98,6 +98,6 @@ def read_info(lora_dir: str | Path) -> dict:
 
 def lora_weight_name(lora_dir: str | Path) -> str:
     """The file in a LoRA folder that ``load_lora_weights`` should read: the diffusers one, else the kohya one."""
-    from .formats import lora_file
+    from hollownet.stages.formats import lora_file
 
     return lora_file(lora_dir).name

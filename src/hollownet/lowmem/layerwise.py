@@ -27,7 +27,7 @@ Spill policy (``memory_budget`` set): an activation array stays in RAM while the
 total at most ``RAM_FRACTION`` of the budget; otherwise it is a ``.npy`` memmap in a scratch
 folder (raw bits, so bf16 works too) that is read and written chunk by chunk and deleted with the
 folder. The chunk size is chosen per layer: the first chunk is one sample, measured with
-:class:`~hollownet.memory.MemoryTracker` (what that sample's input chunk, temporaries and output
+:class:`~hollownet.memory.tracker.MemoryTracker` (what that sample's input chunk, temporaries and output
 cost); the rest of the layer's chunks take as many samples as fit in what the budget leaves after
 the layer's weights and the arrays in RAM. Without a budget every array stays in RAM and the chunk
 is ``batch_size`` samples.
@@ -59,9 +59,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import hollow as H
-from .errors import HollownetError
-from .model import vae_scale_factor
+from hollownet import unet_split as H
+from hollownet.errors import HollownetError
+from hollownet.loading import vae_scale_factor
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
 #: layer in flight (its weights and one chunk's activations).
@@ -381,7 +381,7 @@ def run_layers(layers: list[Layer], arrays: Arrays, weights: Weights, *, keep=()
                 bar.update(1)
     over = [s for s in stats if budget is not None and s.one_sample_bytes is not None and s.one_sample_bytes > budget]
     if over:
-        from .memory import format_bytes
+        from hollownet.memory.tracker import format_bytes
 
         worst = max(over, key=lambda s: s.one_sample_bytes)
         warnings.warn(f"{part or 'layer-major'}: the memory budget ({format_bytes(budget)}) is below what {len(over)} "
@@ -396,7 +396,7 @@ def _chunk(layer: Layer, arrays: Arrays, a: int, b: int, device) -> torch.Tensor
 
 
 def _run_layer(layer, mods, arrays, budget, batch_size, device, constants) -> LayerStat:
-    from .memory import MemoryTracker
+    from hollownet.memory.tracker import MemoryTracker
 
     n, a = arrays.n, 0
     weight_bytes = _module_bytes(mods)
@@ -555,7 +555,7 @@ def unet_hollow_layers(unet: nn.Module, plan, arrays: Arrays, text: Callable[[sl
         layers.append(Layer(name, modules, [layers[-1].output, *extra], name, fn))
 
     def add_unit(unit, skip=None, size=None):
-        from .plan import unit_modules
+        from hollownet.cut import unit_modules
 
         names = unit_modules(unet, unit)
         block = (unet.down_blocks if unit.side == "down" else unet.up_blocks)[unit.block]
@@ -671,7 +671,7 @@ def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *, 
     """``precompute.embed_prompts``, layer by layer; only the used token-embedding rows are read."""
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from .model import weight_files
+    from hollownet.loading import weight_files
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -686,7 +686,7 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     """``precompute.encode_photos``, layer by layer (the decoder is never read)."""
     from diffusers import AutoencoderKL
 
-    from .model import weight_files
+    from hollownet.loading import weight_files
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae"))
@@ -714,7 +714,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     """
     from torch._subclasses import FakeTensorMode
 
-    from .precompute import PartMeter
+    from hollownet.stages.precompute import PartMeter
 
     budget = parse_bytes(budget)
     meter, stats, spilled = PartMeter(True, device), {}, 0
@@ -757,7 +757,7 @@ def _reserve(path: Path) -> None:
     its first write; reserved, it fails here with ENOSPC (one line, see store.disk_error)."""
     import os
 
-    from .store import disk_error
+    from hollownet.stages.store import disk_error
 
     if not hasattr(os, "posix_fallocate"):
         return

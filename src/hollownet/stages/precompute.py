@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import hollow as H
-from .errors import HollownetError
-from .model import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
-from .plan import HollowPlan, meta_unet, resolve_plan
-from .store import FORMAT, Store, save_tensors, shard_name
+from hollownet import unet_split as H
+from hollownet.errors import HollownetError
+from hollownet.loading import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
+from hollownet.cut import HollowPlan, meta_unet, resolve_plan
+from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,7 +75,7 @@ class PrecomputeConfig:
         if bool(self.class_prompt) != bool(self.class_images):
             raise HollownetError("prior preservation needs both --class-prompt and --class-images")
         if self.memory_budget is not None:
-            from .layerwise import parse_bytes
+            from hollownet.lowmem.layerwise import parse_bytes
 
             parse_bytes(self.memory_budget)  # validate early
             if not self.layer_major:
@@ -108,7 +108,7 @@ class PartMeter:
         if not self.enabled or name in self.parts:
             yield
             return
-        from .memory import MemoryTracker
+        from hollownet.memory.tracker import MemoryTracker
 
         tracker = MemoryTracker(device=self.device)
         tracker.add_resident(*resident)
@@ -206,7 +206,7 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     """Scaled VAE latents, one posterior sample per photo (seeded). The decoder is never loaded."""
     from diffusers import AutoencoderKL
 
-    from .model import read_tensors, weight_files
+    from hollownet.loading import read_tensors, weight_files
 
     config = AutoencoderKL.load_config(model_dir / "vae")
     with torch.device("meta"):
@@ -237,7 +237,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     """
     from diffusers import DDPMScheduler
 
-    from .data import load_photos
+    from hollownet.data import load_photos
 
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
@@ -269,8 +269,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     store = Store(cfg.output)
     budget = None
     if cfg.layer_major:
-        from . import layerwise as LW
-        from .model import return_freed_memory_promptly
+        from hollownet.lowmem import layerwise as LW
+        from hollownet.loading import return_freed_memory_promptly
 
         budget = LW.parse_bytes(cfg.memory_budget)
         return_freed_memory_promptly()  # layer after layer is loaded and freed
@@ -346,8 +346,8 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
     writes the shards (each atomically, marked done one by one). An interruption before that
     leaves no shard written; the rerun recomputes those samples (the scratch is not reused).
     """
-    from . import layerwise as LW
-    from .model import weight_files
+    from hollownet.lowmem import layerwise as LW
+    from hollownet.loading import weight_files
 
     if not (store.root / "prompts.safetensors").exists():
         embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
@@ -409,7 +409,7 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
     """Stage 1 never runs the kept up units or the output head: don't load them."""
-    from .plan import unit_modules
+    from hollownet.cut import unit_modules
 
     names = [n for u in plan.kept_up for n in unit_modules(unet, u)]
     return names + ["conv_norm_out", "conv_out"]

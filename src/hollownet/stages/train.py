@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import hollow as H
-from .errors import HollownetError
-from .export import save_lora
-from .model import load_unet, model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
-from .plan import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
-from .precompute import DTYPES
-from .settings import compute_precision, is_low_memory
-from .store import Store, save_torch
+from hollownet import unet_split as H
+from hollownet.errors import HollownetError
+from hollownet.stages.export import save_lora
+from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
+from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
+from hollownet.stages.precompute import DTYPES
+from hollownet.settings import compute_precision, is_low_memory
+from hollownet.stages.store import Store, save_torch
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainConfig:
     lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
 
     def __post_init__(self):
-        from .quant import OPTIMIZERS, SCHEMES
+        from hollownet.lowmem.quant import OPTIMIZERS, SCHEMES
 
         if self.precision not in DTYPES and self.precision not in SCHEMES:
             raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*DTYPES, *SCHEMES))}")
@@ -80,7 +80,7 @@ class TrainConfig:
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
         if self.steps < 1 or self.batch < 1:
             raise HollownetError("--steps and --batch must be at least 1")
-        from .formats import LORA_FORMATS
+        from hollownet.stages.formats import LORA_FORMATS
 
         if self.lora_format not in LORA_FORMATS:
             raise HollownetError(f"--format {self.lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
@@ -107,7 +107,7 @@ def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     from diffusers import UNet2DConditionModel
 
     if cfg.precision not in DTYPES or cfg.stream_weights:
-        from .stream import SafetensorsSource, build_lowmem_model
+        from hollownet.lowmem.stream import SafetensorsSource, build_lowmem_model
 
         return build_lowmem_model(UNet2DConditionModel.load_config(model_dir / "unet"), SafetensorsSource(model_dir),
                                   manifest.get("hollow_blocks"), cfg)
@@ -173,7 +173,7 @@ def batch_indices(step: int, batch: int, num_samples: int) -> list[int]:
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
-    """Stage 2 + export. The first ``cfg.track_memory_steps`` steps are measured exactly (hollownet.memory)."""
+    """Stage 2 + export. The first ``cfg.track_memory_steps`` steps are measured exactly (hollownet.memory.tracker)."""
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
     store = Store(cfg.store)
@@ -214,7 +214,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                               keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
         tracker = None
         if step - start < cfg.track_memory_steps:
-            from .memory import MemoryTracker
+            from hollownet.memory.tracker import MemoryTracker
 
             tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
         loss = train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
@@ -259,7 +259,7 @@ def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, d
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``torch.optim.AdamW(params, lr)``, or its in-backward form (``quant.InBackwardAdamW``)."""
-    from .quant import make_optimizer as make
+    from hollownet.lowmem.quant import make_optimizer as make
 
     return make(params, cfg.optimizer, cfg.lr, cfg.max_grad_norm)
 

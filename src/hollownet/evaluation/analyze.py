@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import HollownetError
-from .export import INFO_FILE, LORA_FILE
-from .store import save_json
+from hollownet.errors import HollownetError
+from hollownet.stages.export import INFO_FILE, LORA_FILE
+from hollownet.stages.store import save_json
 
 LEVELS = ("block", "unit", "layer")
 FORMAT = "hollownet-significance/1"
@@ -410,7 +410,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     if cfg.train:
         import shutil
 
-        from .workflow import TrainRequest, personalize
+        from hollownet.workflow import TrainRequest, personalize
 
         lora_dir = out / "lora"
         personalize(TrainRequest(model=cfg.model, images=cfg.images, prompt=cfg.prompt, output=str(lora_dir),

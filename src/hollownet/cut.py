@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -318,7 +318,7 @@ def load_unet_config(model: str | Path) -> dict:
     if str(model) in BUNDLED_UNETS:
         cfg = json.loads(_bundled_config(str(model)))
     else:
-        from .model import resolve_model_dir
+        from hollownet.loading import resolve_model_dir
 
         path = resolve_model_dir(model) / "unet" / "config.json"
         cfg = json.loads(path.read_text())

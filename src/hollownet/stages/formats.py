@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HollownetError
+from hollownet.errors import HollownetError
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
@@ -253,7 +253,7 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
 
 
 def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    from .store import save_tensors
+    from hollownet.stages.store import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

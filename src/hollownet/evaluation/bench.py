@@ -50,8 +50,8 @@ std over seeds of the subject-averaged score (``over_seeds``) and per-subject me
 peak of one no-grad denoising step of the full U-Net at batch 1 (the paper's inference figure; the
 batch-2 classifier-free-guidance figure is kept beside it as ``peak_bytes_cfg``), same precision and
 resolution as training, text encoder and VAE not resident. It is predicted by
-:func:`hollownet.memplan.predict_inference` (fake tensors, no weights loaded) where that module is
-installed, else measured once with :class:`hollownet.memory.MemoryTracker` on the real model; the
+:func:`hollownet.memory.planner.predict_inference` (fake tensors, no weights loaded) where that module is
+installed, else measured once with :class:`hollownet.memory.tracker.MemoryTracker` on the real model; the
 two agree to the byte on the tiny test model. Cached in ``inference_memory.json``; its ``source``
 says which was used. Training peaks are exact live tensor bytes on the device, weights included.
 """
@@ -71,9 +71,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .errors import HollownetError
-from .store import save_json
-from .toy import is_toy
+from hollownet.errors import HollownetError
+from hollownet.stages.store import save_json
+from hollownet.toy import is_toy
 
 METHOD_NAMES = ("hollow", "lora", "full")
 OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks", "samples", "infer")
@@ -389,7 +389,7 @@ def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts
 
 
 def _select_subjects(dataset, names: list[str] | None) -> list:
-    from .data import DatasetError
+    from hollownet.data import DatasetError
 
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
@@ -416,8 +416,8 @@ def _select_subjects(dataset, names: list[str] | None) -> list:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) every cell, then write and return the summary (``summary.json``'s content)."""
-    from .data import DatasetWarning, load_benchmark_dataset
-    from .model import model_fingerprint, resolve_model_dir
+    from hollownet.data import DatasetWarning, load_benchmark_dataset
+    from hollownet.loading import model_fingerprint, resolve_model_dir
 
     log = log or (lambda msg: print(msg, flush=True))
     specs = parse_methods(cfg.methods)
@@ -426,7 +426,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DatasetWarning)
         if cfg.dataset == "toy":  # the bundled novel subjects, rendered into the output folder
-            from .toy.bench import toy_dataset
+            from hollownet.toy.bench import toy_dataset
 
             dataset = toy_dataset(out / "toy-subjects", identifier=cfg.identifier)
         else:
@@ -530,7 +530,7 @@ def _load_result(cell: _Cell) -> dict | None:
 
 def _extractors(cfg: BenchConfig):
     """Built once per run, before any training, so a bad --dino-model fails in seconds."""
-    from .evaluate import ClipExtractor, DinoExtractor
+    from hollownet.evaluation.metrics import ClipExtractor, DinoExtractor
 
     try:
         dino = cfg.dino_model if isinstance(cfg.dino_model, DinoExtractor) else DinoExtractor(cfg.dino_model, cfg.device)
@@ -543,15 +543,15 @@ def _extractors(cfg: BenchConfig):
 def _unet_params(model_dir: Path) -> int:
     from diffusers import UNet2DConditionModel
 
-    from .plan import meta_unet
+    from hollownet.cut import meta_unet
 
     return sum(p.numel() for p in meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")).parameters())
 
 
 def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_params: int, log) -> dict:
     """One cell, start to finish; any exception becomes a failed result (the run goes on)."""
-    from .evaluate import evaluate_folder
-    from .workflow import TrainRequest, personalize
+    from hollownet.evaluation.metrics import evaluate_folder
+    from hollownet.workflow import TrainRequest, personalize
 
     t0 = time.perf_counter()
     c = cell.config
@@ -579,12 +579,12 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
                    seed=cell.seed, merged=c.get("infer") == "merged")
         generate_images(cfg.model, train_dir, c["method"], c["prompts"], images_dir, **gen)
         if c.get("scorer") == "toy":  # ordinary prompts too: does the subject leak into them (drift)?
-            from .toy.bench import DRIFT_PROMPTS
+            from hollownet.toy.bench import DRIFT_PROMPTS
 
             generate_images(cfg.model, train_dir, c["method"], list(DRIFT_PROMPTS), cell.folder / "drift", **gen)
         t2 = time.perf_counter()
         if c.get("scorer") == "toy":
-            from .toy.bench import score_cell
+            from hollownet.toy.bench import score_cell
 
             scores = score_cell(images_dir, cell.folder / "drift", cell.subject.folder)
         else:
@@ -655,9 +655,9 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
     """
     import torch
 
-    from .infer import denoise, load_pipeline
-    from .plan import plan_for_blocks
-    from .precompute import DTYPES
+    from hollownet.stages.generate import denoise, load_pipeline
+    from hollownet.cut import plan_for_blocks
+    from hollownet.stages.precompute import DTYPES
 
     train_dir, out = Path(train_dir), Path(output)
     pipe, info = load_pipeline(model, None if method == "full" else str(train_dir), precision, device, scheduler)
@@ -701,9 +701,9 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
     """
     import torch
 
-    from .memory import MemoryTracker
-    from .model import load_unet, release_memory, resolve_model_dir, vae_scale_factor
-    from .precompute import DTYPES
+    from hollownet.memory.tracker import MemoryTracker
+    from hollownet.loading import load_unet, release_memory, resolve_model_dir, vae_scale_factor
+    from hollownet.stages.precompute import DTYPES
 
     model_dir = resolve_model_dir(model)
     dtype = DTYPES[precision]
@@ -725,7 +725,7 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
         "peak_bytes": report.peak_bytes,
         "weights_bytes": report.breakdown.get("weights"),
         "cuda_max_allocated": report.cuda_max_allocated,
-        "source": (f"measured with hollownet.memory.MemoryTracker: one no-grad forward of the full U-Net, "
+        "source": (f"measured with hollownet.memory.tracker.MemoryTracker: one no-grad forward of the full U-Net, "
                    f"text encoder and VAE not resident (batch {batch}, {resolution} px, {precision}, {device})"),
         "batch": batch,
         "resolution": resolution,
@@ -735,9 +735,9 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
 
 
 def predict_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", batch: int = 1) -> dict:
-    """The same figure from ``hollownet.memplan`` (fake tensors: no weights loaded, seconds for SD)."""
-    from . import memplan
-    from .model import resolve_model_dir
+    """The same figure from ``hollownet.memory.planner`` (fake tensors: no weights loaded, seconds for SD)."""
+    from hollownet.memory import planner as memplan
+    from hollownet.loading import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     mc = memplan.load_model_configs(model_dir)
@@ -746,7 +746,7 @@ def predict_inference_peak(model: str | Path, *, resolution: int, precision: str
     return {
         "peak_bytes": report.peak_bytes,
         "weights_bytes": report.breakdown.get("weights"),
-        "source": (f"predicted by hollownet.memplan.predict_inference: {getattr(memplan, 'INFERENCE_DEFINITION', 'U-Net step')}"
+        "source": (f"predicted by hollownet.memory.planner.predict_inference: {getattr(memplan, 'INFERENCE_DEFINITION', 'U-Net step')}"
                    f" (batch {batch}, {resolution} px, {precision})"),
         "batch": batch,
         "resolution": resolution,
@@ -757,7 +757,7 @@ def predict_inference_peak(model: str | Path, *, resolution: int, precision: str
 def _inference_reference(cfg: BenchConfig, model_dir: Path, fingerprint: str, out: Path, *, measure: bool, log) -> dict:
     """The inference peak for "vs inference": batch 1, the paper's figure (batch 2, CFG, kept beside it).
 
-    ``hollownet.memplan``'s prediction where that module is installed (it agrees to the byte with a
+    ``hollownet.memory.planner``'s prediction where that module is installed (it agrees to the byte with a
     measurement), else measured once with the MemoryTracker; cached in OUTPUT/inference_memory.json.
     """
     path = out / "inference_memory.json"
@@ -775,11 +775,11 @@ def _inference_reference(cfg: BenchConfig, model_dir: Path, fingerprint: str, ou
     try:
         import importlib.util
 
-        if importlib.util.find_spec("hollownet.memplan") is not None:
+        if importlib.util.find_spec("hollownet.memory.planner") is not None:
             result = predict_inference_peak(model_dir, **kw)
             result["peak_bytes_cfg"] = predict_inference_peak(model_dir, batch=2, **kw)["peak_bytes"]
     except Exception as e:  # noqa: BLE001 - the planner is optional here; measuring is the fallback
-        log(f"note: hollownet.memplan could not predict the inference peak ({type(e).__name__}: {e}); measuring it")
+        log(f"note: hollownet.memory.planner could not predict the inference peak ({type(e).__name__}: {e}); measuring it")
         result = None
     if result is None:
         log("measuring the inference peak (one U-Net forward) ...")
@@ -889,7 +889,7 @@ def _fmt_score(st: dict) -> str:
 
 
 def _fmt_bytes(st: dict) -> str:
-    from .memory import format_bytes
+    from hollownet.memory.tracker import format_bytes
 
     return "—" if not st or st.get("mean") is None else format_bytes(st["mean"])
 
@@ -900,7 +900,7 @@ def _md(text) -> str:
 
 def format_summary(summary: dict) -> str:
     """The paper-style markdown table, a memory/time table, per-subject scores and failed cells."""
-    from .memory import format_bytes
+    from hollownet.memory.tracker import format_bytes
 
     metrics = summary.get("metrics") or METRICS
     lines = ["| Method | base params | LoRA params | peak memory | vs inference | "

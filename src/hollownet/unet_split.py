@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import HollownetError
-from .plan import HollowPlan, Unit
+from hollownet.errors import HollownetError
+from hollownet.cut import HollowPlan, Unit
 
 
 @dataclass

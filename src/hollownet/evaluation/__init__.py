@@ -1,0 +1,1 @@
+"""Quality: metrics, the benchmark runner, and the analysis of its results."""
