@@ -6,12 +6,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from hollownet import unet_split as H
 from hollownet.cut import all_plans
 from hollownet.toy import model_dir
 from hollownet.toy import world as W
-from hollownet.toy.evaluator import classify, load_evaluator, score_images, subject_colours, subject_present
+from hollownet.toy.evaluator import (_augment, box_fill, classify, load_evaluator, score_images, shape_of, subject_colours,
+                                     subject_present)
 
 GUIDANCE, GEN_STEPS = 1.5, 20
 
@@ -69,6 +71,18 @@ def test_evaluator_reads_world_renders(evaluator):
     for key in ("background", "colour", "shape"):
         acc = np.mean([g[key] == getattr(s, key) for g, s in zip(got, scenes)])
         assert acc >= 0.9, (key, acc)
+
+
+def test_shape_rule_reads_blurred_renders_and_calls_blobs_what_they_fill():
+    # The geometric rule must hold on renders as generated images look (blurred, noisy), and a blob
+    # is read by how much of its box it fills, not guessed.
+    rng = random.Random(11)
+    scenes = [W.random_scene(rng) for _ in range(60)]
+    assert np.mean([shape_of(_augment(W.render(s), rng)) == s.shape for s in scenes]) >= 0.97
+    blob = Image.new("RGB", (64, 64), W.BACKGROUNDS["gray"])
+    ImageDraw.Draw(blob).rounded_rectangle([20, 20, 44, 44], radius=3, fill=W.COLOURS["red"])
+    assert shape_of(blob) == "square" and 0.9 < box_fill(blob) <= 1.0
+    assert box_fill(Image.new("RGB", (64, 64), W.BACKGROUNDS["gray"])) == 0.0
 
 
 def test_presence_rule_tells_subjects_from_world_shapes():

@@ -3,6 +3,8 @@
 * ``ToyEvaluator``: a small CNN trained on world renders only (never on a benchmark subject), with
   heads for background, colour and shape; its pooled features give the **DINO-like subject score**
   (cosine of generated images' features to the subject photos'), labelled as the toy's.
+* ``shape_of``: the shape read off the foreground's geometry (how much of its bounding box it fills:
+  triangle ~0.5, circle ~0.79, square ~1), exact on renders where the CNN confused circles and squares.
 * ``subject_present``: pixel rule for "the subject is in the picture": the image's foreground (pixels
   away from its border colour) is mostly the subject's own colours, nearer to them than to any
   world colour. Flat-colour images make this exact where a learned detector would guess.
@@ -109,8 +111,11 @@ def _tensor(images) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(model: ToyEvaluator, images) -> list[dict[str, str]]:
+    """Background and colour by the CNN, shape by the foreground's geometry (:func:`shape_of`)."""
     out = model(_tensor(images))
-    return [{k: HEADS[k][int(out[k][i].argmax())] for k in HEADS} for i in range(len(images))]
+    return [{"background": HEADS["background"][int(out["background"][i].argmax())],
+             "colour": HEADS["colour"][int(out["colour"][i].argmax())], "shape": shape_of(im)}
+            for i, im in enumerate(images)]
 
 
 @torch.no_grad()
@@ -132,6 +137,34 @@ def foreground(arr: np.ndarray, threshold: float = 45.0) -> np.ndarray:
     """Pixels [K, 3] whose colour is far from the image's border (background) colour."""
     d = np.linalg.norm(arr - _border_colour(arr), axis=-1)
     return arr[d > threshold]
+
+
+#: Bounding-box fill, between the ideal shapes' (triangle 0.5, circle 0.785, square 1.0). Measured on
+#: 64 renders each, clean, augmented and VAE-reconstructed: triangle 0.50-0.64, circle 0.71-0.83,
+#: square 0.85-1.00; the cuts lie in the gaps. A blob filling 0.9 of its box counts as a square.
+FILL_TRIANGLE_CIRCLE, FILL_CIRCLE_SQUARE = 0.67, 0.845
+
+
+def box_fill(image: Image.Image, inset: int = 3) -> float:
+    """Share of the foreground's bounding box that the foreground fills; 0 without a foreground.
+
+    Foreground: pixels more than half-way from the border colour to the farthest colour (the shape's
+    edge at its half-tone, so the area is the drawn one whatever the contrast), inside a frame of
+    ``inset`` pixels (the VAE's outermost pixels are its least exact)."""
+    arr = np.asarray(image.convert("RGB").resize((W.SIZE, W.SIZE), Image.BICUBIC), np.float32)
+    d = np.linalg.norm(arr - _border_colour(arr), axis=-1)[inset:-inset, inset:-inset]
+    far = np.percentile(d, 99.5)
+    if far < 45.0:
+        return 0.0
+    ys, xs = np.nonzero(d > far / 2)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    return float(len(ys) / box)
+
+
+def shape_of(image: Image.Image) -> str:
+    """circle, square or triangle, by :func:`box_fill`."""
+    fill = box_fill(image)
+    return "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
 
 
 def subject_colours(photos, k: int = 2) -> np.ndarray:
