@@ -31,17 +31,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from hollownet.errors import HollownetError
+
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_IDENTIFIER = "sks"
 SCALE_NOTE = "raw cosine"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAMES = ("manifest.json", "manifest.csv")
+METRICS = ("dino", "clip_i", "clip_t")  # the bench table's columns (DinoClipScorer)
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_DINO_MODEL",
     "ClipExtractor",
+    "DinoClipScorer",
     "DinoExtractor",
     "cosine_matrix",
     "evaluate_folder",
@@ -441,6 +445,43 @@ def evaluate_folder(
         "generated_dir": str(generated_dir),
         "reference_dir": str(reference_dir),
     }
+
+
+def model_label(model) -> str:
+    """How a --dino-model / --clip-model (an id, a folder or a built extractor) is recorded."""
+    return model if isinstance(model, str) else getattr(model, "model_id", type(model).__name__)
+
+
+class DinoClipScorer:
+    """The bench's scorer for Stable Diffusion: DINO, CLIP-I, CLIP-T of a cell's images against the subject's photos.
+
+    The toy model's is ``toy.bench.ToyScorer``; both have ``metrics``, ``config`` (what a cell's result
+    depends on besides its images), ``extra_prompts`` (other folders to generate), ``load`` and ``score``.
+    """
+
+    metrics = METRICS
+    extra_prompts: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, dino_model=DEFAULT_DINO_MODEL, clip_model=DEFAULT_CLIP_MODEL, identifier: str | None = DEFAULT_IDENTIFIER,
+                 device: str | torch.device = "cpu"):
+        self.dino, self.clip, self.identifier, self.device = dino_model, clip_model, identifier, device
+        self.config = {"dino_model": model_label(dino_model), "clip_model": model_label(clip_model)}
+
+    def load(self) -> DinoClipScorer:
+        """Build the extractors (once per run, before any training: a bad --dino-model fails in seconds)."""
+        try:
+            if not isinstance(self.dino, DinoExtractor):
+                self.dino = DinoExtractor(self.dino, self.device)
+            if not isinstance(self.clip, ClipExtractor):
+                self.clip = ClipExtractor(self.clip, self.device)
+        except ValueError as e:
+            raise HollownetError(str(e)) from None
+        return self
+
+    def score(self, cell_folder: Path, subject) -> dict:
+        self.load()
+        return evaluate_folder(cell_folder / "images", subject.folder, identifier=self.identifier, dino_model=self.dino,
+                               clip_model=self.clip, device=self.device)
 
 
 def _fmt(x: float) -> str:

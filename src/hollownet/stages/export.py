@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hollownet.errors import HollownetError
+from hollownet.stages import formats
 from hollownet.stages.store import save_json, save_tensors
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = formats.DIFFUSERS_FILE
 INFO_FILE = "hollownet.json"
 ADAPTER = "default"
 
@@ -46,9 +48,6 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     ``lora_format``: diffusers, kohya or both. Returns the path of the first file written.
     """
     from diffusers import StableDiffusionPipeline
-
-    from hollownet.stages import formats
-    from hollownet.errors import HollownetError
 
     if lora_format not in formats.LORA_FORMATS:
         raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
@@ -78,7 +77,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     if lora_format in ("kohya", "both"):
         lora = formats.from_peft_model(unet, name)
         meta = formats.kohya_metadata(lora, base_model_version=version, method=info.get("method"),
-                                      hollow_blocks=info.get("hollow_blocks") if "hollow_blocks" in info else None)
+                                      hollow_blocks=info.get("hollow_blocks"))
         formats.write_kohya(lora, out_dir / formats.KOHYA_FILE, meta)
         info["lora_files"].append(formats.KOHYA_FILE)
     save_json(out_dir / INFO_FILE, info)
@@ -86,18 +85,12 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
 
 
 def read_info(lora_dir: str | Path) -> dict:
-    from hollownet.errors import HollownetError
-
-    from hollownet.stages.formats import KOHYA_FILE
-
     path = Path(lora_dir) / INFO_FILE
-    if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, KOHYA_FILE)):
-        raise HollownetError(f"no {LORA_FILE} (or {KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
+    if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, formats.KOHYA_FILE)):
+        raise HollownetError(f"no {LORA_FILE} (or {formats.KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def lora_weight_name(lora_dir: str | Path) -> str:
     """The file in a LoRA folder that ``load_lora_weights`` should read: the diffusers one, else the kohya one."""
-    from hollownet.stages.formats import lora_file
-
-    return lora_file(lora_dir).name
+    return formats.lora_file(lora_dir).name

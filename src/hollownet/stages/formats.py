@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hollownet.errors import HollownetError
+from hollownet.stages.store import save_tensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
@@ -253,8 +254,6 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
 
 
 def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    from hollownet.stages.store import save_tensors
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata if metadata is not None else kohya_metadata(lora))}
