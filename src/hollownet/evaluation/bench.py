@@ -431,10 +431,7 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
         "cuda_max_allocated": report.cuda_max_allocated,
         "source": (f"measured with hollownet.memory.tracker.MemoryTracker: one no-grad forward of the full U-Net, "
                    f"text encoder and VAE not resident (batch {batch}, {resolution} px, {precision}, {device})"),
-        "batch": batch,
-        "resolution": resolution,
-        "precision": precision,
-        "device": str(device),
+        "batch": batch, "resolution": resolution, "precision": precision, "device": str(device),
     }
 
 
@@ -449,9 +446,7 @@ def predict_inference_peak(model: str | Path, *, resolution: int, precision: str
         "weights_bytes": report.breakdown.get("weights"),
         "source": (f"predicted by hollownet.memory.planner.predict_inference: {planner.INFERENCE_DEFINITION}"
                    f" (batch {batch}, {resolution} px, {precision})"),
-        "batch": batch,
-        "resolution": resolution,
-        "precision": precision,
+        "batch": batch, "resolution": resolution, "precision": precision,
     }
 
 

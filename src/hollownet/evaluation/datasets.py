@@ -36,6 +36,7 @@ __all__ = [
     "load_customconcept101_dataset",
     "load_benchmark_dataset",
     "toy_dataset",
+    "load_dataset",
 ]
 
 #: Class nouns of "live" subjects. The DreamBooth benchmark evaluates its dogs and cats with

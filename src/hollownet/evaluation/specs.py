@@ -39,6 +39,9 @@ OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks"
 INFER_MODES = ("two-path", "merged")
 OPTIMIZER_ALIASES = {"adamw": "adamw", "in-backward": "adamw-in-backward", "adamw-in-backward": "adamw-in-backward"}
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
+# the options whose value is a word from a list: (the words, how an error names them)
+_WORDS = {"weights": (PRECISIONS, f"one of {'|'.join(PRECISIONS)}"), "stream": (_TRUE + _FALSE, "1 or 0"),
+          "opt": (tuple(OPTIMIZER_ALIASES), "adamw or in-backward"), "infer": (INFER_MODES, "two-path or merged")}
 
 
 @dataclass(frozen=True)
@@ -62,22 +65,12 @@ class MethodSpec:
     def key(self) -> str:
         """Canonical spec text, e.g. ``hollow@0.56:r=8``."""
         text = self.name + (f"@{self.fraction:g}" if self.fraction is not None else "")
-        for k, v in (("r", self.rank), ("alpha", self.alpha), ("lr", self.lr), ("steps", self.steps)):
-            if v is not None:
-                text += f":{k}={v:g}" if isinstance(v, float) else f":{k}={v}"
-        if self.weights:
-            text += f":weights={self.weights}"
-        if self.stream:
-            text += ":stream=1"
-        if self.optimizer:
-            text += ":opt=" + ("in-backward" if self.optimizer == "adamw-in-backward" else self.optimizer)
-        if self.blocks:
-            text += ":blocks=" + "+".join(self.blocks)
-        if self.samples:
-            text += f":samples={self.samples}"
-        if self.infer:
-            text += f":infer={self.infer}"
-        return text
+        options = (("r", self.rank), ("alpha", self.alpha), ("lr", self.lr), ("steps", self.steps),
+                   ("weights", self.weights), ("stream", 1 if self.stream else None),
+                   ("opt", {"adamw-in-backward": "in-backward"}.get(self.optimizer, self.optimizer)),
+                   ("blocks", "+".join(self.blocks) if self.blocks else None), ("samples", self.samples),
+                   ("infer", self.infer))
+        return text + "".join(f":{k}={v:g}" if isinstance(v, float) else f":{k}={v}" for k, v in options if v)
 
     @property
     def slug(self) -> str:
@@ -91,7 +84,7 @@ class MethodSpec:
 def _bad(spec: str, why: str) -> HollownetError:
     return HollownetError(
         f"method spec {spec!r}: {why} (syntax: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full, "
-        f"KEY r|alpha|lr|steps|weights|stream|opt|blocks|samples|infer; e.g. hollow@0.56, lora:r=1, full:lr=5e-6, hollow:weights=nf4)"
+        f"KEY {'|'.join(OPTION_KEYS)}; e.g. hollow@0.56, lora:r=1, full:lr=5e-6, hollow:weights=nf4)"
     )
 
 
@@ -128,37 +121,18 @@ def parse_method(text: str) -> MethodSpec:
             raise _bad(spec, f"option {key!r} given twice")
         if key in ("r", "alpha", "weights", "stream", "opt") and name == "full":
             raise _bad(spec, f"{key}= is a LoRA option; full fine-tuning has no LoRA")
-        if key == "weights":
-            if value.lower() not in PRECISIONS:
-                raise _bad(spec, f"weights={value!r} is not one of {'|'.join(PRECISIONS)}")
-            fields["weights"] = value.lower()
-            continue
-        if key == "stream":
-            if name != "hollow":
-                raise _bad(spec, "stream= is only for hollow")
-            if value.lower() not in _TRUE + _FALSE:
-                raise _bad(spec, f"stream={value!r} is not 1 or 0")
-            fields["stream"] = value.lower() in _TRUE
-            continue
-        if key == "opt":
-            if value.lower() not in OPTIMIZER_ALIASES:
-                raise _bad(spec, f"opt={value!r} is not adamw or in-backward")
-            fields["optimizer"] = OPTIMIZER_ALIASES[value.lower()]
-            continue
-        if key == "infer":
-            if name != "hollow":
-                raise _bad(spec, "infer= is only for hollow (lora and full have one path)")
-            if value.lower() not in INFER_MODES:
-                raise _bad(spec, f"infer={value!r} is not two-path or merged")
-            fields["infer"] = value.lower()
+        if key in ("stream", "infer", "blocks") and name != "hollow":
+            raise _bad(spec, f"{key}= is only for hollow" + (" (lora and full have one path)" if key == "infer" else ""))
+        if key in _WORDS:
+            (allowed, say), word = _WORDS[key], value.lower()
+            if word not in allowed:
+                raise _bad(spec, f"{key}={value!r} is not {say}")
+            fields[target] = {"stream": word in _TRUE, "opt": OPTIMIZER_ALIASES.get(word)}.get(key, word)
             continue
         if key == "blocks":
-            if name != "hollow":
-                raise _bad(spec, "blocks= is only for hollow")
-            blocks = tuple(b.strip() for b in value.split("+") if b.strip())
-            if not blocks:
+            fields["blocks"] = tuple(b.strip() for b in value.split("+") if b.strip())
+            if not fields["blocks"]:
                 raise _bad(spec, "blocks= names no block")
-            fields["blocks"] = blocks
             continue
         try:
             number = int(value) if key in ("r", "steps", "samples") else float(value)
@@ -172,12 +146,9 @@ def parse_method(text: str) -> MethodSpec:
         raise _bad(spec, "give @FRACTION or blocks=, not both")
     if fields.get("stream") and fields.get("weights") in ("int8", "nf4"):
         raise _bad(spec, "stream=1 reads float weights; not with weights=int8|nf4")
-    if fields.get("optimizer") == "adamw":
-        fields.pop("optimizer")  # the default: one canonical form
-    if fields.get("stream") is False:
-        fields.pop("stream")
-    if fields.get("infer") == "two-path":
-        fields.pop("infer")  # the default
+    for k, default in (("optimizer", "adamw"), ("stream", False), ("infer", "two-path")):
+        if k in fields and fields[k] == default:
+            fields.pop(k)  # the default: one canonical form
     return MethodSpec(name=name, **fields)
 
 
