@@ -373,6 +373,10 @@ def test_low_memory_method_options_reach_the_trainer(tiny_model, tiny_dataset, e
                                        methods="hollow:weights=int8:opt=in-backward,hollow:stream=1"), log=lambda m: None)
     assert [(r.precision, r.optimizer, r.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
                                                                               ("fp32", "adamw", True)]
+    r = calls[0]  # the run-wide settings and the cell's own (bench.train_request)
+    assert (r.model, r.method, r.rank, r.steps, r.lr, r.seed, r.resolution, r.batch, r.checkpoint_every, r.track_memory) \
+        == (str(tiny_model), "hollow", 2, 3, 1e-3, 0, RES, 1, 0, True)
+    assert r.images == str(tiny_dataset / "dog") and r.prompt == "a photo of sks dog"
     assert [r["method"] for r in summary["methods"]] == ["hollow:weights=int8:opt=in-backward", "hollow:stream=1"]
     cell = tmp_path / "b" / "cells" / "dog" / "hollow_weights=int8_opt=in-backward" / "seed-0" / "result.json"
     config = json.loads(cell.read_text())["config"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from hollownet import workflow
 from hollownet.errors import HollownetError
@@ -98,8 +99,6 @@ def _pattern_value(name: str, pattern: dict, default):
 
 def load_lora(path: str | Path) -> LoraFile:
     """Read a LoRA folder (``hollownet train`` output) or a ``.safetensors`` file; U-Net layers only."""
-    from safetensors import safe_open
-
     weights = _weights_path(path)
     folder = weights.parent
     try:

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
 
 from hollownet.errors import HollownetError
 
@@ -223,8 +224,6 @@ def _resolve_model(model: str | Path, example: str) -> str:
 
 def _load_config(model: str, expected: str, example: str):
     """Load a config and check its model_type before paying for the weights."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as e:
@@ -242,8 +241,6 @@ def _check_type(model: str | Path, config, allowed: tuple[str, ...], expected: s
 
 
 def _load_processor(model: str | Path):
-    from transformers import AutoImageProcessor
-
     try:
         return AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError) as e:
@@ -254,8 +251,6 @@ def _load_processor(model: str | Path):
 
 
 def _load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
     fix = "save one next to the weights with tokenizer.save_pretrained(path)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -318,8 +313,6 @@ class DinoExtractor(_Extractor):
     """DINO ViT CLS-token embeddings (the DreamBooth DINO metric uses facebook/dino-vits16)."""
 
     def __init__(self, model: str | Path = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 16):
-        from transformers import ViTModel
-
         example = DEFAULT_DINO_MODEL
         model = _resolve_model(model, example)
         config = _load_config(model, "DINO ViT", example)
@@ -337,8 +330,6 @@ class ClipExtractor(_Extractor):
     """CLIP image and text embeddings in the shared projection space."""
 
     def __init__(self, model: str | Path = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 16):
-        from transformers import CLIPModel
-
         example = DEFAULT_CLIP_MODEL
         model = _resolve_model(model, example)
         config = _load_config(model, "CLIP", example)

@@ -14,6 +14,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from hollownet.errors import HollownetError
@@ -27,9 +31,6 @@ ADAPTER = "default"
 
 def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The LoRA tensors of ``unet`` under diffusers' key names (``...lora.down.weight``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     name = adapter or next(iter(unet.peft_config))
     state = get_peft_model_state_dict(unet, adapter_name=name)
     converted = convert_state_dict_to_diffusers(state)
@@ -47,8 +48,6 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
 
     ``lora_format``: diffusers, kohya or both. Returns the path of the first file written.
     """
-    from diffusers import StableDiffusionPipeline
-
     if lora_format not in formats.LORA_FORMATS:
         raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
     out_dir = Path(out_dir)
@@ -62,8 +61,6 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
         # diffusers' own writer, with its metadata, through the one atomic write path (store.write_bytes):
         # a crash or a full disk never leaves half a LoRA file.
         def save_function(weights, filename):
-            from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
             packed = {f"unet.{k}": v for k, v in metadata.items()}  # as diffusers' own writer packs it
             meta = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
             save_tensors(Path(filename), weights, metadata=meta)
