@@ -30,7 +30,7 @@ def dog_photos() -> Path:
     a fresh clone runs every core test."""
     if (DREAMBOOTH / "dog").is_dir():
         return DREAMBOOTH / "dog"
-    from hollownet.data import demo_photos_dir
+    from hollownet.photos import demo_photos_dir
 
     return demo_photos_dir()
 
@@ -66,7 +66,7 @@ def dreambooth(tmp_path_factory) -> Path:
     """../shared/data/dreambooth where present, else a stand-in of the same layout (tests/standin.py)."""
     if (DREAMBOOTH / "prompts_and_classes.txt").is_file():
         return DREAMBOOTH
-    from hollownet.data import demo_photos_dir
+    from hollownet.photos import demo_photos_dir
     from standin import make_dreambooth_standin
 
     return make_dreambooth_standin(tmp_path_factory.mktemp("dreambooth-standin"), demo_photos_dir())

@@ -9,10 +9,13 @@ import statistics
 
 import pytest
 
-from conftest import DREAMBOOTH, RES
+from conftest import RES
 from helpers_models import build_tiny_clip, build_tiny_vit
 from hollownet.evaluation import bench as B
+from hollownet.evaluation import report as R
+from hollownet.evaluation import specs as S
 from hollownet.cli import main
+from hollownet.evaluation.metrics import evaluate_folder
 from hollownet.errors import HollownetError
 
 # "requires torchvision, falling back to PIL", dataset notices: not what these tests check.
@@ -64,12 +67,12 @@ prompt_list = [
     ("lora:weights=int8:opt=adamw", "lora:weights=int8", {"weights": "int8", "optimizer": None}),
 ])
 def test_method_specs_parse_to_canonical_form(text, key, fields):
-    spec = B.parse_method(text)
+    spec = S.parse_method(text)
     assert spec.key == key
     assert ":" not in spec.slug
     for k, v in fields.items():
         assert getattr(spec, k) == v
-    assert B.parse_method(spec.key) == spec  # the canonical form parses back to the same spec
+    assert S.parse_method(spec.key) == spec  # the canonical form parses back to the same spec
 
 
 @pytest.mark.parametrize("text, why", [
@@ -92,22 +95,22 @@ def test_method_specs_parse_to_canonical_form(text, key, fields):
 ])
 def test_bad_method_specs_say_why_in_one_line(text, why):
     with pytest.raises(HollownetError, match=why) as exc:
-        B.parse_method(text)
+        S.parse_method(text)
     assert "\n" not in str(exc.value) and "syntax" in str(exc.value)
 
 
 def test_method_lists_and_seeds():
-    assert [s.key for s in B.parse_methods("hollow,hollow@0.56,lora,lora:r=1,full")] == \
+    assert [s.key for s in S.parse_methods("hollow,hollow@0.56,lora,lora:r=1,full")] == \
         ["hollow", "hollow@0.56", "lora", "lora:r=1", "full"]
     with pytest.raises(HollownetError, match="twice"):
-        B.parse_methods("lora:r=1,lora:r=1")
+        S.parse_methods("lora:r=1,lora:r=1")
     with pytest.raises(HollownetError, match="no method"):
-        B.parse_methods(" , ")
-    assert B.parse_seeds("0,1") == [0, 1]
-    assert B.parse_seeds("0-2,7") == [0, 1, 2, 7]
-    assert B.parse_seeds([3]) == [3]
+        S.parse_methods(" , ")
+    assert S.parse_seeds("0,1") == [0, 1]
+    assert S.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    assert S.parse_seeds([3]) == [3]
     with pytest.raises(HollownetError, match="not a seed"):
-        B.parse_seeds("a")
+        S.parse_seeds("a")
 
 
 def _cell(method, subject, seed, dino, clip_i=0.5, clip_t=0.25, peak=1000, pre=500, status="ok", plan=None):
@@ -127,7 +130,7 @@ def test_aggregate_mean_and_std_by_hand():
         _cell("hollow", "can", 0, 0.5, peak=1200, plan=plan), _cell("hollow", "can", 1, 0.9, peak=1200, plan=plan),
         _cell("lora", "dog", 0, 0.7, peak=3000), _cell("lora", "can", 0, None, status="failed"),
     ]
-    s = B.aggregate(cells, inference_peak=2000, methods=["lora", "hollow", "full"])
+    s = R.aggregate(cells, inference_peak=2000, methods=["lora", "hollow", "full"])
     rows = {r["method"]: r for r in s["methods"]}
     assert [r["method"] for r in s["methods"]] == ["lora", "hollow", "full"]  # the requested order
     h = rows["hollow"]
@@ -153,7 +156,7 @@ def test_aggregate_mean_and_std_by_hand():
     assert s["failed"] == [{"subject": "can", "method": "lora", "seed": 0, "error": "RuntimeError: boom"}]
     assert (s["n_cells"], s["n_ok"], s["n_failed"]) == (6, 5, 1)
 
-    text = B.format_summary({**s, "inference": {"peak_bytes": 2000, "source": "test"}})
+    text = R.format_summary({**s, "inference": {"peak_bytes": 2000, "source": "test"}})
     lines = text.splitlines()
     assert lines[0] == HEADER
     assert lines[2].startswith("| lora | 100 | 7 | 2.93 KiB | 1.50× | 0.7000 | ")
@@ -169,12 +172,11 @@ def test_aggregate_mean_and_std_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory, dreambooth):
-    DREAMBOOTH = dreambooth  # the real subset, or its stand-in on a fresh clone
-    root = tmp_path_factory.mktemp("dataset")
+    root = tmp_path_factory.mktemp("dataset")  # from the real subset, or its stand-in on a fresh clone
     (root / "prompts_and_classes.txt").write_text(PROMPTS_FILE)
     for name in ("backpack", "dog"):
         (root / name).mkdir()
-        for photo in sorted((DREAMBOOTH / name).glob("*.jpg"))[:3]:
+        for photo in sorted((dreambooth / name).glob("*.jpg"))[:3]:
             shutil.copy(photo, root / name / photo.name)
     (root / "ghost").mkdir()  # listed, but no photos
     return root
@@ -204,7 +206,7 @@ def bench_run(tiny_model, tiny_dataset, extractors, tmp_path_factory):
     return out, summary, logs
 
 
-def test_bench_end_to_end(bench_run):
+def test_bench_end_to_end(bench_run, tiny_dataset, extractors):
     out, summary, logs = bench_run
     assert logs[0].startswith("note: DreamBooth benchmark") and "no photo folder: ghost" in logs[0]  # one line
     assert "4 cells, 0 already finished, 4 to run" in logs[1]
@@ -214,8 +216,7 @@ def test_bench_end_to_end(bench_run):
     hollow, lora = summary["methods"]
     for row in (hollow, lora):
         assert row["n_ok"] == 2 and row["subjects"] == ["backpack", "dog"]
-        for k in ("dino", "clip_i", "clip_t"):
-            assert -1.0 <= row["scores"][k]["mean"] <= 1.0 and row["scores"][k]["n"] == 2
+        assert all(row["scores"][k]["n"] == 2 for k in ("dino", "clip_i", "clip_t"))
         assert row["memory"]["train_peak_bytes"]["mean"] > 0 and row["memory"]["precompute_peak_bytes"]["mean"] > 0
         assert row["vs_inference"] > 0
     # the cut loads fewer base weights and trains fewer LoRA parameters at the same rank
@@ -242,6 +243,13 @@ def test_bench_end_to_end(bench_run):
     assert result["config"]["prompts"] == ["a sks dog in the jungle", "a sks dog wearing a red hat"]
     assert result["memory"]["train_peak_bytes"] > 0 and result["scores"]["n_generated"] == 2
     assert result["scores"]["n_reference"] == 3 and result["params"]["lora"] > 0
+    # the recorded scores are the metrics of the cell's own images against its own subject's photos
+    dino, clip = extractors
+    scored = {k: result["scores"][k] for k in ("dino", "clip_i", "clip_t")}
+    assert scored == {k: v for k, v in evaluate_folder(cell / "images", tiny_dataset / "dog", dino_model=dino,
+                                                        clip_model=clip).items() if k in scored}
+    assert scored["dino"] != evaluate_folder(cell / "images", tiny_dataset / "backpack", dino_model=dino,
+                                             clip_model=clip)["dino"]
     manifest = json.loads((cell / "images" / "manifest.json").read_text())["images"]
     assert [e["prompt"] for e in manifest] == result["config"]["prompts"]
     assert (cell / "train" / "pytorch_lora_weights.safetensors").exists()
@@ -301,7 +309,11 @@ def test_failed_cell_is_reported_not_fatal_and_retried(bench_run, tiny_model, ti
     assert [c.rsplit("/", 1)[-1] for c in calls] == ["backpack"]
     assert (summary["n_cells"], summary["n_ok"], summary["n_failed"]) == (2, 2, 0)
     cell = out / "cells" / "backpack" / "lora_r=2" / "seed-0"
-    assert json.loads((cell / "result.json").read_text())["status"] == "ok"
+    redone = json.loads((cell / "result.json").read_text())
+    assert redone["status"] == "ok"
+    # run again from nothing, the cell gives the first run's scores to the bit: training, noise and scoring are seeded
+    first = json.loads((bench_run[0] / "cells" / "backpack" / "lora_r=2" / "seed-0" / "result.json").read_text())
+    assert redone["scores"] == first["scores"] and redone["loss"] == first["loss"]
     assert not (cell / "train").exists() and not (cell / "images").exists()  # --keep results
 
 
@@ -361,6 +373,10 @@ def test_low_memory_method_options_reach_the_trainer(tiny_model, tiny_dataset, e
                                        methods="hollow:weights=int8:opt=in-backward,hollow:stream=1"), log=lambda m: None)
     assert [(r.precision, r.optimizer, r.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
                                                                               ("fp32", "adamw", True)]
+    r = calls[0]  # the run-wide settings and the cell's own (bench.train_request)
+    assert (r.model, r.method, r.rank, r.steps, r.lr, r.seed, r.resolution, r.batch, r.checkpoint_every, r.track_memory) \
+        == (str(tiny_model), "hollow", 2, 3, 1e-3, 0, RES, 1, 0, True)
+    assert r.images == str(tiny_dataset / "dog") and r.prompt == "a photo of sks dog"
     assert [r["method"] for r in summary["methods"]] == ["hollow:weights=int8:opt=in-backward", "hollow:stream=1"]
     cell = tmp_path / "b" / "cells" / "dog" / "hollow_weights=int8_opt=in-backward" / "seed-0" / "result.json"
     config = json.loads(cell.read_text())["config"]

@@ -1,4 +1,4 @@
-"""Tests for hollownet.data: photo loading, benchmark layouts, bundled demo photos.
+"""Tests for hollownet.photos (photo loading, bundled demo photos) and hollownet.evaluation.datasets (benchmark layouts).
 
 Real photos come from the DreamBooth subset next to the repository
 (``../shared/data/dreambooth``); where it is absent (a fresh clone) the same tests run on a
@@ -17,19 +17,21 @@ import pytest
 import torch
 from PIL import Image
 
-from hollownet.data import (
-    IMAGE_EXTENSIONS,
+from hollownet.evaluation.datasets import (
     CustomConcept101Dataset,
     DatasetError,
     DatasetWarning,
     DreamBoothDataset,
+    load_benchmark_dataset,
+    load_customconcept101_dataset,
+    load_dreambooth_dataset,
+)
+from hollownet.photos import (
+    IMAGE_EXTENSIONS,
     PhotoError,
     PhotoWarning,
     demo_photos_dir,
     list_photos,
-    load_benchmark_dataset,
-    load_customconcept101_dataset,
-    load_dreambooth_dataset,
     load_photo,
     load_photos,
     make_demo_photos,
@@ -205,7 +207,7 @@ def test_small_photo_warns_and_upscales(tmp_path):
     assert pixels.shape == (2, 3, 64, 64) and names == ["big.png", "tiny.png"]
     small = [w for w in record if "smaller than" in str(w.message)]
     assert len(small) == 1 and "\n" not in str(small[0].message)  # only the small one
-    assert small[0].filename == __file__  # attributed to the caller, not data.py
+    assert small[0].filename == __file__  # attributed to the caller, not photos.py
 
 
 def test_extensions_case_insensitive_hidden_silent_others_warn(tmp_path):
@@ -313,6 +315,7 @@ def test_dreambooth_real_layout(dreambooth):
     assert len(dataset) == 20 and len(dataset.classes) == 30
     assert "teapot" in dataset.missing and "wolf_plushie" in dataset.missing
     assert "teapot" in str(record[0].message) and "\n" not in str(record[0].message)
+    assert record[0].filename == __file__  # attributed to the caller, not datasets.py
     assert len(dataset.object_prompt_templates) == len(dataset.live_prompt_templates) == 25
 
     expected_classes = {

@@ -331,7 +331,7 @@ def test_predicted_peak_equals_the_measured_one(tiny_model, dog_photos, tmp_path
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from hollownet.data import load_photos
+    from hollownet.photos import load_photos
     from hollownet.cut import make_plan, meta_unet
 
     budget = 600_000

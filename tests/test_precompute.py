@@ -116,7 +116,7 @@ def test_per_photo_captions_kohya_convention(tiny_model, tmp_path):
     """NAME.txt beside a photo is its caption (kohya's convention); the others keep --prompt."""
     import shutil
 
-    from hollownet.data import demo_photos_dir
+    from hollownet.photos import demo_photos_dir
 
     photos = tmp_path / "photos"
     shutil.copytree(demo_photos_dir(), photos)
@@ -124,7 +124,7 @@ def test_per_photo_captions_kohya_convention(tiny_model, tmp_path):
     first.with_suffix(".txt").write_text("a photo of sks dog on a sofa\n")
     import warnings
 
-    from hollownet.data import PhotoWarning
+    from hollownet.photos import PhotoWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PhotoWarning)  # a caption file is not an "ignored non-photo entry"

@@ -41,7 +41,7 @@ def check_generate_prompt(prompt: str) -> None:
 
 def check_photo_folder(folder: str | Path, flag: str = "--images") -> None:
     """The folder exists and has photos (load_photos says what is wrong); warn about odd counts."""
-    from hollownet.data import list_photos
+    from hollownet.photos import list_photos
 
     path = Path(folder).expanduser()
     if not path.exists():

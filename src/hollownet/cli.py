@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
     _fill_model_defaults(args)
-    from hollownet.data import DatasetError, PhotoError
+    from hollownet.evaluation.datasets import DatasetError
+    from hollownet.photos import PhotoError
     from hollownet.errors import HollownetError
     from hollownet.stages.store import disk_error
 

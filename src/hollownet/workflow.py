@@ -185,7 +185,7 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     """
     from PIL import Image
 
-    from hollownet.data import demo_photos_dir
+    from hollownet.photos import demo_photos_dir
     from hollownet.stages.generate import GenerateConfig, run_generate
     from hollownet.memory.tracker import format_bytes
     from hollownet.settings import model_defaults

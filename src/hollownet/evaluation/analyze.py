@@ -25,13 +25,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from hollownet import workflow
 from hollownet.errors import HollownetError
+from hollownet.evaluation.bench import train_request
 from hollownet.stages.export import INFO_FILE, LORA_FILE
 from hollownet.stages.store import save_json
 
@@ -95,8 +99,6 @@ def _pattern_value(name: str, pattern: dict, default):
 
 def load_lora(path: str | Path) -> LoraFile:
     """Read a LoRA folder (``hollownet train`` output) or a ``.safetensors`` file; U-Net layers only."""
-    from safetensors import safe_open
-
     weights = _weights_path(path)
     folder = weights.parent
     try:
@@ -408,15 +410,9 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     for p in paths:  # bad folders fail before a long training run
         _weights_path(p)
     if cfg.train:
-        import shutil
-
-        from hollownet.workflow import TrainRequest, personalize
-
         lora_dir = out / "lora"
-        personalize(TrainRequest(model=cfg.model, images=cfg.images, prompt=cfg.prompt, output=str(lora_dir),
-                                 method="lora", rank=cfg.rank, steps=cfg.steps, lr=cfg.lr, resolution=cfg.resolution,
-                                 seed=cfg.seed, precision=cfg.precision, checkpoint_every=0, device=cfg.device,
-                                 track_memory=False))
+        workflow.personalize(train_request(cfg, images=cfg.images, prompt=cfg.prompt, output=str(lora_dir),
+                                           method="lora", seed=cfg.seed, track_memory=False))
         shutil.rmtree(lora_dir / "store", ignore_errors=True)
         paths.append(str(lora_dir))
     result = significance([load_lora(p) for p in paths], cfg.level)

@@ -30,6 +30,9 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
+
+from hollownet.errors import HollownetError
 
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -37,11 +40,13 @@ DEFAULT_IDENTIFIER = "sks"
 SCALE_NOTE = "raw cosine"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAMES = ("manifest.json", "manifest.csv")
+METRICS = ("dino", "clip_i", "clip_t")  # the bench table's columns (DinoClipScorer)
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_DINO_MODEL",
     "ClipExtractor",
+    "DinoClipScorer",
     "DinoExtractor",
     "cosine_matrix",
     "evaluate_folder",
@@ -219,8 +224,6 @@ def _resolve_model(model: str | Path, example: str) -> str:
 
 def _load_config(model: str, expected: str, example: str):
     """Load a config and check its model_type before paying for the weights."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as e:
@@ -238,8 +241,6 @@ def _check_type(model: str | Path, config, allowed: tuple[str, ...], expected: s
 
 
 def _load_processor(model: str | Path):
-    from transformers import AutoImageProcessor
-
     try:
         return AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError) as e:
@@ -250,8 +251,6 @@ def _load_processor(model: str | Path):
 
 
 def _load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
     fix = "save one next to the weights with tokenizer.save_pretrained(path)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -314,8 +313,6 @@ class DinoExtractor(_Extractor):
     """DINO ViT CLS-token embeddings (the DreamBooth DINO metric uses facebook/dino-vits16)."""
 
     def __init__(self, model: str | Path = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 16):
-        from transformers import ViTModel
-
         example = DEFAULT_DINO_MODEL
         model = _resolve_model(model, example)
         config = _load_config(model, "DINO ViT", example)
@@ -333,8 +330,6 @@ class ClipExtractor(_Extractor):
     """CLIP image and text embeddings in the shared projection space."""
 
     def __init__(self, model: str | Path = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 16):
-        from transformers import CLIPModel
-
         example = DEFAULT_CLIP_MODEL
         model = _resolve_model(model, example)
         config = _load_config(model, "CLIP", example)
@@ -441,6 +436,43 @@ def evaluate_folder(
         "generated_dir": str(generated_dir),
         "reference_dir": str(reference_dir),
     }
+
+
+def model_label(model) -> str:
+    """How a --dino-model / --clip-model (an id, a folder or a built extractor) is recorded."""
+    return model if isinstance(model, str) else getattr(model, "model_id", type(model).__name__)
+
+
+class DinoClipScorer:
+    """The bench's scorer for Stable Diffusion: DINO, CLIP-I, CLIP-T of a cell's images against the subject's photos.
+
+    The toy model's is ``toy.bench.ToyScorer``; both have ``metrics``, ``config`` (what a cell's result
+    depends on besides its images), ``extra_prompts`` (other folders to generate), ``load`` and ``score``.
+    """
+
+    metrics = METRICS
+    extra_prompts: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, dino_model=DEFAULT_DINO_MODEL, clip_model=DEFAULT_CLIP_MODEL, identifier: str | None = DEFAULT_IDENTIFIER,
+                 device: str | torch.device = "cpu"):
+        self.dino, self.clip, self.identifier, self.device = dino_model, clip_model, identifier, device
+        self.config = {"dino_model": model_label(dino_model), "clip_model": model_label(clip_model)}
+
+    def load(self) -> DinoClipScorer:
+        """Build the extractors (once per run, before any training: a bad --dino-model fails in seconds)."""
+        try:
+            if not isinstance(self.dino, DinoExtractor):
+                self.dino = DinoExtractor(self.dino, self.device)
+            if not isinstance(self.clip, ClipExtractor):
+                self.clip = ClipExtractor(self.clip, self.device)
+        except ValueError as e:
+            raise HollownetError(str(e)) from None
+        return self
+
+    def score(self, cell_folder: Path, subject) -> dict:
+        self.load()
+        return evaluate_folder(cell_folder / "images", subject.folder, identifier=self.identifier, dino_model=self.dino,
+                               clip_model=self.clip, device=self.device)
 
 
 def _fmt(x: float) -> str:

@@ -14,20 +14,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from hollownet.errors import HollownetError
+from hollownet.stages import formats
 from hollownet.stages.store import save_json, save_tensors
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = formats.DIFFUSERS_FILE
 INFO_FILE = "hollownet.json"
 ADAPTER = "default"
 
 
 def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The LoRA tensors of ``unet`` under diffusers' key names (``...lora.down.weight``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     name = adapter or next(iter(unet.peft_config))
     state = get_peft_model_state_dict(unet, adapter_name=name)
     converted = convert_state_dict_to_diffusers(state)
@@ -45,11 +48,6 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
 
     ``lora_format``: diffusers, kohya or both. Returns the path of the first file written.
     """
-    from diffusers import StableDiffusionPipeline
-
-    from hollownet.stages import formats
-    from hollownet.errors import HollownetError
-
     if lora_format not in formats.LORA_FORMATS:
         raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
     out_dir = Path(out_dir)
@@ -63,8 +61,6 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
         # diffusers' own writer, with its metadata, through the one atomic write path (store.write_bytes):
         # a crash or a full disk never leaves half a LoRA file.
         def save_function(weights, filename):
-            from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
             packed = {f"unet.{k}": v for k, v in metadata.items()}  # as diffusers' own writer packs it
             meta = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
             save_tensors(Path(filename), weights, metadata=meta)
@@ -78,7 +74,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     if lora_format in ("kohya", "both"):
         lora = formats.from_peft_model(unet, name)
         meta = formats.kohya_metadata(lora, base_model_version=version, method=info.get("method"),
-                                      hollow_blocks=info.get("hollow_blocks") if "hollow_blocks" in info else None)
+                                      hollow_blocks=info.get("hollow_blocks"))
         formats.write_kohya(lora, out_dir / formats.KOHYA_FILE, meta)
         info["lora_files"].append(formats.KOHYA_FILE)
     save_json(out_dir / INFO_FILE, info)
@@ -86,18 +82,12 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
 
 
 def read_info(lora_dir: str | Path) -> dict:
-    from hollownet.errors import HollownetError
-
-    from hollownet.stages.formats import KOHYA_FILE
-
     path = Path(lora_dir) / INFO_FILE
-    if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, KOHYA_FILE)):
-        raise HollownetError(f"no {LORA_FILE} (or {KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
+    if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, formats.KOHYA_FILE)):
+        raise HollownetError(f"no {LORA_FILE} (or {formats.KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def lora_weight_name(lora_dir: str | Path) -> str:
     """The file in a LoRA folder that ``load_lora_weights`` should read: the diffusers one, else the kohya one."""
-    from hollownet.stages.formats import lora_file
-
-    return lora_file(lora_dir).name
+    return formats.lora_file(lora_dir).name

@@ -27,8 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
 
 from hollownet.errors import HollownetError
+from hollownet.stages.store import save_tensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
@@ -67,8 +74,6 @@ class Lora:
 
 def from_peft_model(unet, adapter: str | None = None) -> Lora:
     """The LoRA of a peft-adapted U-Net, with each module's alpha as peft resolves it."""
-    from peft.utils import get_peft_model_state_dict
-
     name = adapter or next(iter(unet.peft_config))
     cfg = unet.peft_config[name]
     if getattr(cfg, "use_dora", False) or getattr(cfg, "use_rslora", False):
@@ -82,8 +87,6 @@ def from_peft_model(unet, adapter: str | None = None) -> Lora:
 
 def peft_alpha(default: float, pattern: dict[str, float], module: str) -> float:
     """peft's rule: the first ``alpha_pattern`` key matching the end of the module name, else ``lora_alpha``."""
-    from peft.utils.other import get_pattern_key
-
     key = get_pattern_key(list(pattern), module)
     return float(pattern.get(key, default))
 
@@ -93,8 +96,6 @@ def peft_alpha(default: float, pattern: dict[str, float], module: str) -> float:
 
 def kohya_names(modules: list[str]) -> dict[str, str]:
     """module -> kohya LoRA name, by diffusers' ``convert_state_dict_to_kohya``."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
     out = {}
     for m in modules:
         (key,) = [k for k in convert_state_dict_to_kohya({f"unet.{m}.lora_A.weight": torch.zeros(1)}) if k.endswith(".lora_down.weight")]
@@ -104,8 +105,6 @@ def kohya_names(modules: list[str]) -> dict[str, str]:
 
 def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
     """kohya tensors: diffusers' converter for the names, then each ``.alpha`` set to the true alpha."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
     out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.tensors.items()})
     names = kohya_names(lora.modules())
     for m, name in names.items():
@@ -133,9 +132,6 @@ def kohya_metadata(lora: Lora, *, base_model_version: str | None = None, method:
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Lora:
     """A kohya U-Net LoRA, read by diffusers' kohya reader, then checked by converting it back."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     others = sorted({k.split(".")[0] for k in tensors if not k.startswith("lora_unet_")})
     if others:
         raise HollownetError(f"kohya LoRA has layers outside the U-Net (e.g. {others[0]}); hollownet converts U-Net LoRAs only")
@@ -166,8 +162,6 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
 
 def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Lora:
     """A diffusers/peft LoRA file's U-Net part; alphas from its ``lora_adapter_metadata``, else rank."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     others = sorted({k.split(".")[0] for k in tensors if not k.startswith("unet.")})
     if others:
         raise HollownetError(f"LoRA has layers outside the U-Net (prefix '{others[0]}.'); hollownet converts U-Net LoRAs only")
@@ -192,8 +186,6 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
 
 def adapter_metadata(lora: Lora) -> dict:
     """peft ``LoraConfig`` (as diffusers stores it) that gives every module its rank and alpha."""
-    from peft import LoraConfig
-
     rank, alpha, rank_pattern, alpha_pattern = lora.common()
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(lora.modules()), rank_pattern=rank_pattern,
                      alpha_pattern=alpha_pattern, init_lora_weights="gaussian").to_dict()
@@ -238,8 +230,6 @@ def lora_file(path: str | os.PathLike) -> Path:
 
 def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
     """(LoRA, layout) of a LoRA file or folder."""
-    from safetensors import SafetensorError, safe_open
-
     f = lora_file(path)
     try:
         with safe_open(f, framework="pt") as sf:
@@ -253,8 +243,6 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
 
 
 def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    from hollownet.stages.store import save_tensors
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata if metadata is not None else kohya_metadata(lora))}
@@ -264,8 +252,6 @@ def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | 
 
 def write_diffusers(lora: Lora, path: str | os.PathLike) -> Path:
     """A file ``StableDiffusionPipeline.load_lora_weights`` reads, written by diffusers' ``save_lora_weights``."""
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"

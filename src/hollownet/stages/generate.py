@@ -4,7 +4,8 @@ Two-path (default, the paper's): at every denoising step the original U-Net with
 to the hollow's output, then the LoRA layers run from that activation — the very function that was
 trained. ``merged``: LoRA fused into the weights, one ordinary U-Net pass (cheaper, approximate).
 The loop follows StableDiffusionPipeline.__call__'s numbered steps; the pipeline supplies the
-text encoder, VAE and scheduler.
+text encoder, VAE and scheduler. ``hollownet generate`` and the bench both generate through
+:func:`load_pipeline`, :func:`prepare` and :func:`render`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
 
 from hollownet import unet_split as H
-from hollownet.errors import HollownetError
-from hollownet.stages.export import lora_weight_name, read_info
-from hollownet.loading import resolve_model_dir
+from hollownet.checks import check_lora_matches, preflight_generate
 from hollownet.cut import HollowPlan, plan_for_blocks
-from hollownet.stages.precompute import DTYPES
-from hollownet.stages.store import save_json
+from hollownet.errors import HollownetError
+from hollownet.loading import resolve_model_dir
+from hollownet.memory.tracker import MemoryTracker
+from hollownet.settings import torch_dtype
+from hollownet.stages.export import lora_weight_name, read_info
+from hollownet.stages.store import save_image, save_json
 
 SCHEDULERS = ("ddim", "dpm", "default")
 
@@ -72,17 +77,19 @@ def two_path_forward(unet, plan: HollowPlan, sample, timestep, text) -> torch.Te
     return H.hollowed_forward(unet, plan, sample, timestep, text, hollow_out)
 
 
-def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from hollownet.checks import check_lora_matches
-
+def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False,
+                  unet: str | Path | None = None):
+    """The pipeline with ``lora`` loaded (and its ``hollownet.json``); ``unet``: a fine-tuned U-Net folder (full
+    fine-tuning) in place of the model's."""
     model_dir = resolve_model_dir(model)
     if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
         check_lora_matches(model_dir, lora, read_info(lora), force=force)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False
-    )
+    if unet is not None and not Path(unet).is_dir():
+        raise HollownetError(f"no fine-tuned unet/ in '{Path(unet).parent}'")
+    dtype = torch_dtype(precision)
+    parts = {"unet": UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype)} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, **parts)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm":
@@ -93,6 +100,17 @@ def load_pipeline(model: str, lora: str | None, precision: str, device: str, sch
         pipe.load_lora_weights(lora, weight_name=lora_weight_name(lora))  # the diffusers file, else the kohya one
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), info
+
+
+def prepare(pipe, info: dict, *, lora: bool, merged: bool, resolution: int | None) -> tuple[HollowPlan | None, int]:
+    """``(plan, resolution)``: the cut for two-path generation of a hollow LoRA, or None for one U-Net pass (the
+    LoRA fused into the weights if ``merged``); the resolution defaults to the training one."""
+    plan = None
+    if info.get("method") == "hollow" and not merged:
+        plan = plan_for_blocks(pipe.unet, info["hollow_blocks"])
+    elif lora and merged:
+        pipe.fuse_lora()
+    return plan, resolution or info.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 @torch.no_grad()
@@ -120,43 +138,37 @@ def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, gu
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
+def render(pipe, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out: Path, *, steps: int, resolution: int,
+           guidance: float, negative_prompt: str | None = None, device: str = "cpu", measure: bool = False):
+    """One PNG per ``(prompt, noise seed, file name)`` job in ``out``, and ``manifest.json`` (file, prompt, seed: what
+    ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``: the first image's exact peak if ``measure``."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries, memory = [], None
+    for i, (prompt, seed, name) in enumerate(tqdm(jobs, desc="generate", unit="image", disable=None)):
+        # the first image is measured exactly (every tensor byte); the others cost the same
+        tracker = MemoryTracker(device=device).add_resident(pipe.unet, pipe.vae, pipe.text_encoder) if measure and i == 0 else None
+        with tracker if tracker is not None else nullcontext():
+            image = denoise(pipe, plan, prompt, steps=steps, resolution=resolution, guidance=guidance,
+                            negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed), device=device)
+        if tracker is not None:
+            memory = {"peak_bytes": tracker.report.peak_bytes, "breakdown": tracker.report.breakdown}
+        save_image(out / name, image)
+        entries.append({"file": name, "prompt": prompt, "seed": seed})
+    save_json(out / "manifest.json", {"images": entries})
+    return entries, memory
+
+
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
-    from hollownet.checks import preflight_generate
-    from hollownet.stages.store import save_image
-
     preflight_generate(cfg)  # paths and resolution: before any model loads
     t0 = time.perf_counter()
     pipe, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force)
-    plan = None
-    if info.get("method") == "hollow" and not cfg.merged:
-        plan = plan_for_blocks(pipe.unet, info["hollow_blocks"])
-    elif cfg.lora and cfg.merged:
-        pipe.fuse_lora()
-    resolution = cfg.resolution or info.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    plan, resolution = prepare(pipe, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    entries = []
-    from tqdm.auto import tqdm
-
-    from hollownet.memory.tracker import MemoryTracker
-
-    memory = None
-    for i in tqdm(range(cfg.num_images), desc="generate", unit="image", disable=None):
-        generator = torch.Generator().manual_seed(cfg.seed + i)
-        # the first image is measured exactly (every tensor byte); the others cost the same
-        tracker = MemoryTracker(device=cfg.device).add_resident(pipe.unet, pipe.vae, pipe.text_encoder) if i == 0 else None
-        with tracker if tracker is not None else nullcontext():
-            image = denoise(pipe, plan, cfg.prompt, steps=cfg.steps, resolution=resolution, guidance=cfg.guidance,
-                            negative_prompt=cfg.negative_prompt, generator=generator, device=cfg.device)
-        if tracker is not None:
-            memory = {"peak_bytes": tracker.report.peak_bytes, "breakdown": tracker.report.breakdown}
-        name = f"{i:03d}.png"
-        save_image(out / name, image)
-        entries.append({"file": name, "prompt": cfg.prompt, "seed": cfg.seed + i})
-    save_json(out / "manifest.json", {"images": entries})
+    jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
+    entries, memory = render(pipe, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
+                             guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, device=cfg.device, measure=True)
     record = {
         "settings": asdict(cfg),
         "mode": "two-path" if plan is not None else ("merged" if cfg.lora else "base model"),
@@ -168,5 +180,5 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cfg.device.startswith("cuda") else None,
         "images": [e["file"] for e in entries],
     }
-    save_json(out / "generate.json", json.loads(json.dumps(record, default=str)))
+    save_json(Path(cfg.output) / "generate.json", json.loads(json.dumps(record, default=str)))
     return record

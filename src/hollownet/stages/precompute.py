@@ -237,7 +237,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     """
     from diffusers import DDPMScheduler
 
-    from hollownet.data import load_photos
+    from hollownet.photos import load_photos
 
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)

@@ -1,8 +1,6 @@
-"""The toy benchmark: novel toy subjects as a benchmark dataset, and the toy scores of one cell.
+"""The toy model's scorer for ``hollownet bench --model toy --dataset toy`` (the subjects: ``datasets.toy_dataset``).
 
-``hollownet bench --model toy --dataset toy`` renders :data:`world.SUBJECTS` (5 photos each, on the
-photo backgrounds) into ``OUTPUT/toy-subjects/`` and evaluates on the backgrounds the photos never
-showed. Columns (all the toy's, not Stable Diffusion's):
+Columns (all the toy's, not Stable Diffusion's):
   toy_subject   DINO-like: cosine of the toy evaluator's features, generated vs subject photos
   presence      share of generated images in which the subject is drawn (pixel rule)
   background    share of generated images whose background is the one the prompt named
@@ -16,29 +14,33 @@ import json
 import re
 from pathlib import Path
 
-from hollownet.data import BenchmarkDataset, BenchmarkSubject
-from hollownet.toy import world as W
+from PIL import Image
 
+from hollownet.toy import world as W
+from hollownet.toy.evaluator import load_evaluator, score_images, subject_colours, subject_present
+
+TOY_METRICS = ("toy_subject", "presence", "background", "drift")
 # ordinary prompts (no identifier) on the unseen backgrounds: the subject should not appear in them
 DRIFT_PROMPTS = ("a red circle on a black background", "a blue square on a teal background",
                  "a yellow triangle on a navy background")
 
 
-def toy_dataset(root: Path, identifier: str = "sks", photos: int = 5, names: list[str] | None = None) -> BenchmarkDataset:
-    """Render the toy subjects into ``root/<name>/NN.png`` (once) and describe them as a benchmark."""
-    subjects = []
-    for name in names or list(W.SUBJECTS):
-        folder = root / name
-        paths = [folder / f"{i:02d}.png" for i in range(photos)]
-        if not all(p.exists() for p in paths):
-            folder.mkdir(parents=True, exist_ok=True)
-            for p, img in zip(paths, W.subject_photos(name, photos)):
-                img.save(p)
-        subjects.append(BenchmarkSubject(
-            name=name, class_noun="shape", is_live=False, photo_paths=tuple(paths),
-            prompts=tuple(W.evaluation_prompts(identifier)), identifier=identifier,
-            instance_prompt=f"a {identifier} shape", class_prompt="a shape"))
-    return BenchmarkDataset(root=root, subjects=tuple(subjects), identifier=identifier)
+class ToyScorer:
+    """The bench's scorer for the toy model (no DINO / CLIP weights exist for its world); see ``metrics.DinoClipScorer``."""
+
+    metrics = TOY_METRICS
+    config = {"scorer": "toy"}  # what a cell's result depends on, besides the images
+    extra_prompts = {"drift": DRIFT_PROMPTS}  # generated into CELL/drift too: does the subject leak into them?
+
+    def __init__(self, evaluator=None):
+        self.evaluator = evaluator
+
+    def load(self) -> ToyScorer:
+        self.evaluator = self.evaluator or load_evaluator()
+        return self
+
+    def score(self, cell_folder: Path, subject) -> dict:
+        return score_cell(cell_folder / "images", cell_folder / "drift", subject.folder, self.load().evaluator)
 
 
 def background_named(prompt: str) -> str | None:
@@ -47,18 +49,12 @@ def background_named(prompt: str) -> str | None:
 
 
 def _manifest_images(folder: Path):
-    from PIL import Image
-
     entries = json.loads((folder / "manifest.json").read_text())["images"]
     return [Image.open(folder / e["file"]).convert("RGB") for e in entries], [e["prompt"] for e in entries]
 
 
 def score_cell(images_dir: Path, drift_dir: Path, photos_dir: Path, evaluator=None) -> dict:
     """The toy columns for one cell: subject images in ``images_dir``, ordinary-prompt images in ``drift_dir``."""
-    from PIL import Image
-
-    from hollownet.toy.evaluator import load_evaluator, score_images, subject_colours, subject_present
-
     evaluator = evaluator or load_evaluator()
     photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
     images, prompts = _manifest_images(images_dir)

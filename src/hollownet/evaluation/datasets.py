@@ -1,18 +1,9 @@
-"""Subject photos and personalization benchmarks.
+"""Personalization benchmarks as datasets: subjects, class nouns, photo paths, evaluation prompts.
 
-Three things live here:
-
-* :func:`load_photos` turns a folder of a person's (or an object's) 3-6 photos into the
-  ``[N, 3, R, R]`` tensor in ``[-1, 1]`` that the Stable Diffusion VAE encodes. It honours
-  EXIF orientation, converts any colour mode to RGB, resizes the short side to ``R`` and
-  center-crops. Every problem with the folder or a file raises :class:`PhotoError` with one
-  line that names the problem and the fix.
-* Benchmark loaders: :func:`load_dreambooth_dataset` (the DreamBooth benchmark of Ruiz et al.,
-  CVPR 2023), :func:`load_customconcept101_dataset` (CustomConcept101 of Kumari et al.,
-  CVPR 2023) and :func:`load_benchmark_dataset`, which detects which of the two a folder is.
-  They read subjects, class nouns, photo paths and the evaluation prompts; they load no pixels.
-* The bundled demo photos: :func:`demo_photos_dir` and :func:`make_demo_photos`, the script
-  that made them from the DreamBooth ``dog`` subject (see ``assets/demo/ATTRIBUTION.md``).
+:func:`load_dreambooth_dataset` (the DreamBooth benchmark of Ruiz et al., CVPR 2023),
+:func:`load_customconcept101_dataset` (CustomConcept101 of Kumari et al., CVPR 2023),
+:func:`load_benchmark_dataset`, which detects which of the two a folder is, and
+:func:`toy_dataset`, the toy model's novel subjects rendered as a benchmark. They load no pixels.
 """
 
 from __future__ import annotations
@@ -21,29 +12,22 @@ import ast
 import csv
 import json
 import re
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from os import PathLike
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hollownet.photos import PhotoWarning, StrPath, list_photos, load_photos, one_line, warn_from_caller
+from hollownet.toy import world as W
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "LIVE_CLASSES",
     "DEFAULT_IDENTIFIER",
-    "PhotoError",
-    "PhotoWarning",
     "DatasetError",
     "DatasetWarning",
-    "list_photos",
-    "load_photo",
-    "load_photos",
     "BenchmarkSubject",
     "BenchmarkDataset",
     "DreamBoothDataset",
@@ -51,14 +35,9 @@ __all__ = [
     "load_dreambooth_dataset",
     "load_customconcept101_dataset",
     "load_benchmark_dataset",
-    "demo_photos_dir",
-    "make_demo_photos",
+    "toy_dataset",
+    "load_dataset",
 ]
-
-StrPath = str | PathLike[str]
-
-#: File extensions :func:`load_photos` reads (compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 
 #: Class nouns of "live" subjects. The DreamBooth benchmark evaluates its dogs and cats with
 #: the live-subject prompt list (outfits, hats, ...) and everything else with the object list.
@@ -66,17 +45,6 @@ LIVE_CLASSES: frozenset[str] = frozenset({"dog", "cat"})
 
 #: The rare-token identifier the DreamBooth paper binds the subject to ("a sks dog").
 DEFAULT_IDENTIFIER = "sks"
-
-_ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
-_RESAMPLE = Image.Resampling.LANCZOS
-
-
-class PhotoError(ValueError):
-    """A photo folder or photo file cannot be used; the message says which and how to fix it."""
-
-
-class PhotoWarning(UserWarning):
-    """Something about the photos was tolerated (ignored files, upscaled small photos)."""
 
 
 class DatasetError(ValueError):
@@ -88,255 +56,8 @@ class DatasetWarning(UserWarning):
 
 
 def _warn(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the first caller outside this module."""
-    frame = sys._getframe(0)
-    level = 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, category, stacklevel=level)
+    warn_from_caller(message, category, __file__)
 
-
-def _one_line(text: object) -> str:
-    lines = str(text).strip().splitlines()
-    return lines[0].strip() if lines else ""
-
-
-# --------------------------------------------------------------------------------------
-# Photos
-# --------------------------------------------------------------------------------------
-
-
-def list_photos(folder: StrPath) -> list[Path]:
-    """The photo files in ``folder``, sorted by file name.
-
-    A file is a photo if its extension is one of :data:`IMAGE_EXTENSIONS` (any case). Hidden
-    entries (names starting with ``.``, e.g. ``.DS_Store`` or macOS ``._IMG_1.jpg`` resource
-    forks) and a photo's caption (``NAME.txt`` beside ``NAME.jpg``) are skipped silently; other files
-    and sub-folders are skipped with one
-    :class:`PhotoWarning` naming them. Sub-folders are not searched.
-
-    Raises :class:`PhotoError` if the folder does not exist or is not a directory. An empty
-    result is not an error here (:func:`load_photos` raises for it).
-    """
-    path = Path(folder).expanduser()
-    if not path.exists():
-        raise PhotoError(
-            f"Photo folder not found: {path}. Check the path, or create it and put 3-6 photos "
-            f"of the subject ({_ACCEPTED}) in it."
-        )
-    if not path.is_dir():
-        raise PhotoError(
-            f"Not a folder: {path} is a file. Pass the folder that contains the photos, "
-            f"not a single photo."
-        )
-    photos: list[Path] = []
-    ignored: list[str] = []
-    for entry in sorted(path.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.suffix.lower() == ".txt" and any(entry.with_suffix(e).exists() for e in IMAGE_EXTENSIONS):
-            continue  # a photo's caption (kohya's convention, read by precompute.photo_captions)
-        if entry.is_dir():
-            ignored.append(entry.name + "/")
-        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
-            photos.append(entry)
-        else:
-            ignored.append(entry.name)
-    if ignored:
-        _warn(
-            f"Ignoring {len(ignored)} non-photo entr{'y' if len(ignored) == 1 else 'ies'} in "
-            f"{path}: {', '.join(ignored)} (only {_ACCEPTED} files are loaded; sub-folders "
-            f"are not searched).",
-            PhotoWarning,
-        )
-    return photos
-
-
-def _open_rgb(path: Path, min_side: int | None = None) -> Image.Image:
-    """Open one photo: first frame, EXIF orientation applied, RGB (alpha on white).
-
-    ``min_side``: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides
-    at least this long (libjpeg DCT scaling) — a 4000 px photo for 512 px training decodes
-    ~10x faster, and the resize that follows still has at least ``min_side`` pixels to work from.
-    """
-    fix = "Remove it from the folder or replace it with a valid JPEG, PNG or WebP photo."
-    try:
-        with Image.open(path) as opened:
-            opened.seek(0)  # multi-frame files (camera MPO, animated WebP): the first frame
-            if min_side and opened.format in ("JPEG", "MPO"):
-                opened.draft("RGB", (min_side, min_side))
-            opened.load()
-            try:
-                image = ImageOps.exif_transpose(opened)
-            except Exception as exc:  # malformed EXIF must not make a usable photo unusable
-                _warn(
-                    f"{path.name}: could not apply its EXIF orientation ({_one_line(exc)}); "
-                    f"using the pixels as stored.",
-                    PhotoWarning,
-                )
-                image = opened.copy()
-    except UnidentifiedImageError:
-        raise PhotoError(
-            f"Cannot read {path.name} in {path.parent}: not a recognisable image (corrupt, "
-            f"empty, or another kind of file with an image extension). {fix}"
-        ) from None
-    except Image.DecompressionBombError as exc:
-        raise PhotoError(
-            f"Cannot read {path.name} in {path.parent}: image too large ({_one_line(exc)}). "
-            f"Downscale it or replace it with a smaller photo."
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise PhotoError(
-            f"Cannot read {path.name} in {path.parent}: {_one_line(exc) or type(exc).__name__} "
-            f"(corrupt or truncated file?). {fix}"
-        ) from None
-    return _to_rgb(image, path)
-
-
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I", "F") or mode.startswith("I;"):
-        # 16/32-bit grayscale (e.g. 16-bit PNG): PIL's convert would clip at 255, so rescale.
-        array = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            peak = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
-        else:
-            peak = 255.0 if array.max(initial=0) <= 255 else 65535.0
-        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(array).convert("RGB")  # 2-D uint8 -> mode L
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    try:
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-    except (ValueError, OSError) as exc:
-        raise PhotoError(
-            f"Cannot convert {path.name} (colour mode {mode}) to RGB: {_one_line(exc)}. "
-            f"Re-save it as an ordinary RGB JPEG or PNG."
-        ) from None
-
-
-def _square(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the short side to ``resolution`` and center-crop to a square, in one resample."""
-    width, height = image.size
-    side = min(width, height)
-    left = (width - side) / 2.0
-    top = (height - side) / 2.0
-    if width == height == resolution:
-        return image
-    return image.resize(
-        (resolution, resolution), _RESAMPLE, box=(left, top, left + side, top + side)
-    )
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
-    return tensor / 127.5 - 1.0
-
-
-def _check_resolution(resolution: int) -> int:
-    integer = isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool)
-    if not integer or resolution < 1:
-        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-    return int(resolution)
-
-
-def _prepare(path: Path, resolution: int) -> Image.Image:
-    image = _open_rgb(path, min_side=2 * resolution)  # 2x: room for an antialiased resize
-    width, height = image.size
-    if min(width, height) < resolution:
-        _warn(
-            f"{path.name} is {width}x{height}, smaller than {resolution}x{resolution}: "
-            f"upscaling it, which blurs it; use a photo at least {resolution} px on its "
-            f"short side for better results.",
-            PhotoWarning,
-        )
-    return _square(image, resolution)
-
-
-def load_photo(path: StrPath, resolution: int) -> torch.Tensor:
-    """One photo as a ``[3, R, R]`` float tensor in ``[-1, 1]``; see :func:`load_photos`."""
-    resolution = _check_resolution(resolution)
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise PhotoError(f"Photo not found: {file}. Check the path.")
-    if file.is_dir():
-        raise PhotoError(f"{file} is a folder, not a photo; use load_photos() for a folder.")
-    return _to_tensor(_prepare(file, resolution))
-
-
-def load_photos(
-    folder: StrPath,
-    resolution: int,
-    *,
-    min_count: int = 1,
-    max_count: int | None = None,
-) -> tuple[torch.Tensor, list[str]]:
-    """Load every photo in ``folder`` for training, as the VAE expects them.
-
-    Returns ``(pixels, names)``: ``pixels`` is a float32 tensor ``[N, 3, R, R]`` with values in
-    ``[-1, 1]`` (the range the Stable Diffusion VAE encodes) and ``names`` the file names, in
-    the same order (sorted by name).
-
-    Which files: see :func:`list_photos` -- ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` in any
-    case; hidden files are skipped silently, other files with a warning. Only the folder
-    itself is read, not sub-folders.
-
-    Per photo:
-
-    * the EXIF orientation tag is applied (``ImageOps.exif_transpose``), so phone photos come
-      out upright; multi-frame files (camera MPO, animated WebP) use their first frame;
-    * grayscale, palette, CMYK and 16-bit images are converted to RGB; transparency
-      (RGBA, LA, palette with transparency) is composited on a white background;
-    * the short side is resized to ``resolution`` and the image center-cropped to
-      ``resolution x resolution`` (one Lanczos resample of the central square).
-
-    **Photos smaller than the resolution** (short side < ``resolution``) are *upscaled*, with a
-    :class:`PhotoWarning` naming the file and its size: a blurry subject is still better than
-    refusing a user's only photos, and the warning tells them what to fix.
-
-    Errors raise :class:`PhotoError` (a ``ValueError``) with one line naming the problem and the
-    fix: the folder is missing or is a file, there are no photos (or fewer than ``min_count``,
-    or more than ``max_count`` -- nothing is dropped silently), or a file with an image
-    extension cannot be decoded (the message names it: remove or replace it). A bad
-    ``resolution`` is a plain ``ValueError``.
-    """
-    resolution = _check_resolution(resolution)
-    if min_count < 0 or (max_count is not None and max_count < max(min_count, 1)):
-        raise ValueError(f"bad photo count limits: min_count={min_count}, max_count={max_count}")
-    root = Path(folder).expanduser()
-    paths = list_photos(root)
-    if not paths:
-        heic = any(p.suffix.lower() in (".heic", ".heif") for p in root.iterdir())
-        raise PhotoError(
-            f"No photos in {root}: put 3-6 photos of the subject there as {_ACCEPTED} files "
-            + ("(HEIC/HEIF photos must be converted to JPEG first)."
-               if heic else "(any case; other files and sub-folders are ignored).")
-        )
-    if len(paths) < min_count:
-        raise PhotoError(
-            f"Only {len(paths)} photo{'s' if len(paths) != 1 else ''} in {root}, at least "
-            f"{min_count} needed: add more photos of the subject ({_ACCEPTED})."
-        )
-    if max_count is not None and len(paths) > max_count:
-        raise PhotoError(
-            f"{len(paths)} photos in {root}, at most {max_count} allowed: move the extra "
-            f"ones out of the folder (keep the sharpest, most varied {max_count})."
-        )
-    tensors = [_to_tensor(_prepare(path, resolution)) for path in paths]
-    return torch.stack(tensors), [path.name for path in paths]
-
-
-# --------------------------------------------------------------------------------------
-# Benchmarks
-# --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -455,7 +176,7 @@ def _parse_dreambooth_file(path: Path) -> tuple[dict[str, str], list[str], list[
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"Cannot read {path}: {_one_line(exc)}.") from None
+        raise DatasetError(f"Cannot read {path}: {one_line(exc)}.") from None
     classes: dict[str, str] = {}
     lists: dict[str, list[str]] = {"object": [], "live": []}
     section = None
@@ -507,7 +228,7 @@ def _fill_dreambooth(template: str, identifier: str, class_noun: str, path: Path
         return template.format(identifier, class_noun)
     except (IndexError, KeyError, ValueError) as exc:
         raise DatasetError(
-            f"Bad prompt template {template!r} in {path}: {_one_line(exc)}; templates may only "
+            f"Bad prompt template {template!r} in {path}: {one_line(exc)}; templates may only "
             f"use {{0}} (identifier) and {{1}} (class noun)."
         ) from None
 
@@ -671,7 +392,7 @@ def load_customconcept101_dataset(
     try:
         entries = json.loads(index.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"Cannot parse {index}: {_one_line(exc)}. Is it valid JSON?") from None
+        raise DatasetError(f"Cannot parse {index}: {one_line(exc)}. Is it valid JSON?") from None
     if isinstance(entries, dict):  # tolerate {"concepts": [...]}-style wrappers
         lists = [v for v in entries.values() if isinstance(v, list)]
         entries = lists[0] if len(lists) == 1 else None
@@ -713,7 +434,7 @@ def load_customconcept101_dataset(
         try:
             lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"Cannot read {prompt_file}: {_one_line(exc)}.") from None
+            raise DatasetError(f"Cannot read {prompt_file}: {one_line(exc)}.") from None
         prompts = [
             filled for line in lines if line.strip()
             if (filled := _fill_customconcept(line.strip(), identifier, noun)) is not None
@@ -786,44 +507,28 @@ def load_benchmark_dataset(
     )
 
 
-# --------------------------------------------------------------------------------------
-# Demo photos
-# --------------------------------------------------------------------------------------
+
+def toy_dataset(root: Path, identifier: str = DEFAULT_IDENTIFIER, photos: int = 5,
+                names: list[str] | None = None) -> BenchmarkDataset:
+    """The toy model's novel subjects (``--dataset toy``): rendered into ``root/<name>/NN.png`` once, evaluated on
+    the backgrounds their photos never showed."""
+    subjects = []
+    for name in names or list(W.SUBJECTS):
+        folder = root / name
+        paths = [folder / f"{i:02d}.png" for i in range(photos)]
+        if not all(p.exists() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            for p, img in zip(paths, W.subject_photos(name, photos)):
+                img.save(p)
+        subjects.append(BenchmarkSubject(
+            name=name, class_noun="shape", is_live=False, photo_paths=tuple(paths),
+            prompts=tuple(W.evaluation_prompts(identifier)), identifier=identifier,
+            instance_prompt=f"a {identifier} shape", class_prompt="a shape"))
+    return BenchmarkDataset(root=root, subjects=tuple(subjects), identifier=identifier)
 
 
-def demo_photos_dir() -> Path:
-    """The bundled demo photos: 4 downscaled DreamBooth ``dog`` photos (CC BY 4.0, see
-    ``assets/demo/ATTRIBUTION.md`` next to them)."""
-    return Path(__file__).resolve().parent / "assets" / "demo" / "photos"
-
-
-def make_demo_photos(
-    src_folder: StrPath,
-    dst_folder: StrPath,
-    size: int = 128,
-    *,
-    count: int = 4,
-    quality: int = 85,
-) -> list[Path]:
-    """Write the first ``count`` photos of ``src_folder`` (by name) to ``dst_folder`` as
-    ``size x size`` center crops, JPEG ``quality``, without metadata, keeping their names
-    (with a ``.jpg`` extension). Returns the written paths.
-
-    This is how ``assets/demo/photos`` was made::
-
-        make_demo_photos("../shared/data/dreambooth/dog", demo_photos_dir())
-    """
-    size = _check_resolution(size)
-    paths = list_photos(src_folder)
-    if len(paths) < count:
-        raise PhotoError(
-            f"Only {len(paths)} photos in {src_folder}, {count} needed for the demo set."
-        )
-    out = Path(dst_folder)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in paths[:count]:
-        target = out / (path.stem + ".jpg")
-        _prepare(path, size).save(target, "JPEG", quality=quality, optimize=True)
-        written.append(target)
-    return written
+def load_dataset(name: str | StrPath, output: Path, identifier: str = DEFAULT_IDENTIFIER) -> BenchmarkDataset:
+    """``hollownet bench --dataset``: ``toy`` (rendered under ``output/toy-subjects``), else a benchmark folder."""
+    if str(name) == "toy":
+        return toy_dataset(output / "toy-subjects", identifier=identifier)
+    return load_benchmark_dataset(name, identifier=identifier)
