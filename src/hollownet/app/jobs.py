@@ -187,6 +187,9 @@ class Jobs:
         if job.kind != "train":
             return "generation cannot be stopped midway; it ends after its images"
         job.request_stop()
+        if job.phase.startswith("stage 1"):  # stage 1 has no stop hook; its store is kept shard by shard anyway
+            job.update(force=True, phase=job.phase + " (stopping when it ends)")
+            return "stopping when stage 1 (pre-compute) ends; its store and a checkpoint are kept"
         job.update(force=True, phase=job.phase + " (stopping after this step)")
         return "stopping after the current step; the checkpoint is kept"
 
