@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
-
-from hollownet.app import handlers as h  # noqa: E402
-from hollownet.app.jobs import DONE, FAILED, INTERRUPTED, RUNNING, STOPPED, Job, Jobs, train_request  # noqa: E402
-from hollownet.checks import check_model_path  # noqa: E402
-from hollownet.errors import HollownetError  # noqa: E402
-from hollownet.toy import world as W  # noqa: E402
+from hollownet.app import handlers as h  # plain Python: these need no Gradio
+from hollownet.app.jobs import DONE, FAILED, INTERRUPTED, RUNNING, STOPPED, Jobs, train_request
+from hollownet.checks import check_model_path
+from hollownet.errors import HollownetError
+from hollownet.toy import world as W
 
 # gradio's own use of pandas, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -161,7 +159,9 @@ def test_train_stop_resume_generate(tmp_path):
     assert job.status == DONE, job.error
     record = json.loads(Path(job.folder, "lora", "train.json").read_text())
     assert record["timings"]["resumed_from_step"] == stopped_at and len(job.losses) == TOY["steps"]
-    assert job.memory["train_peak_bytes"] > 0 and job.memory["precompute_peak_bytes"] > 0
+    # measured in the resumed run; stage 1's figure is not (personalize returns it only at the end, and the
+    # resumed run finds stage 1's store complete)
+    assert job.memory["train_peak_bytes"] > 0 and job.memory["process_peak_rss"] > 0
     assert h.resume_training(jobs).startswith("error: that training is finished")
     g = {"prompt": "a sks shape on a black background", "seed": 0, "steps": 3, "guidance": 1.5, "num_images": 2,
          "path": "merged"}
@@ -207,11 +207,12 @@ def _browser():
 
 def test_in_a_real_browser(tmp_path):
     """Upload, plan, train (reload mid-run), generate, gallery; a screenshot of each step."""
+    pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
+    driver, profile = _browser()
     from selenium.webdriver.common.by import By
 
     from hollownet.app.ui import launch
 
-    driver, profile = _browser()
     shots = Path(os.environ.get("HOLLOWNET_APP_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     port = _free_port()

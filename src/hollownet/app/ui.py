@@ -60,7 +60,7 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                                     elem_id="prompt")
             photos = gr.File(file_count="multiple", file_types=["image"], label="drop 3-6 photos of the subject",
                              elem_id="photos")
-            preview = gr.Gallery(label="photos", columns=6, height=160, elem_id="preview")
+            preview = gr.Gallery(label="photos", columns=8, object_fit="contain", elem_id="preview")
             notes = gr.Markdown(elem_id="notes")
         with gr.Group(elem_id="step2"):
             gr.Markdown("## 2. Settings and the memory plan (before anything loads)")
@@ -102,10 +102,11 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                 num_images = gr.Number(value=2, label="images", precision=0)
                 path = gr.Radio(["two-path", "merged"], value="two-path", label="inference")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="generated", columns=4, height=240, elem_id="gallery")
+            gallery = gr.Gallery(label="generated", columns=6, object_fit="contain", elem_id="gallery")
             with gr.Row():
-                lora_files = gr.File(label="LoRA (diffusers and kohya files)", file_count="multiple", elem_id="lora-files")
-                images_file = gr.File(label="images (zip)", elem_id="images-zip")
+                lora_files = gr.File(label="LoRA (diffusers and kohya files)", file_count="multiple", interactive=False,
+                                     elem_id="lora-files")
+                images_file = gr.File(label="images (zip)", interactive=False, elem_id="images-zip")
 
         inputs = [model, prompt, method, precision, steps, rank, resolution, lr, batch, seed, dev]
         page = [status, progress, loss, memory, gallery, lora_files, images_file]
