@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from hollownet.app import handlers as h  # plain Python: these need no Gradio
 from hollownet.app.jobs import DONE, FAILED, INTERRUPTED, RUNNING, STOPPED, Jobs, train_request
@@ -57,8 +58,6 @@ def wait_for(cond, timeout: float, what: str):
 def test_photo_checks_are_the_clis(tmp_path):
     good = photos(tmp_path / "in", 2)
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
-    from PIL import Image
-
     Image.new("RGB", (16, 16), "red").save(tmp_path / "in" / "tiny.png")
     ok, notes = h.check_photos([*good, str(tmp_path / "in" / "broken.png"), str(tmp_path / "in" / "tiny.png")], 64,
                                tmp_path / "staged")
@@ -234,6 +233,8 @@ def test_in_a_real_browser(tmp_path):
         driver.execute_script("arguments[0].scrollIntoView()", el)
         time.sleep(0.3)
         el.screenshot(str(shots / name))
+        # 256 colours: the README's screenshots stay small
+        Image.open(shots / name).convert("RGB").quantize(256).save(shots / name, optimize=True)
 
     try:
         driver.set_page_load_timeout(60)
