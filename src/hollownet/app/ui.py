@@ -59,8 +59,9 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                 prompt = gr.Textbox(value="a sks shape", label="prompt", info='with a rare word, e.g. "a photo of sks dog"',
                                     elem_id="prompt")
             photos = gr.File(file_count="multiple", file_types=["image"], label="drop 3-6 photos of the subject",
-                             elem_id="photos")
-            preview = gr.Gallery(label="photos", columns=8, object_fit="contain", elem_id="preview")
+                             height=150, elem_id="photos")
+            preview = gr.Gallery(label="photos", columns=8, fit_columns=False, object_fit="contain", height=150,
+                                 elem_id="preview")
             notes = gr.Markdown(elem_id="notes")
         with gr.Group(elem_id="step2"):
             gr.Markdown("## 2. Settings and the memory plan (before anything loads)")
@@ -95,14 +96,15 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
         with gr.Group(elem_id="step4"):
             gr.Markdown("## 4. Generate and download")
             with gr.Row():
-                gen_prompt = gr.Textbox(value="a sks shape on a black background", label="prompt", elem_id="gen-prompt")
+                gen_prompt = gr.Textbox(value="a sks shape on a black background", label="prompt", scale=3, elem_id="gen-prompt")
                 gen_seed = gr.Number(value=0, label="seed", precision=0)
                 gen_steps = gr.Number(value=d["gen_steps"], label="steps", precision=0, elem_id="gen-steps")
                 guidance = gr.Number(value=d["guidance"], label="guidance")
                 num_images = gr.Number(value=2, label="images", precision=0)
                 path = gr.Radio(["two-path", "merged"], value="two-path", label="inference")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="generated", columns=6, object_fit="contain", elem_id="gallery")
+            gallery = gr.Gallery(label="generated", columns=6, fit_columns=False, object_fit="contain", height=200,
+                                 elem_id="gallery")
             with gr.Row():
                 lora_files = gr.File(label="LoRA (diffusers and kohya files)", file_count="multiple", interactive=False,
                                      elem_id="lora-files")
