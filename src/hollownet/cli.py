@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+from hollownet.app import add_app_parser, cmd_app
 from hollownet.settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
 
 EPILOG_TRAIN = """\
@@ -264,6 +265,7 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     a.add_argument("--device", default=None)
     for p in (t, g, e, d, b, a):
         p.add_argument("--verbose", action="store_true", help="show the libraries' logs, progress bars and warnings")
+    add_app_parser(sub)
     return parser
 
 
@@ -433,7 +435,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze, "convert": cmd_convert, "app": cmd_app}
 
 
 def main(argv: list[str] | None = None) -> int:

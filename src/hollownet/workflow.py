@@ -56,8 +56,10 @@ class TrainRequest:
     lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
 
 
-def personalize(req: TrainRequest) -> dict:
-    """Stage 1 + stage 2 + export; writes OUTPUT/train.json and OUTPUT/loss.png and returns the record."""
+def personalize(req: TrainRequest, on_step=None) -> dict:
+    """Stage 1 + stage 2 + export; writes OUTPUT/train.json and OUTPUT/loss.png and returns the record.
+
+    ``on_step``: called after each training step (``stages.train.run_train``); a true return stops there."""
     from hollownet.checks import preflight_train
     from hollownet.memory.tracker import MemoryTracker  # noqa: F401  (imported early: a missing module fails before work starts)
 
@@ -65,14 +67,14 @@ def personalize(req: TrainRequest) -> dict:
     out = Path(req.output)
     made = not out.exists()
     try:
-        return _personalize(req, out)
+        return _personalize(req, out, on_step)
     except BaseException:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty folder behind
         raise
 
 
-def _personalize(req: TrainRequest, out: Path) -> dict:
+def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
     train_cfg = TrainConfig(
@@ -93,7 +95,7 @@ def _personalize(req: TrainRequest, out: Path) -> dict:
         class_prompt=req.class_prompt, class_images=req.class_images, prior_loss_weight=req.prior_loss_weight,
         layer_major=layer_major, memory_budget=budget, device=req.device,
     ), track_memory=req.track_memory)
-    res = run_train(train_cfg)
+    res = run_train(train_cfg, on_step=on_step)
     record = {
         "command": "train",
         "settings": asdict(req),

@@ -172,8 +172,14 @@ def batch_indices(step: int, batch: int, num_samples: int) -> list[int]:
     return [(step * batch + j) % num_samples for j in range(batch)]
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    """Stage 2 + export. The first ``cfg.track_memory_steps`` steps are measured exactly (hollownet.memory.tracker)."""
+class TrainingStopped(HollownetError):
+    """``on_step`` asked to stop: a checkpoint of this step was saved, so a resumed run continues from it."""
+
+
+def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
+    """Stage 2 + export. The first ``cfg.track_memory_steps`` steps are measured exactly (hollownet.memory.tracker).
+
+    ``on_step(step, losses, memory)`` (e.g. the app's progress bar) runs after each step; a true return stops here."""
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
     store = Store(cfg.store)
@@ -224,8 +230,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         bar.set_postfix(loss=f"{loss:.4f}")
         if math.isnan(loss):
             raise HollownetError(f"loss became NaN at step {step}; lower --lr or use --precision fp32")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        stop = on_step is not None and bool(on_step(step + 1, losses, memory)) and step + 1 < cfg.steps
+        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses, settings)
+        if stop:
+            raise TrainingStopped(f"stopped at step {step + 1} of {cfg.steps}; the checkpoint is kept: resume to continue")
     bar.close()
     train_seconds = time.perf_counter() - t_loop
     info = result_info(cfg, manifest, plan, params)

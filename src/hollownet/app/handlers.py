@@ -1,0 +1,264 @@
+"""What the app's buttons do, as plain functions of plain values (the Gradio wiring is ui.py).
+
+Every refusal is the CLI's one-line message (``jobs.one_line_error``), returned as text, never a
+traceback; warnings are the CLI's ``warning: ...`` lines, collected with the same checks
+(``hollownet.checks``, ``hollownet.data``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+
+from hollownet.app.jobs import DONE, Job, Jobs, generate_work, one_line_error, train_request, train_work
+from hollownet.checks import check_generate_prompt, check_photo_folder, preflight_train
+from hollownet.data import IMAGE_EXTENSIONS, PhotoError, list_photos, load_photo
+from hollownet.memory.planner import PlanRequest, fit_budget, plan_memory
+from hollownet.memory.tracker import format_bytes, parse_size
+from hollownet.settings import model_defaults
+from hollownet.toy import NAME as TOY
+
+FEW, MANY = 3, 6  # the 3-6 photos the app asks for
+
+
+class Collected:
+    """``with Collected() as c``: the CLI's warnings as one-line ``warning: ...`` texts in ``c.lines``."""
+
+    def __enter__(self):
+        self._ctx = warnings.catch_warnings(record=True)
+        self._caught = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        self.lines: list[str] = []
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for w in self._caught:
+            if issubclass(w.category, (UserWarning,)) and not issubclass(w.category, (DeprecationWarning, FutureWarning)):
+                line = "warning: " + " ".join(str(w.message).split())
+                if line not in self.lines:
+                    self.lines.append(line)
+        return False
+
+
+def defaults_for(model: str) -> dict:
+    """The run defaults the CLI picks for this model (the toy's 64 px, r=8, ...)."""
+    return model_defaults(model or TOY)
+
+
+# --------------------------------------------------------------------------------- 1. photos
+
+
+def stage_photos(paths: list[str], folder: Path) -> list[Path]:
+    """Copy the dropped files into ``folder`` (emptied first), keeping their names."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    out = []
+    for i, p in enumerate(paths or []):
+        src = Path(p)
+        dst = folder / src.name
+        if dst.exists():  # two uploads with one name
+            dst = folder / f"{i:02d}-{src.name}"
+        shutil.copyfile(src, dst)
+        out.append(dst)
+    return out
+
+
+def check_photos(paths: list[str], resolution: int, folder: Path) -> tuple[list[str], list[str]]:
+    """Stage the photos in ``folder`` and check them as ``hollownet train`` does.
+
+    Returns (the readable photos, the notes: ``error: ...`` for an unreadable file, ``warning: ...``
+    for a tiny one or an odd count)."""
+    staged = stage_photos(paths, folder)
+    notes, good = [], []
+    with Collected() as c:
+        for p in staged:
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                notes.append(f"error: {p.name} is not a {', '.join(IMAGE_EXTENSIONS)} photo; remove it")
+                continue
+            try:
+                load_photo(p, int(resolution))
+                good.append(str(p))
+            except PhotoError as e:
+                notes.append(f"error: {one_line_error(e)}")
+        if staged:
+            try:
+                check_photo_folder(folder)
+            except Exception as e:  # noqa: BLE001  shown as its one line
+                msg = one_line_error(e)
+                if msg is None:
+                    raise
+                notes.append(f"error: {msg}")
+    notes += c.lines
+    if good and len(good) > MANY:
+        notes.append(f"warning: {len(good)} photos: 3-6 varied photos of the subject are what DreamBooth-style training uses")
+    return good, notes
+
+
+# ---------------------------------------------------------------------------- 2. memory plan
+
+
+def plan_request(s: dict, photos: int) -> PlanRequest:
+    return PlanRequest(model=s["model"] or TOY, method=s["method"], rank=int(s["rank"]), resolution=int(s["resolution"]),
+                       batch=int(s["batch"]), precision=s["precision"], steps=int(s["steps"]), photos=max(1, photos))
+
+
+def plan_table(s: dict, photos: int) -> str:
+    """Markdown: the predicted peaks of pre-compute, training and generation, next to inference."""
+    try:
+        plan = plan_memory(plan_request(s, photos)).to_json()
+    except Exception as e:  # noqa: BLE001
+        return _error_or_raise(e)
+    by_batch = plan["inference_peak_bytes_by_batch"]
+    inf = plan["inference_peak_bytes"]
+    rows = [("stage 1: pre-compute", plan["precompute_peak_bytes"]), ("stage 2: training", plan["train_peak_bytes"]),
+            ("generation (guidance: batch 2)", by_batch.get("2")), ("inference (one U-Net step, batch 1)", inf)]
+    lines = ["| stage | predicted peak | vs inference |", "|---|---:|---:|"]
+    lines += [f"| {name} | {format_bytes(v)} | {v / inf:.2f}× |" for name, v in rows if v is not None]
+    what = f"{plan['method']}" + (f", hollowed {plan['fraction']:.0%} of the U-Net" if plan.get("fraction") else "")
+    lines.append(f"\n{what}; r={plan['rank']}, {plan['resolution']} px, batch {plan['batch']}, {plan['precision']} "
+                 "weights. Tensor bytes, predicted before any weight loads (hollownet plan).")
+    return "\n".join(lines)
+
+
+def suggest(s: dict, photos: int, budget: str, top: int = 3) -> tuple[str, str | None, str | None]:
+    """(markdown, best precision, best method) for the ``top`` settings that fit ``budget`` (``fit_budget``)."""
+    try:
+        answer = fit_budget(plan_request(s, photos), parse_size(budget, "budget"), top=top)
+    except Exception as e:  # noqa: BLE001
+        return _error_or_raise(e), None, None
+    lines = ["| # | setting | weights | stage 1 | training | peak |", "|---|---|---|---:|---:|---:|"]
+    for i, c in enumerate(answer.fits, 1):
+        lines.append(f"| {i} | {c.label().strip()} | {c.precision}{' streamed' if c.stream_weights else ''}"
+                     f"{', checkpointing' if c.grad_checkpointing else ''}{', in-backward AdamW' if c.in_backward else ''} | "
+                     f"{format_bytes(c.precompute_peak)} | {format_bytes(c.train_peak)} | {format_bytes(c.peak)} |")
+    best = answer.fits[0]
+    lines.append(f"\nBest fidelity that fits: `hollownet train ... {' '.join(best.flags())}`. "
+                 "'Use the best' sets its method and precision here.")
+    return "\n".join(lines), best.precision, best.method
+
+
+# --------------------------------------------------------------------------------- 3. train
+
+
+def start_training(jobs: Jobs, photos: list[str], s: dict) -> str:
+    """Copy the photos into a new run folder and start stage 1 + 2 there; a one-line answer."""
+    if not photos:
+        return "error: drop 3-6 photos of the subject first"
+    folder = jobs.new_run_folder()
+    settings = {**s, "model": s["model"] or TOY, "images": str(folder / "photos"), "output": str(folder / "lora"),
+                "steps": int(s["steps"]), "rank": int(s["rank"]), "resolution": int(s["resolution"]),
+                "batch": int(s["batch"]), "seed": int(s["seed"]), "lr": float(s["lr"])}
+    if jobs.refusal():  # refused before any folder is made
+        return f"error: {jobs.refusal()}"
+    stage_photos(photos, folder / "photos")
+    with Collected() as c:
+        try:
+            preflight_train(train_request(settings))  # the CLI's checks, before the job starts
+        except Exception as e:  # noqa: BLE001
+            shutil.rmtree(folder, ignore_errors=True)
+            return _error_or_raise(e)
+    return _start(jobs, "train", folder, settings, train_work, c.lines)
+
+
+def resume_training(jobs: Jobs) -> str:
+    """Run the newest training again in its folder: stage 1 and 2 continue from what is on disk."""
+    last = jobs.latest.get("train")
+    if last is None:
+        return "error: no training to resume"
+    if last.status == DONE:
+        return "error: that training is finished; start a new one, or generate from it"
+    return _start(jobs, "train", last.folder, last.settings, train_work, [], memory=last.memory)
+
+
+def start_generation(jobs: Jobs, g: dict) -> str:
+    last = jobs.latest.get("train")
+    if last is None or last.status != DONE:
+        return "error: train a LoRA first (or wait for the training to finish)"
+    folder = Path(last.folder)
+    n = len(list((folder / "images").glob("*"))) if (folder / "images").exists() else 0
+    settings = {"model": last.settings["model"], "lora": last.settings["output"], "prompt": g["prompt"],
+                "output": str(folder / "images" / f"{n:03d}"), "steps": int(g["steps"]), "guidance": float(g["guidance"]),
+                "seed": int(g["seed"]), "num_images": int(g["num_images"]), "merged": g["path"] == "merged",
+                "device": last.settings.get("device", "cpu")}
+    with Collected() as c:
+        check_generate_prompt(settings["prompt"])
+    return _start(jobs, "generate", folder, settings, generate_work, c.lines)
+
+
+def stop(jobs: Jobs) -> str:
+    return jobs.stop()
+
+
+def _start(jobs: Jobs, kind: str, folder, settings: dict, work, notes: list[str], **fields) -> str:
+    try:
+        jobs.start(kind, folder, settings, work, warnings=notes, **fields)
+    except Exception as e:  # noqa: BLE001
+        return _error_or_raise(e)
+    return "\n".join([f"started {'training' if kind == 'train' else 'generation'} in {folder}", *notes])
+
+
+def _error_or_raise(e: BaseException) -> str:
+    msg = one_line_error(e)
+    if msg is None:
+        raise e
+    return f"error: {msg}"
+
+
+# ------------------------------------------------------------------------------ what the page shows
+
+
+def view(jobs: Jobs) -> dict:
+    """Everything the page shows about the newest run, from the server's jobs (a reloaded page calls it too)."""
+    train, gen = jobs.latest.get("train"), jobs.latest.get("generate")
+    if gen is not None and train is not None and gen.folder != train.folder:
+        gen = None  # a generation of an older run
+    active = jobs.running() or (gen if gen and train and gen.started > train.started else train)
+    v = {"status": active.one_line() if active else "no run yet", "running": bool(jobs.running()),
+         "step": train.step if train else 0, "total": train.total if train else 0,
+         "losses": list(train.losses) if train else [], "memory": memory_text(train, gen),
+         "photos": [], "gallery": [], "lora_files": [], "images_zip": None, "folder": train.folder if train else None,
+         "can_resume": bool(train) and train.status not in (DONE, "running"),
+         "trained": bool(train) and train.status == DONE, "notes": (active.warnings if active else [])}
+    if train is None:
+        return v
+    folder = Path(train.folder)
+    if (folder / "photos").is_dir():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v["photos"] = [str(p) for p in list_photos(folder / "photos")]
+    v["gallery"] = [str(p) for p in sorted((folder / "images").glob("*/*.png"))]
+    if train.status == DONE:
+        v["lora_files"] = [f for f in (train.result or {}).get("lora_files", []) if Path(f).is_file()]
+    if v["gallery"] and not jobs.running():
+        v["images_zip"] = images_zip(folder)
+    return v
+
+
+def memory_text(train: Job | None, gen: Job | None) -> str:
+    parts = []
+    m = (train.memory if train else {}) | (gen.memory if gen else {})
+    for key, label in (("precompute_peak_bytes", "pre-compute"), ("train_peak_bytes", "training"),
+                       ("generate_peak_bytes", "generation")):
+        if m.get(key):
+            parts.append(f"{label} {format_bytes(m[key])}")
+    text = "measured tensor peaks: " + ", ".join(parts) if parts else "measured memory: not yet"
+    if m.get("process_peak_rss"):
+        text += f"; app process peak RSS {format_bytes(m['process_peak_rss'])}"
+    return text
+
+
+def images_zip(folder: Path) -> str:
+    """``FOLDER/images.zip`` of every generated image (remade when images were added)."""
+    images = sorted((folder / "images").glob("*/*.png"))
+    out = folder / "images.zip"
+    if not out.exists() or any(p.stat().st_mtime > out.stat().st_mtime for p in images):
+        tmp = out.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w") as z:
+            for p in images:
+                z.write(p, f"{p.parent.name}-{p.name}")
+        tmp.replace(out)
+    return str(out)
