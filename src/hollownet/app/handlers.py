@@ -2,7 +2,7 @@
 
 Every refusal is the CLI's one-line message (``jobs.one_line_error``), returned as text, never a
 traceback; warnings are the CLI's ``warning: ...`` lines, collected with the same checks
-(``hollownet.checks``, ``hollownet.data``).
+(``hollownet.checks``, ``hollownet.photos``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hollownet.app.jobs import DONE, Job, Jobs, generate_work, one_line_error, train_request, train_work
 from hollownet.checks import check_generate_prompt, check_photo_folder, preflight_train
-from hollownet.data import IMAGE_EXTENSIONS, PhotoError, list_photos, load_photo
+from hollownet.photos import IMAGE_EXTENSIONS, PhotoError, list_photos, load_photo
 from hollownet.memory.planner import PlanRequest, fit_budget, plan_memory
 from hollownet.memory.tracker import format_bytes, parse_size
 from hollownet.settings import model_defaults

@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hollownet.data import DatasetError, PhotoError
+from hollownet.evaluation.datasets import DatasetError
+from hollownet.photos import PhotoError
 from hollownet.errors import HollownetError
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.store import disk_error, save_json
