@@ -11,4 +11,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+[ -z "${WITH_RAY:-}" ] || .venv/bin/python -m pip install -q -e ".[ray]"  # --executor ray (CI sets it)
 echo "hollownet installed in $(pwd)/.venv  (activate: . .venv/bin/activate)"

@@ -141,11 +141,11 @@ def _in_subprocess(payload: bytes, cpus: int) -> tuple[str, object]:
 
 def _child_main(argv: list[str]) -> int:
     """``python -m hollownet.executor IN OUT``: run the pickled job in IN, pickle how it ended to OUT."""
-    with open(argv[0], "rb") as f:
-        fn, args, cwd = pickle.load(f)
-    if os.path.isdir(cwd):
-        os.chdir(cwd)  # relative paths mean what they mean to the driver
     try:
+        with open(argv[0], "rb") as f:
+            fn, args, cwd = pickle.load(f)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative paths mean what they mean to the driver
         reply = ("ok", fn(*args))
     except JobKilled as e:
         reply = ("killed", str(e))
@@ -199,6 +199,7 @@ def _run_ray(ex: Executor, jobs: list[Job], log) -> list[Outcome]:
     started = not ray.is_initialized()
     if started:
         cpus = None if ex.address or not ex.workers else ex.workers * ex.cpus
+        os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 starves the jobs on a busy machine
         ray.init(address=ex.address, num_cpus=cpus, include_dashboard=False, configure_logging=False)
     try:
         largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
