@@ -22,7 +22,8 @@ from helpers_models import build_tiny_clip, build_tiny_vit
 from hollownet.cli import build_parser, main
 from hollownet.errors import HollownetError
 from hollownet.evaluation import bench as B
-from hollownet.executor import Executor, Job
+from hollownet.executor import PROCESS_OVERHEAD, Executor, Job, Outcome
+from hollownet.memory.planner import PlanRequest, plan_memory
 from hollownet.trainmany import job_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -207,3 +208,27 @@ def test_local_executor_retries_a_killed_process_and_reports_failures(tmp_path, 
     assert (failed.ok, failed.error, failed.attempts) == (False, "HollownetError: bad photos", 1)  # not retried
     assert not child.ok and child.attempts == 2 and "died 2 times" in child.error
     assert any("crash: its process died (exit code -9); retrying" in line for line in logs), logs
+
+
+class _Recorder(Executor):
+    """A Ray-kind executor that runs nothing: every job's worker 'died' (what the bench does then)."""
+
+    def run(self, jobs, log=print):
+        self.jobs = jobs
+        return [Outcome(j, False, error="WorkerCrashedError: the worker died", attempts=3) for j in jobs]
+
+
+def test_cells_reserve_the_planners_whole_run_peak_and_a_lost_cell_stays_retryable(tiny_model, dataset, scorers,
+                                                                                    tmp_path):
+    recorder = _Recorder("ray", workers=2)
+    summary = B.run_bench(config(tiny_model, dataset, tmp_path, scorers, methods="hollow,lora:r=2", subjects=["dog"]),
+                          log=lambda m: None, executor=recorder)
+    plans = {m: plan_memory(PlanRequest(model=str(tiny_model), method=m, rank=2, resolution=RES, steps=2, photos=3))
+             for m in ("hollow", "lora")}
+    for job, method in zip(recorder.jobs, ("hollow", "lora")):
+        plan = plans[method]
+        assert job.memory == max(plan.peak, plan.inference[2].peak_bytes) + PROCESS_OVERHEAD
+    assert recorder.jobs[0].memory < recorder.jobs[1].memory  # the hollowed net needs less
+    assert summary["n_failed"] == 2 and "worker: WorkerCrashedError" in summary["failed"][0]["error"]
+    cell = json.loads((tmp_path / "cells" / "dog" / "hollow" / "seed-0" / "result.json").read_text())
+    assert cell["status"] == "failed"  # a rerun retries failed cells

@@ -62,7 +62,7 @@ class Executor:
     kind: str = "local"
     workers: int | None = None  # jobs at once (local default 1; ray default: as many as the cluster fits)
     address: str | None = None  # ray: an existing cluster (e.g. ray://head:10001 or auto)
-    cpus_per_job: int | None = None  # default: this machine's cores / workers (1 on a cluster)
+    cpus_per_job: int | None = None  # default: this machine's cores / workers (1 on Ray without workers)
     gpu: bool = False  # the jobs run on CUDA: each reserves one GPU
     retries: int = RETRIES
 
@@ -83,8 +83,8 @@ class Executor:
     def cpus(self) -> int:
         if self.cpus_per_job:
             return self.cpus_per_job
-        if self.address or self.gpu:
-            return 1
+        if self.address or self.gpu or (self.kind == "ray" and not self.workers):
+            return 1  # a GPU job needs little CPU; without a cap, Ray packs one job per core
         return max(1, (os.cpu_count() or 1) // (self.workers or 1))
 
     def run(self, jobs: list[Job], log: Callable[[str], None] = print) -> list[Outcome]:
@@ -117,12 +117,16 @@ def job_memory(request) -> int | None:
 # ------------------------------------------------------------------------------------ in a worker
 
 
+try:  # looked up here, not in the forked child (where little is safe to do)
+    _PRCTL = ctypes.CDLL(None).prctl
+except (OSError, AttributeError, TypeError):  # not Linux
+    _PRCTL = None
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a job's process: it is killed when its parent dies, so a retry never races it."""
-    try:
-        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
 def _in_subprocess(payload: bytes, cpus: int) -> tuple[str, object]:
@@ -133,7 +137,7 @@ def _in_subprocess(payload: bytes, cpus: int) -> tuple[str, object]:
         src, dst = Path(tmp) / "job.pkl", Path(tmp) / "outcome.pkl"
         src.write_bytes(payload)
         proc = subprocess.run([sys.executable, "-m", "hollownet.executor", str(src), str(dst)], env=env,
-                              preexec_fn=die_with_parent if os.name == "posix" else None)
+                              preexec_fn=die_with_parent if _PRCTL else None)
         if not dst.exists():
             return "killed", f"exit code {proc.returncode}"
         return pickle.loads(dst.read_bytes())

@@ -34,8 +34,8 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
                                       "(default: start a local Ray)")
     p.add_argument("--workers", type=int, help="jobs at once (default 1 locally; with ray: as many as the "
                                                "cluster's CPUs, GPUs and memory fit)")
-    p.add_argument("--cpus-per-job", type=int, help="threads / Ray CPUs per job (default: cores / workers here, "
-                                                    "1 on a cluster or with a GPU)")
+    p.add_argument("--cpus-per-job", type=int, help="threads / Ray CPUs per job (default: cores / workers; 1 with "
+                                                    "--address, --device cuda, or ray without --workers)")
 
 
 def executor_from_args(args, device: str | None) -> Executor:

@@ -524,7 +524,7 @@ def _run_cells_as_jobs(todo: list[_Cell], cfg: BenchConfig, identifier: str, une
     for cell in todo:
         c = cell.config
         key = (cell.spec.key, len(c["photos"]))
-        if key not in memory:  # one prediction per method (and photo count), not per cell
+        if key not in memory and executor.kind == "ray":  # only Ray reserves; one prediction per method, not per cell
             memory[key] = job_memory(PlanRequest(
                 model=cfg.model, method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
                 rank=c["rank"] or cfg.rank, resolution=cfg.resolution, batch=cfg.batch, steps=c["steps"],
@@ -532,7 +532,7 @@ def _run_cells_as_jobs(todo: list[_Cell], cfg: BenchConfig, identifier: str, une
                 stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw"),
                 photos=len(c["photos"])))
     jobs = [Job(cell.label, run_cell_job, (cell, cfg, identifier, unet_params),
-                memory=memory[(cell.spec.key, len(cell.config["photos"]))]) for cell in todo]
+                memory=memory.get((cell.spec.key, len(cell.config["photos"])))) for cell in todo]
     log(f"running {len(jobs)} cell(s) with the {executor.kind} executor"
         + (f", {executor.workers} at once" if executor.workers else ""))
     for cell, outcome in zip(todo, executor.run(jobs, log)):
