@@ -10,6 +10,7 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-# the app extra too: the README's test command runs the app's tests (Gradio adds about a minute)
-.venv/bin/python -m pip install -q -e ".[test,app]"
+# the test, app and ray extras: the README's test command runs the app's browser test and the Ray
+# executor tests (Gradio and Ray add about a minute to the install)
+.venv/bin/python -m pip install -q -e ".[test,app,ray]"
 echo "hollownet installed in $(pwd)/.venv  (activate: . .venv/bin/activate)"

@@ -10,6 +10,7 @@ import warnings
 
 from hollownet.app import add_app_parser, cmd_app
 from hollownet.settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
+from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
 EPILOG_TRAIN = """\
 examples:
@@ -224,6 +225,8 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--summarize-only", action="store_true", help="run nothing; rebuild the summary from finished cells")
     b.add_argument("--device", default=None)
     _add_format(b)
+    add_executor_flags(b)  # issue 16: cells as jobs, here or on Ray
+    add_train_many_parser(sub)
 
     c = sub.add_parser("convert", help="rewrite a LoRA file in the kohya (ComfyUI, Forge, A1111) or diffusers layout",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
@@ -398,6 +401,7 @@ def cmd_bench(args) -> int:
 
     from hollownet.evaluation.bench import BenchConfig, run_bench
 
+    device = _device(args.device)
     run_bench(BenchConfig(
         model=args.model, dataset=args.dataset, output=args.output, methods=args.methods, seeds=args.seeds,
         subjects=args.subjects, steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=args.lora_alpha,
@@ -405,8 +409,8 @@ def cmd_bench(args) -> int:
         grad_checkpointing=args.grad_checkpointing, images_per_prompt=args.images_per_prompt, prompts=args.prompts,
         gen_steps=args.gen_steps, guidance=args.guidance, scheduler=args.scheduler, identifier=args.identifier,
         dino_model=args.dino_model, clip_model=args.clip_model, keep=args.keep, summarize_only=args.summarize_only,
-        device=_device(args.device), lora_format=args.lora_format,
-    ))
+        device=device, lora_format=args.lora_format,
+    ), executor=executor_from_args(args, device))
     print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
     print(f"summary: {Path(args.output) / 'summary.md'}, summary.json, summary.png")
     return 0
@@ -435,7 +439,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench, "analyze": cmd_analyze, "convert": cmd_convert, "app": cmd_app}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo, "plan": cmd_plan, "bench": cmd_bench,
+            "analyze": cmd_analyze, "convert": cmd_convert, "app": cmd_app, "train-many": cmd_train_many}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,8 +43,10 @@ from hollownet.evaluation.datasets import DatasetError, DatasetWarning, load_dat
 from hollownet.evaluation.metrics import DinoClipScorer, model_label
 from hollownet.evaluation.report import METRIC_LABELS, aggregate, format_summary, plot_summary, plot_tradeoffs
 from hollownet.evaluation.specs import MethodSpec, parse_methods, parse_seeds
+from hollownet.executor import Executor, Job, job_memory
 from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.memory import planner
+from hollownet.memory.planner import PlanRequest
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.settings import torch_dtype
 from hollownet.stages.generate import load_pipeline, prepare, render
@@ -179,8 +181,11 @@ def _select_subjects(dataset, names: list[str] | None) -> list:
     return out
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Run (or resume) every cell, then write and return the summary (``summary.json``'s content)."""
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, executor: Executor | None = None) -> dict:
+    """Run (or resume) every cell, then write and return the summary (``summary.json``'s content).
+
+    ``executor`` (:mod:`hollownet.executor`): the cells as jobs, each in its own process, N at once or on
+    Ray; by default (or one local worker) they run here, one after another."""
     log = log or (lambda msg: print(msg, flush=True))
     specs = parse_methods(cfg.methods)
     seeds = parse_seeds(cfg.seeds)
@@ -214,19 +219,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         f"{len(cells) - len(todo)} already finished, {len(todo)} to run")
 
     inference = inference_reference(cfg, model_dir, fingerprint, out, measure=not cfg.summarize_only, log=log)
-    if todo and not cfg.summarize_only:
+    if todo and not cfg.summarize_only and executor and not executor.in_process:  # cells as jobs (issue 16)
+        _run_cells_as_jobs(todo, cfg, scorer, _unet_params(model_dir), executor, log)
+    elif todo and not cfg.summarize_only:
         scorer.load()
         unet_params = _unet_params(model_dir)
         for i, cell in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {cell.label}")
             result = _run_cell(cell, cfg, scorer, unet_params)
             save_json(cell.result_path, result)
-            if result["status"] == "ok":
-                s = result["scores"]
-                log(f"    done in {result['timings']['cell_s']:.1f} s: "
-                    + ", ".join(f"{METRIC_LABELS[k]} {s[k]:.4f}" for k in scorer.metrics))
-            else:
-                log(f"    FAILED: {result['error']}")
+            _log_cell(result, scorer.metrics, log)
 
     results = [_load_result(c) for c in cells]
     summary = aggregate([r for r in results if r is not None], inference_peak=inference.get("peak_bytes"),
@@ -253,6 +255,52 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         plot_summary(summary, out / "summary.png")
         plot_tradeoffs(summary, out / "tradeoffs.png")
     return summary
+
+
+def _log_cell(result: dict, metrics, log) -> None:
+    if result["status"] == "ok":
+        s = result["scores"]
+        log(f"    done in {result['timings']['cell_s']:.1f} s: " + ", ".join(f"{METRIC_LABELS[k]} {s[k]:.4f}" for k in metrics))
+    else:
+        log(f"    FAILED: {result['error']}")
+
+
+def run_cell_job(cell: _Cell, cfg: BenchConfig, scorer, unet_params: int) -> dict:
+    """One cell as an executor job, in its own process: its scorer loads there, result.json is written there."""
+    scorer.load()
+    result = _run_cell(cell, cfg, scorer, unet_params)
+    save_json(cell.result_path, result)
+    return result
+
+
+def _run_cells_as_jobs(todo: list[_Cell], cfg: BenchConfig, scorer, unet_params: int, executor: Executor,
+                       log) -> None:
+    """The cells through ``executor``, each reserving the planner's prediction for its method; a cell whose
+    worker died on every try is recorded as failed (a rerun retries it); the other cells are untouched."""
+    memory: dict = {}
+    for cell in todo:
+        c = cell.config
+        key = (cell.spec.key, len(c["photos"]))
+        if key not in memory and executor.kind == "ray":  # only Ray reserves; one prediction per method, not per cell
+            memory[key] = job_memory(PlanRequest(
+                model=cfg.model, method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
+                rank=c["rank"] or cfg.rank, resolution=cfg.resolution, batch=cfg.batch, steps=c["steps"],
+                precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
+                stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw"),
+                photos=len(c["photos"])))
+    jobs = [Job(cell.label, run_cell_job, (cell, cfg, scorer, unet_params),
+                memory=memory.get((cell.spec.key, len(cell.config["photos"])))) for cell in todo]
+    log(f"running {len(jobs)} cell(s) with the {executor.kind} executor"
+        + (f", {executor.workers} at once" if executor.workers else ""))
+    for cell, outcome in zip(todo, executor.run(jobs, log)):
+        result = outcome.value
+        if not outcome.ok:
+            result = {"format": CELL_FORMAT, "subject": cell.subject.name, "class_noun": cell.subject.class_noun,
+                      "method": cell.spec.key, "seed": cell.seed, "config": cell.config, "status": "failed",
+                      "error": f"worker: {outcome.error}", "finished": _now()}
+            save_json(cell.result_path, result)
+        log(f"{cell.label}:")
+        _log_cell(result, scorer.metrics, log)
 
 
 def _check_existing(cells: list[_Cell], out: Path) -> list[_Cell]:
