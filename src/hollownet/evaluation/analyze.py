@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hollownet.errors import HollownetError
+from hollownet.settings import Modes
 from hollownet.stages.export import INFO_FILE, LORA_FILE
 from hollownet.stages.store import save_json
 
@@ -415,7 +416,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
         lora_dir = out / "lora"
         personalize(TrainRequest(model=cfg.model, images=cfg.images, prompt=cfg.prompt, output=str(lora_dir),
                                  method="lora", rank=cfg.rank, steps=cfg.steps, lr=cfg.lr, resolution=cfg.resolution,
-                                 seed=cfg.seed, precision=cfg.precision, checkpoint_every=0, device=cfg.device,
+                                 seed=cfg.seed, modes=Modes(precision=cfg.precision), checkpoint_every=0, device=cfg.device,
                                  track_memory=False))
         shutil.rmtree(lora_dir / "store", ignore_errors=True)
         paths.append(str(lora_dir))

@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Callable
 
 from hollownet.errors import HollownetError
+from hollownet.settings import Modes
 from hollownet.stages.store import save_json
 from hollownet.toy import is_toy
 
@@ -566,9 +567,10 @@ def _run_cell(cell: _Cell, cfg: BenchConfig, identifier: str, dino, clip, unet_p
             model=cfg.model, images=str(cell.subject.folder), prompt=cell.subject.instance_prompt,
             output=str(train_dir), method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
             rank=c["rank"] or cfg.rank, lora_alpha=c["lora_alpha"], resolution=cfg.resolution, steps=c["steps"],
-            batch=cfg.batch, lr=c["lr"], seed=cell.seed, precision=c.get("train_precision", cfg.precision),
-            grad_checkpointing=cfg.grad_checkpointing, stream_weights=c.get("stream_weights", False),
-            optimizer=c.get("optimizer", "adamw"), checkpoint_every=0, device=cfg.device, track_memory=True,
+            batch=cfg.batch, lr=c["lr"], seed=cell.seed,
+            modes=Modes(precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
+                        stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw")),
+            checkpoint_every=0, device=cfg.device, track_memory=True,
             num_samples=c.get("num_samples"), lora_format=cfg.lora_format,
         ))
         info_path = train_dir / "hollownet.json"
@@ -741,7 +743,7 @@ def predict_inference_peak(model: str | Path, *, resolution: int, precision: str
 
     model_dir = resolve_model_dir(model)
     mc = memplan.load_model_configs(model_dir)
-    req = memplan.PlanRequest(model=str(model_dir), resolution=resolution, precision=precision)
+    req = memplan.PlanRequest(model=str(model_dir), resolution=resolution, modes=Modes(precision=precision))
     report = memplan.predict_inference(mc, req, batch=batch)
     return {
         "peak_bytes": report.peak_bytes,
