@@ -359,7 +359,7 @@ def test_low_memory_method_options_reach_the_trainer(tiny_model, tiny_dataset, e
     monkeypatch.setattr("hollownet.workflow.personalize", fake_personalize)
     summary = B.run_bench(bench_config(tiny_model, tiny_dataset, tmp_path / "b", extractors, subjects=["dog"],
                                        methods="hollow:weights=int8:opt=in-backward,hollow:stream=1"), log=lambda m: None)
-    assert [(r.precision, r.optimizer, r.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
+    assert [(r.modes.precision, r.modes.optimizer, r.modes.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
                                                                               ("fp32", "adamw", True)]
     assert [r["method"] for r in summary["methods"]] == ["hollow:weights=int8:opt=in-backward", "hollow:stream=1"]
     cell = tmp_path / "b" / "cells" / "dog" / "hollow_weights=int8_opt=in-backward" / "seed-0" / "result.json"

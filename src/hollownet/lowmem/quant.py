@@ -1,6 +1,6 @@
 """Quantized frozen weights (QLoRA-style) and low-memory optimizers for stage 2.
 
-``TrainConfig(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
+``Modes(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
 network quantized; biases and norms stay in the compute dtype (bf16 by default, see
 ``settings.Modes.compute``) and LoRA stays fp32. Weights are dequantized on the fly, one layer at a
 time, inside a custom autograd function that saves only the quantized tensors for backward (the

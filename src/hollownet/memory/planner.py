@@ -1,6 +1,6 @@
 """Predict the memory of every stage without weights: ``hollownet plan``.
 
-The prediction *runs the real code path* -- the trainer's ``add_lora`` and ``train_step`` (forward,
+The prediction *runs the real code path* -- the trainer's builder and ``train_step`` (forward,
 loss, backward, clipping, AdamW), stage 1's ``make_shard`` and the same text-encoder and VAE calls
 -- on models whose tensors are fake (:class:`torch._subclasses.FakeTensorMode`: shapes and dtypes,
 no storage) and counts live bytes with the same :class:`~hollownet.memory.tracker.MemoryTracker` that
@@ -180,12 +180,13 @@ def _fake_mode():
     return FakeTensorMode()
 
 
-def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_only: bool = True, fp32=None) -> None:
+def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_only: bool = True) -> None:
     """Inside a FakeTensorMode: give every tensor a stage loads a (fake) storage on the CPU.
 
     The module is built on the meta device; this is what loading its weights with
     ``load_state_dict(..., assign=True)`` does (``model.load_unet``, stage 1's VAE), minus the bytes:
-    floating tensors in ``dtype`` (``fp32(name)`` true: fp32), integer buffers as they are.
+    floating tensors in ``dtype``, integer buffers as they are. (Stage 2's network is built by the
+    trainer's own builder from a ``FakeSource`` instead: ``predict_step``.)
     Tensors under the ``skip`` module prefixes stay on meta (never loaded: cost nothing).
     ``persistent_only``: like ``load_state_dict``, leave non-persistent buffers alone;
     ``from_pretrained`` (the text encoder) creates those too.
@@ -197,8 +198,7 @@ def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_on
         for pname, p in list(mod._parameters.items()):
             if p is None:
                 continue
-            full = f"{mname}.{pname}" if mname else pname
-            dt = torch.float32 if fp32 is not None and fp32(full) else (dtype if p.is_floating_point() else p.dtype)
+            dt = dtype if p.is_floating_point() else p.dtype
             mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=p.requires_grad)
         for bname, b in list(mod._buffers.items()):
             if b is None or (persistent_only and bname in mod._non_persistent_buffers_set):
@@ -347,12 +347,6 @@ def predict_step(unet_config: dict, cfg: TrainConfig, *, resolution: int, text_l
         units = net.streamer.resident_unit_bytes()
         info.update(largest_streamed_unit=max(units, key=units.get), largest_streamed_unit_bytes=max(units.values()))
     return tracker.report, info
-
-
-def _cpu_tensors(module: nn.Module):
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type == "cpu":
-            yield t
 
 
 def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, params) -> dict:
