@@ -7,9 +7,9 @@ or ``adamw-in-backward`` (per-parameter AdamW step inside backward, gradients fr
 
 (a) **Stage-2 peak** on the real SD 2.1 architecture (bundled config), 512 px, batch 1, LoRA r=128
     on to_q/to_k/to_v/to_out.0, the paper's cut, measured with ``MemoryTracker`` under
-    ``FakeTensorMode``: the trainer's own construction (``stream.build_lowmem_model`` from a
-    ``FakeSource``: shapes only; quantization runs on fake tensors) and its own ``train_step``. One
-    untracked step first (AdamW's state exists afterwards), then the measured step: the run's peak.
+    ``FakeTensorMode``: the trainer's own construction (``builder.build_unet`` from a
+    ``FakeSource``: shapes only; quantization runs on fake tensors) and its own ``train_step``, the
+    measured step being a run's second (AdamW's state resident): the run's peak (``planner.predict_step``).
     Beside it, stage 1's predicted peak, layer-major (``layerwise.predict_peak``, another module's
     planner) at the given budgets, for the whole-run figure (max of the two stages).
 (b) **Relative output error** of the hollowed network (kept layers, stored hollow output) against
@@ -45,18 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from hollownet import unet_split as H  # noqa: E402
-from hollownet.memory.planner import make_train_batch, predict_lowmem_train, train_batch_shapes  # noqa: E402
+from hollownet.memory.planner import make_train_batch, predict_step, train_batch_shapes  # noqa: E402
 from hollownet.cut import load_unet_config, make_plan, meta_unet  # noqa: E402
 from hollownet.loading import return_freed_memory_promptly  # noqa: E402
 from hollownet.lowmem.quant import frozen_weight_bytes, relative_error  # noqa: E402
-from hollownet.settings import is_low_memory  # noqa: E402
-from hollownet.stages.train import TrainConfig, build_model, compute_dtype, make_optimizer, train_step  # noqa: E402
+from hollownet.optimizers import make_optimizer  # noqa: E402
+from hollownet.settings import Modes  # noqa: E402
+from hollownet.stages.train import TrainConfig, build_model, train_step  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1024**3
 IB = "adamw-in-backward"
 
-# label -> TrainConfig settings. The first is the baseline of the time ratios.
+# label -> TrainConfig settings (Modes' among them). The first is the baseline of the time ratios.
 MODES: dict[str, dict] = {
     "LoRA FT (whole U-Net, fp32)": dict(method="lora"),
     "hollow fp32": dict(),
@@ -78,7 +79,12 @@ TARGETS = {"hollow int8 + ckpt + in-backward": 1.0 * GiB, "hollow nf4 + ckpt + i
 
 
 def _config(settings: dict, rank: int, **kw) -> TrainConfig:
-    return TrainConfig(**{"model": "-", "store": "-", "output": "-", "rank": rank, **settings, **kw})
+    modes, rest = Modes.split(settings)
+    return TrainConfig(**{"model": "-", "store": "-", "output": "-", "rank": rank, **rest, **kw}, modes=modes)
+
+
+def _optimizer(net, cfg: TrainConfig):
+    return make_optimizer(net.params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
 
 
 def synthetic_batch(unet_config: dict, plan, resolution: int, batch: int, dtype, text_len: int, text_dim: int):
@@ -90,9 +96,9 @@ def synthetic_batch(unet_config: dict, plan, resolution: int, batch: int, dtype,
 
 
 def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution: int, text_dim: int | None = None) -> dict:
-    """The measured (second) training step's peak under FakeTensorMode (``memplan.predict_lowmem_train``)."""
+    """The measured (second) training step's peak under FakeTensorMode (``planner.predict_step``)."""
     t0 = time.perf_counter()
-    r, info = predict_lowmem_train(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
+    r, info = predict_step(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
     return dict(peak_bytes=r.peak_bytes, peak_gib=round(r.peak_bytes / GiB, 4), peak_phase=r.peak_phase,
                 breakdown=r.breakdown, phase_peaks=r.phase_peaks, **info, seconds=round(time.perf_counter() - t0, 1))
 
@@ -142,10 +148,10 @@ def output_errors(model_dir: Path, resolution: int, batch: int = 2, seed: int = 
     out, ref = {}, None
     for p in precisions:
         prec, _, cd = p.partition("/")
-        cfg = TrainConfig(model=str(model_dir), store="-", output="-", rank=4, precision=prec, compute_dtype=cd or None)
+        cfg = _config(dict(precision=prec, compute_dtype=cd or None), 4, model=str(model_dir))
         torch.manual_seed(0)
-        unet, plan_, _ = build_model(model_dir, manifest, cfg)
-        dt = compute_dtype(cfg)
+        unet, plan_, _ = net = build_model(model_dir, manifest, cfg)
+        dt = net.dtype
         with torch.no_grad():
             y = H.hollowed_forward(unet, plan_, x.to(dt), t, text.to(dt), hollow_out.to(dt)).float()
         if ref is None:
@@ -170,24 +176,22 @@ def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, step
         cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        unet, plan, params = build_model(model_dir, manifest, cfg)
+        net = build_model(model_dir, manifest, cfg)
+        unet, plan, params = net
         build_s = time.perf_counter() - t0
-        dtype = compute_dtype(cfg)
-        optimizer = make_optimizer(params, cfg)
-        b, embeds = synthetic_batch(config, plan, resolution, batch, dtype, 77, text_dim)
-        if plan is None and cfg.grad_checkpointing:
-            unet.enable_gradient_checkpointing()
+        optimizer = _optimizer(net, cfg)
+        b, embeds = synthetic_batch(config, plan, resolution, batch, net.dtype, 77, text_dim)
         unet.train()
         times = []
         for i in range(steps + 1):  # the first is a warm-up (AdamW state, allocator)
             t0 = time.perf_counter()
-            train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype)
+            train_step(net, b, embeds, optimizer, cfg)
             if i:
                 times.append(time.perf_counter() - t0)
         out[label] = dict(seconds=[round(s, 3) for s in times], median_seconds=round(statistics.median(times), 3),
                           build_seconds=round(build_s, 1))
         print(f"  {label:<40} {out[label]['median_seconds']:8.2f} s/step", flush=True)
-        del unet, optimizer, params
+        del net, unet, optimizer, params
     if not _ratios:
         return out
     # The baseline once more at the end: how much the machine's speed drifted during the run.
@@ -243,7 +247,7 @@ class RssSampler:
 
 def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> dict:
     """Two real training steps on real (random) weights, the second measured with ``MemoryTracker``,
-    against ``memplan.predict_lowmem_train`` for the same settings; plus this process's peak RSS.
+    against ``planner.predict_step`` for the same settings; plus this process's peak RSS.
 
     Run one mode per process (``--measure-real LABEL``): RSS is the process's high-water mark.
     """
@@ -256,26 +260,24 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
     settings = MODES[label]
     config = UNet2DConditionModel.load_config(model_dir / "unet")
     cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
-    predicted, _ = predict_lowmem_train(config, cfg, resolution=resolution, text_dim=config["cross_attention_dim"])
+    predicted, _ = predict_step(config, cfg, resolution=resolution, text_dim=config["cross_attention_dim"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if is_low_memory(cfg.precision, cfg.stream_weights):
+    if cfg.modes.low_memory:
         return_freed_memory_promptly()  # as run_train does
     sampler = RssSampler().__enter__()
     torch.manual_seed(0)
-    unet, plan, params = build_model(model_dir, {"hollow_blocks": make_plan(meta_unet(config)).hollow_blocks}, cfg)
-    dtype = compute_dtype(cfg)
-    optimizer = make_optimizer(params, cfg)
-    b, embeds = synthetic_batch(config, plan, resolution, 1, dtype, 77, config["cross_attention_dim"])
-    if plan is None and cfg.grad_checkpointing:
-        unet.enable_gradient_checkpointing()
+    net = build_model(model_dir, {"hollow_blocks": make_plan(meta_unet(config)).hollow_blocks}, cfg)
+    unet, plan, params = net
+    optimizer = _optimizer(net, cfg)
+    b, embeds = synthetic_batch(config, plan, resolution, 1, net.dtype, 77, config["cross_attention_dim"])
     unet.train()
     times = []
     t0 = time.perf_counter()
-    train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype)
+    train_step(net, b, embeds, optimizer, cfg)
     times.append(time.perf_counter() - t0)
     tracker = MemoryTracker("cpu").add_resident(unet, optimizer)
     t0 = time.perf_counter()
-    train_step(unet, plan, b, embeds, params, optimizer, cfg, dtype, tracker)
+    train_step(net, b, embeds, optimizer, cfg, tracker)
     times.append(time.perf_counter() - t0)
     sampler.__exit__()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,7 +3,7 @@
 personalization (stage 1 + N steps) of hollow against lora, on the SD 2.x architecture with random
 weights (nothing downloaded).
 
-Everything runs the project's own functions: ``train.add_lora`` / ``train.train_step`` for the
+Everything runs the project's own functions: ``builder.add_lora`` / ``train.train_step`` for the
 steps; ``precompute.make_shard`` for stage 1's U-Net part (hollow: the encoder and the hollow only,
 the kept up blocks are never built, exactly as ``run_precompute`` leaves them unloaded); the text
 encoder and the VAE encoder as stage 1 calls them (both methods pay for those: ``hollownet train``
@@ -55,7 +55,7 @@ def trained_model(mc, method: str, rank: int, precision: str, device: str):
     """What train.build_model returns, with random weights: (unet, plan, trainable params)."""
     from hollownet.cut import make_plan, meta_unet
     from hollownet.stages.precompute import DTYPES
-    from hollownet.stages.train import add_lora
+    from hollownet.builder import add_lora, init_lora
 
     plan, skip = None, []
     if method == "hollow":
@@ -68,7 +68,8 @@ def trained_model(mc, method: str, rank: int, precision: str, device: str):
         return unet, plan, list(unet.parameters())
     from hollownet.cut import lora_target_modules
 
-    return unet, plan, add_lora(unet, lora_target_modules(unet, skip, TARGETS), rank)
+    add_lora(unet, lora_target_modules(unet, skip, TARGETS), rank)
+    return unet, plan, init_lora(unet, DTYPES[precision], device)
 
 
 def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
@@ -86,6 +87,7 @@ def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
 
 def time_steps(unet, plan, params, batches, embeds, cfg, dtype) -> list[float]:
     """Seconds of each ``train_step`` over ``batches`` (a fresh AdamW: the first step makes its state)."""
+    from hollownet.builder import Network
     from hollownet.stages.train import train_step
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -94,7 +96,7 @@ def time_steps(unet, plan, params, batches, embeds, cfg, dtype) -> list[float]:
     for batch in batches:
         sync(cfg.device)
         t0 = time.perf_counter()
-        train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype)
+        train_step(Network(unet, plan, params, dtype, cfg.modes.checkpointing), batch, embeds, optimizer, cfg)
         sync(cfg.device)
         out.append(time.perf_counter() - t0)
     del optimizer
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
 
     from hollownet.memory.planner import load_model_configs
     from hollownet.stages.precompute import DTYPES
+    from hollownet.settings import Modes
     from hollownet.stages.train import TrainConfig
 
     torch.set_flush_denormal(True)  # random weights can underflow; denormal arithmetic would distort CPU timings
@@ -230,8 +233,8 @@ def main(argv=None) -> int:
     for method in [m for m in methods if m == "full"] + [m for m in methods if m != "full"]:
         if method == "full" and args.precision != "fp32":
             continue
-        cfg = TrainConfig(model=args.model, store="", output="", method=method, rank=args.rank, precision=args.precision,
-                          device=args.device)
+        cfg = TrainConfig(model=args.model, store="", output="", method=method, rank=args.rank,
+                          modes=Modes(precision=args.precision), device=args.device)
         t0 = time.perf_counter()
         unet, plan, params = trained_model(mc, method, args.rank, args.precision, args.device)
         build = time.perf_counter() - t0
@@ -243,6 +246,7 @@ def main(argv=None) -> int:
             gc.collect()
         else:
             kept[method] = (unet, plan, params, cfg, build)
+    from hollownet.builder import Network
     from hollownet.stages.train import train_step
 
     for res in resolutions:
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
                 unet.train()
                 sync(args.device)
                 t0 = time.perf_counter()
-                train_step(unet, plan, batches[m][i], embeds, params, opts[m], cfg, dtype)
+                train_step(Network(unet, plan, params, dtype, cfg.modes.checkpointing), batches[m][i], embeds, opts[m], cfg)
                 sync(args.device)
                 times[m].append(time.perf_counter() - t0)
         for m in kept:
@@ -279,7 +283,8 @@ def main(argv=None) -> int:
                 unet, plan, params, cfg, _ = kept[m]
                 sync(args.device)
                 t0 = time.perf_counter()
-                train_step(unet, plan, batches[m][i], front["embeds"], params, opts[m], cfg, dtype)
+                train_step(Network(unet, plan, params, dtype, cfg.modes.checkpointing), batches[m][i], front["embeds"],
+                           opts[m], cfg)
                 sync(args.device)
                 personal[m]["steps"].append(round(time.perf_counter() - t0, 3))
         for m in ("lora", "hollow"):

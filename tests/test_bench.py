@@ -371,7 +371,7 @@ def test_low_memory_method_options_reach_the_trainer(tiny_model, tiny_dataset, e
     monkeypatch.setattr("hollownet.workflow.personalize", fake_personalize)
     summary = B.run_bench(bench_config(tiny_model, tiny_dataset, tmp_path / "b", extractors, subjects=["dog"],
                                        methods="hollow:weights=int8:opt=in-backward,hollow:stream=1"), log=lambda m: None)
-    assert [(r.precision, r.optimizer, r.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
+    assert [(r.modes.precision, r.modes.optimizer, r.modes.stream_weights) for r in calls] == [("int8", "adamw-in-backward", False),
                                                                               ("fp32", "adamw", True)]
     r = calls[0]  # the run-wide settings and the cell's own (bench.train_request)
     assert (r.model, r.method, r.rank, r.steps, r.lr, r.seed, r.resolution, r.batch, r.checkpoint_every, r.track_memory) \

@@ -107,3 +107,44 @@ def test_low_memory_modes_in_help(capsys):
     out = capsys.readouterr().out
     for flag in ("int8", "nf4", "--stream-weights", "adamw-in-backward", "--compute-dtype", "--no-layer-major"):
         assert flag in out
+
+
+def _flags(command: str) -> dict:
+    from hollownet.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {a.dest: a for a in sub._actions if a.dest != "help"}
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_flags_are_the_request_fields(command):
+    """The flags of train / plan and the request dataclasses' fields are one list: same names, same defaults."""
+    import dataclasses
+
+    from hollownet.requests import PlanRequest, TrainRequest
+    from hollownet.settings import Modes
+
+    cls = {"train": TrainRequest, "plan": PlanRequest}[command]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "modes"} | {f.name: f for f in dataclasses.fields(Modes)}
+    flags = _flags(command)
+    cli_only = {"verbose", "budget", "top", "json"}  # how to print or search, not what to run
+    api_only = {"train": {"store", "track_memory"},  # fields the Python API offers and the CLI does not
+                "plan": {"depth", "lora_alpha", "class_photos", "precompute_batch", "shard_size", "inference_batches"}}[command]
+    assert set(flags) - cli_only <= set(fields), set(flags) - cli_only - set(fields)
+    assert set(fields) - set(flags) <= api_only, set(fields) - set(flags)
+    for name, action in flags.items():
+        if name in fields and action.default is not None and not action.required:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert action.default == default, (name, action.default, default)
+
+
+def test_size_units_in_help_are_the_parsers(capsys):
+    from hollownet.cli import SIZE_HELP
+    from hollownet.memory.tracker import SIZE_HELP as PARSER_HELP
+
+    assert SIZE_HELP == PARSER_HELP
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2GB (10^9 bytes), 1.5GiB or 1.5G (2^30 bytes)" in out and "examples:" in out

@@ -169,13 +169,14 @@ def test_export_on_a_full_disk_keeps_the_old_lora(reference, tiny_model, tmpfs):
 
     from hollownet.errors import HollownetError
     from hollownet.stages.export import save_lora
-    from hollownet.stages.train import add_lora
+    from hollownet.builder import add_lora, init_lora
 
     size = (reference / LORA).stat().st_size
     fs = tmpfs(-(-size // PAGE) * PAGE + PAGE)
     (fs.path / LORA).write_bytes((reference / LORA).read_bytes())  # an earlier export fills the disk
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")  # a new, larger LoRA to export
     add_lora(unet, [n for n, _ in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v"))], 2)
+    init_lora(unet, torch.float32, "cpu")
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:

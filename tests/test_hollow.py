@@ -1,12 +1,10 @@
 """The split forward is the U-Net; the hollowed network fed the stored activation is too (LoRA at zero)."""
 
 import torch
-from safetensors import safe_open
-
-import hollownet.loading as model_mod
 from hollownet import unet_split as H
 from hollownet.loading import load_unet
 from hollownet.cut import all_plans, make_plan
+from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.stages.store import Store
 from hollownet.stages.train import TrainConfig, build_model, predict
 
@@ -39,27 +37,13 @@ def test_zero_lora_hollowed_forward_on_stored_activation_equals_full_unet(tiny_m
 
 def test_stage2_reads_none_of_the_hollow(tiny_model, hollow_store, monkeypatch):
     read = []
-    real = safe_open
+    real = SafetensorsSource.read
 
-    class Recording:
-        def __init__(self, *a, **k):
-            self.f = real(*a, **k)
+    def recording(self, name, *a, **k):  # every tensor stage 2 takes from the checkpoint file
+        read.append(name)
+        return real(self, name, *a, **k)
 
-        def __enter__(self):
-            self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.f.get_tensor(name)
-
-    monkeypatch.setattr(model_mod, "safe_open", Recording)
+    monkeypatch.setattr(SafetensorsSource, "read", recording)
     cfg = TrainConfig(model=str(tiny_model), store=str(hollow_store), output="unused", rank=4)
     unet, plan, _ = build_model(tiny_model, Store(hollow_store).manifest(), cfg)
     hollow = plan.hollow_prefixes(unet)

@@ -20,10 +20,11 @@ from hollownet.memory.planner import (
     fit_budget,
     hollow_out_shape,
     load_model_configs,
-    parse_size,
     plan_memory,
 )
 from hollownet.cut import make_plan, meta_unet
+from hollownet.memory.tracker import parse_size
+from hollownet.settings import Modes
 
 RES = 64
 RANK = 4
@@ -60,7 +61,7 @@ def _measure(tiny_model, photos, tmp_path, method, **train_kw) -> tuple[dict, di
                                           output=str(store), method=method, resolution=RES, num_samples=2, shard_size=2),
                          track_memory=True)
     train = run_train(TrainConfig(model=str(tiny_model), store=str(store), output=str(tmp_path / "out"), method=method,
-                                  rank=RANK, steps=2, track_memory_steps=2, checkpoint_every=0, **train_kw))
+                                  rank=RANK, steps=2, track_memory_steps=2, checkpoint_every=0, modes=Modes(**train_kw)))
     return pre.memory, train.memory
 
 
@@ -97,7 +98,7 @@ def test_lora_with_gradient_checkpointing_equals_the_measured_peak(tiny_model, d
     """diffusers' own checkpointing path (the whole U-Net), stage 1 without the U-Net."""
     pre, train = _measure(tiny_model, dog_photos, tmp_path, "lora", grad_checkpointing=True)
     p = plan_memory(PlanRequest(model=str(tiny_model), method="lora", rank=RANK, resolution=RES, steps=2,
-                                photos=_photos(dog_photos), grad_checkpointing=True), stages=("precompute", "train"))
+                                photos=_photos(dog_photos), modes=Modes(grad_checkpointing=True)), stages=("precompute", "train"))
     _agree(p.precompute_peak, pre["peak_bytes"])
     _agree(p.train_peak, train["peak_bytes"])
     assert p.train.breakdown == train["breakdown"]
@@ -131,7 +132,7 @@ def test_bad_input_is_one_clear_line(tiny_model, capsys):
     cases = [
         (["--model", "sd99"], "sd15, sd21, sdxl"),
         (["--model", str(tiny_model), "--hollow", "1.5"], "outside what this U-Net allows"),
-        (["--model", "sd21", "--budget", "2"], "give a size with a unit"),
+        (["--model", "sd21", "--budget", "lots"], "is not a size: 2GB (10^9 bytes)"),
         (["--model", "sd21", "--method", "full", "--precision", "bf16"], "needs --precision fp32"),
         (["--model", "sd21", "--method", "lora", "--stream-weights"], "needs --method hollow"),
         (["--model", "sd21", "--precision", "int8", "--stream-weights"], "float precision"),
@@ -159,11 +160,12 @@ def test_budget_answers_best_fidelity_first(tiny_model):
     json.dumps(answer.to_json())
 
 
-def test_parse_size_units():
+def test_parse_size_units():  # the one size parser, as --budget and --memory-budget read it
     assert parse_size("2GB") == 2 * 10**9
-    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("1.5GiB") == parse_size("1.5G") == int(1.5 * 2**30)
     assert parse_size("800MB") == 800 * 10**6
     assert parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("3000") == parse_size(3000) == 3000  # a bare number counts bytes
     with pytest.raises(HollownetError):
         parse_size("lots")
 

@@ -18,12 +18,13 @@ from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.stages.export import LORA_FILE
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.memory.planner import make_train_batch, predict_lowmem_train, train_batch_shapes
+from hollownet.memory.planner import make_train_batch, predict_step, train_batch_shapes
 from hollownet.cut import make_plan, meta_unet
-from hollownet.lowmem.quant import (NF4_LEVELS, InBackwardAdamW, QuantConv2d, QuantLinear, dequantize_nf4,
-                             frozen_weight_bytes, quantize_nf4, relative_error)
-from hollownet.lowmem.stream import StreamedWeights
-from hollownet.stages.train import TrainConfig, build_model, compute_dtype, make_optimizer, run_train, train_step
+from hollownet.lowmem.quant import (NF4_LEVELS, QuantConv2d, QuantLinear, dequantize_nf4, frozen_weight_bytes,
+                                    quantize_nf4, relative_error)
+from hollownet.optimizers import InBackwardAdamW, make_optimizer
+from hollownet.settings import Modes
+from hollownet.stages.train import TrainConfig, build_model, run_train, train_step
 
 TEXT_LEN = 32  # the tiny model's tokenizer length
 
@@ -43,7 +44,12 @@ def manifest_of(model):
 
 
 def cfg(model, **kw):
-    return TrainConfig(model=str(model), store="-", output="-", rank=4, **kw)
+    modes, rest = Modes.split(kw)
+    return TrainConfig(model=str(model), store="-", output="-", rank=4, modes=modes, **rest)
+
+
+def optimizer_of(net, c):
+    return make_optimizer(net.params, c.modes.optimizer, c.lr, c.max_grad_norm)
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -121,8 +127,8 @@ def test_output_error_per_precision_is_small_and_ordered(tiny_model):
     errors, frozen = {}, {}
     for p in ("fp32", "fp16", "bf16", "int8", "nf4"):
         c = cfg(tiny_model, precision=p)
-        unet, plan_, _ = build_model(tiny_model, manifest_of(tiny_model), c)
-        dt = compute_dtype(c)
+        unet, plan_, _ = net = build_model(tiny_model, manifest_of(tiny_model), c)
+        dt = net.dtype
         with torch.no_grad():
             y = H.hollowed_forward(unet, plan_, x.to(dt), t, text.to(dt), hollow_out.to(dt))
         errors[p] = relative_error(y, errors.get("ref", y)) if p != "fp32" else 0.0
@@ -142,30 +148,30 @@ def two_steps(model, **kw):
     """Two steps on one fixed batch: LoRA gradients (as accumulated), parameters, the second step's peak."""
     c = cfg(model, lr=1e-2, **kw)
     torch.manual_seed(0)
-    unet, plan, params = build_model(model, manifest_of(model), c)
-    dt = compute_dtype(c)
-    opt = make_optimizer(params, c)
-    batch, embeds = make_train_batch(train_batch_shapes(config_of(model), plan, 64, 1, TEXT_LEN, 32), dt,
+    net = build_model(model, manifest_of(model), c)
+    unet, plan, params = net
+    opt = optimizer_of(net, c)
+    batch, embeds = make_train_batch(train_batch_shapes(config_of(model), plan, 64, 1, TEXT_LEN, 32), net.dtype,
                                      torch.Generator().manual_seed(1))
     grads = []
-    if c.optimizer == "adamw":  # the gradient as accumulated, before clipping and the optimizer
+    if c.modes.optimizer == "adamw":  # the gradient as accumulated, before clipping and the optimizer
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.clone()))
     unet.train()
-    train_step(unet, plan, batch, embeds, params, opt, c, dt)
+    train_step(net, batch, embeds, opt, c)
     tracker = MemoryTracker("cpu").add_resident(unet, opt)  # the second step: AdamW state resident
-    train_step(unet, plan, batch, embeds, params, opt, c, dt, tracker)
-    return grads, [p.detach().clone() for p in params], tracker.report.peak_bytes, unet
+    train_step(net, batch, embeds, opt, c, tracker)
+    return grads, [p.detach().clone() for p in params], tracker.report.peak_bytes, net
 
 
 def test_streamed_weights_train_exactly_like_resident_weights_in_less_memory(tiny_model):
     g0, p0, peak0, _ = two_steps(tiny_model, grad_checkpointing=True)
-    g1, p1, peak1, unet = two_steps(tiny_model, stream_weights=True)
+    g1, p1, peak1, net = two_steps(tiny_model, stream_weights=True)
+    unet, streamer = net.unet, net.streamer
     assert len(g0) == len(g1) > 0
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert peak1 < 0.5 * peak0, (peak1, peak0)
-    streamer = getattr(unet, StreamedWeights.ATTR)
     # each kept unit is read twice a step: its forward and its recomputation in backward
     assert streamer.loads == 2 * 2 * len(streamer.units)
     # between steps the streamed tensors are not resident (meta), LoRA is (and inside streamed units too)
@@ -176,15 +182,14 @@ def test_streamed_weights_train_exactly_like_resident_weights_in_less_memory(tin
 
 
 def test_stream_settings_are_checked():
-    base = dict(model="m", store="s", output="o")
-    assert TrainConfig(**base, stream_weights=True).grad_checkpointing  # turned on: required
+    assert Modes(stream_weights=True).checkpointing  # required by streaming: on as run
+    assert not Modes(stream_weights=True).grad_checkpointing  # what was asked stays as asked
     for bad in (dict(stream_weights=True, method="lora"), dict(stream_weights=True, precision="int8"),
                 dict(precision="int4"), dict(optimizer="sgd"), dict(compute_dtype="fp16"),
                 dict(method="full", optimizer="adamw-in-backward"), dict(method="full", precision="int8")):
         with pytest.raises(HollownetError):
-            TrainConfig(**base, **bad)
-    assert compute_dtype(TrainConfig(**base, precision="nf4")) == torch.bfloat16
-    assert compute_dtype(TrainConfig(**base, precision="int8", compute_dtype="fp32")) == torch.float32
+            cfg("m", **bad)
+    assert Modes(precision="nf4").compute == "bf16" and Modes(precision="int8", compute_dtype="fp32").compute == "fp32"
 
 
 # ---------------------------------------------------------------------------------- optimizers
@@ -213,8 +218,11 @@ def test_adamw_in_backward_frees_each_gradient_and_clips_per_parameter():
     assert opt.state[b]["exp_avg"].norm().item() == pytest.approx(0.1 * 2e-3, rel=1e-5)
     plain = torch.optim.AdamW([nn.Parameter(a0.clone()), nn.Parameter(b0.clone())], lr=0.1)
     plain.load_state_dict(opt.state_dict())  # same state format as torch's AdamW (checkpoints interchange)
+    assert plain.state_dict()["state"][0]["exp_avg"].equal(opt.state[a]["exp_avg"])
+    a1, b1 = a.detach().clone(), b.detach().clone()
     opt.step()
     opt.zero_grad()  # no-ops: nothing left to do
+    assert a.detach().equal(a1) and b.detach().equal(b1) and a.grad is None and b.grad is None
 
 
 # --------------------------------------------------------------------------------- end to end
@@ -227,7 +235,8 @@ def run_base(tiny_model, hollow_store):
 @pytest.fixture(scope="module")
 def reference_run(tiny_model, hollow_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    return out, run_train(TrainConfig(**run_base(tiny_model, hollow_store), output=str(out), steps=1, grad_checkpointing=True))
+    return out, run_train(TrainConfig(**run_base(tiny_model, hollow_store), output=str(out), steps=1,
+                                      modes=Modes(grad_checkpointing=True)))
 
 
 @pytest.mark.parametrize("settings", [dict(precision="int8", grad_checkpointing=True),
@@ -236,7 +245,8 @@ def reference_run(tiny_model, hollow_store, tmp_path_factory):
                          ids=["int8", "nf4-in-backward", "stream-in-backward"])  # one step each: the loop is tested elsewhere
 def test_run_train_low_memory_modes(tiny_model, hollow_store, reference_run, tmp_path, settings):
     ref_dir, ref = reference_run
-    result = run_train(TrainConfig(**run_base(tiny_model, hollow_store), output=str(tmp_path / "o"), steps=1, **settings))
+    result = run_train(TrainConfig(**run_base(tiny_model, hollow_store), output=str(tmp_path / "o"), steps=1,
+                                   modes=Modes(**settings)))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert abs(result.losses[0] - ref.losses[0]) < 0.05 * ref.losses[0]  # same first batch, near-same network
     assert result.memory["peak_bytes"] < ref.memory["peak_bytes"]
@@ -247,7 +257,7 @@ def test_run_train_low_memory_modes(tiny_model, hollow_store, reference_run, tmp
 
 def test_resume_with_adamw_in_backward_continues_exactly(tiny_model, hollow_store, tmp_path):
     base = dict(model=str(tiny_model), store=str(hollow_store), rank=4, lr=1e-3, track_memory_steps=0,
-                optimizer="adamw-in-backward", max_grad_norm=0.5)
+                modes=Modes(optimizer="adamw-in-backward"), max_grad_norm=0.5)
     straight = run_train(TrainConfig(**base, output=str(tmp_path / "a"), steps=2, checkpoint_every=0))
     run_train(TrainConfig(**base, output=str(tmp_path / "b"), steps=2, checkpoint_every=1))  # leaves step 1's
     resumed = run_train(TrainConfig(**base, output=str(tmp_path / "b"), steps=2, checkpoint_every=1, resume=True))
@@ -259,21 +269,21 @@ def test_resume_with_adamw_in_backward_continues_exactly(tiny_model, hollow_stor
 # ------------------------------------------------------------------------------ fake planning
 
 
-@pytest.mark.parametrize("settings", [dict(precision="nf4", optimizer="adamw-in-backward"), dict(stream_weights=True)],
-                         ids=["nf4-inbwd", "stream"])
+@pytest.mark.parametrize("settings", [dict(precision="nf4", optimizer="adamw-in-backward"), dict(stream_weights=True),
+                                      dict(optimizer="adamw-in-backward")], ids=["nf4-inbwd", "stream", "fp32-inbwd"])
 def test_fake_prediction_equals_real_measurement(tiny_model, settings):
     """What benchmarks/modes.py reports for SD 2.1 is this prediction; on the tiny model it is exact."""
     config = config_of(tiny_model)
     c = cfg(tiny_model, **settings)
-    predicted, info = predict_lowmem_train(config, c, resolution=64, text_len=TEXT_LEN)
+    predicted, info = predict_step(config, c, resolution=64, text_len=TEXT_LEN)
     torch.manual_seed(0)
-    unet, plan, params = build_model(tiny_model, manifest_of(tiny_model), c)
-    dt = compute_dtype(c)
-    opt = make_optimizer(params, c)
-    batch, embeds = make_train_batch(train_batch_shapes(config, plan, 64, 1, TEXT_LEN, 32), dt)
+    net = build_model(tiny_model, manifest_of(tiny_model), c)
+    unet, plan, params = net
+    opt = optimizer_of(net, c)
+    batch, embeds = make_train_batch(train_batch_shapes(config, plan, 64, 1, TEXT_LEN, 32), net.dtype)
     unet.train()
-    train_step(unet, plan, batch, embeds, params, opt, c, dt)
+    train_step(net, batch, embeds, opt, c)
     tracker = MemoryTracker("cpu").add_resident(unet, opt)
-    train_step(unet, plan, batch, embeds, params, opt, c, dt, tracker)
+    train_step(net, batch, embeds, opt, c, tracker)
     assert predicted.peak_bytes == tracker.report.peak_bytes
     assert info["resident_frozen_bytes"] == frozen_weight_bytes(unet)

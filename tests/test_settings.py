@@ -1,25 +1,45 @@
-"""hollownet.settings: how one run's stage-1 and stage-2 settings follow from its flags."""
+"""hollownet.settings: how one run's stage-1 and stage-2 settings follow from its flags (settings.Modes)."""
 
 import pytest
 
 from hollownet.errors import HollownetError
-from hollownet.settings import LOW_MEMORY_STAGE1_BUDGET, compute_precision, stage1_layout
+from hollownet.settings import LOW_MEMORY_STAGE1_BUDGET, PRECISIONS, Modes
 
 
-def test_compute_precision():
-    assert [compute_precision(p) for p in ("fp32", "bf16", "fp16", "int8", "nf4")] == ["fp32", "bf16", "fp16", "bf16", "bf16"]
-    assert compute_precision("nf4", "fp32") == "fp32"
+def test_compute_dtype_follows_the_precision():
+    assert [Modes(precision=p).compute for p in PRECISIONS] == ["fp32", "bf16", "fp16", "bf16", "bf16"]
+    assert Modes(precision="nf4", compute_dtype="fp32").compute == "fp32"
+    with pytest.raises(HollownetError, match="int8|nf4 only"):
+        Modes(precision="bf16", compute_dtype="fp32")
 
 
 def test_stage1_layout_follows_the_stage2_mode_unless_told():
-    auto = dict(layer_major=None, memory_budget=None)
-    assert stage1_layout(**auto, precision="fp32", stream_weights=False) == (False, None)
-    assert stage1_layout(**auto, precision="bf16", stream_weights=True) == (True, LOW_MEMORY_STAGE1_BUDGET)
-    assert stage1_layout(**auto, precision="int8", stream_weights=False) == (True, LOW_MEMORY_STAGE1_BUDGET)
+    assert Modes().stage1 == (False, None)
+    assert Modes(precision="bf16", stream_weights=True).stage1 == (True, LOW_MEMORY_STAGE1_BUDGET)
+    assert Modes(precision="int8").stage1 == (True, LOW_MEMORY_STAGE1_BUDGET)
     # what the user says wins
-    assert stage1_layout(False, None, precision="nf4", stream_weights=False) == (False, None)
-    assert stage1_layout(None, "400MiB", precision="nf4", stream_weights=False) == (True, "400MiB")
-    assert stage1_layout(True, None, precision="fp32", stream_weights=False) == (True, None)
-    assert stage1_layout(None, "1GiB", precision="fp32", stream_weights=False) == (True, "1GiB")  # a budget means layer-major
+    assert Modes(precision="nf4", layer_major=False).stage1 == (False, None)
+    assert Modes(precision="nf4", memory_budget="400MiB").stage1 == (True, "400MiB")
+    assert Modes(layer_major=True).stage1 == (True, None)
+    assert Modes(memory_budget="1GiB").stage1 == (True, "1GiB")  # a budget means layer-major
     with pytest.raises(HollownetError, match="drop --no-layer-major or the budget"):
-        stage1_layout(False, "1GiB", precision="nf4", stream_weights=False)
+        Modes(precision="nf4", layer_major=False, memory_budget="1GiB")
+
+
+def test_derived_values_and_method_rules():
+    streamed = Modes(stream_weights=True)
+    assert streamed.checkpointing and not streamed.grad_checkpointing  # needed by streaming, not rewritten
+    assert streamed.stage2()["grad_checkpointing"] is True  # records say how it ran
+    assert streamed.low_memory and Modes(precision="nf4").low_memory and not Modes(optimizer="adamw-in-backward").low_memory
+    assert Modes(optimizer="adamw-in-backward").in_backward and not Modes(optimizer="adamw-foreach").in_backward
+    for method, modes, hint in (("full", Modes(precision="bf16"), "needs --precision fp32"),
+                                ("full", Modes(optimizer="adamw-in-backward"), "another optimizer"),
+                                ("lora", streamed, "needs --method hollow"), ("half", Modes(), "not one of")):
+        with pytest.raises(HollownetError, match=hint):
+            modes.check_method(method)
+    Modes(precision="nf4").check_method("hollow")
+
+
+def test_split_takes_the_modes_out_of_a_flat_dict():
+    modes, rest = Modes.split({"precision": "bf16", "rank": 4, "stream_weights": True})
+    assert modes == Modes(precision="bf16", stream_weights=True) and rest == {"rank": 4}

@@ -10,10 +10,14 @@ import re
 import warnings
 from pathlib import Path
 
+from hollownet.cut import meta_unet
+from hollownet.photos import list_photos
 from hollownet.errors import HollownetError
+from hollownet.loading import model_fingerprint
 from hollownet.singlefile import SUFFIXES
-from hollownet.toy import NAME as TOY
+from hollownet.stages.formats import lora_file, read_lora
 from hollownet.stages.store import check_writable
+from hollownet.toy import NAME as TOY
 
 # identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too
 RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "olis", "shs", "zkz", "tok")
@@ -41,8 +45,6 @@ def check_generate_prompt(prompt: str) -> None:
 
 def check_photo_folder(folder: str | Path, flag: str = "--images") -> None:
     """The folder exists and has photos (load_photos says what is wrong); warn about odd counts."""
-    from hollownet.photos import list_photos
-
     path = Path(folder).expanduser()
     if not path.exists():
         raise HollownetError(f"{flag} folder '{folder}' not found: check the path")
@@ -112,8 +114,6 @@ def preflight_generate(cfg) -> None:
 
 def check_lora_matches(model_dir: Path, lora_dir: str | Path, info: dict, force: bool = False) -> None:
     """Refuse, before loading, a LoRA recorded for another base model, or whose shapes do not fit."""
-    from hollownet.loading import model_fingerprint
-
     recorded = info.get("model_fingerprint")
     if recorded and not force:
         have = model_fingerprint(model_dir)
@@ -132,8 +132,6 @@ def lora_shape_mismatch(model_dir: Path, lora_dir: Path) -> str | None:
     from diffusers import UNet2DConditionModel
     from torch import nn
 
-    from hollownet.stages.formats import lora_file, read_lora
-    from hollownet.cut import meta_unet
 
     unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
     modules = dict(unet.named_modules())

@@ -1,16 +1,51 @@
-"""The ``hollownet`` command: parses arguments and calls the Python API, nothing more."""
+"""The ``hollownet`` command: parses arguments and calls the Python API, nothing more.
+
+The flags of ``train`` and ``plan`` are the fields of ``workflow.TrainRequest`` /
+``memory.planner.PlanRequest`` and ``settings.Modes``, under the same names (``--lora-alpha`` is
+``lora_alpha``): their defaults are read from the dataclasses (:func:`_default`), and the requests
+are made from the parsed flags by name (:func:`_request`); tests/test_cli.py checks both ways.
+Each command imports what it runs inside its function, marked ``# lazy``: ``hollownet --help``
+must not load torch (seconds).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import warnings
 
 from hollownet.app import add_app_parser, cmd_app
-from hollownet.settings import FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, OPTIMIZERS, QUANTIZED_PRECISIONS
+from hollownet.requests import PlanRequest, TrainRequest
+from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS, OPTIMIZERS, PRECISIONS,
+                                SD_DEFAULTS, TOY_DEFAULTS, Modes, model_defaults)
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
+
+# memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
+SIZE_HELP = "a size: 2GB (10^9 bytes), 1.5GiB or 1.5G (2^30 bytes), 800MiB, or a number of bytes"
+
+
+def _default(cls, name: str):
+    """The default of field ``name`` of the dataclass ``cls`` (the one place it is written)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _by_model(key: str) -> str:
+    """Help text for a default that depends on the base model (settings.model_defaults)."""
+    return f"default {SD_DEFAULTS[key]}; {TOY_DEFAULTS[key]} with --model toy"
+
+
+def _request(cls, args, **given):
+    """``cls`` made from the parsed flags of the same names (a flag left unset: the field's default),
+    its ``modes`` from the modes' flags, and ``given``."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    if "modes" in names:
+        given["modes"] = Modes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Modes) if hasattr(args, f.name)})
+    values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return cls(**values, **given)
 
 EPILOG_TRAIN = """\
 examples:
@@ -43,7 +78,7 @@ to the hollow's output and the LoRA layers run from it, exactly the function tha
 
 def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--method", choices=("hollow", "lora", "full"), default="hollow",
+    p.add_argument("--method", choices=METHODS, default="hollow",
                    help="hollow: Hollowed Net (default); lora / full: the paper's baselines")
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--hollow", type=float, metavar="FRACTION",
@@ -51,10 +86,10 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                           "(default: the paper's cut, ~0.39 on SD 1.x/2.x)")
     cut.add_argument("--hollow-blocks", type=lambda s: [b for b in s.split(",") if b], metavar="B1,B2,...",
                      help="the cut by name, e.g. down_blocks.3,mid_block,up_blocks.0")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 32; 8 with --model toy)")
-    p.add_argument("--resolution", type=int, help="training resolution in pixels (default 512; 64 with --model toy)")
-    p.add_argument("--batch", type=int, help="samples per step (default 1; 4 with --model toy)")
-    p.add_argument("--precision", choices=(*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS), default="fp32",
+    p.add_argument("--rank", type=int, help=f"LoRA rank ({_by_model('rank')})")
+    p.add_argument("--resolution", type=int, help=f"training resolution in pixels ({_by_model('resolution')})")
+    p.add_argument("--batch", type=int, help=f"samples per step ({_by_model('batch')})")
+    p.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
                    help="storage of the frozen weights: fp32, bf16, fp16, or int8 / nf4 quantized (QLoRA-style, "
                         "computed in bf16; --method hollow or lora). LoRA always trains in fp32 (default fp32)")
     p.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
@@ -68,7 +103,7 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of "
                         "activations). Default: on with --precision int8|nf4 or --stream-weights, off otherwise")
     p.add_argument("--memory-budget", metavar="SIZE",
-                   help="layer-major pre-compute: e.g. 700MiB; activations beyond it spill to disk "
+                   help=f"layer-major pre-compute: {SIZE_HELP}, e.g. 700MiB; activations beyond it spill to disk "
                         f"(default {LOW_MEMORY_STAGE1_BUDGET} when layer-major is on by default, none otherwise)")
 
 
@@ -89,24 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True, help="folder of 3-6 photos of your subject (JPEG/PNG/WebP)")
     t.add_argument("--prompt", required=True, help='instance prompt with a rare identifier, e.g. "a photo of sks dog"')
     t.add_argument("--output", required=True, help="output folder (LoRA, records, store, checkpoints)")
-    t.add_argument("--steps", type=int, help="training steps (default 400; 300 with --model toy)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; 1e-3 with --model toy)")
+    t.add_argument("--steps", type=int, help=f"training steps ({_by_model('steps')})")
+    t.add_argument("--lr", type=float, help=f"AdamW learning rate ({_by_model('lr')})")
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
     t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                    help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the noise, timesteps and LoRA init (default 0)")
+    t.add_argument("--seed", type=int, default=_default(TrainRequest, "seed"),
+                   help="seed of the noise, timesteps and LoRA init (default %(default)s)")
     t.add_argument("--num-samples", type=int, help="pre-computed samples (default steps x batch: fresh noise every step)")
     t.add_argument("--class-prompt", help='prior preservation: class prompt, e.g. "a photo of dog"')
     t.add_argument("--class-images", help="prior preservation: folder of class images")
-    t.add_argument("--prior-loss-weight", type=float, default=1.0,
-                   help="prior preservation: weight of the class images' loss (default 1.0)")
-    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints (default 100)")
+    t.add_argument("--prior-loss-weight", type=float, default=_default(TrainRequest, "prior_loss_weight"),
+                   help="prior preservation: weight of the class images' loss (default %(default)s)")
+    t.add_argument("--checkpoint-every", type=int, default=_default(TrainRequest, "checkpoint_every"),
+                   help="steps between resumable checkpoints (default %(default)s)")
     resume = t.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from the newest checkpoint in OUTPUT/checkpoints (the default; kept for scripts)")
     resume.add_argument("--no-resume", "--overwrite", dest="resume", action="store_false",
                         help="start stage 2 over, deleting OUTPUT/checkpoints (the store is still reused)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=_default(Modes, "optimizer"),
                    help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
@@ -118,15 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", help="output folder of 'hollownet train' (omit for the base model)")
     g.add_argument("--prompt", required=True, help='what to draw, with the identifier, e.g. "a sks dog on the beach"')
     g.add_argument("--output", required=True, help="folder for PNGs, manifest.json and generate.json")
-    g.add_argument("--steps", type=int, help="denoising steps (default 30; 25 with --model toy)")
+    g.add_argument("--steps", type=int, help=f"denoising steps ({_by_model('gen_steps')})")
     g.add_argument("--resolution", type=int, help="image size (default: the training resolution)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 1.5 with --model toy)")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale ({_by_model('guidance')})")
     g.add_argument("--negative-prompt", help="what to steer away from, e.g. \"blurry, low quality\"")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
     g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    g.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32",
                    help="dtype of the weights and activations (default fp32; fp16/bf16 on a GPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     g.add_argument("--force", action="store_true",
@@ -150,13 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
                     help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
-    pl.add_argument("--optimizer", choices=(*OPTIMIZERS, "adamw-foreach"), default="adamw",
+    pl.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default=_default(Modes, "optimizer"),
                     help="AdamW single-tensor (the trainer's; default), adamw-in-backward (as train's), or "
                          "adamw-foreach (torch's multi-tensor AdamW, its default on CUDA: larger step temporaries)")
-    pl.add_argument("--steps", type=int, default=400, help="training steps: stage 1 stores steps x batch samples (default 400)")
-    pl.add_argument("--photos", type=int, default=4, help="photos stage 1 encodes (default 4)")
+    pl.add_argument("--steps", type=int, default=_default(PlanRequest, "steps"),
+                    help="training steps: stage 1 stores steps x batch samples (default %(default)s)")
+    pl.add_argument("--photos", type=int, default=_default(PlanRequest, "photos"), help="photos stage 1 encodes (default %(default)s)")
     pl.add_argument("--budget", metavar="SIZE",
-                    help="which settings (cut, precision, checkpointing) fit in SIZE, e.g. 2GB (10^9 B), 1.5GiB (2^30 B); "
+                    help=f"which settings (cut, precision, checkpointing) fit in SIZE, {SIZE_HELP}; "
                          "ignores --method, --hollow, --precision, --grad-checkpointing, --stream-weights, --optimizer "
                          "(it tries them all, quantized and streamed weights included)")
     pl.add_argument("--top", type=int, default=5, help="with --budget: how many fitting settings to list, best first (0: all)")
@@ -203,18 +241,18 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--methods", default="hollow,lora", help="comma-separated method specs (default hollow,lora; see below)")
     b.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
     b.add_argument("--subjects", type=lambda s: [x for x in s.split(",") if x], help="comma-separated subject names (default all)")
-    b.add_argument("--steps", type=int, help="training steps (default 400; 300 with --model toy)")
-    b.add_argument("--lr", type=float, help="learning rate (default 1e-4; 1e-3 with --model toy)")
-    b.add_argument("--rank", type=int, help="LoRA rank (default 32; 8 with --model toy)")
+    b.add_argument("--steps", type=int, help=f"training steps ({_by_model('steps')})")
+    b.add_argument("--lr", type=float, help=f"learning rate ({_by_model('lr')})")
+    b.add_argument("--rank", type=int, help=f"LoRA rank ({_by_model('rank')})")
     b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
-    b.add_argument("--resolution", type=int, help="training and generation resolution (default 512; 64 with --model toy)")
-    b.add_argument("--batch", type=int, help="samples per step (default 1; 4 with --model toy)")
-    b.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    b.add_argument("--resolution", type=int, help=f"training and generation resolution ({_by_model('resolution')})")
+    b.add_argument("--batch", type=int, help=f"samples per step ({_by_model('batch')})")
+    b.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32")
     b.add_argument("--grad-checkpointing", action="store_true")
     b.add_argument("--images-per-prompt", type=int, default=4, help="generated images per evaluation prompt (default 4)")
     b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
-    b.add_argument("--gen-steps", type=int, help="denoising steps per image (default 30; 25 with --model toy)")
-    b.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5; 1.5 with --model toy)")
+    b.add_argument("--gen-steps", type=int, help=f"denoising steps per image ({_by_model('gen_steps')})")
+    b.add_argument("--guidance", type=float, help=f"classifier-free guidance ({_by_model('guidance')})")
     b.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm")
     b.add_argument("--identifier", default="sks", help="subject token in the prompts (default sks)")
     b.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
@@ -259,12 +297,12 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     a.add_argument("--model", help="--train: base model")
     a.add_argument("--images", help="--train: folder of the subject's photos")
     a.add_argument("--prompt", help='--train: instance prompt, e.g. "a photo of sks dog"')
-    a.add_argument("--steps", type=int, default=400)
-    a.add_argument("--rank", type=int, default=32)
-    a.add_argument("--lr", type=float, default=1e-4)
-    a.add_argument("--resolution", type=int, default=512)
+    a.add_argument("--steps", type=int, default=SD_DEFAULTS["steps"])
+    a.add_argument("--rank", type=int, default=SD_DEFAULTS["rank"])
+    a.add_argument("--lr", type=float, default=SD_DEFAULTS["lr"])
+    a.add_argument("--resolution", type=int, default=SD_DEFAULTS["resolution"])
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    a.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32")
     a.add_argument("--device", default=None)
     for p in (t, g, e, d, b, a):
         p.add_argument("--verbose", action="store_true", help="show the libraries' logs, progress bars and warnings")
@@ -279,13 +317,13 @@ def _add_format(p: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from hollownet import __version__
+    from hollownet import __version__  # lazy
 
     return __version__
 
 
 def _device(name: str | None, precision: str | None = None) -> str:
-    from hollownet.devices import check_dtype, resolve_device
+    from hollownet.devices import check_dtype, resolve_device  # lazy
 
     device = resolve_device(name)  # checked before anything loads
     if precision:
@@ -294,25 +332,15 @@ def _device(name: str | None, precision: str | None = None) -> str:
 
 
 def cmd_train(args) -> int:
-    from hollownet.workflow import TrainRequest, personalize
+    from hollownet.workflow import personalize  # lazy
 
-    record = personalize(TrainRequest(
-        model=args.model, images=args.images, prompt=args.prompt, output=args.output, method=args.method,
-        hollow=args.hollow, hollow_blocks=args.hollow_blocks, rank=args.rank, lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets, resolution=args.resolution, steps=args.steps, batch=args.batch,
-        lr=args.lr, seed=args.seed, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-        num_samples=args.num_samples, class_prompt=args.class_prompt, class_images=args.class_images,
-        prior_loss_weight=args.prior_loss_weight, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        layer_major=args.layer_major, memory_budget=args.memory_budget, compute_dtype=args.compute_dtype,
-        stream_weights=args.stream_weights, optimizer=args.optimizer, device=_device(args.device, args.precision),
-        lora_format=args.lora_format,
-    ))
+    record = personalize(_request(TrainRequest, args, device=_device(args.device, args.precision)))
     print(record["summary"])
     return 0
 
 
 def cmd_generate(args) -> int:
-    from hollownet.stages.generate import GenerateConfig, run_generate
+    from hollownet.stages.generate import GenerateConfig, run_generate  # lazy
 
     record = run_generate(GenerateConfig(
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
@@ -325,15 +353,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from hollownet.memory.planner import PlanRequest, fit_budget, parse_size, plan_memory
+    from hollownet.memory.planner import fit_budget, plan_memory  # lazy
+    from hollownet.memory.tracker import parse_size  # lazy
 
-    req = PlanRequest(model=args.model, method=args.method, hollow=args.hollow, hollow_blocks=args.hollow_blocks,
-                      rank=args.rank, resolution=args.resolution, batch=args.batch, precision=args.precision,
-                      grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, steps=args.steps,
-                      photos=args.photos, compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
-                      layer_major=args.layer_major, memory_budget=args.memory_budget, **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
+    req = _request(PlanRequest, args)
     if args.budget:
-        budget = parse_size(args.budget)
+        budget = parse_size(args.budget, "--budget")
         tick = (lambda c: print(".", end="", file=sys.stderr, flush=True)) if sys.stderr.isatty() and not args.json else None
         answer = fit_budget(req, budget, top=max(0, args.top), progress=tick)
         if tick:
@@ -346,7 +371,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from hollownet.evaluation.metrics import evaluate_folder, format_markdown
+    from hollownet.evaluation.metrics import evaluate_folder, format_markdown  # lazy
 
     result = evaluate_folder(args.generated, args.reference, prompt=args.prompt, identifier=args.identifier,
                              dino_model=args.dino_model, clip_model=args.clip_model, device=_device(args.device))
@@ -355,7 +380,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from hollownet.workflow import run_demo
+    from hollownet.workflow import run_demo  # lazy
 
     run_demo(args.output, model=args.model, steps=args.steps)
     return 0
@@ -365,8 +390,6 @@ def _fill_model_defaults(args) -> None:
     """Flags left unset take the base model's defaults (settings.model_defaults: SD's, or the toy model's)."""
     if not getattr(args, "model", None) or args.command == "demo":
         return
-    from hollownet.settings import model_defaults
-
     d = model_defaults(args.model)
     if args.command == "generate":
         d = {"steps": d["gen_steps"], "guidance": d["guidance"]}  # generate's --steps are denoising steps
@@ -399,7 +422,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from hollownet.evaluation.bench import BenchConfig, run_bench
+    from hollownet.evaluation.bench import BenchConfig, run_bench  # lazy
 
     device = _device(args.device)
     run_bench(BenchConfig(
@@ -419,7 +442,7 @@ def cmd_bench(args) -> int:
 def cmd_analyze(args) -> int:
     from pathlib import Path
 
-    from hollownet.evaluation.analyze import AnalyzeConfig, format_table, run_analyze
+    from hollownet.evaluation.analyze import AnalyzeConfig, format_table, run_analyze  # lazy
 
     result = run_analyze(AnalyzeConfig(
         output=args.output, loras=args.loras, level=args.level, train=args.train, model=args.model,
@@ -432,7 +455,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from hollownet.stages.formats import convert
+    from hollownet.stages.formats import convert  # lazy
 
     r = convert(args.input, args.output, args.to)
     print(f"{r['from']} -> {r['to']}: {r['modules']} modules, {r['output']} (max |dW| after reading back: {r['max_abs_diff']:.3g})")
@@ -455,10 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
     _fill_model_defaults(args)
-    from hollownet.evaluation.datasets import DatasetError
-    from hollownet.photos import PhotoError
-    from hollownet.errors import HollownetError
-    from hollownet.stages.store import disk_error
+    from hollownet.errors import HollownetError  # lazy
+    from hollownet.evaluation.datasets import DatasetError  # lazy
+    from hollownet.photos import PhotoError  # lazy
+    from hollownet.stages.store import disk_error  # lazy
 
     with warnings.catch_warnings():
         if not verbose:

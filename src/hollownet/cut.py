@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from hollownet.errors import HollownetError
+from hollownet.settings import DEFAULT_LORA_TARGETS  # noqa: F401  (re-exported: the cut is where LoRA targets are used)
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 SUPPORTED_MID = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLED_UNETS = {"sd15": "sd15_unet.json", "sd21": "sd21_unet.json", "sdxl": "sdxl_unet.json"}
 

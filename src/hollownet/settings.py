@@ -9,13 +9,20 @@ stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from hollownet.errors import HollownetError
+from hollownet.toy import is_toy
 
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "nf4")
 #: Every frozen-weight precision, from least to most fidelity cost (the planner's order).
 PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
-OPTIMIZERS = ("adamw", "adamw-in-backward")  # torch's AdamW; the same applied per tensor inside backward
+#: ``adamw``: torch's AdamW (single-tensor on a CPU); ``adamw-in-backward``: the same applied per tensor
+#: inside backward (optimizers.py); ``adamw-foreach``: torch's multi-tensor AdamW, its default on CUDA
+#: (``hollownet plan`` offers it to predict that; ``hollownet train`` offers the first two).
+OPTIMIZERS = ("adamw", "adamw-in-backward")
+ALL_OPTIMIZERS = (*OPTIMIZERS, "adamw-foreach")
 DEFAULT_QUANTIZED_COMPUTE = "bf16"  # QLoRA's choice; fp32 is faster on CPUs without native bf16, but larger
 # Layer-major stage 1 peaks at about its budget; 700 MiB keeps it under the nf4 / streamed stage 2
 # of SD 2.x at 512 px, r=128 (0.70-0.72 GiB, benchmarks/modes.py).
@@ -31,27 +38,102 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def compute_precision(precision: str, compute_dtype: str | None = None) -> str:
-    """The float dtype (name) that activations and (dequantized) frozen weights use."""
-    if compute_dtype is not None:
-        return compute_dtype
-    return precision if precision in FLOAT_PRECISIONS else DEFAULT_QUANTIZED_COMPUTE
+@dataclass(frozen=True)
+class Modes:
+    """How a run holds and computes its weights: every rule that ties these settings together, and
+    every value derived from them, is here (stage 1, stage 2 and the planner read them, never re-derive).
+
+    ``precision``: the frozen weights of stage 2 (fp32 | bf16 | fp16, or int8 | nf4 quantized);
+    LoRA, its gradients and AdamW state are fp32 whatever it is. ``compute_dtype``: the float dtype
+    activations and dequantized weights use (only with int8 | nf4; default bf16). ``stream_weights``:
+    the kept units' frozen weights are read from the checkpoint file only while they run (needs
+    per-unit gradient checkpointing, so :attr:`checkpointing` is on). ``layer_major`` /
+    ``memory_budget``: stage 1's layout; ``None`` = decided by the mode (:attr:`stage1`).
+    """
+
+    precision: str = "fp32"
+    compute_dtype: str | None = None
+    stream_weights: bool = False
+    grad_checkpointing: bool = False
+    optimizer: str = "adamw"
+    layer_major: bool | None = None
+    memory_budget: str | int | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.compute_dtype is not None and (self.compute_dtype not in FLOAT_PRECISIONS or not self.quantized):
+            raise HollownetError(f"a compute dtype (one of {', '.join(FLOAT_PRECISIONS)}) goes with --precision int8|nf4 only")
+        if self.optimizer not in ALL_OPTIMIZERS:
+            raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(ALL_OPTIMIZERS)}")
+        if self.stream_weights and self.quantized:
+            raise HollownetError("--stream-weights reads weights in a float precision: use --precision fp32, bf16 or fp16 with it")
+        if self.memory_budget is not None and self.layer_major is False:
+            raise HollownetError("--memory-budget applies to layer-major pre-compute: drop --no-layer-major or the budget")
+
+    @classmethod
+    def split(cls, settings: dict) -> tuple[Modes, dict]:
+        """``(Modes of the mode keys, the other keys)`` of a flat settings dict (flags, JSON records)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names}), {k: v for k, v in settings.items() if k not in names}
+
+    def check_method(self, method: str) -> None:
+        """The training method's own rules (``hollow`` | ``lora`` | ``full``)."""
+        if method not in METHODS:
+            raise HollownetError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+        if method == "full" and self.precision != "fp32":
+            raise HollownetError("--method full trains every weight and needs --precision fp32")
+        if method == "full" and (self.stream_weights or self.in_backward):
+            raise HollownetError("--method full supports neither --stream-weights nor another optimizer than adamw")
+        if self.stream_weights and method != "hollow":
+            raise HollownetError("--stream-weights needs --method hollow (it streams the kept units one by one)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in QUANTIZED_PRECISIONS
+
+    @property
+    def compute(self) -> str:
+        """The float dtype (name) of activations and of the (dequantized) frozen weights; stage 1 runs the
+        original weights in it."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return DEFAULT_QUANTIZED_COMPUTE if self.quantized else self.precision
+
+    @property
+    def low_memory(self) -> bool:
+        """Quantized or streamed frozen weights: the modes that free large tensors one after another."""
+        return self.quantized or self.stream_weights
+
+    @property
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing as run: asked for, or needed by streaming (a unit's weights must not
+        stay in the autograd graph)."""
+        return self.grad_checkpointing or self.stream_weights
+
+    @property
+    def in_backward(self) -> bool:
+        """AdamW applied inside backward: gradients are clipped per tensor there, not globally after."""
+        return self.optimizer == "adamw-in-backward"
+
+    @property
+    def stage1(self) -> tuple[bool, str | int | None]:
+        """``(layer_major, memory_budget)`` of stage 1: what was asked, else by the mode. A budget only
+        means something layer-major; a low-memory stage 2 should not spend more in stage 1, so its
+        stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`."""
+        if self.layer_major is None:
+            if self.memory_budget is not None:
+                return True, self.memory_budget
+            return (True, LOW_MEMORY_STAGE1_BUDGET) if self.low_memory else (False, None)
+        return self.layer_major, self.memory_budget
+
+    def stage2(self) -> dict:
+        """The settings stage 2 runs with, as records write them (``grad_checkpointing`` as run)."""
+        return {"precision": self.precision, "compute_dtype": self.compute_dtype, "stream_weights": self.stream_weights,
+                "grad_checkpointing": self.checkpointing, "optimizer": self.optimizer}
 
 
-def is_low_memory(precision: str, stream_weights: bool) -> bool:
-    return precision in QUANTIZED_PRECISIONS or bool(stream_weights)
-
-
-def stage1_layout(layer_major: bool | None, memory_budget, *, precision: str, stream_weights: bool):
-    """``(layer_major, memory_budget)`` for stage 1; ``layer_major=None`` means: decide by the mode."""
-    if layer_major is None:
-        if memory_budget is not None:
-            return True, memory_budget  # a budget only means something layer-major (as the help says)
-        layer_major = is_low_memory(precision, stream_weights)
-        return layer_major, (LOW_MEMORY_STAGE1_BUDGET if layer_major else None)
-    if memory_budget is not None and not layer_major:
-        raise HollownetError("--memory-budget applies to layer-major pre-compute: drop --no-layer-major or the budget")
-    return layer_major, memory_budget
+METHODS = ("hollow", "lora", "full")  # Hollowed Net; the paper's baselines: LoRA on the whole U-Net, full fine-tuning
 
 
 # Run defaults by base model. Stable Diffusion's are the paper's (512 px, r=32 as diffusers' scripts,
@@ -62,7 +144,9 @@ SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 4
 TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25}
 
 
-def model_defaults(model) -> dict:
-    from hollownet.toy import is_toy
+DEFAULT_RANK = SD_DEFAULTS["rank"]
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts  # the dataclasses' default (the Python API's): Stable Diffusion's
 
+
+def model_defaults(model) -> dict:
     return dict(TOY_DEFAULTS if is_toy(model) else SD_DEFAULTS)

@@ -33,7 +33,7 @@ class Context:
 
 
 def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Tensor, grad_checkpointing=False,
-                 added_cond_kwargs: dict | None = None) -> Context:
+                 added_cond_kwargs: dict | None = None, unit_weights: Callable | None = None) -> Context:
     """Stage 1 of diffusers' forward: time, class and added embeddings, text projection."""
     check_supported(unet)
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
@@ -47,7 +47,7 @@ def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Te
     upsample = any(d % factor for d in sample.shape[-2:])
     text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs)
     return Context(emb=emb, text=text, upsample=upsample, grad_checkpointing=grad_checkpointing,
-                   unit_weights=getattr(unet, "hollownet_unit_weights", None))
+                   unit_weights=unit_weights)
 
 
 # What the split forward follows of diffusers' forward. Anything else would be computed silently
@@ -165,9 +165,11 @@ def full_forward(unet, plan: HollowPlan, sample, timestep, text) -> torch.Tensor
     return decode(unet, plan, h, ctx, skips)
 
 
-def hollowed_forward(unet, plan: HollowPlan, sample, timestep, text, hollow_out, grad_checkpointing=False):
-    """The network that is trained: kept layers (with LoRA), the stored hollow output in between."""
-    ctx = make_context(unet, sample, timestep, text, grad_checkpointing)
+def hollowed_forward(unet, plan: HollowPlan, sample, timestep, text, hollow_out, grad_checkpointing=False,
+                     unit_weights: Callable | None = None):
+    """The network that is trained: kept layers (with LoRA), the stored hollow output in between;
+    ``unit_weights``: see :class:`Context` (streamed frozen weights)."""
+    ctx = make_context(unet, sample, timestep, text, grad_checkpointing, unit_weights=unit_weights)
     _, skips = encode(unet, plan, sample, ctx)
     return decode(unet, plan, hollow_out.to(skips[-1].dtype), ctx, skips)
 

@@ -7,62 +7,34 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from hollownet.cut import DEFAULT_LORA_TARGETS
+from hollownet.checks import preflight_train
+from hollownet.photos import demo_photos_dir
+from hollownet.memory.tracker import format_bytes
+from hollownet.requests import TrainRequest
+from hollownet.settings import model_defaults
+from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
+from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
-from hollownet.settings import compute_precision, stage1_layout
 from hollownet.stages.store import atomic_write, save_json
 from hollownet.stages.train import TrainConfig, run_train
+from hollownet.toy import NAME as TOY
+from hollownet.toy import world as W
+from hollownet.toy.evaluator import load_evaluator, score_images
 
 
-@dataclass
-class TrainRequest:
-    """Everything ``hollownet train`` takes; mirrors its flags one to one."""
-
-    model: str
-    images: str
-    prompt: str
-    output: str
-    method: str = "hollow"
-    hollow: float | None = None
-    hollow_blocks: list[str] | None = None
-    rank: int = 32
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
-    resolution: int = 512
-    steps: int = 400
-    batch: int = 1
-    lr: float = 1e-4
-    seed: int = 0
-    precision: str = "fp32"
-    grad_checkpointing: bool = False
-    num_samples: int | None = None
-    class_prompt: str | None = None
-    class_images: str | None = None
-    prior_loss_weight: float = 1.0
-    checkpoint_every: int = 100
-    resume: bool = True  # stage 2 continues from its newest matching checkpoint; False: start stage 2 over
-    layer_major: bool | None = None  # None: on for int8/nf4 or streamed weights (settings.stage1_layout)
-    memory_budget: str | int | None = None
-    compute_dtype: str | None = None
-    stream_weights: bool = False
-    optimizer: str = "adamw"
-    device: str = "cpu"
-    track_memory: bool = True
-    store: str | None = None  # default OUTPUT/store
-    extra: dict = field(default_factory=dict)
-    lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
+def shared_fields(cls, source, **given):
+    """``cls(...)`` with every field it shares by name with the dataclass ``source``, and ``given``."""
+    names = {f.name for f in fields(cls)} & {f.name for f in fields(source)}
+    return cls(**{n: getattr(source, n) for n in names - set(given)}, **given)
 
 
 def personalize(req: TrainRequest, on_step=None) -> dict:
     """Stage 1 + stage 2 + export; writes OUTPUT/train.json and OUTPUT/loss.png and returns the record.
 
     ``on_step``: called after each training step (``stages.train.run_train``); a true return stops there."""
-    from hollownet.checks import preflight_train
-    from hollownet.memory.tracker import MemoryTracker  # noqa: F401  (imported early: a missing module fails before work starts)
-
     preflight_train(req)  # paths, prompt, photo count: before any model loads
     out = Path(req.output)
     made = not out.exists()
@@ -77,28 +49,15 @@ def personalize(req: TrainRequest, on_step=None) -> dict:
 def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
-    train_cfg = TrainConfig(
-        model=req.model, store=store, output=str(out), method=req.method, rank=req.rank, lora_alpha=req.lora_alpha,
-        lora_targets=list(req.lora_targets or DEFAULT_LORA_TARGETS), lr=req.lr, steps=req.steps, batch=req.batch,
-        seed=req.seed, precision=req.precision, compute_dtype=req.compute_dtype, grad_checkpointing=req.grad_checkpointing,
-        stream_weights=req.stream_weights, optimizer=req.optimizer, checkpoint_every=req.checkpoint_every,
-        resume=req.resume, device=req.device, track_memory_steps=2 if req.track_memory else 0,
-        lora_format=req.lora_format,
-    )  # made first: bad stage-2 settings fail before stage 1 spends any time
-    layer_major, budget = stage1_layout(req.layer_major, req.memory_budget, precision=req.precision,
-                                        stream_weights=req.stream_weights)
-    pre = run_precompute(PrecomputeConfig(
-        model=req.model, images=req.images, prompt=req.prompt, output=store, method=req.method, hollow=req.hollow,
-        hollow_blocks=req.hollow_blocks, resolution=req.resolution,
-        num_samples=req.num_samples or req.steps * req.batch, seed=req.seed,
-        precision=compute_precision(req.precision, req.compute_dtype),  # stage 1 runs the original, float weights
-        class_prompt=req.class_prompt, class_images=req.class_images, prior_loss_weight=req.prior_loss_weight,
-        layer_major=layer_major, memory_budget=budget, device=req.device,
-    ), track_memory=req.track_memory)
+    # made first: bad stage-2 settings fail before stage 1 spends any time
+    train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), lora_targets=list(req.lora_targets),
+                              track_memory_steps=2 if req.track_memory else 0)
+    pre = run_precompute(shared_fields(PrecomputeConfig, req, output=store, modes=req.modes,
+                                       num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
     res = run_train(train_cfg, on_step=on_step)
     record = {
         "command": "train",
-        "settings": asdict(req),
+        "settings": req.settings(),
         "plan": res.plan.to_dict() if res.plan else None,
         "timings": {"precompute_s": round(pre.seconds, 3), "train_s": round(res.seconds, 3),
                     "total_s": round(time.perf_counter() - t0, 3),
@@ -116,8 +75,6 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
 
 
 def lora_files(lora_format: str) -> list[str]:
-    from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
-
     return {"diffusers": [DIFFUSERS_FILE], "kohya": [KOHYA_FILE]}.get(lora_format, [DIFFUSERS_FILE, KOHYA_FILE])
 
 
@@ -130,8 +87,6 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 def summarize(record: dict) -> str:
-    from hollownet.memory.tracker import format_bytes
-
     mem = record["memory"]
     lines = []
     if record["plan"]:
@@ -187,13 +142,6 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     """
     from PIL import Image
 
-    from hollownet.photos import demo_photos_dir
-    from hollownet.stages.generate import GenerateConfig, run_generate
-    from hollownet.memory.tracker import format_bytes
-    from hollownet.settings import model_defaults
-    from hollownet.toy import NAME as TOY
-    from hollownet.toy import world as W
-
     out = Path(output)
     d = model_defaults(model)
     if model == TOY:
@@ -227,8 +175,6 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     peak = (gens["personalized"].get("memory") or {}).get("peak_bytes")
     print(f"generation ({gens['personalized']['mode']}) peak memory {format_bytes(peak)}; sheet: {out / 'sheet.png'}")
     if model == TOY:
-        from hollownet.toy.evaluator import load_evaluator, score_images
-
         ev = load_evaluator()
         bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(2)]
         scores = {k: score_images(ev, rows[k], rows["photos"], backgrounds=bgs) for k in ("base model", "personalized")}

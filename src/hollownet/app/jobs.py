@@ -15,7 +15,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hollownet.evaluation.datasets import DatasetError
@@ -24,7 +24,10 @@ from hollownet.errors import HollownetError
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.store import disk_error, save_json
 from hollownet.stages.train import TrainingStopped
+from hollownet.settings import Modes
 from hollownet.workflow import TrainRequest, personalize
+
+MODE_KEYS = {f.name for f in fields(Modes)}
 
 RUNNING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "done", "stopped", "failed", "interrupted"
 KINDS = ("train", "generate")
@@ -41,10 +44,11 @@ def one_line_error(exc: BaseException) -> str | None:
 
 
 def train_request(settings: dict) -> TrainRequest:
-    """The app's ONE place that builds a TrainRequest (basic fields and ``precision`` only)."""
+    """The app's ONE place that builds a TrainRequest: the basic fields, and the modes (precision, ...)."""
     keys = ("model", "images", "prompt", "output", "steps", "rank", "resolution", "lr", "batch", "seed", "device",
-            "method", "precision")
-    return TrainRequest(**{k: settings[k] for k in keys if k in settings}, resume=True)
+            "method")
+    modes, _ = Modes.split({k: v for k, v in settings.items() if k in MODE_KEYS and v is not None})
+    return TrainRequest(**{k: settings[k] for k in keys if k in settings}, modes=modes, resume=True)
 
 
 @dataclass

@@ -48,7 +48,7 @@ from hollownet.loading import load_unet, model_fingerprint, release_memory, reso
 from hollownet.memory import planner
 from hollownet.memory.planner import PlanRequest
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.settings import torch_dtype
+from hollownet.settings import Modes, torch_dtype
 from hollownet.stages.generate import load_pipeline, prepare, render
 from hollownet.stages.store import save_json
 from hollownet.toy import is_toy
@@ -107,7 +107,8 @@ def train_request(cfg, **run) -> workflow.TrainRequest:
     BenchConfig or an AnalyzeConfig), then ``run``'s for this run. No checkpoints: a failed cell starts over."""
     common = dict(model=cfg.model, resolution=cfg.resolution, steps=cfg.steps, lr=cfg.lr, rank=cfg.rank,
                   precision=cfg.precision, device=cfg.device, checkpoint_every=0)
-    return workflow.TrainRequest(**{**common, **run})
+    modes, rest = Modes.split({**common, **run})
+    return workflow.TrainRequest(**rest, modes=modes)
 
 
 @dataclass
@@ -487,7 +488,7 @@ def predict_inference_peak(model: str | Path, *, resolution: int, precision: str
     """The same figure from ``hollownet.memory.planner`` (fake tensors: no weights loaded, seconds for SD)."""
     model_dir = resolve_model_dir(model)
     mc = planner.load_model_configs(model_dir)
-    req = planner.PlanRequest(model=str(model_dir), resolution=resolution, precision=precision)
+    req = planner.PlanRequest(model=str(model_dir), resolution=resolution, modes=Modes(precision=precision))
     report = planner.predict_inference(mc, req, batch=batch)
     return {
         "peak_bytes": report.peak_bytes,

@@ -1,8 +1,8 @@
 """Quantized frozen weights (QLoRA-style) and low-memory optimizers for stage 2.
 
-``TrainConfig(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
+``Modes(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
 network quantized; biases and norms stay in the compute dtype (bf16 by default, see
-``train.compute_dtype``) and LoRA stays fp32. Weights are dequantized on the fly, one layer at a
+``settings.Modes.compute``) and LoRA stays fp32. Weights are dequantized on the fly, one layer at a
 time, inside a custom autograd function that saves only the quantized tensors for backward (the
 input gradient re-dequantizes), so the dequantized weight is a temporary of one layer, never part
 of the autograd graph.
@@ -31,10 +31,6 @@ a ``qweight`` buffer (peft's device lookup reads ``qweight`` first) and ``comput
 dtype lookup, as for bitsandbytes' 4-bit layers). ``weight`` is a read-only property returning the
 dequantized weight (a full-size temporary: only for inspection and peft's shape checks at build
 time). peft's ``lora.Linear`` wraps one as its ``base_layer`` and calls ``base_layer(x)``; tested.
-
-Optimizers (``TrainConfig.optimizer``): ``"adamw"`` (torch's), ``"adamw-in-backward"``
-(:class:`InBackwardAdamW`: each parameter's AdamW step runs in its post-accumulate-grad hook and its
-gradient is freed at once, so no full set of gradients ever exists; same math as ``adamw``).
 """
 
 from __future__ import annotations
@@ -45,7 +41,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from hollownet.errors import HollownetError
-from hollownet.settings import OPTIMIZERS, QUANTIZED_PRECISIONS
+from hollownet.loading import is_under
+from hollownet.settings import QUANTIZED_PRECISIONS
 
 SCHEMES = QUANTIZED_PRECISIONS
 NF4_BLOCK = 64
@@ -293,8 +290,6 @@ def quantize_model(model: nn.Module, scheme: str, compute_dtype: torch.dtype, *,
     (e.g. on the meta device); read one at a time, so loading never holds more than one float weight.
     peft LoRA layers are fine either way: their ``base_layer`` is quantized, ``lora_A``/``lora_B`` not.
     """
-    from hollownet.loading import is_under
-
     skip = list(skip)
     names = [n for n, m in model.named_modules() if quantizable(n, m) and not (skip and is_under(n, skip))]
     for name in names:
@@ -302,63 +297,6 @@ def quantize_model(model: nn.Module, scheme: str, compute_dtype: torch.dtype, *,
         weight = weight_of(name) if weight_of is not None else None
         set_submodule(model, name, quantize_module(mod, scheme, compute_dtype, weight))
     return names
-
-
-# ---------------------------------------------------------------------------------- optimizers
-
-
-
-class InBackwardAdamW(torch.optim.AdamW):
-    """AdamW whose per-parameter step runs *during* backward, as each gradient is accumulated.
-
-    Each trainable parameter gets a post-accumulate-grad hook that (optionally) clips that
-    parameter's gradient to ``max_grad_norm`` (per tensor: a global norm needs every gradient at
-    once, which is what this optimizer avoids), runs torch's AdamW update for that parameter alone
-    and frees its gradient. Only one parameter's gradient lives at a time. The update is torch's
-    own (single-tensor AdamW on exactly the parameters that have a gradient), so without clipping
-    the parameters equal ``torch.optim.AdamW``'s step for step; the state dict has AdamW's format.
-    ``step()`` and ``zero_grad()`` are no-ops afterwards (no gradients remain), so a training loop
-    written for AdamW runs unchanged. A parameter used twice in one graph is stepped once per
-    accumulation: not the case for LoRA.
-    """
-
-    def __init__(self, params, *, max_grad_norm: float = 0.0, **kw):
-        kw.setdefault("foreach", False)
-        super().__init__(params, **kw)
-        self.max_grad_norm = max_grad_norm
-        self._handles = [p.register_post_accumulate_grad_hook(self._step_one)
-                         for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    def _step_one(self, p: torch.Tensor) -> None:
-        if p.grad is None:
-            return
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
-        # AdamW's own step on ``p`` alone: its group is narrowed to it for the call (the other
-        # parameters have no gradient now anyway; this only saves looking at them).
-        saved = []
-        for group in self.param_groups:
-            saved.append(group["params"])
-            group["params"] = [q for q in group["params"] if q is p]
-        try:
-            super().step()
-        finally:
-            for group, params in zip(self.param_groups, saved):
-                group["params"] = params
-        p.grad = None
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def make_optimizer(params, name: str, lr: float, max_grad_norm: float = 0.0) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "adamw-in-backward":
-        return InBackwardAdamW(params, lr=lr, max_grad_norm=max_grad_norm)
-    raise HollownetError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -1,12 +1,12 @@
-"""Streamed frozen weights for stage 2, and the builder of the low-memory training modes.
+"""Weight sources for the stage-2 builder, and streamed frozen weights.
 
-``TrainConfig(stream_weights=True)``: the frozen weights of the kept *units* (the (resnet,
+``Modes(stream_weights=True)``: the frozen weights of the kept *units* (the (resnet,
 attention) pairs and resamplers of the kept down and up blocks, see ``plan.py``) are not resident.
 The U-Net checkpoint stays on disk (:class:`SafetensorsSource`) and a unit's frozen tensors are
-read from it only while that unit runs: ``hollow._run_unit`` enters ``StreamedWeights(unit)``, which
+read from it only while that unit runs: ``unet_split._run_unit`` enters ``StreamedWeights(unit)``, which
 loads the unit's tensors into its modules, and puts them back on the meta device when the unit
-returns. Stage 2 runs every unit under per-unit gradient checkpointing (``stream_weights`` turns it
-on), so the forward keeps nothing of a unit, and the backward's recomputation of a unit -- the same
+returns. Stage 2 runs every unit under per-unit gradient checkpointing (``Modes.checkpointing``), so
+the forward keeps nothing of a unit, and the backward's recomputation of a unit -- the same
 ``_run_unit`` call, hooks included -- loads its weights again; autograd holds them only until that
 unit's backward is done. So about one unit's frozen weights are resident at a time. The rest of
 the kept network (time embedding, ``conv_in``, ``conv_norm_out``, ``conv_out``: 2M parameters on
@@ -21,25 +21,25 @@ while the page cache is the kernel's, shared and reclaimable. The cost is one re
 unit's weights per forward and one more per backward recomputation: see ``benchmarks/modes.py``
 for the step time against resident weights.
 
-:func:`build_lowmem_model` builds the trained network for ``precision="int8"|"nf4"`` (``quant.py``)
-and/or ``stream_weights`` from a tensor *source*: :class:`SafetensorsSource` for a real model, or
-:class:`FakeSource` (shapes only) inside a ``FakeTensorMode``, so the memory benchmark runs exactly
-the trainer's construction on SD 2.x without its weights (``memplan.predict_lowmem_train``).
+``builder.build_unet`` reads the frozen weights from a tensor *source*: :class:`SafetensorsSource`
+for a real model, or :class:`FakeSource` (shapes only) inside a ``FakeTensorMode``, so the planner
+runs exactly the trainer's construction on SD 2.x without its weights.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses import FakeTensorMode
 
 from hollownet.errors import HollownetError
-from hollownet.loading import is_under, weight_files
-from hollownet.cut import HollowPlan, Unit, meta_unet, plan_for_blocks, unit_modules
+from hollownet.loading import weight_files
+from hollownet.cut import HollowPlan, Unit, unit_modules
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -98,6 +98,10 @@ class SafetensorsSource:
                 done += got
         return _cast(out, dtype, device)
 
+    def loading(self):
+        """The context the builder makes tensors from this source in: none needed for a file."""
+        return nullcontext()
+
     def close(self) -> None:
         for f, _, _ in self._open_files.values():
             f.close()
@@ -105,7 +109,7 @@ class SafetensorsSource:
 
 
 class FakeSource:
-    """Shapes only: ``read`` returns ``torch.empty`` (a fake tensor inside a ``FakeTensorMode``).
+    """Shapes only: ``read`` returns ``torch.empty``, a fake tensor of :attr:`mode` (enter it to run them).
 
     Mirrors :class:`SafetensorsSource` op for op (the staging tensor in ``file_dtype`` included), so
     a memory count over fake reads equals the count over real ones.
@@ -114,6 +118,10 @@ class FakeSource:
     def __init__(self, shapes: dict[str, tuple[torch.Size, torch.dtype]], file_dtype: torch.dtype = torch.float32):
         self.shapes = shapes
         self.file_dtype = file_dtype
+        self.mode = FakeTensorMode()  # every tensor made from this source, and what runs on them, is fake
+
+    def loading(self) -> FakeTensorMode:
+        return self.mode
 
     @classmethod
     def for_module(cls, module: nn.Module, file_dtype: torch.dtype = torch.float32) -> FakeSource:
@@ -143,6 +151,11 @@ def state_tensors(module: nn.Module):
                 yield (f"{mname}.{k}" if mname else k), b
 
 
+def file_key(name: str) -> str:
+    """The checkpoint's name of a tensor of the (possibly peft-wrapped) U-Net."""
+    return name.replace(".base_layer.", ".")
+
+
 def _cast(t: torch.Tensor, dtype, device) -> torch.Tensor:
     if t.is_floating_point() and dtype is not None and t.dtype != dtype:
         return t.to(device, dtype)
@@ -160,11 +173,9 @@ class StreamedWeights:
     """Loads a unit's frozen tensors from ``source`` while it runs; see the module docstring.
 
     Call it as a context manager per unit: ``with streamed(unit): ...``. Between calls the unit's
-    frozen tensors are on the meta device (an accidental use outside raises). ``attach(unet)`` makes
-    ``hollow._run_unit`` do this for every unit (``unet.hollownet_unit_weights``).
+    frozen tensors are on the meta device (an accidental use outside raises). The split forward does
+    this for every unit it is given it as ``unit_weights`` (``unet_split.make_context``).
     """
-
-    ATTR = "hollownet_unit_weights"
 
     def __init__(self, unet: nn.Module, plan: HollowPlan, source, dtype: torch.dtype, device="cpu"):
         self.source, self.dtype, self.device = source, dtype, torch.device(device)
@@ -187,6 +198,7 @@ class StreamedWeights:
                             slots.append(self._slot(mod, mname, bname, b, False))
             self.slots[unit] = slots
         self._active: list[Unit] = []
+        self.release_all()
 
     def _slot(self, mod, mname, name, t, is_param):
         key = file_key(f"{mname}.{name}")
@@ -223,18 +235,6 @@ class StreamedWeights:
         for unit in self.slots:
             self.release(unit)
 
-    def placeholders(self) -> None:
-        """Every streamed tensor a zero-stride tensor of its shape on the device (a few bytes each).
-
-        For peft's ``add_adapter``, which puts LoRA on the base layer's device and dtype (meta would
-        put LoRA on meta). ``release_all`` afterwards.
-        """
-        for slots in self.slots.values():
-            for slot in slots:
-                meta = slot[4]
-                t = torch.zeros((), dtype=meta.dtype, device=self.device).expand(meta.shape)
-                self._set(slot, t)
-
     @contextmanager
     def __call__(self, unit: Unit):
         if unit not in self.slots or unit in self._active:
@@ -248,10 +248,6 @@ class StreamedWeights:
             self.release(unit)
             self._active.remove(unit)
 
-    def attach(self, unet: nn.Module) -> StreamedWeights:
-        setattr(unet, self.ATTR, self)
-        return self
-
     def resident_unit_bytes(self) -> dict[str, int]:
         """Bytes each unit's streamed tensors take when loaded (for reports)."""
         out = {}
@@ -259,71 +255,3 @@ class StreamedWeights:
             name = f"{unit.side}_blocks.{unit.block}." + ("samplers" if unit.index is None else f"{unit.index}")
             out[name] = sum(s[4].numel() * s[4].element_size() for s in slots)
         return out
-
-
-# ------------------------------------------------------------------------------------ builder
-
-
-def file_key(name: str) -> str:
-    """The checkpoint's name of a tensor of the (possibly peft-wrapped) U-Net."""
-    return name.replace(".base_layer.", ".")
-
-
-def build_lowmem_model(unet_config: dict, source, hollow_blocks: list[str] | None, cfg, device=None, skeleton=None):
-    """The trained network for quantized and/or streamed frozen weights: ``(unet, plan, LoRA params)``.
-
-    The same as ``train.build_model`` otherwise: the hollow stays on meta (never read), LoRA on the
-    same targets, added by the trainer's ``add_lora`` after the frozen weights are in (so the same
-    random init for the same seed). Quantized layers are read and quantized one at a time; streamed
-    units are left on meta.
-
-    ``skeleton``: the U-Net already built on the meta device from ``unet_config`` (it is filled in and
-    returned). Inside a ``FakeTensorMode`` modules cannot be built or moved, so there the caller
-    builds the skeleton *and adds LoRA to it* (``add_lora`` on meta) before entering the mode; this
-    function then gives the LoRA parameters fresh fp32 storage (zeros) instead of adding LoRA.
-    """
-    from hollownet.lowmem.quant import SCHEMES, quantizable, quantize_model
-    from hollownet.stages.train import add_lora_outside, compute_dtype
-
-    device = torch.device(device or cfg.device)
-    unet = skeleton if skeleton is not None else meta_unet(unet_config)
-    has_lora = any("lora_" in k for k, _ in state_tensors(unet))
-    plan = None
-    skip: list[str] = []
-    if cfg.method == "hollow":
-        plan = plan_for_blocks(meta_unet(unet_config) if has_lora else unet, hollow_blocks, rank=cfg.rank,
-                               lora_targets=tuple(cfg.lora_targets))
-        skip = plan.hollow_prefixes(unet)
-    dtype = compute_dtype(cfg)  # method / precision / streaming combinations were checked by TrainConfig
-    scheme = cfg.precision if cfg.precision in SCHEMES else None
-    streamed = [n for u in kept_units(plan) for n in unit_modules(unet, u)] if cfg.stream_weights else []
-    wanted = [k for k, _ in state_tensors(unet) if "lora_" not in k and not is_under(k, skip)]
-    missing = [file_key(k) for k in wanted if file_key(k) not in source]
-    if missing:
-        raise HollownetError(f"the U-Net checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); is it complete?")
-    qnames = [n for n, m in unet.named_modules() if scheme and quantizable(n, m) and not is_under(n, skip)]
-    qkeys = {n + ".weight" for n in qnames}
-    plain = [k for k in wanted if k not in qkeys and not (streamed and is_under(k, streamed))]
-    unet.load_state_dict({k: source.read(file_key(k), dtype, device) for k in plain}, strict=False, assign=True)
-    if scheme:
-        quantize_model(unet, scheme, dtype, skip=skip,
-                       weight_of=lambda n: source.read(file_key(n + ".weight"), torch.float32, device))
-    unet.requires_grad_(False).eval()
-    streamer = StreamedWeights(unet, plan, source, dtype, device) if streamed else None
-    if has_lora:
-        for mname, mod in unet.named_modules():
-            if "lora_" in mname:
-                for k, p in list(mod._parameters.items()):
-                    if p is not None and p.device.type == "meta":
-                        mod._parameters[k] = nn.Parameter(torch.zeros(p.shape, dtype=torch.float32, device=device))
-        params = [p for n, p in unet.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-    else:
-        if streamer is not None:
-            streamer.placeholders()
-        params = add_lora_outside(unet, skip, cfg)
-    if streamer is not None:
-        streamer.release_all()
-        streamer.attach(unet)
-    return unet, plan, params

@@ -1,6 +1,6 @@
 """Predict the memory of every stage without weights: ``hollownet plan``.
 
-The prediction *runs the real code path* -- the trainer's ``add_lora`` and ``train_step`` (forward,
+The prediction *runs the real code path* -- the trainer's builder and ``train_step`` (forward,
 loss, backward, clipping, AdamW), stage 1's ``make_shard`` and the same text-encoder and VAE calls
 -- on models whose tensors are fake (:class:`torch._subclasses.FakeTensorMode`: shapes and dtypes,
 no storage) and counts live bytes with the same :class:`~hollownet.memory.tracker.MemoryTracker` that
@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hollownet.errors import HollownetError
-from hollownet.memory.tracker import KINDS, MemoryReport, MemoryTracker, format_bytes
-from hollownet.loading import is_under, vae_scale_factor
-from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
+from hollownet import unet_split as H
 from hollownet.cut import (
     BUNDLED_UNETS,
     CONFIG_DIR,
@@ -54,14 +55,23 @@ from hollownet.cut import (
     load_unet_config,
     lora_size,
     lora_target_modules,
+    make_plan,
     meta_unet,
     resolve_plan,
 )
-from hollownet.settings import FLOAT_PRECISIONS, QUANTIZED_PRECISIONS, compute_precision, is_low_memory, stage1_layout
-from hollownet.settings import OPTIMIZERS as TRAIN_OPTIMIZERS
+from hollownet.errors import HollownetError
+from hollownet.loading import is_under, vae_scale_factor
+from hollownet.lowmem.quant import frozen_weight_bytes
+from hollownet.lowmem.stream import FakeSource
+from hollownet.memory.tracker import KINDS, MemoryReport, MemoryTracker, format_bytes
+from hollownet.optimizers import make_optimizer
+from hollownet.requests import PlanRequest
+from hollownet.settings import PRECISIONS, QUANTIZED_PRECISIONS, Modes, torch_dtype
+from hollownet.singlefile import plan_model
+from hollownet.stages.train import TrainConfig, train_step
+from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
 
 GiB = 1024**3
-OPTIMIZERS = (*TRAIN_OPTIMIZERS, "adamw-foreach")  # foreach: torch's default AdamW on CUDA
 INFERENCE_DEFINITION = (
     "one U-Net denoising step, no gradients: all U-Net weights in the chosen precision + the activations of "
     "unet(latents, t, text); text encoder and VAE not resident"
@@ -112,8 +122,6 @@ def _read_json(path: Path) -> dict | None:
 def load_model_configs(model: str | Path) -> ModelConfigs:
     """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model), a single-file
     checkpoint or a diffusers folder (its ``*/config.json``)."""
-    from hollownet.singlefile import plan_model
-
     name = plan_model(str(model))  # a single-file checkpoint: its converted folder, or its type's bundled configs
     if name in BUNDLED_UNETS:
         mc = ModelConfigs(
@@ -158,97 +166,6 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
 # ------------------------------------------------------------------------------------ request
 
 
-@dataclass
-class PlanRequest:
-    """What ``hollownet plan`` takes; the names and defaults of ``hollownet train``'s flags."""
-
-    model: str = "sd21"
-    method: str = "hollow"  # hollow | lora | full
-    hollow: float | None = None  # fraction of U-Net parameters (nearest valid cut)
-    hollow_blocks: list[str] | None = None  # or the cut by name
-    depth: int | None = None  # or the cut by depth (sweeps)
-    rank: int = 32
-    lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    resolution: int = 512
-    batch: int = 1
-    precision: str = "fp32"  # frozen weights: fp32 | bf16 | fp16 | int8 | nf4
-    grad_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw-in-backward | adamw-foreach (torch's default on CUDA)
-    compute_dtype: str | None = None  # int8 | nf4: the dtype they are computed in (default bf16)
-    stream_weights: bool = False
-    layer_major: bool | None = None  # stage 1; None: as hollownet train decides (settings.stage1_layout)
-    memory_budget: str | int | None = None  # layer-major stage 1's budget
-    # stage 1 (defaults: PrecomputeConfig's and a typical personalization run)
-    photos: int = 4  # instance photos
-    class_photos: int = 0  # prior preservation: class photos (then 2 prompts, and a step trains 2 x batch samples)
-    steps: int = 400  # num_samples = steps x batch, as hollownet train
-    precompute_batch: int = 4  # PrecomputeConfig.batch_size: samples per U-Net (and VAE) forward in stage 1
-    shard_size: int = 64
-    inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
-
-    def __post_init__(self):
-        if self.precision not in (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS):
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS))}")
-        if self.optimizer not in OPTIMIZERS:
-            raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
-        if self.photos < 1:
-            raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
-
-    @property
-    def low_memory(self) -> bool:
-        """Stage 2 built by the trainer's low-memory builder (``stream.build_lowmem_model``)."""
-        return is_low_memory(self.precision, self.stream_weights) or self.optimizer == "adamw-in-backward"
-
-    @property
-    def compute_precision(self) -> str:
-        """The float dtype stage 1, inference and stage 2's activations use."""
-        return compute_precision(self.precision, self.compute_dtype)
-
-    @property
-    def prompts(self) -> int:
-        return 2 if self.class_photos else 1
-
-    @property
-    def per_step(self) -> int:
-        """Samples per training step: with prior preservation, ``batch`` of each kind (as run_train)."""
-        return self.batch * self.prompts
-
-    @property
-    def num_samples(self) -> int:
-        return self.steps * self.batch
-
-    def train_config(self):
-        from hollownet.stages.train import TrainConfig
-
-        return TrainConfig(model=self.model, store="", output="", method=self.method, rank=self.rank,
-                           lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets), batch=self.batch,
-                           precision=self.precision, compute_dtype=self.compute_dtype,
-                           grad_checkpointing=self.grad_checkpointing, stream_weights=self.stream_weights,
-                           optimizer="adamw" if self.optimizer == "adamw-foreach" else self.optimizer, device="cpu")
-
-    def precompute_config(self):
-        """Stage 1 as ``hollownet train`` runs it for these settings (``workflow.personalize``)."""
-        from hollownet.stages.precompute import PrecomputeConfig
-
-        prior = dict(class_prompt="class", class_images="class") if self.class_photos else {}
-        layer_major, budget = stage1_layout(self.layer_major, self.memory_budget, precision=self.precision,
-                                            stream_weights=self.stream_weights)
-        return PrecomputeConfig(model=self.model, images="", prompt="", output="", method=self.method,
-                                hollow=self.hollow, hollow_blocks=self.hollow_blocks, resolution=self.resolution,
-                                num_samples=self.num_samples, precision=self.compute_precision, shard_size=self.shard_size,
-                                batch_size=self.precompute_batch, layer_major=layer_major, memory_budget=budget,
-                                device="cpu", **prior)
-
-
-def _dtype(precision: str) -> torch.dtype:
-    from hollownet.stages.precompute import DTYPES
-
-    return DTYPES[precision]
-
-
 def _cut(unet: nn.Module, req: PlanRequest, rank: int = 0) -> HollowPlan | None:
     if req.method != "hollow":
         return None
@@ -260,17 +177,16 @@ def _cut(unet: nn.Module, req: PlanRequest, rank: int = 0) -> HollowPlan | None:
 
 
 def _fake_mode():
-    from torch._subclasses import FakeTensorMode
-
     return FakeTensorMode()
 
 
-def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_only: bool = True, fp32=None) -> None:
+def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_only: bool = True) -> None:
     """Inside a FakeTensorMode: give every tensor a stage loads a (fake) storage on the CPU.
 
     The module is built on the meta device; this is what loading its weights with
     ``load_state_dict(..., assign=True)`` does (``model.load_unet``, stage 1's VAE), minus the bytes:
-    floating tensors in ``dtype`` (``fp32(name)`` true: fp32), integer buffers as they are.
+    floating tensors in ``dtype``, integer buffers as they are. (Stage 2's network is built by the
+    trainer's own builder from a ``FakeSource`` instead: ``predict_step``.)
     Tensors under the ``skip`` module prefixes stay on meta (never loaded: cost nothing).
     ``persistent_only``: like ``load_state_dict``, leave non-persistent buffers alone;
     ``from_pretrained`` (the text encoder) creates those too.
@@ -282,8 +198,7 @@ def materialize(module: nn.Module, dtype: torch.dtype, *, skip=(), persistent_on
         for pname, p in list(mod._parameters.items()):
             if p is None:
                 continue
-            full = f"{mname}.{pname}" if mname else pname
-            dt = torch.float32 if fp32 is not None and fp32(full) else (dtype if p.is_floating_point() else p.dtype)
+            dt = dtype if p.is_floating_point() else p.dtype
             mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=p.requires_grad)
         for bname, b in list(mod._buffers.items()):
             if b is None or (persistent_only and bname in mod._non_persistent_buffers_set):
@@ -299,9 +214,6 @@ class _FakeScalars:
     """
 
     def __new__(cls):
-        from torch._subclasses.fake_tensor import DataDependentOutputException
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 try:
@@ -324,8 +236,8 @@ class _WithAddedCond:
         return self.unet(x, t, text, added_cond_kwargs=self.added)
 
 
-def _added_cond(mc: ModelConfigs, batch: int, dtype) -> dict | None:
-    shapes = mc.added_cond
+def _added_cond(shapes: dict | None, batch: int, dtype) -> dict | None:
+    """SDXL-style extra inputs of ``shapes`` (``ModelConfigs.added_cond``) for ``batch`` samples."""
     if shapes is None:
         return None
     return {k: torch.empty((batch, *s), dtype=dtype) for k, s in shapes.items()}
@@ -342,8 +254,6 @@ def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tup
 
 
 def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int):
-    from hollownet import unet_split as H
-
     unet = meta_unet(unet_config)
     with torch.device("meta"), torch.no_grad():
         x = torch.empty(1, unet.config.in_channels, *latent_hw)
@@ -354,74 +264,17 @@ def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int,
 # -------------------------------------------------------------------------------- predictions
 
 
-def _trained_unet(mc: ModelConfigs, req: PlanRequest, cfg):
-    """``train.build_model`` on the meta device: the cut, the frozen U-Net, LoRA via the trainer's add_lora."""
-    from hollownet.stages.train import add_lora_outside
-
-    unet = meta_unet(mc.unet).requires_grad_(False).eval()  # as load_unet leaves it
-    plan = _cut(unet, req, rank=cfg.rank)
-    skip = plan.hollow_prefixes(unet) if plan else []
-    if cfg.method != "full":
-        add_lora_outside(unet, skip, cfg)
-    return unet, plan, skip
-
-
 def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dict]:
     """The peak of a training step (stage 2), as ``run_train`` measures it; and weight accounting."""
-    from hollownet.stages.train import train_step
-
-    cfg = req.train_config()  # the trainer's own validation and defaults (lr, max_grad_norm)
-    if req.low_memory:
-        return _predict_lowmem(mc, req, cfg)
-    dtype = _dtype(cfg.precision)
-    unet, plan, skip = _trained_unet(mc, req, cfg)
-    h, w = latent_size(mc, req.resolution)
-    ho_shape = hollow_out_shape(mc, plan, req.resolution) if plan else None
-    B = req.per_step
-    with _fake_mode(), _FakeScalars():
-        materialize(unet, dtype, skip=skip, fp32=lambda n: "lora_" in n)
-        if cfg.method == "full":
-            unet.requires_grad_(True)
-            params = list(unet.parameters())
-        else:
-            params = [p for n, p in unet.named_parameters() if "lora_" in n]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, **({"foreach": True} if req.optimizer == "adamw-foreach" else {}))
-        embeds = torch.empty(req.prompts, mc.text_len, mc.text_dim)  # the store's prompt embeddings (fp32)
-        if plan is None and cfg.grad_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        # What the first step leaves behind: AdamW's state. The run's peak is the second step's
-        # (the same step with that state resident all along), so that is the step measured.
-        # (The state is made by AdamW's own _init_group, shared by its implementations: the
-        # multi-tensor one makes it in fewer fake ops.)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        foreach = [g.get("foreach") for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["foreach"] = True
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for g, f in zip(optimizer.param_groups, foreach):
-            g["foreach"] = f
-        C = unet.config.in_channels
-        batch = dict(noisy=torch.empty(B, C, h, w), target=torch.empty(B, C, h, w),
-                     timestep=torch.zeros(B, dtype=torch.long), prompt_index=torch.zeros(B, dtype=torch.long),
-                     weight=torch.empty(B))
-        if plan is not None:
-            batch["hollow_out"] = torch.empty((B, *ho_shape), dtype=dtype)  # stored in the precision's dtype
-        added = _added_cond(mc, B, dtype)
-        model = unet if (plan is not None or added is None) else _WithAddedCond(unet, added)
-        tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
-        train_step(model, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
-        trainable = sum(p.numel() * p.element_size() for p in params)
-        frozen = sum(t.numel() * t.element_size() for t in _cpu_tensors(unet) if not t.requires_grad)
-    info = _param_info(mc, req, plan, params)
-    info.update(trainable_weight_bytes=trainable, frozen_weight_bytes=frozen,
-                hollow_out_shape=list(ho_shape) if ho_shape else None)
-    return tracker.report, info
-
-
-# ----------------------------------------------------- low-memory stage 2 (quantized, streamed)
+    plan = _cut(meta_unet(mc.unet), req, rank=req.rank)
+    report, extra = predict_step(mc.unet, req.train_config(), resolution=req.resolution, text_len=mc.text_len,
+                                 text_dim=mc.text_dim, hollow_blocks=plan.hollow_blocks if plan else None,
+                                 batch=req.per_step, prompts=req.prompts, vae_factor=vae_scale_factor(mc.vae),
+                                 added_cond=mc.added_cond)
+    info = _param_info(mc, req, plan, None)
+    info.update(trainable_weight_bytes=extra["trainable_bytes"], frozen_weight_bytes=extra["resident_frozen_bytes"],
+                hollow_out_shape=extra["hollow_out_shape"], **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})
+    return report, info
 
 
 def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int,
@@ -446,76 +299,54 @@ def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generato
     return batch, torch.randn(shapes["embeds"], generator=generator)
 
 
-def predict_lowmem_train(unet_config: dict, cfg, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
-                         hollow_blocks: list[str] | None = None, batch: int | None = None, prompts: int = 1,
-                         vae_factor: int = 8):
-    """Stage 2's peak for a low-memory ``cfg`` (int8/nf4, streamed weights, adamw-in-backward), no weights.
+def predict_step(unet_config: dict, cfg: TrainConfig, *, resolution: int, text_len: int = 77, text_dim: int | None = None,
+                 hollow_blocks: list[str] | None = None, batch: int | None = None, prompts: int = 1,
+                 vae_factor: int = 8, added_cond: dict | None = None):
+    """Stage 2's peak for ``cfg`` (any mode), without weights: ``(MemoryReport, info)``.
 
-    Returns ``(MemoryReport, info)``. Runs the trainer's own construction
-    (``stream.build_lowmem_model`` from a :class:`~hollownet.lowmem.stream.FakeSource`: quantization runs on
-    fake tensors) and its own ``train.train_step`` under ``FakeTensorMode``: one untracked step (the
-    optimizer's state exists after it), then the measured step (the run's peak). Also right for
-    float precisions; ``method`` hollow (default cut unless ``hollow_blocks``) or lora. ``batch``:
-    samples per step (default ``cfg.batch``; prior preservation doubles it). The hollow output is in
-    the compute dtype (a store made at the matching precision, as ``hollownet train`` makes it).
+    Runs the trainer's own construction (``cfg.network``: ``builder.build_unet`` from a
+    :class:`~hollownet.lowmem.stream.FakeSource`, quantization included) and its own
+    ``train.train_step`` under ``FakeTensorMode``. The step measured is a run's second, its peak
+    (the first step's is never larger): what the first leaves behind is the optimizer's state,
+    made here by AdamW's own ``_init_group`` (shared by its implementations; the multi-tensor one
+    makes it in fewer fake ops) instead of by a whole step. ``method`` hollow (default cut unless
+    ``hollow_blocks``), lora or full; ``batch``: samples per step (default ``cfg.batch``; prior
+    preservation doubles it). The hollow output is in the compute dtype (a store made at the
+    matching precision, as ``hollownet train`` makes it). ``added_cond``: SDXL-style extra inputs.
     """
-    from hollownet.cut import make_plan, plan_for_blocks
-    from hollownet.lowmem.quant import frozen_weight_bytes
-    from hollownet.lowmem.stream import FakeSource, StreamedWeights, build_lowmem_model
-    from hollownet.stages.train import add_lora_outside, compute_dtype, make_optimizer, train_step
-
     text_dim = text_dim or unet_config["cross_attention_dim"]
     skeleton = meta_unet(unet_config)
-    plan0 = None
-    if cfg.method == "hollow":
-        plan0 = plan_for_blocks(skeleton, hollow_blocks) if hollow_blocks else make_plan(skeleton)
-    dtype = compute_dtype(cfg)
+    if cfg.method == "hollow" and hollow_blocks is None:
+        hollow_blocks = make_plan(skeleton).hollow_blocks
+    plan = resolve_plan(skeleton, blocks=hollow_blocks) if cfg.method == "hollow" else None
+    shapes = train_batch_shapes(unet_config, plan, resolution, batch or cfg.batch, text_len, text_dim, prompts, vae_factor)
     source = FakeSource.for_module(skeleton)
-    shapes = train_batch_shapes(unet_config, plan0, resolution, batch or cfg.batch, text_len, text_dim, prompts,
-                                vae_factor)
-    # LoRA goes on the meta skeleton before fake mode (modules cannot be moved inside it); the builder
-    # then gives it fake fp32 storage. Same targets and shapes as the real run's add_lora.
-    skip = plan0.hollow_prefixes(skeleton) if plan0 else []
-    add_lora_outside(skeleton, skip, cfg)
-    with _fake_mode(), _FakeScalars():
-        unet, plan, params = build_lowmem_model(unet_config, source, plan0.hollow_blocks if plan0 else None, cfg,
-                                                device="cpu", skeleton=skeleton)
-        optimizer = make_optimizer(params, cfg)
-        batch_, embeds = make_train_batch(shapes, dtype)
-        if plan is None and cfg.grad_checkpointing:
-            unet.enable_gradient_checkpointing()
+    net = cfg.network(unet_config, source, hollow_blocks)
+    with source.mode, _FakeScalars():
+        unet, params = net.unet, net.params
+        optimizer = make_optimizer(params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        foreach = [g.get("foreach") for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["foreach"] = True
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for g, f in zip(optimizer.param_groups, foreach):
+            g["foreach"] = f
+        batch_, embeds = make_train_batch(shapes, net.dtype)
+        if added_cond is not None and net.plan is None:
+            net = replace(net, unet=_WithAddedCond(unet, _added_cond(added_cond, shapes["latent"][0], net.dtype)))
         unet.train()
-        train_step(unet, plan, batch_, embeds, params, optimizer, cfg, dtype)
         tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
-        train_step(unet, plan, batch_, embeds, params, optimizer, cfg, dtype, tracker)
+        train_step(net, batch_, embeds, optimizer, cfg, tracker)
         info = dict(resident_frozen_bytes=frozen_weight_bytes(unet),
                     trainable_bytes=sum(p.numel() * p.element_size() for p in params),
                     hollow_out_shape=list(shapes["hollow_out"][1:]) if "hollow_out" in shapes else None)
-    streamer = getattr(unet, StreamedWeights.ATTR, None)
-    if streamer is not None:
-        units = streamer.resident_unit_bytes()
+    if net.streamer is not None:
+        units = net.streamer.resident_unit_bytes()
         info.update(largest_streamed_unit=max(units, key=units.get), largest_streamed_unit_bytes=max(units.values()))
     return tracker.report, info
-
-
-def _predict_lowmem(mc: ModelConfigs, req: PlanRequest, cfg) -> tuple[MemoryReport, dict]:
-    """``predict_train`` for quantized / streamed weights or adamw-in-backward: the trainer's low-memory builder."""
-    if mc.added_cond is not None:
-        raise HollownetError(f"{mc.name}: low-memory training modes are planned for SD 1.x / 2.x-style U-Nets only")
-    plan = _cut(meta_unet(mc.unet), req, rank=req.rank)
-    report, extra = predict_lowmem_train(mc.unet, cfg, resolution=req.resolution, text_len=mc.text_len, text_dim=mc.text_dim,
-                                         hollow_blocks=plan.hollow_blocks if plan else None, batch=req.per_step,
-                                         prompts=req.prompts, vae_factor=vae_scale_factor(mc.vae))
-    info = _param_info(mc, req, plan, None)
-    info.update(trainable_weight_bytes=extra["trainable_bytes"], frozen_weight_bytes=extra["resident_frozen_bytes"],
-                hollow_out_shape=extra["hollow_out_shape"], **{k: v for k, v in extra.items() if k.startswith("largest_streamed")})
-    return report, info
-
-
-def _cpu_tensors(module: nn.Module):
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type == "cpu":
-            yield t
 
 
 def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, params) -> dict:
@@ -536,7 +367,7 @@ def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, par
 
 def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> MemoryReport:
     """One U-Net denoising step without gradients (see INFERENCE_DEFINITION)."""
-    dtype = _dtype(req.compute_precision)  # int8/nf4: the original weights in their compute dtype
+    dtype = torch_dtype(req.modes.compute)  # int8/nf4: the original weights in their compute dtype
     unet = meta_unet(mc.unet).requires_grad_(False).eval()
     h, w = latent_size(mc, req.resolution)
     with _fake_mode():
@@ -544,7 +375,7 @@ def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> Mem
         x = torch.empty(batch, unet.config.in_channels, h, w, dtype=dtype)
         t = torch.zeros((), dtype=torch.long)
         text = torch.empty(batch, mc.text_len, mc.text_dim, dtype=dtype)
-        added = _added_cond(mc, batch, dtype)
+        added = _added_cond(mc.added_cond, batch, dtype)
         model = unet if added is None else _WithAddedCond(unet, added)
         tracker = MemoryTracker(device="cpu").add_resident(unet)
         with torch.no_grad(), tracker, tracker.phase("unet"):
@@ -570,7 +401,7 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
         return predict_precompute_layer_major(mc, req, parts)
-    dtype = _dtype(pcfg.precision)
+    dtype = torch_dtype(pcfg.precision)
     device = pcfg.device
     meter = PartMeter(True, device)
     reports: dict[str, MemoryReport] = {}
@@ -653,7 +484,7 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
             text = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).requires_grad_(False).eval()
     pred = predict_peak(unet, plan, vae=vae, text=text, resolution=req.resolution, num_samples=pcfg.num_samples,
                         photos=req.photos + req.class_photos, prompts=req.prompts, budget=budget,
-                        batch_size=pcfg.batch_size, dtype=_dtype(pcfg.precision))
+                        batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision))
     summary = pred["summary"] or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
     grouped: dict[str, int] = {}
     for layer, peak in summary["parts"].items():
@@ -713,11 +544,11 @@ class MemoryPlan:
             "rank": req.rank if req.method != "full" else None,
             "resolution": req.resolution,
             "batch": req.batch,
-            "precision": req.precision,
-            "compute_dtype": req.compute_precision,
-            "grad_checkpointing": req.grad_checkpointing or req.stream_weights,  # streaming turns it on
-            "stream_weights": req.stream_weights,
-            "optimizer": req.optimizer,
+            "precision": req.modes.precision,
+            "compute_dtype": req.modes.compute,
+            "grad_checkpointing": req.modes.checkpointing,  # as run: streaming turns it on
+            "stream_weights": req.modes.stream_weights,
+            "optimizer": req.modes.optimizer,
             "units": "bytes",
             "precompute_peak_bytes": self.precompute_peak if self.precompute else None,  # None: stage not predicted
             "train_peak_bytes": self.train_peak if self.train else None,
@@ -739,7 +570,7 @@ class MemoryPlan:
             "params": {k: self.info.get(k) for k in ("unet_params", "hollow_params", "kept_params", "trainable_params", "lora_bytes_fp32")},
             "hollow_out_shape": self.info.get("hollow_out_shape"),
             "stage1": {"photos": req.photos, "class_photos": req.class_photos, "precompute_batch": req.precompute_batch,
-                       "shard_samples": min(req.shard_size, req.num_samples), "precision": req.compute_precision,
+                       "shard_samples": min(req.shard_size, req.num_samples), "precision": req.modes.compute,
                        "layer_major": bool(self.precompute and self.precompute.get("layer_major")),
                        "memory_budget_bytes": self.precompute.get("memory_budget") if self.precompute else None},
             "largest_streamed_unit_bytes": self.info.get("largest_streamed_unit_bytes"),
@@ -758,12 +589,13 @@ class MemoryPlan:
             what = f"LoRA r={req.rank} on the whole U-Net"
         else:
             what = "full fine-tuning"
-        weights = req.precision + (f" (computed in {req.compute_precision})" if req.precision != req.compute_precision else "")
-        weights += ", streamed block by block" if req.stream_weights else ""
+        modes = req.modes
+        weights = modes.precision + (f" (computed in {modes.compute})" if modes.precision != modes.compute else "")
+        weights += ", streamed block by block" if modes.stream_weights else ""
         lines = [
             f"{self.model.name}: {what}",
             f"  {req.resolution} px, batch {req.batch}, frozen weights {weights}, "
-            f"{'with' if req.grad_checkpointing or req.stream_weights else 'no'} gradient checkpointing, {req.optimizer}",
+            f"{'with' if modes.checkpointing else 'no'} gradient checkpointing, {modes.optimizer}",
             "",
             "predicted peak tensor memory (1 GiB = 2^30 bytes; fake tensors, no weights loaded)",
         ]
@@ -773,13 +605,13 @@ class MemoryPlan:
             if self.precompute.get("layer_major"):
                 budget = self.precompute.get("memory_budget")
                 how = ("layer-major" + (f", budget {budget / 2**20:.0f} MiB" if budget else "")
-                       + f", {req.compute_precision}; peak at {self.precompute['peak_phase']}; largest layer per part")
+                       + f", {modes.compute}; peak at {self.precompute['peak_phase']}; largest layer per part")
             lines.append(f"  pre-compute (stage 1)  {g(self.precompute_peak)}   {how}: {parts}")
         if self.train:
             lines.append(f"  training (stage 2)     {g(self.train_peak)}   peak in {self.train.peak_phase}")
         for b, r in self.inference.items():
             label = "inference" + (f", batch {b}" if b != 1 else "")
-            what = (f"U-Net only ({req.compute_precision}), one denoising step, no grad"
+            what = (f"U-Net only ({modes.compute}), one denoising step, no grad"
                     + (", batch 2 = classifier-free guidance" if b == 2 else ""))
             lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
         if self.train and self.inference:
@@ -828,21 +660,7 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference")
 
 # ------------------------------------------------------------------------------------ budget
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``2GB`` (10^9 bytes), ``1.5GiB`` (2^30), ``800MB``, ``512MiB``, ``3000000000B``. A unit is required."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise HollownetError(f"--budget {text!r}: give a size with a unit, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 800MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-#: Frozen-weight precisions from least to most fidelity cost; bytes per weight at least (quantization
-#: scales not counted: a lower bound).
-PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "nf4")
+#: Bytes per weight at least, per frozen-weight precision (quantization scales not counted: a lower bound).
 _MIN_BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "nf4": 0.5}
 IB = "adamw-in-backward"
 
@@ -873,7 +691,7 @@ class Candidate:
         magnitude above the others', see benchmarks/README.md), then less hollowing, then fp32 < bf16 < int8
         weights, then global before per-tensor gradient clipping (adamw-in-backward); checkpointing and
         streaming cost only time."""
-        return (self.precision == "nf4", self.fraction, PRECISION_ORDER.index(self.precision), self.in_backward,
+        return (self.precision == "nf4", self.fraction, PRECISIONS.index(self.precision), self.in_backward,
                 self.grad_checkpointing, self.stream_weights)
 
     def label(self) -> str:
@@ -941,7 +759,7 @@ class BudgetAnswer:
 
     def to_json(self) -> dict:
         return {"model": self.model, "budget_bytes": self.budget, "rank": self.request.rank,
-                "resolution": self.request.resolution, "batch": self.request.batch, "optimizer": self.request.optimizer,
+                "resolution": self.request.resolution, "batch": self.request.batch, "optimizer": self.request.modes.optimizer,
                 "fits": [c.to_dict() for c in self.fits],
                 "smallest": self.smallest.to_dict() if self.smallest else None,
                 "ranking": "nf4 frozen weights last; then less hollowing first, then fp32 < bf16 < int8 frozen weights, then AdamW "
@@ -952,7 +770,7 @@ class BudgetAnswer:
     def format(self) -> str:
         req = self.request
         head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
-                f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.optimizer}")
+                f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.modes.optimizer}")
         lines = [head, "ranked by expected fidelity cost: nf4 weights last (10x the output error of int8); then less hollowing, "
                        "then fp32 < bf16 < int8 weights, then global gradient clipping (AdamW) before per-tensor (in-backward); "
                        "checkpointing and streaming cost only time", ""]
@@ -984,13 +802,13 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     stage1: dict = {}
     evaluated: list[Candidate] = []
 
-    plain_optimizer = "adamw" if req.optimizer == IB else req.optimizer
+    plain_optimizer = "adamw" if req.modes.in_backward else req.modes.optimizer
 
     def sub(c: Candidate) -> PlanRequest:
-        return replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None,
-                       precision=c.precision, grad_checkpointing=c.grad_checkpointing, stream_weights=c.stream_weights,
-                       optimizer=IB if c.in_backward else plain_optimizer,
-                       compute_dtype=req.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
+        modes = replace(req.modes, precision=c.precision, grad_checkpointing=c.grad_checkpointing,
+                        stream_weights=c.stream_weights, optimizer=IB if c.in_backward else plain_optimizer,
+                        compute_dtype=req.modes.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
+        return replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None, modes=modes)
 
     def stage1_key(c: Candidate):
         pcfg = sub(c).precompute_config()
@@ -1051,12 +869,13 @@ class BudgetError(HollownetError):
 
 
 def predict_figures(settings: dict, stages=("precompute", "train", "inference")) -> dict:
-    """``plan_memory(PlanRequest(**settings)).to_json()``: a picklable entry point for worker processes."""
-    settings = dict(settings)
+    """``plan_memory`` of a flat ``settings`` dict (PlanRequest's and Modes' names), as JSON: a picklable
+    entry point for worker processes."""
+    modes, settings = Modes.split(settings)
     for key in ("lora_targets", "inference_batches"):
         if key in settings and settings[key] is not None:
             settings[key] = tuple(settings[key])
-    return plan_memory(PlanRequest(**settings), stages=tuple(stages)).to_json()
+    return plan_memory(PlanRequest(**settings, modes=modes), stages=tuple(stages)).to_json()
 
 
 def predict_many(tasks: list[tuple[dict, tuple[str, ...]]], jobs: int = 1, progress=None) -> list[dict]:
@@ -1068,9 +887,6 @@ def predict_many(tasks: list[tuple[dict, tuple[str, ...]]], jobs: int = 1, progr
             if progress:
                 progress(out[-1])
         return out
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(predict_figures, settings, stages) for settings, stages in tasks]
         out = []

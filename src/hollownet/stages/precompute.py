@@ -20,7 +20,7 @@ import math
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.loading import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
 from hollownet.cut import HollowPlan, meta_unet, resolve_plan
+from hollownet.memory.tracker import parse_size
+from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes
 from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,12 +62,20 @@ class PrecomputeConfig:
     # Layer-major stage 1 (runtime only: the store is the same): one layer in memory at a time.
     layer_major: bool = False
     memory_budget: int | str | None = None  # bytes or "800MiB"; beyond it activations spill to disk
+    # A whole run's modes (settings.Modes; not a field, not saved): then precision, layer_major and
+    # memory_budget follow from them (Modes.compute, Modes.stage1) and are not given as well.
+    modes: InitVar[Modes | None] = None
 
-    def __post_init__(self):
-        if self.method not in ("hollow", "lora", "full"):
-            raise HollownetError(f"--method {self.method!r} is not one of hollow, lora, full")
-        if self.precision not in DTYPES:
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+    def __post_init__(self, modes: Modes | None = None):
+        if modes is not None:
+            if (self.precision, self.layer_major, self.memory_budget) != ("fp32", False, None):
+                raise HollownetError("give stage 1 either modes or precision / layer_major / memory_budget, not both")
+            self.precision = modes.compute  # stage 1 runs the original, float weights
+            self.layer_major, self.memory_budget = modes.stage1
+        if self.method not in METHODS:
+            raise HollownetError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.precision not in FLOAT_PRECISIONS:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(FLOAT_PRECISIONS)}")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8, e.g. 512")
         if self.resolution % 8:
@@ -75,9 +85,7 @@ class PrecomputeConfig:
         if bool(self.class_prompt) != bool(self.class_images):
             raise HollownetError("prior preservation needs both --class-prompt and --class-images")
         if self.memory_budget is not None:
-            from hollownet.lowmem.layerwise import parse_bytes
-
-            parse_bytes(self.memory_budget)  # validate early
+            parse_size(self.memory_budget, "memory budget")  # validate early
             if not self.layer_major:
                 raise HollownetError("a memory budget applies to layer-major pre-compute only (set layer_major)")
 

@@ -4,29 +4,36 @@
 its output comes from the store. ``lora`` / ``full``: the paper's baselines, on the whole U-Net,
 from the same store (its noisy latents, targets and prompt embeddings).
 
-Low-memory modes: ``precision="int8"|"nf4"`` stores the frozen Linear/Conv2d weights quantized
-(``quant.py``, QLoRA-style; compute in ``compute_dtype``, bf16 by default); ``stream_weights`` reads
-each kept unit's frozen weights from the checkpoint file only while it runs (``stream.py``);
-``optimizer="adamw-in-backward"`` applies AdamW per parameter as its gradient arrives (``quant.py``).
+The network is built by ``builder.build_unet`` (the planner builds it the same way on fake tensors);
+how it holds its weights -- a float precision, int8/nf4 quantized, streamed -- and which optimizer
+runs are ``cfg.modes`` (``settings.Modes``: every rule between them is there).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from hollownet import unet_split as H
+from hollownet.builder import Network, build_unet
+from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan
 from hollownet.errors import HollownetError
+from hollownet.loading import model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
+from hollownet.lowmem.stream import SafetensorsSource
+from hollownet.memory.tracker import MemoryTracker
+from hollownet.optimizers import make_optimizer
+from hollownet.settings import DEFAULT_RANK, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
-from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
-from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
-from hollownet.stages.precompute import DTYPES
-from hollownet.settings import compute_precision, is_low_memory
+from hollownet.stages.formats import LORA_FORMATS
 from hollownet.stages.store import Store, save_torch
 
 
@@ -38,19 +45,15 @@ class TrainConfig:
     store: str
     output: str
     method: str = "hollow"
-    rank: int = 32
+    rank: int = DEFAULT_RANK
     lora_alpha: float | None = None  # default: = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    lr: float = 1e-4
-    steps: int = 400
-    batch: int = 1
+    lr: float = SD_DEFAULTS["lr"]
+    steps: int = SD_DEFAULTS["steps"]
+    batch: int = SD_DEFAULTS["batch"]
     seed: int = 0
-    precision: str = "fp32"  # frozen weights: fp32|bf16|fp16, or int8|nf4 (quantized); LoRA, its grads and AdamW state stay fp32
-    grad_checkpointing: bool = False
-    max_grad_norm: float = 1.0  # global norm; with adamw-in-backward: per parameter tensor (see quant.InBackwardAdamW)
-    compute_dtype: str | None = None  # activations / dequantized weights: None = precision's dtype, bf16 for int8|nf4
-    stream_weights: bool = False  # kept units' frozen weights read per unit from the mapped checkpoint (turns checkpointing on)
-    optimizer: str = "adamw"  # adamw | adamw-in-backward
+    modes: Modes = field(default_factory=Modes)  # precision, compute dtype, streaming, checkpointing, optimizer
+    max_grad_norm: float = 1.0  # global norm; with adamw-in-backward: per parameter tensor (see optimizers.InBackwardAdamW)
     checkpoint_every: int = 100
     resume: bool = True  # continue from the newest valid checkpoint with the same settings; False: start over
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
@@ -58,32 +61,18 @@ class TrainConfig:
     lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
 
     def __post_init__(self):
-        from hollownet.lowmem.quant import OPTIMIZERS, SCHEMES
-
-        if self.precision not in DTYPES and self.precision not in SCHEMES:
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*DTYPES, *SCHEMES))}")
-        if self.compute_dtype is not None and (self.compute_dtype not in DTYPES or self.precision not in SCHEMES):
-            raise HollownetError(f"a compute dtype (one of {', '.join(DTYPES)}) goes with --precision int8|nf4 only")
-        if self.method == "full" and self.precision != "fp32":
-            raise HollownetError("--method full trains every weight and needs --precision fp32")
-        if self.optimizer not in OPTIMIZERS:
-            raise HollownetError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.method == "full" and (self.stream_weights or self.optimizer != "adamw"):
-            raise HollownetError("--method full supports neither --stream-weights nor another optimizer than adamw")
-        if self.stream_weights:
-            if self.method != "hollow":
-                raise HollownetError("--stream-weights needs --method hollow (it streams the kept units one by one)")
-            if self.precision in SCHEMES:
-                raise HollownetError("--stream-weights reads weights in a float precision: use --precision fp32, bf16 or fp16 with it")
-            self.grad_checkpointing = True  # a unit's weights must not stay in the autograd graph
+        self.modes.check_method(self.method)
         if self.rank < 1 and self.method != "full":
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
         if self.steps < 1 or self.batch < 1:
             raise HollownetError("--steps and --batch must be at least 1")
-        from hollownet.stages.formats import LORA_FORMATS
-
         if self.lora_format not in LORA_FORMATS:
             raise HollownetError(f"--format {self.lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
+
+    def network(self, unet_config: dict, source, hollow_blocks: list[str] | None) -> Network:
+        """The network these settings train, frozen weights from ``source`` (``builder.build_unet``)."""
+        return build_unet(unet_config, source, hollow_blocks, method=self.method, modes=self.modes, rank=self.rank,
+                          lora_alpha=self.lora_alpha, lora_targets=self.lora_targets, device=self.device)
 
 
 @dataclass
@@ -97,66 +86,22 @@ class TrainResult:
     train_seconds: float = 0.0  # the steps this run made (not loading, not the resumed ones)
 
 
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype of activations and of the (dequantized) frozen weights."""
-    return DTYPES[compute_precision(cfg.precision, cfg.compute_dtype)]
+def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig) -> Network:
+    """The network that is trained, from the model's checkpoint file; unpacks as ``unet, plan, params``."""
+    return cfg.network(UNet2DConditionModel.load_config(model_dir / "unet"), SafetensorsSource(model_dir),
+                       manifest.get("hollow_blocks"))
 
 
-def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
-    """The network that is trained, with LoRA added; returns (unet, plan, trainable params)."""
-    from diffusers import UNet2DConditionModel
-
-    if cfg.precision not in DTYPES or cfg.stream_weights:
-        from hollownet.lowmem.stream import SafetensorsSource, build_lowmem_model
-
-        return build_lowmem_model(UNet2DConditionModel.load_config(model_dir / "unet"), SafetensorsSource(model_dir),
-                                  manifest.get("hollow_blocks"), cfg)
-    skeleton = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
-    plan = None
-    skip: list[str] = []
-    if cfg.method == "hollow":
-        plan = plan_for_blocks(skeleton, manifest["hollow_blocks"], rank=cfg.rank, lora_targets=tuple(cfg.lora_targets))
-        skip = plan.hollow_prefixes(skeleton)
-    dtype = DTYPES[cfg.precision]
-    unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
-    if cfg.method == "full":
-        unet.requires_grad_(True)
-        return unet, plan, [p for p in unet.parameters()]
-    return unet, plan, add_lora_outside(unet, skip, cfg)
-
-
-def add_lora_outside(unet, skip: list[str], cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """``add_lora`` on every ``cfg.lora_targets`` layer outside the ``skip`` prefixes (the hollow)."""
-    targets = lora_target_modules(unet, skip, tuple(cfg.lora_targets))
-    if not targets:
-        raise HollownetError(f"no layer outside the hollow matches --lora-targets {','.join(cfg.lora_targets)}")
-    return add_lora(unet, targets, cfg.rank, cfg.lora_alpha)
-
-
-def add_lora(unet, targets: list[str], rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
-    """peft LoRA on exactly ``targets`` (full module names); returns the trainable LoRA parameters.
-
-    B starts at zero, so the network starts as the base model. LoRA trains in fp32 whatever the
-    frozen weights' precision.
-    """
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian"))
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
-
-
-def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dtype, device, grad_checkpointing=False):
-    """The trained network's output for a batch of store samples."""
+def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dtype, device, grad_checkpointing=False,
+            unit_weights=None):
+    """The trained network's output for a batch of store samples (``unit_weights``: streamed weights)."""
     noisy = batch["noisy"].to(device, dtype)
     t = batch["timestep"].to(device)
     text = embeds[batch["prompt_index"]].to(device, dtype)
     if plan is None:
         return unet(noisy, t, text).sample
-    return H.hollowed_forward(unet, plan, noisy, t, text, batch["hollow_out"].to(device, dtype), grad_checkpointing)
+    return H.hollowed_forward(unet, plan, noisy, t, text, batch["hollow_out"].to(device, dtype), grad_checkpointing,
+                              unit_weights)
 
 
 def loss_fn(pred: torch.Tensor, batch: dict, device) -> torch.Tensor:
@@ -191,12 +136,12 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     if manifest["model_fingerprint"] != model_fingerprint(model_dir):
         raise HollownetError(f"the store in '{store.root}' was made from another model; use a new --output folder")
     torch.manual_seed(cfg.seed)
-    dtype = compute_dtype(cfg)
-    if is_low_memory(cfg.precision, cfg.stream_weights):
+    if cfg.modes.low_memory:
         return_freed_memory_promptly()  # before the layer-by-layer quantizing / reading starts
-    unet, plan, params = build_model(model_dir, manifest, cfg)
+    net = build_model(model_dir, manifest, cfg)
+    unet, plan, params = net
     embeds = store.tensors("prompts.safetensors")["embeds"]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
@@ -209,8 +154,6 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
         for old in ckpt_dir.glob("step-*.pt"):  # starting over: an old run's checkpoints must never be resumed
             old.unlink()
     per_step = cfg.batch * (2 if manifest.get("class_photo_files") else 1)  # prior preservation doubles it
-    if plan is None and cfg.grad_checkpointing:
-        unet.enable_gradient_checkpointing()
     unet.train()
     memory = None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})", unit="step", disable=None)
@@ -220,10 +163,8 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
                               keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
         tracker = None
         if step - start < cfg.track_memory_steps:
-            from hollownet.memory.tracker import MemoryTracker
-
             tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
-        loss = train_step(unet, plan, batch, embeds, params, optimizer, cfg, dtype, tracker)
+        loss = train_step(net, batch, embeds, optimizer, cfg, tracker)
         if tracker is not None and (memory is None or tracker.report.peak_bytes >= memory["peak_bytes"]):
             memory = tracker.report.to_dict()
         losses.append(loss)
@@ -242,35 +183,28 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
         unet.save_pretrained(out / "unet")
     else:
         save_lora(unet, out, info, lora_format=cfg.lora_format)
-    del unet, optimizer
+    del net, unet, optimizer
     release_memory()
     return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory,
                        start_step=start, train_seconds=train_seconds)
 
 
-def train_step(unet, plan, batch, embeds, params, optimizer, cfg: TrainConfig, dtype, tracker=None) -> float:
+def train_step(net: Network, batch, embeds, optimizer, cfg: TrainConfig, tracker=None) -> float:
     """forward, backward, clip, AdamW: phases marked for the memory tracker when one is given."""
-    from contextlib import nullcontext
-
     phase = tracker.phase if tracker is not None else (lambda name: nullcontext())
     with tracker if tracker is not None else nullcontext():
         with phase("forward"):
-            loss = loss_fn(predict(unet, plan, batch, embeds, dtype, cfg.device, cfg.grad_checkpointing), batch, cfg.device)
+            # one expression: the prediction must not outlive the loss (a name would keep it through backward)
+            loss = loss_fn(predict(net.unet, net.plan, batch, embeds, net.dtype, cfg.device, net.checkpointing,
+                                   net.streamer), batch, cfg.device)
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
-            if cfg.max_grad_norm and cfg.optimizer == "adamw":  # in-backward clips per parameter, inside backward
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.max_grad_norm and not cfg.modes.in_backward:  # in-backward clips per parameter, inside backward
+                torch.nn.utils.clip_grad_norm_(net.params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW(params, lr)``, or its in-backward form (``quant.InBackwardAdamW``)."""
-    from hollownet.lowmem.quant import make_optimizer as make
-
-    return make(params, cfg.optimizer, cfg.lr, cfg.max_grad_norm)
 
 
 def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, params) -> dict:
@@ -288,17 +222,18 @@ def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, param
         "resolution": manifest["resolution"],
         "prompt": manifest["prompts"][0],
         "prediction_type": manifest["prediction_type"],
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("device", "model", "store", "output")},
+        "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("device", "model", "store", "output", "modes")},
+                     **cfg.modes.stage2()},
     }
 
 
-CHECKPOINT_SETTINGS = ("method", "rank", "lora_alpha", "lora_targets", "lr", "batch", "seed", "precision",
-                       "compute_dtype", "stream_weights", "optimizer", "max_grad_norm")
+CHECKPOINT_SETTINGS = ("method", "rank", "lora_alpha", "lora_targets", "lr", "batch", "seed", "max_grad_norm")
+CHECKPOINT_MODES = ("precision", "compute_dtype", "stream_weights", "optimizer")
 
 
 def checkpoint_settings(cfg: TrainConfig, manifest: dict) -> dict:
     """What a checkpoint must share with a run to be resumed by it (``steps`` may grow)."""
-    settings = {k: getattr(cfg, k) for k in CHECKPOINT_SETTINGS}
+    settings = {k: getattr(cfg, k) for k in CHECKPOINT_SETTINGS} | {k: getattr(cfg.modes, k) for k in CHECKPOINT_MODES}
     settings["lora_alpha"] = cfg.lora_alpha or cfg.rank
     settings["lora_targets"] = list(cfg.lora_targets)
     settings["store"] = {k: manifest.get(k) for k in ("model_fingerprint", "hollow_blocks", "resolution", "dtype",
@@ -324,9 +259,6 @@ def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | No
     that still fails to load (a damaged disk) is skipped with a warning for the one before it.
     One made with other ``settings`` (or other tensor shapes) is refused in one line.
     """
-    import sys
-    import warnings
-
     for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

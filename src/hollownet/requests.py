@@ -1,0 +1,112 @@
+"""The requests of ``hollownet train`` and ``hollownet plan``: plain data, no torch (the CLI reads
+their fields for its flags and defaults, and ``--help`` must stay fast).
+
+``TrainRequest`` is a whole personalization run (``workflow.personalize``); ``PlanRequest`` the
+same settings for a memory prediction (``memory.planner``). Their modes -- precision, compute
+dtype, streaming, checkpointing, optimizer, stage 1's layout -- are one ``settings.Modes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hollownet.errors import HollownetError
+from hollownet.settings import DEFAULT_LORA_TARGETS, DEFAULT_RANK, SD_DEFAULTS, Modes
+
+
+@dataclass
+class TrainRequest:
+    """Everything ``hollownet train`` takes; mirrors its flags one to one (the modes' flags: ``modes``)."""
+
+    model: str
+    images: str
+    prompt: str
+    output: str
+    method: str = "hollow"
+    hollow: float | None = None
+    hollow_blocks: list[str] | None = None
+    rank: int = DEFAULT_RANK
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    resolution: int = SD_DEFAULTS["resolution"]
+    steps: int = SD_DEFAULTS["steps"]
+    batch: int = SD_DEFAULTS["batch"]
+    lr: float = SD_DEFAULTS["lr"]
+    seed: int = 0
+    modes: Modes = field(default_factory=Modes)  # precision, compute dtype, streaming, checkpointing, optimizer, stage 1 layout
+    num_samples: int | None = None  # default steps x batch: fresh noise every step
+    class_prompt: str | None = None
+    class_images: str | None = None
+    prior_loss_weight: float = 1.0
+    checkpoint_every: int = 100
+    resume: bool = True  # stage 2 continues from its newest matching checkpoint; False: start stage 2 over
+    device: str = "cpu"
+    track_memory: bool = True
+    store: str | None = None  # default OUTPUT/store
+    lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
+
+    def settings(self) -> dict:
+        """The request as ``train.json`` records it: one flat dict, the modes' keys among the others."""
+        return {**{k: v for k, v in asdict(self).items() if k != "modes"}, **asdict(self.modes)}
+
+
+@dataclass
+class PlanRequest:
+    """What ``hollownet plan`` takes; the names and defaults of ``hollownet train``'s flags."""
+
+    model: str = "sd21"
+    method: str = "hollow"  # hollow | lora | full
+    hollow: float | None = None  # fraction of U-Net parameters (nearest valid cut)
+    hollow_blocks: list[str] | None = None  # or the cut by name
+    depth: int | None = None  # or the cut by depth (sweeps)
+    rank: int = DEFAULT_RANK
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    resolution: int = SD_DEFAULTS["resolution"]
+    batch: int = SD_DEFAULTS["batch"]
+    modes: Modes = field(default_factory=Modes)  # as train's; the optimizer may also be adamw-foreach (CUDA's default)
+    # stage 1 (defaults: PrecomputeConfig's and a typical personalization run)
+    photos: int = 4  # instance photos
+    class_photos: int = 0  # prior preservation: class photos (then 2 prompts, and a step trains 2 x batch samples)
+    steps: int = SD_DEFAULTS["steps"]  # num_samples = steps x batch, as hollownet train
+    precompute_batch: int = 4  # PrecomputeConfig.batch_size: samples per U-Net (and VAE) forward in stage 1
+    shard_size: int = 64
+    inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        if self.resolution < 8 or self.resolution % 8:
+            raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
+        if self.photos < 1:
+            raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
+
+    @property
+    def prompts(self) -> int:
+        return 2 if self.class_photos else 1
+
+    @property
+    def per_step(self) -> int:
+        """Samples per training step: with prior preservation, ``batch`` of each kind (as run_train)."""
+        return self.batch * self.prompts
+
+    @property
+    def num_samples(self) -> int:
+        return self.steps * self.batch
+
+    def train_config(self):
+        """Stage 2 as ``hollownet train`` runs it for these settings (its own checks and defaults)."""
+        from hollownet.stages.train import TrainConfig  # lazily: the CLI imports this module for --help (no torch)
+
+        return TrainConfig(model=self.model, store="", output="", method=self.method, rank=self.rank,
+                           lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets), batch=self.batch,
+                           modes=self.modes, device="cpu")
+
+    def precompute_config(self):
+        """Stage 1 as ``hollownet train`` runs it for these settings (``workflow.personalize``)."""
+        from hollownet.stages.precompute import PrecomputeConfig  # lazily: the CLI imports this module for --help
+
+        prior = dict(class_prompt="class", class_images="class") if self.class_photos else {}
+        return PrecomputeConfig(model=self.model, images="", prompt="", output="", method=self.method,
+                                hollow=self.hollow, hollow_blocks=self.hollow_blocks, resolution=self.resolution,
+                                num_samples=self.num_samples, shard_size=self.shard_size, batch_size=self.precompute_batch,
+                                modes=self.modes, device="cpu", **prior)
