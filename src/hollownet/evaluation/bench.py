@@ -657,7 +657,7 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
 
     from hollownet.stages.generate import denoise, load_pipeline
     from hollownet.cut import plan_for_blocks
-    from hollownet.stages.precompute import DTYPES
+    from hollownet.settings import torch_dtype
 
     train_dir, out = Path(train_dir), Path(output)
     pipe, info = load_pipeline(model, None if method == "full" else str(train_dir), precision, device, scheduler)
@@ -666,7 +666,7 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
 
         if not (train_dir / "unet").is_dir():
             raise HollownetError(f"no fine-tuned unet/ in '{train_dir}'")
-        pipe.unet = UNet2DConditionModel.from_pretrained(train_dir / "unet", torch_dtype=DTYPES[precision]).to(device)
+        pipe.unet = UNet2DConditionModel.from_pretrained(train_dir / "unet", torch_dtype=torch_dtype(precision)).to(device)
     plan = plan_for_blocks(pipe.unet, info["hollow_blocks"]) if info.get("method") == "hollow" and not merged else None
     if merged and method != "full":
         pipe.fuse_lora()
@@ -703,10 +703,10 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
 
     from hollownet.memory.tracker import MemoryTracker
     from hollownet.loading import load_unet, release_memory, resolve_model_dir, vae_scale_factor
-    from hollownet.stages.precompute import DTYPES
+    from hollownet.settings import torch_dtype
 
     model_dir = resolve_model_dir(model)
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     unet, _ = load_unet(model_dir, dtype=dtype, device=device)
     te_config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     tokens = te_config.get("max_position_embeddings", 77)

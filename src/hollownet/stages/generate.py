@@ -22,7 +22,7 @@ from hollownet.errors import HollownetError
 from hollownet.stages.export import lora_weight_name, read_info
 from hollownet.loading import resolve_model_dir
 from hollownet.cut import HollowPlan, plan_for_blocks
-from hollownet.stages.precompute import DTYPES
+from hollownet.settings import torch_dtype
 from hollownet.stages.store import save_json
 
 SCHEDULERS = ("ddim", "dpm", "default")
@@ -81,7 +81,7 @@ def load_pipeline(model: str, lora: str | None, precision: str, device: str, sch
     if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
         check_lora_matches(model_dir, lora, read_info(lora), force=force)
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False
+        model_dir, dtype=torch_dtype(precision), safety_checker=None, requires_safety_checker=False
     )
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -19,20 +19,23 @@ import hashlib
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from hollownet import encoders as E
 from hollownet import unet_split as H
+from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
+from hollownet.data import load_photos
 from hollownet.errors import HollownetError
-from hollownet.loading import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
-from hollownet.cut import HollowPlan, meta_unet, resolve_plan
+from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
+                               resolve_model_dir, return_freed_memory_promptly, weight_files)
+from hollownet.lowmem import layerwise as LW
+from hollownet.memory.tracker import PartMeter, parse_size
+from hollownet.settings import FLOAT_PRECISIONS, torch_dtype
 from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -64,8 +67,8 @@ class PrecomputeConfig:
     def __post_init__(self):
         if self.method not in ("hollow", "lora", "full"):
             raise HollownetError(f"--method {self.method!r} is not one of hollow, lora, full")
-        if self.precision not in DTYPES:
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(DTYPES)}")
+        if self.precision not in FLOAT_PRECISIONS:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join(FLOAT_PRECISIONS)}")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8, e.g. 512")
         if self.resolution % 8:
@@ -75,9 +78,7 @@ class PrecomputeConfig:
         if bool(self.class_prompt) != bool(self.class_images):
             raise HollownetError("prior preservation needs both --class-prompt and --class-images")
         if self.memory_budget is not None:
-            from hollownet.lowmem.layerwise import parse_bytes
-
-            parse_bytes(self.memory_budget)  # validate early
+            parse_size(self.memory_budget, "memory budget")  # validate early
             if not self.layer_major:
                 raise HollownetError("a memory budget applies to layer-major pre-compute only (set layer_major)")
 
@@ -87,42 +88,14 @@ class PrecomputeResult:
     store: Path
     plan: HollowPlan | None
     seconds: float
-    memory: dict | None = None  # measured peak (see PartMeter.summary)
+    memory: dict | None = None  # measured peak (see memory.tracker.PartMeter.summary)
     resumed_shards: int = 0
     layer_major: dict | None = None  # per part: chunk sizes, spilled arrays (layer-major runs)
 
 
-class PartMeter:
-    """Peak tensor memory of each stage-1 part. One tracker per part: parts never overlap in memory
-    (each model is dropped before the next loads), so the stage's peak is the largest part's.
-
-    Layer-major runs measure one part per layer (``"U-Net encoder + hollow: mid_block.resnets.0"``):
-    residents are the loaded layer, the activation arrays kept in RAM and the part's constants; the
-    chunks count as they are created. Layers never overlap either, so the largest is the peak."""
-
-    def __init__(self, enabled: bool, device: str):
-        self.enabled, self.device, self.parts = enabled, device, {}
-
-    @contextmanager
-    def measure(self, name: str, *resident):
-        if not self.enabled or name in self.parts:
-            yield
-            return
-        from hollownet.memory.tracker import MemoryTracker
-
-        tracker = MemoryTracker(device=self.device)
-        tracker.add_resident(*resident)
-        with tracker:
-            yield
-        self.parts[name] = tracker.report
-
-    def summary(self) -> dict | None:
-        if not self.parts:
-            return None
-        name, top = max(self.parts.items(), key=lambda kv: kv[1].peak_bytes)
-        return {"peak_bytes": top.peak_bytes, "peak_phase": name, "breakdown": top.breakdown,
-                "cuda_max_allocated": max((r.cuda_max_allocated or 0) for r in self.parts.values()) or None,
-                "parts": {k: r.peak_bytes for k, r in self.parts.items()}}
+def budget_bytes(cfg: PrecomputeConfig) -> int | None:
+    """Layer-major stage 1's memory budget in bytes (None: no budget)."""
+    return None if cfg.memory_budget is None else parse_size(cfg.memory_budget, "memory budget")
 
 
 def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
@@ -190,13 +163,10 @@ def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
 
 def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter) -> torch.Tensor:
     """Text-encoder output per prompt, exactly as StableDiffusionPipeline.encode_prompt computes it."""
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad(), meter.measure("text encoder", encoder):
-        embeds = encoder(ids.to(device))[0].float().cpu()
+    embeds = E.embed(encoder, E.prompt_ids(model_dir, prompts), device, meter)
     del encoder
     release_memory()
     return embeds
@@ -206,28 +176,16 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     """Scaled VAE latents, one posterior sample per photo (seeded). The decoder is never loaded."""
     from diffusers import AutoencoderKL
 
-    from hollownet.loading import read_tensors, weight_files
-
     config = AutoencoderKL.load_config(model_dir / "vae")
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     files = weight_files(model_dir, "vae")
     keys = [k for k in vae.state_dict() if not is_under(k, ["decoder", "post_quant_conv"])]
     vae.load_state_dict(read_tensors(files, keys, dtype=dtype, device=device), strict=False, assign=True)
-    vae.eval()
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad(), meter.measure("VAE encoder", vae):
-        for chunk in pixels.split(batch_size):
-            moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
-            mean, logvar = moments.float().cpu().chunk(2, dim=1)
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            out.append(mean + std * torch.randn(mean.shape, generator=g))
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = E.encode_latents(vae.eval(), pixels, seed, dtype, device, batch_size, meter)
     del vae
     release_memory()
-    return (torch.cat(out) - shift) * scale
+    return latents
 
 
 def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> PrecomputeResult:
@@ -237,11 +195,9 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     """
     from diffusers import DDPMScheduler
 
-    from hollownet.data import load_photos
-
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
-    dtype = DTYPES[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     plan = hollow_plan_for(model_dir, cfg) if cfg.method == "hollow" else None
     pixels, names = load_photos(cfg.images, cfg.resolution)
     class_pixels, class_names = (load_photos(cfg.class_images, cfg.resolution) if cfg.class_images else (pixels[:0], []))
@@ -267,12 +223,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     )
     meter = PartMeter(track_memory, cfg.device)
     store = Store(cfg.output)
-    budget = None
+    budget = budget_bytes(cfg)
     if cfg.layer_major:
-        from hollownet.lowmem import layerwise as LW
-        from hollownet.loading import return_freed_memory_promptly
-
-        budget = LW.parse_bytes(cfg.memory_budget)
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
@@ -328,11 +280,6 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
                             memory=meter.summary(), resumed_shards=len(done))
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-
 def _stats(stats) -> list[dict]:
     return [asdict(s) for s in stats]
 
@@ -346,9 +293,6 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
     writes the shards (each atomically, marked done one by one). An interruption before that
     leaves no shard written; the rerun recomputes those samples (the scratch is not reused).
     """
-    from hollownet.lowmem import layerwise as LW
-    from hollownet.loading import weight_files
-
     if not (store.root / "prompts.safetensors").exists():
         embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
                                          scratch=scratch / "text", budget=budget)
@@ -384,7 +328,7 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
     layer_bar = tqdm(desc="pre-compute (layer-major U-Net)", unit="layer", disable=None, leave=False)
     try:
         for shard, rows, a, b in spans:  # the U-Net's inputs, exactly as make_shard draws them
-            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, _NoBar())
+            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg)
             arrays.write("noisy", a, b, t["noisy"])
             arrays.write("timestep", a, b, t["timestep"])
             del t
@@ -409,8 +353,6 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
     """Stage 1 never runs the kept up units or the output head: don't load them."""
-    from hollownet.cut import unit_modules
-
     names = [n for u in plan.kept_up for n in unit_modules(unet, u)]
     return names + ["conv_norm_out", "conv_out"]
 
@@ -430,14 +372,17 @@ def noisy_and_target(latent: torch.Tensor, rows: list[dict], scheduler) -> tuple
     return noisy, target, t
 
 
-def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) -> dict[str, torch.Tensor]:
+def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar=None) -> dict[str, torch.Tensor]:
+    """One shard's tensors: the samples' noisy latents, targets, timesteps, prompts, weights and (with
+    a U-Net) the hollow's output, ``cfg.batch_size`` samples per forward; ``bar``: counts the samples."""
     latent = latents[[r["latent"] for r in rows]]
     noisy, target, t = noisy_and_target(latent, rows, scheduler)
     prompt_index = torch.tensor([r["prompt"] for r in rows], dtype=torch.long)
     out = dict(noisy=noisy, target=target, timestep=t, prompt_index=prompt_index,
                weight=torch.tensor([r["weight"] for r in rows], dtype=torch.float32))
     if unet is None:
-        bar.update(len(rows))
+        if bar is not None:
+            bar.update(len(rows))
         return out
     hollow_out = []
     with torch.no_grad():
@@ -446,7 +391,8 @@ def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) ->
             h = H.hollow_output(unet, plan, noisy[sl].to(cfg.device, dtype), t[sl].to(cfg.device),
                                 embeds[prompt_index[sl]].to(cfg.device, dtype))
             hollow_out.append(h.cpu())
-            bar.update(h.shape[0])
+            if bar is not None:
+                bar.update(h.shape[0])
     out["hollow_out"] = torch.cat(hollow_out)
     return out
 

@@ -25,8 +25,7 @@ from hollownet.errors import HollownetError
 from hollownet.stages.export import save_lora
 from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
 from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks
-from hollownet.stages.precompute import DTYPES
-from hollownet.settings import compute_precision, is_low_memory
+from hollownet.settings import FLOAT_PRECISIONS, compute_precision, is_low_memory, torch_dtype
 from hollownet.stages.store import Store, save_torch
 
 
@@ -60,10 +59,10 @@ class TrainConfig:
     def __post_init__(self):
         from hollownet.lowmem.quant import OPTIMIZERS, SCHEMES
 
-        if self.precision not in DTYPES and self.precision not in SCHEMES:
-            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*DTYPES, *SCHEMES))}")
-        if self.compute_dtype is not None and (self.compute_dtype not in DTYPES or self.precision not in SCHEMES):
-            raise HollownetError(f"a compute dtype (one of {', '.join(DTYPES)}) goes with --precision int8|nf4 only")
+        if self.precision not in FLOAT_PRECISIONS and self.precision not in SCHEMES:
+            raise HollownetError(f"--precision {self.precision!r} is not one of {', '.join((*FLOAT_PRECISIONS, *SCHEMES))}")
+        if self.compute_dtype is not None and (self.compute_dtype not in FLOAT_PRECISIONS or self.precision not in SCHEMES):
+            raise HollownetError(f"a compute dtype (one of {', '.join(FLOAT_PRECISIONS)}) goes with --precision int8|nf4 only")
         if self.method == "full" and self.precision != "fp32":
             raise HollownetError("--method full trains every weight and needs --precision fp32")
         if self.optimizer not in OPTIMIZERS:
@@ -99,14 +98,14 @@ class TrainResult:
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype of activations and of the (dequantized) frozen weights."""
-    return DTYPES[compute_precision(cfg.precision, cfg.compute_dtype)]
+    return torch_dtype(compute_precision(cfg.precision, cfg.compute_dtype))
 
 
 def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     """The network that is trained, with LoRA added; returns (unet, plan, trainable params)."""
     from diffusers import UNet2DConditionModel
 
-    if cfg.precision not in DTYPES or cfg.stream_weights:
+    if cfg.precision not in FLOAT_PRECISIONS or cfg.stream_weights:
         from hollownet.lowmem.stream import SafetensorsSource, build_lowmem_model
 
         return build_lowmem_model(UNet2DConditionModel.load_config(model_dir / "unet"), SafetensorsSource(model_dir),
@@ -117,7 +116,7 @@ def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig):
     if cfg.method == "hollow":
         plan = plan_for_blocks(skeleton, manifest["hollow_blocks"], rank=cfg.rank, lora_targets=tuple(cfg.lora_targets))
         skip = plan.hollow_prefixes(skeleton)
-    dtype = DTYPES[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
     if cfg.method == "full":
         unet.requires_grad_(True)
