@@ -98,11 +98,15 @@ def budget_bytes(cfg: PrecomputeConfig) -> int | None:
     return None if cfg.memory_budget is None else parse_size(cfg.memory_budget, "memory budget")
 
 
-def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
+def _skeleton(model_dir: Path):
+    """The model's U-Net on the meta device (structure, no weights)."""
     from diffusers import UNet2DConditionModel
 
-    unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
-    return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks)
+    return meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
+
+
+def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
+    return resolve_plan(_skeleton(model_dir), fraction=cfg.hollow, blocks=cfg.hollow_blocks)
 
 
 def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int,
@@ -236,94 +240,78 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
                               "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
     manifest = store.manifest()
-    if cfg.layer_major:  # an interrupted layer-major run's activations: never reused, recomputed
-        scratch = store.root / LW.SCRATCH
-        shutil.rmtree(scratch, ignore_errors=True)
-        info: dict = {"memory_budget": budget}
-        try:
-            _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget,
-                         meter, scratch, info)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
-                                resumed_shards=info["resumed_shards"], layer_major=info)
-    if not (store.root / "prompts.safetensors").exists():
-        save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device, meter)})
-    if not (store.root / "latents.safetensors").exists():
-        latents = encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
-        save_tensors(store.root / "latents.safetensors", {"latents": latents})
-    embeds = store.tensors("prompts.safetensors")["embeds"]
-    latents = store.tensors("latents.safetensors")["latents"]
-
+    table, size = manifest["samples"], manifest["shard_size"]
     done = store.done_shards()
-    todo = [i for i in range(manifest["num_shards"]) if i not in done]
-    unet = None
-    if plan is not None and todo:
-        from diffusers import UNet2DConditionModel
-
-        skip = kept_up_modules(meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")), plan)
-        unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
-    table = manifest["samples"]
-    size = manifest["shard_size"]
-    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
-    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
-    for shard in todo:
-        rows = table[shard * size : (shard + 1) * size]
-        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
-            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
-        save_tensors(store.root / shard_name(shard), tensors)
-        store.mark_done(shard)
-    bar.close()
-    del unet
-    release_memory()
-    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0,
-                            memory=meter.summary(), resumed_shards=len(done))
+    todo = {i: table[i * size : (i + 1) * size] for i in range(manifest["num_shards"]) if i not in done}
+    info: dict = {"memory_budget": budget, "resumed_shards": len(done)}  # layer-major runs report it
+    scratch = store.root / LW.SCRATCH
+    shutil.rmtree(scratch, ignore_errors=True)  # an interrupted layer-major run's activations: never reused
+    try:
+        embeds, latents = _prompts_and_latents(cfg, model_dir, store, prompts, torch.cat([pixels, class_pixels]), dtype,
+                                               budget, meter, scratch, info)
+        with tqdm(total=len(table), initial=len(table) - sum(map(len, todo.values())), desc="pre-compute",
+                  unit="sample", disable=None) as bar:
+            if cfg.layer_major and plan is not None and todo:
+                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter,
+                                  scratch, info, bar)
+            else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
+                _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype,
+                                   PartMeter(False) if cfg.layer_major else meter, bar)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
+                            resumed_shards=len(done), layer_major=info if cfg.layer_major else None)
 
 
 def _stats(stats) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget, meter,
-                 scratch, info) -> None:
-    """Stage 1 layer-major (``layerwise.py``): prompts, latents, then the unfinished shards.
-
-    Resumable like the sample-major path: finished files and shards are kept. The U-Net part runs
-    every sample of the unfinished shards through one layer at a time into scratch arrays, then
-    writes the shards (each atomically, marked done one by one). An interruption before that
-    leaves no shard written; the rerun recomputes those samples (the scratch is not reused).
-    """
+def _prompts_and_latents(cfg, model_dir, store, prompts, pixels, dtype, budget, meter, scratch, info):
+    """The prompt embeddings and the photos' latents, computed (sample- or layer-major) unless stored."""
     if not (store.root / "prompts.safetensors").exists():
-        embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
-                                         scratch=scratch / "text", budget=budget)
+        if cfg.layer_major:
+            embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
+                                             scratch=scratch / "text", budget=budget)
+            info["text encoder"] = _stats(stats)
+        else:
+            embeds = embed_prompts(model_dir, prompts, dtype, cfg.device, meter)
         save_tensors(store.root / "prompts.safetensors", {"embeds": embeds})
-        info["text encoder"] = _stats(stats)
     if not (store.root / "latents.safetensors").exists():
-        latents, stats = LW.encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device,
-                                          cfg.batch_size, meter, budget=budget, scratch=scratch / "vae")
+        if cfg.layer_major:
+            latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter,
+                                              budget=budget, scratch=scratch / "vae")
+            info["VAE encoder"] = _stats(stats)
+        else:
+            latents = encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
         save_tensors(store.root / "latents.safetensors", {"latents": latents})
-        info["VAE encoder"] = _stats(stats)
-    embeds = store.tensors("prompts.safetensors")["embeds"]
-    latents = store.tensors("latents.safetensors")["latents"]
-    done = store.done_shards()
-    info["resumed_shards"] = len(done)
-    table, size = manifest["samples"], manifest["shard_size"]
-    todo = [i for i in range(manifest["num_shards"]) if i not in done]
+    return store.tensors("prompts.safetensors")["embeds"], store.tensors("latents.safetensors")["latents"]
+
+
+def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, meter, bar) -> None:
+    """The unfinished shards one by one, the U-Net's encoder + hollow loaded whole (none for a baseline)."""
+    unet = None
+    if plan is not None and todo:
+        skip = kept_up_modules(_skeleton(model_dir), plan)
+        unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
+    for shard, rows in todo.items():
+        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
+            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
+        save_tensors(store.root / shard_name(shard), tensors)
+        store.mark_done(shard)
+    del unet
+    release_memory()
+
+
+def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter, scratch,
+                      info, bar) -> None:
+    """The unfinished shards' samples through the U-Net's encoder + hollow one layer at a time
+    (``layerwise.py``) into scratch arrays, then the shards written (each atomically, marked done one
+    by one). An interruption before that leaves no shard written; the rerun recomputes those samples."""
     spans, rows_all = [], []  # shard -> its rows' span in the arrays
-    for shard in todo:
-        rows = table[shard * size : (shard + 1) * size]
+    for shard, rows in todo.items():
         spans.append((shard, rows, len(rows_all), len(rows_all) + len(rows)))
         rows_all += rows
-    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
-    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
-    if plan is None or not todo:
-        for shard, rows, _, _ in spans:
-            save_tensors(store.root / shard_name(shard), make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar))
-            store.mark_done(shard)
-        bar.close()
-        return
-    from diffusers import UNet2DConditionModel
-
     arrays = LW.Arrays(len(rows_all), scratch / "unet", budget)
     layer_bar = tqdm(desc="pre-compute (layer-major U-Net)", unit="layer", disable=None, leave=False)
     try:
@@ -333,7 +321,7 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
             arrays.write("timestep", a, b, t["timestep"])
             del t
         prompt_index = torch.tensor([r["prompt"] for r in rows_all], dtype=torch.long)
-        unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")).requires_grad_(False).eval()
+        unet = _skeleton(model_dir).requires_grad_(False).eval()
         weights = LW.FileWeights(unet, weight_files(model_dir), dtype, cfg.device)
         out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, embeds, prompt_index, dtype=dtype, device=cfg.device,
                                         meter=meter, budget=budget, batch_size=cfg.batch_size, constants=(latents,),
@@ -348,7 +336,6 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
     finally:
         arrays.close()
         layer_bar.close()
-        bar.close()
 
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
