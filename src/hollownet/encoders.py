@@ -17,7 +17,7 @@ from hollownet.memory.tracker import PartMeter
 
 def prompt_ids(model_dir: Path, prompts: list[str]) -> torch.Tensor:
     """Token ids per prompt, padded to the tokenizer's length, as StableDiffusionPipeline.encode_prompt makes them."""
-    from transformers import AutoTokenizer  # lazily: transformers is slow to import and only stage 1 needs it
+    from transformers import AutoTokenizer  # lazily, like every model library here: it takes seconds to import
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

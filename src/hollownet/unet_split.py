@@ -267,8 +267,9 @@ def hollow_steps(unet: nn.Module, plan: HollowPlan, text: Callable[[slice], torc
     cond = text if unet.encoder_hid_proj is None else (lambda rows: unet.process_encoder_hidden_states(text(rows), {}))
     upsample = needs_sizes(unet, latent_hw)
     time_modules = ["time_embedding"] + (["add_embedding"] if getattr(unet, "add_embedding", None) is not None else [])
+    added_text = unet.config.addition_embed_type == "text"  # the one added embedding that reads the text
     steps = [Step("time_embedding", time_modules, ["noisy", "timestep"], "emb",
-                  lambda rows, x, t: time_embedding(unet, x.to(dtype), t, text(rows))),
+                  lambda rows, x, t: time_embedding(unet, x.to(dtype), t, text(rows) if added_text else None)),
              Step("conv_in", ["conv_in"], ["noisy"], "conv_in", lambda rows, x: conv_in(unet, x.to(dtype)))]
 
     def add(name, modules, fn, extra=()):  # the previous step's output first, then extra inputs
