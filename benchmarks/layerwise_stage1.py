@@ -46,10 +46,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from hollownet import encoders as E  # noqa: E402
 from hollownet.lowmem import layerwise as LW  # noqa: E402
-from hollownet.memory.tracker import format_bytes  # noqa: E402
+from hollownet.memory.tracker import PartMeter, format_bytes, parse_size  # noqa: E402
 from hollownet.cut import CONFIG_DIR, load_unet_config, make_plan, meta_unet  # noqa: E402
-from hollownet.stages.precompute import PartMeter, PrecomputeConfig, kept_up_modules, make_shard, run_precompute, sample_table  # noqa: E402
+from hollownet.stages.precompute import PrecomputeConfig, kept_up_modules, make_shard, run_precompute, sample_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1024**3
@@ -88,11 +89,6 @@ def _models(model: str):
     return unet, vae.requires_grad_(False).eval(), text.requires_grad_(False).eval()
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-
 def prompt_ids(length: int = 77) -> torch.Tensor:
     """CLIP ids of a short prompt, padded: <bos> 'a photo of sks dog' <eos> pad... (SD 2.x pads with id 0)."""
     ids = [49406, 320, 1125, 539, 48136, 1929, 49407]
@@ -104,7 +100,7 @@ def fake_peaks(args) -> dict:
     from torch._subclasses import FakeTensorMode
 
     dtype, res, n, P = torch.float32, args.resolution, args.samples, 1
-    budget = LW.parse_bytes(args.budget)
+    budget = parse_size(args.budget, "--budget")
     h = res // 8
     out = {"setting": dict(model=args.model, resolution=res, samples=n, photos=args.photos, precision="fp32",
                            budget_bytes=budget, batch_size=args.batch_size)}
@@ -135,20 +131,11 @@ def fake_peaks(args) -> dict:
     table = sample_table(args.photos, 0, pcfg, 1000)
     with FakeTensorMode() as mode:
         materialize(text, dtype)
-        with torch.no_grad(), sm.measure("text encoder", text):
-            text(mode.from_tensor(ids))[0].float()
+        E.embed(text, mode.from_tensor(ids), "cpu", sm)
         _to_meta(text)
         materialize(vae, dtype, skip=["decoder", "post_quant_conv"])
         pixels = torch.empty(args.photos, 3, res, res)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad(), sm.measure("VAE encoder", vae):
-            lat = []
-            for chunk in pixels.split(args.batch_size):
-                moments = vae.quant_conv(vae.encoder(chunk.to(dtype)))
-                mean, logvar = moments.float().chunk(2, dim=1)
-                lat.append(mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=g))
-                del moments, mean, logvar
-            del lat
+        E.encode_latents(vae, pixels, 0, dtype, "cpu", args.batch_size, sm)
         _to_meta(vae)
         del pixels
         scheduler = DDPMScheduler.from_config(_config(f"{args.model}_scheduler.json"))
@@ -156,7 +143,7 @@ def fake_peaks(args) -> dict:
         latents = torch.empty(args.photos, 4, h, h)
         embeds = torch.empty(P, 77, text.config.hidden_size)
         with sm.measure("U-Net encoder + hollow", unet):
-            make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg, _NoBar())
+            make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg)
         _to_meta(unet)
         # reference: fp32 inference, the whole U-Net, batch 1
         unet_full = meta_unet(load_unet_config(args.model)).requires_grad_(False).eval()

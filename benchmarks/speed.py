@@ -54,22 +54,22 @@ def random_unet(mc, dtype, device, drop=()):
 def trained_model(mc, method: str, rank: int, precision: str, device: str):
     """What train.build_model returns, with random weights: (unet, plan, trainable params)."""
     from hollownet.cut import make_plan, meta_unet
-    from hollownet.stages.precompute import DTYPES
     from hollownet.builder import add_lora, init_lora
+    from hollownet.settings import torch_dtype
 
     plan, skip = None, []
     if method == "hollow":
         skeleton = meta_unet(mc.unet)
         plan = make_plan(skeleton, rank=rank)
         skip = plan.hollow_prefixes(skeleton)
-    unet = random_unet(mc, DTYPES[precision], device, drop=skip)
+    unet = random_unet(mc, torch_dtype(precision), device, drop=skip)
     if method == "full":
         unet.requires_grad_(True)
         return unet, plan, list(unet.parameters())
     from hollownet.cut import lora_target_modules
 
     add_lora(unet, lora_target_modules(unet, skip, TARGETS), rank)
-    return unet, plan, init_lora(unet, DTYPES[precision], device)
+    return unet, plan, init_lora(unet, torch_dtype(precision), device)
 
 
 def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
@@ -108,9 +108,9 @@ def stage1_front(mc, precision: str, device: str, photos: int, resolution: int) 
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hollownet.stages.precompute import DTYPES
+    from hollownet.settings import torch_dtype
 
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     out = {}
     torch.manual_seed(0)
     encoder = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).to(device, dtype).eval()
@@ -147,13 +147,14 @@ def stage1_unet(mc, method: str, front: dict, n: int, precision: str, device: st
     from diffusers import DDPMScheduler
 
     from hollownet.cut import make_plan, meta_unet
-    from hollownet.stages.precompute import DTYPES, PrecomputeConfig, kept_up_modules, make_shard, sample_table
+    from hollownet.settings import torch_dtype
+    from hollownet.stages.precompute import PrecomputeConfig, kept_up_modules, make_shard, sample_table
 
     class Bar:
         def update(self, k=1):
             pass
 
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     cfg = PrecomputeConfig(model=mc.name, images="", prompt="", output="", method=method, num_samples=n,
                            precision=precision, shard_size=max(n, 1), device=device)
     unet = plan = None
@@ -194,8 +195,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from hollownet.memory.planner import load_model_configs
-    from hollownet.stages.precompute import DTYPES
-    from hollownet.settings import Modes
+    from hollownet.settings import Modes, torch_dtype
     from hollownet.stages.train import TrainConfig
 
     torch.set_flush_denormal(True)  # random weights can underflow; denormal arithmetic would distort CPU timings
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
     pres = args.personalize_resolution or resolutions[0]
-    dtype = DTYPES[args.precision]
+    dtype = torch_dtype(args.precision)
     embeds = torch.randn(1, mc.text_len, mc.text_dim)
     record = dict(model=args.model, device=args.device, threads=torch.get_num_threads(), rank=args.rank,
                   precision=args.precision, batch=args.batch, steps={}, personalization=None)

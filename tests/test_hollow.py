@@ -1,5 +1,7 @@
 """The split forward is the U-Net; the hollowed network fed the stored activation is too (LoRA at zero)."""
 
+import itertools
+
 import torch
 from hollownet import unet_split as H
 from hollownet.loading import load_unet
@@ -17,6 +19,22 @@ def test_split_forward_equals_unet_for_every_cut(tiny_model):
         ref = unet(x, t, text).sample
         for plan in all_plans(unet):
             torch.testing.assert_close(H.full_forward(unet, plan, x, t, text), ref, rtol=0, atol=0)
+
+
+def test_stage1_walk_equals_the_split_forward_for_every_cut():
+    """hollow_output walks the U-Net step by step (what layer-major stage 1 runs too): it must be the
+    split forward's encode -> hollow, exactly, also where the upsamplers need explicit sizes and with
+    a text added embedding."""
+    text = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        for unet, shape in itertools.product((_tiny_unet(), _tiny_unet(addition_embed_type="text", addition_embed_type_num_heads=4)),
+                                             ((2, 4, 8, 8), (2, 4, 6, 10))):
+            x, t = torch.randn(shape), torch.tensor([3, 900])
+            for plan in all_plans(unet):
+                ctx = H.make_context(unet, x, t, text)
+                h, skips = H.encode(unet, plan, x, ctx)
+                torch.testing.assert_close(H.hollow_output(unet, plan, x, t, text), H.hollow(unet, plan, h, ctx, skips),
+                                           rtol=0, atol=0)
 
 
 def test_zero_lora_hollowed_forward_on_stored_activation_equals_full_unet(tiny_model, hollow_store):

@@ -114,7 +114,8 @@ def test_vae_encoder_layerwise_equals_encoder(tiny_model):
     from diffusers import AutoencoderKL
 
     from hollownet.loading import weight_files
-    from hollownet.stages.precompute import PartMeter, encode_photos
+    from hollownet.memory.tracker import PartMeter
+    from hollownet.stages.precompute import encode_photos
 
     pixels = torch.rand(5, 3, 64, 64) * 2 - 1
     vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
@@ -224,7 +225,7 @@ def test_fake_and_real_layer_major_measurements_agree(tiny_model, tmp_path):
 
     from hollownet.loading import weight_files
     from hollownet.cut import make_plan, meta_unet
-    from hollownet.stages.precompute import PartMeter
+    from hollownet.memory.tracker import PartMeter
 
     n, budget = 11, 300_000
     g = torch.Generator().manual_seed(0)
@@ -313,12 +314,13 @@ def test_a_budget_too_small_for_one_sample_warns(tiny_model, tmp_path):
 
 
 def test_budget_parsing_and_validation(tiny_model, dog_photos, tmp_path):
-    assert LW.parse_bytes("0.8GiB") == int(0.8 * 1024**3) and LW.parse_bytes("800MiB") == 800 * 1024**2
-    assert LW.parse_bytes("2G") == 2 * 1024**3 and LW.parse_bytes("1.5 GB") == 1_500_000_000 and LW.parse_bytes(4096) == 4096
-    assert LW.parse_bytes(None) is None
+    from hollownet.stages.precompute import budget_bytes
+
+    assert budget_bytes(config(tiny_model, dog_photos, tmp_path, layer_major=True, memory_budget="0.8GiB")) == int(0.8 * 2**30)
+    assert budget_bytes(config(tiny_model, dog_photos, tmp_path, layer_major=True)) is None
     for bad in ("lots", "-1GiB", 0, "3 parsecs"):
         with pytest.raises(HollownetError, match="memory budget"):
-            LW.parse_bytes(bad)
+            config(tiny_model, dog_photos, tmp_path, layer_major=True, memory_budget=bad)
     with pytest.raises(HollownetError, match="layer-major pre-compute only"):
         config(tiny_model, dog_photos, tmp_path, memory_budget="1GiB")
     with pytest.raises(HollownetError, match="memory budget"):

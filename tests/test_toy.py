@@ -133,8 +133,6 @@ def personalized(tmp_path_factory):
             gen = run_generate(GenerateConfig(model="toy", lora=str(lora) if lora else None, prompt=prompt,
                                               output=str(folder), num_images=2, steps=GEN_STEPS, guidance=GUIDANCE,
                                               seed=10 * j))
-            from PIL import Image
-
             images += [Image.open(folder / f).convert("RGB") for f in gen["images"]]
         out[method] = images
     return out

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hollownet.errors import HollownetError
+from hollownet.loading import resolve_model_dir
 from hollownet.settings import DEFAULT_LORA_TARGETS  # noqa: F401  (re-exported: the cut is where LoRA targets are used)
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -318,8 +319,6 @@ def load_unet_config(model: str | Path) -> dict:
     if str(model) in BUNDLED_UNETS:
         cfg = json.loads(_bundled_config(str(model)))
     else:
-        from hollownet.loading import resolve_model_dir
-
         path = resolve_model_dir(model) / "unet" / "config.json"
         cfg = json.loads(path.read_text())
     return {k: v for k, v in cfg.items() if not k.startswith("_note")}

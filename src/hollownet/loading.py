@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hollownet.errors import HollownetError
+from hollownet.singlefile import convert_single_file, is_single_file
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
 
 LAYOUT = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -28,8 +29,6 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     """A local diffusers folder, the bundled toy model (``toy``), a single-file checkpoint, or a hub id
     fetched into the local cache (where a network exists)."""
     path = toy_model_dir() if str(model) == TOY else Path(model).expanduser()
-    from hollownet.singlefile import convert_single_file, is_single_file
-
     if is_single_file(path):  # one .safetensors / .ckpt in the original SD layout: converted once, cached
         return convert_single_file(path)
     if path.exists():

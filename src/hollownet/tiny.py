@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from hollownet.singlefile import bytes_to_unicode
+
 TINY_UNET = dict(
     sample_size=8,
     in_channels=4,
@@ -40,8 +42,6 @@ TINY_VAE = dict(
 
 def byte_symbols() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (printable bytes map to themselves), by byte."""
-    from hollownet.singlefile import bytes_to_unicode
-
     return dict(sorted(bytes_to_unicode().items()))
 
 

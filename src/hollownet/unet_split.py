@@ -1,22 +1,27 @@
 """The U-Net forward, split at the hollow: encode (kept down) -> hollow -> decode (kept up).
 
 This follows the numbered stages of diffusers' ``UNet2DConditionModel.forward`` but walks the
-ladder unit by unit (see ``plan.py``), so a cut may fall inside a block. Composed, the three parts
+ladder unit by unit (see ``cut.py``), so a cut may fall inside a block. Composed, the three parts
 are the full U-Net forward (tested against ``unet(...)``). Training runs ``encode`` and ``decode``
 with the stored hollow output in between; inference runs the hollow live.
+
+Stage 1 (the hollow's output, no grad) walks the same ladder one layer at a time instead
+(:func:`hollow_steps`: a resnet and its attention are two steps, the mid block is split into its
+resnets and attentions): the sample-major stage 1 runs the steps on a batch (:func:`hollow_output`),
+the layer-major one (``lowmem/layerwise.py``) runs each step over every sample before the next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hollownet.errors import HollownetError
-from hollownet.cut import HollowPlan, Unit
+from hollownet.cut import HollowPlan, Unit, unit_modules
 
 
 @dataclass
@@ -36,18 +41,25 @@ def make_context(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Te
                  added_cond_kwargs: dict | None = None, unit_weights: Callable | None = None) -> Context:
     """Stage 1 of diffusers' forward: time, class and added embeddings, text projection."""
     check_supported(unet)
+    emb = time_embedding(unet, sample, timestep, text, added_cond_kwargs)
+    text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs)
+    return Context(emb=emb, text=text, upsample=needs_sizes(unet, sample.shape[-2:]), grad_checkpointing=grad_checkpointing,
+                   unit_weights=unit_weights)
+
+
+def time_embedding(unet: nn.Module, sample: torch.Tensor, timestep, text: torch.Tensor, added_cond_kwargs=None):
+    """The time embedding every resnet gets, with the added (e.g. text) embedding."""
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
     aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs or {})
     if aug is not None:
         emb = emb + aug
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    factor = 2**unet.num_upsamplers
-    upsample = any(d % factor for d in sample.shape[-2:])
-    text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs)
-    return Context(emb=emb, text=text, upsample=upsample, grad_checkpointing=grad_checkpointing,
-                   unit_weights=unit_weights)
+    return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+
+
+def needs_sizes(unet: nn.Module, latent_hw) -> bool:
+    """A latent size not a multiple of 2**num_upsamplers: the upsamplers need the skips' sizes passed."""
+    return any(d % 2**unet.num_upsamplers for d in latent_hw)
 
 
 # What the split forward follows of diffusers' forward. Anything else would be computed silently
@@ -131,12 +143,14 @@ def run_mid(unet, h, ctx: Context) -> torch.Tensor:
 
 def encode(unet, plan: HollowPlan, sample, ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """conv_in and the kept down units: the hollow's input and the kept skips."""
-    if unet.config.center_input_sample:
-        sample = 2 * sample - 1.0
-    h = unet.conv_in(sample)
+    h = conv_in(unet, sample)
     skips = [h]
     h = run_down(unet, plan.kept_down, h, ctx, skips)
     return h, skips
+
+
+def conv_in(unet, sample: torch.Tensor) -> torch.Tensor:
+    return unet.conv_in(2 * sample - 1.0 if unet.config.center_input_sample else sample)
 
 
 def hollow(unet, plan: HollowPlan, h, ctx: Context, kept_skips: list[torch.Tensor]) -> torch.Tensor:
@@ -175,7 +189,128 @@ def hollowed_forward(unet, plan: HollowPlan, sample, timestep, text, hollow_out,
 
 
 def hollow_output(unet, plan: HollowPlan, sample, timestep, text) -> torch.Tensor:
-    """Stage 1's product: what the hollow hands to the first kept up unit (no outer up layers run)."""
-    ctx = make_context(unet, sample, timestep, text)
-    h, skips = encode(unet, plan, sample, ctx)
-    return hollow(unet, plan, h, ctx, skips)
+    """Stage 1's product: what the hollow hands to the first kept up unit (no outer up layers run).
+
+    :func:`hollow_steps` on the whole batch, each step's inputs dropped after their last reader."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    steps = hollow_steps(unet, plan, lambda rows: text, sample.shape[-2:], sample.dtype, shapes.__getitem__)
+    values = {"noisy": sample, "timestep": timestep}
+    last = {name: i for i, step in enumerate(steps) for name in step.inputs}
+    for i, step in enumerate(steps):
+        values[step.output] = step.fn(slice(None), *(values[name] for name in step.inputs))
+        shapes[step.output] = tuple(values[step.output].shape)
+        for name in set(step.inputs):
+            if last[name] == i:
+                del values[name]
+    return values[steps[-1].output]
+
+
+# ------------------------------------------------------------------ stage 1's walk, step by step
+
+
+@dataclass
+class Step:
+    """One layer of a walk: ``fn(rows, *inputs)`` computes ``output`` from the values named in ``inputs``
+    for the samples ``rows`` (a slice: it picks their text conditioning), running only the submodules
+    ``modules``. ``rows``: tensor name -> the rows of it to load (layer-major: the token embedding)."""
+
+    name: str
+    modules: list[str]
+    inputs: list[str]
+    output: str
+    fn: Callable[..., torch.Tensor]
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def seq(modules, x, *args):
+    for m in modules:
+        x = m(x, *args)
+    return x
+
+
+def mid_steps(mid, prefix: str, add, temb: bool, text) -> None:
+    """``UNetMidBlock2DCrossAttn`` / ``UNetMidBlock2D`` forward, one resnet or attention a step:
+    resnets[0], then for each (attention, resnet) pair the attention, then the resnet. ``add(name,
+    modules, fn, extra_inputs)`` appends a step reading the previous output; ``temb``: the resnets
+    take the time embedding (input ``emb``); ``text(rows)``: the cross-attention conditioning."""
+    cross = getattr(mid, "has_cross_attention", False)
+    ins_t = ["emb"] if temb else []
+
+    def res_fn(res):
+        if not temb:
+            return lambda rows, x: res(x, None)
+        return lambda rows, x, emb: res(x, emb)
+
+    def attn_fn(attn):
+        if cross:
+            return lambda rows, x: attn(x, encoder_hidden_states=text(rows), cross_attention_kwargs=None, attention_mask=None,
+                                        encoder_attention_mask=None, return_dict=False)[0]
+        if not temb:
+            return lambda rows, x: attn(x, temb=None)
+        return lambda rows, x, emb: attn(x, temb=emb)
+
+    add(f"{prefix}.resnets.0", [f"{prefix}.resnets.0"], res_fn(mid.resnets[0]), ins_t)
+    for j, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        if attn is not None:
+            add(f"{prefix}.attentions.{j}", [f"{prefix}.attentions.{j}"], attn_fn(attn), ins_t if not cross else [])
+        add(f"{prefix}.resnets.{j + 1}", [f"{prefix}.resnets.{j + 1}"], res_fn(res), ins_t)
+
+
+def hollow_steps(unet: nn.Module, plan: HollowPlan, text: Callable[[slice], torch.Tensor], latent_hw, dtype: torch.dtype,
+                 shape_of: Callable[[str], tuple[int, ...]]) -> list[Step]:
+    """Stage 1's U-Net part as steps: time embedding, ``conv_in``, the kept down units, the hollow.
+
+    Inputs ``noisy`` and ``timestep``; ``text(rows)``: the rows' text conditioning; ``shape_of(name)``:
+    the shape of a step's output once computed (the upsamplers' sizes). The last step's output is
+    what the hollow hands to the first kept up unit. The kept down units' skips are never read: only
+    the kept up units consume them, and those never run in stage 1.
+    """
+    check_supported(unet)
+    cond = text if unet.encoder_hid_proj is None else (lambda rows: unet.process_encoder_hidden_states(text(rows), {}))
+    upsample = needs_sizes(unet, latent_hw)
+    time_modules = ["time_embedding"] + (["add_embedding"] if getattr(unet, "add_embedding", None) is not None else [])
+    added_text = unet.config.addition_embed_type == "text"  # the one added embedding that reads the text
+    steps = [Step("time_embedding", time_modules, ["noisy", "timestep"], "emb",
+                  lambda rows, x, t: time_embedding(unet, x.to(dtype), t, text(rows) if added_text else None)),
+             Step("conv_in", ["conv_in"], ["noisy"], "conv_in", lambda rows, x: conv_in(unet, x.to(dtype)))]
+
+    def add(name, modules, fn, extra=()):  # the previous step's output first, then extra inputs
+        steps.append(Step(name, modules, [steps[-1].output, *extra], name, fn))
+
+    def add_unit(unit: Unit, skip=None, size=None):
+        names = unit_modules(unet, unit)
+        block = (unet.down_blocks if unit.side == "down" else unet.up_blocks)[unit.block]
+        if unit.index is None:
+            mods = block.downsamplers if unit.side == "down" else block.upsamplers
+            if unit.side == "down":
+                add(names[0], names, lambda rows, x: seq(mods, x))
+            else:
+                add(names[0], names, lambda rows, x: seq(mods, x, size() if size else None))
+            return
+        res = block.resnets[unit.index]
+        if skip is None:
+            add(names[0], [names[0]], lambda rows, x, emb: res(x, emb), ["emb"])
+        else:
+            add(names[0], [names[0]], lambda rows, x, s, emb: res(torch.cat([x, s], dim=1), emb), [skip, "emb"])
+        if len(names) > 1:
+            attn = block.attentions[unit.index]
+            add(names[1], [names[1]], lambda rows, x: attn(x, encoder_hidden_states=cond(rows), return_dict=False)[0])
+
+    for unit in plan.kept_down:
+        add_unit(unit)
+    hollow_in = steps[-1].output
+    inner: list[str] = []
+    for unit in plan.hollow_down:
+        add_unit(unit)
+        inner.append(steps[-1].output)
+    mid_steps(unet.mid_block, "mid_block", add, temb=True, text=cond)
+    for unit in plan.hollow_up:
+        if unit.index is not None:
+            add_unit(unit, skip=inner.pop())
+            continue
+        size = None
+        if upsample and unit.block != len(unet.up_blocks) - 1:
+            ref = inner[-1] if inner else hollow_in
+            size = lambda ref=ref: tuple(shape_of(ref)[2:])  # noqa: E731
+        add_unit(unit, size=size)
+    return steps

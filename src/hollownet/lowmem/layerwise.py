@@ -3,7 +3,7 @@
 Stage 1 is forward-only over a fixed set of samples, so it need not hold a whole model. The
 sample-major path (``precompute.py``) loads the text encoder, the VAE encoder and the U-Net's
 encoder + hollow whole and runs each batch through all of it. Here each model is a list of
-:class:`Layer` s, run in order; for each layer:
+:class:`~hollownet.unet_split.Step` s, run in order; for each layer:
 
 1. its weights are read from the safetensors file into a skeleton built on the meta device
    (:class:`FileWeights`; :class:`EmptyWeights` gives fake or random weights instead, for
@@ -32,7 +32,7 @@ cost); the rest of the layer's chunks take as many samples as fit in what the bu
 the layer's weights and the arrays in RAM. Without a budget every array stays in RAM and the chunk
 is ``batch_size`` samples.
 
-Memory accounting: one tracker per layer (``PartMeter.measure``) with the loaded layer and the
+Memory accounting: one tracker per layer (``memory.tracker.PartMeter.measure``) with the loaded layer and the
 arrays in RAM as residents; a spilled chunk is ``torch.from_numpy(memmap[a:b])``, a storage of the
 chunk's size that the tracker counts from its creation (the rest of the file is page cache, not
 tensor memory, and is not counted). Under ``FakeTensorMode`` (``Arrays(simulate=True)``) nothing
@@ -45,23 +45,27 @@ layer writes exists from its first chunk on and nothing else accumulates between
 from __future__ import annotations
 
 import errno
-
 import math
+import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch._subclasses import FakeTensorMode
 
+from hollownet import encoders as E
 from hollownet import unet_split as H
 from hollownet.errors import HollownetError
-from hollownet.loading import vae_scale_factor
+from hollownet.loading import vae_scale_factor, weight_files
+from hollownet.memory.tracker import MemoryTracker, PartMeter, format_bytes
+from hollownet.stages.store import disk_error
+from hollownet.unet_split import Step, mid_steps, seq
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
 #: layer in flight (its weights and one chunk's activations).
@@ -70,28 +74,10 @@ RAM_FRACTION = 0.25
 SCRATCH = ".layer-major-scratch"
 
 _RAW = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
 class BudgetWarning(UserWarning):
     """The memory budget is below what a layer needs for one sample (it runs anyway, one at a time)."""
-
-
-def parse_bytes(value) -> int | None:
-    """``None``, a number of bytes, or a string such as ``"800MiB"``, ``"0.8GiB"``, ``"2G"`` (binary)."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise HollownetError(f"memory budget {value!r} is not a size (e.g. 800MiB, 0.8GiB, 2G or a number of bytes)")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise HollownetError(f"memory budget {value!r} must be positive")
-    return n
 
 
 # ------------------------------------------------------------------------ activation arrays
@@ -326,19 +312,6 @@ class EmptyWeights(Weights):
 
 
 @dataclass
-class Layer:
-    """One load-compute-free step. ``fn(rows, *chunks)``: the output for the samples ``rows`` (a
-    slice) from the chunks of the ``inputs`` arrays; it runs the modules named in ``modules``."""
-
-    name: str
-    modules: list[str]
-    inputs: list[str]
-    output: str
-    fn: Callable[..., torch.Tensor]
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # see Weights
-
-
-@dataclass
 class LayerStat:
     name: str
     weight_bytes: int
@@ -348,21 +321,14 @@ class LayerStat:
     one_sample_bytes: int | None = None  # weights + arrays in RAM + constants + one sample's chunk (budget set)
 
 
-class _NullMeter:
-    def measure(self, name, *resident):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-
-def run_layers(layers: list[Layer], arrays: Arrays, weights: Weights, *, keep=(), meter=None, part: str = "",
+def run_layers(layers: list[Step], arrays: Arrays, weights: Weights, *, keep=(), meter=None, part: str = "",
                budget: int | None = None, batch_size: int = 4, device="cpu", constants=(), bar=None) -> list[LayerStat]:
     """Run ``layers`` in order over all ``arrays.n`` samples (see the module docstring).
 
     ``keep``: arrays not to free after their last reader (the outputs). ``constants``: tensors held
     for the whole part (prompt embeddings...): counted as residents of every layer's measurement.
     """
-    meter = meter or _NullMeter()
+    meter = meter or PartMeter(False)
     last = {name: i for i, layer in enumerate(layers) for name in layer.inputs}
     stats = []
     with torch.no_grad():
@@ -381,8 +347,6 @@ def run_layers(layers: list[Layer], arrays: Arrays, weights: Weights, *, keep=()
                 bar.update(1)
     over = [s for s in stats if budget is not None and s.one_sample_bytes is not None and s.one_sample_bytes > budget]
     if over:
-        from hollownet.memory.tracker import format_bytes
-
         worst = max(over, key=lambda s: s.one_sample_bytes)
         warnings.warn(f"{part or 'layer-major'}: the memory budget ({format_bytes(budget)}) is below what {len(over)} "
                       f"layer(s) need for a single sample (up to {format_bytes(worst.one_sample_bytes)}, {worst.name}); "
@@ -390,14 +354,12 @@ def run_layers(layers: list[Layer], arrays: Arrays, weights: Weights, *, keep=()
     return stats
 
 
-def _chunk(layer: Layer, arrays: Arrays, a: int, b: int, device) -> torch.Tensor:
+def _chunk(layer: Step, arrays: Arrays, a: int, b: int, device) -> torch.Tensor:
     chunks = [arrays.read(name, a, b).to(device) for name in layer.inputs]
     return layer.fn(slice(a, b), *chunks)
 
 
 def _run_layer(layer, mods, arrays, budget, batch_size, device, constants) -> LayerStat:
-    from hollownet.memory.tracker import MemoryTracker
-
     n, a = arrays.n, 0
     weight_bytes = _module_bytes(mods)
     size, work, one, done_sizes = (batch_size if budget is None else None), None, None, set()
@@ -428,7 +390,7 @@ def _run_layer(layer, mods, arrays, budget, batch_size, device, constants) -> La
 # ----------------------------------------------------------------------- the three models
 
 
-def text_encoder_layers(model: nn.Module, ids: torch.Tensor) -> tuple[list[Layer], torch.Tensor, str]:
+def text_encoder_layers(model: nn.Module, ids: torch.Tensor) -> tuple[list[Step], torch.Tensor, str]:
     """A ``CLIPTextModel`` (built on meta) as layers: embeddings, each encoder layer, final norm.
 
     Returns the layers, the ids remapped to rows of the token-embedding slice the embeddings layer
@@ -443,7 +405,7 @@ def text_encoder_layers(model: nn.Module, ids: torch.Tensor) -> tuple[list[Layer
         pos = torch.arange(x.shape[-1], device=x.device).unsqueeze(0)
         return model.embeddings(input_ids=x, position_ids=pos)
 
-    layers = [Layer("embeddings", ["embeddings"], ["ids"], "embeddings", embeddings,
+    layers = [Step("embeddings", ["embeddings"], ["ids"], "embeddings", embeddings,
                     rows={"embeddings.token_embedding.weight": used})]
     h = "embeddings"
     for i, block in enumerate(model.encoder.layers):
@@ -451,29 +413,29 @@ def text_encoder_layers(model: nn.Module, ids: torch.Tensor) -> tuple[list[Layer
             mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None)
             return block(x, mask, is_causal=True)
 
-        layers.append(Layer(f"encoder.layers.{i}", [f"encoder.layers.{i}"], [h], f"encoder.layers.{i}", fn))
+        layers.append(Step(f"encoder.layers.{i}", [f"encoder.layers.{i}"], [h], f"encoder.layers.{i}", fn))
         h = f"encoder.layers.{i}"
-    layers.append(Layer("final_layer_norm", ["final_layer_norm"], [h], "embeds", lambda rows, x: model.final_layer_norm(x)))
+    layers.append(Step("final_layer_norm", ["final_layer_norm"], [h], "embeds", lambda rows, x: model.final_layer_norm(x)))
     return layers, remapped, "embeds"
 
 
-def vae_encoder_layers(vae: nn.Module, dtype: torch.dtype) -> tuple[list[Layer], str]:
+def vae_encoder_layers(vae: nn.Module, dtype: torch.dtype) -> tuple[list[Step], str]:
     """An ``AutoencoderKL``'s encoder and ``quant_conv`` as layers, input array ``pixels``.
     The output (``moments``) equals ``vae.quant_conv(vae.encoder(pixels))``."""
     enc = vae.encoder
-    layers = [Layer("encoder.conv_in", ["encoder.conv_in"], ["pixels"], "encoder.conv_in",
+    layers = [Step("encoder.conv_in", ["encoder.conv_in"], ["pixels"], "encoder.conv_in",
                     lambda rows, x: enc.conv_in(x.to(dtype)))]
 
     def add(name, modules, fn, extra=()):
-        layers.append(Layer(name, modules, [layers[-1].output, *extra], name, fn))
+        layers.append(Step(name, modules, [layers[-1].output, *extra], name, fn))
 
     for b, block in enumerate(enc.down_blocks):
         p = f"encoder.down_blocks.{b}"
         for r, res in enumerate(block.resnets):
             add(f"{p}.resnets.{r}", [f"{p}.resnets.{r}"], lambda rows, x, res=res: res(x, temb=None))
         if block.downsamplers is not None:
-            add(f"{p}.downsamplers", [f"{p}.downsamplers"], lambda rows, x, ds=block.downsamplers: _seq(ds, x))
-    _mid_layers(enc.mid_block, "encoder.mid_block", add, temb=None, text=None)
+            add(f"{p}.downsamplers", [f"{p}.downsamplers"], lambda rows, x, ds=block.downsamplers: seq(ds, x))
+    mid_steps(enc.mid_block, "encoder.mid_block", add, temb=False, text=None)
 
     def out(rows, x):
         return enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
@@ -483,117 +445,6 @@ def vae_encoder_layers(vae: nn.Module, dtype: torch.dtype) -> tuple[list[Layer],
         add("quant_conv", ["quant_conv"], lambda rows, x: vae.quant_conv(x))
     layers[-1].output = "moments"
     return layers, "moments"
-
-
-def _seq(modules, x, *args):
-    for m in modules:
-        x = m(x, *args)
-    return x
-
-
-def _mid_layers(mid, prefix, add, temb, text):
-    """``UNetMidBlock2DCrossAttn`` / ``UNetMidBlock2D`` forward, one resnet or attention a layer:
-    resnets[0], then for each (attention, resnet) pair the attention, then the resnet.
-    ``temb(chunks)`` / ``text(rows)``: the time embedding and text conditioning for a chunk."""
-    cross = getattr(mid, "has_cross_attention", False)
-    ins_t = ["emb"] if temb is not None else []
-
-    def res_fn(res):
-        if temb is None:
-            return lambda rows, x: res(x, None)
-        return lambda rows, x, emb: res(x, emb)
-
-    def attn_fn(attn):
-        if cross:
-            return lambda rows, x: attn(x, encoder_hidden_states=text(rows), cross_attention_kwargs=None, attention_mask=None,
-                                        encoder_attention_mask=None, return_dict=False)[0]
-        if temb is None:
-            return lambda rows, x: attn(x, temb=None)
-        return lambda rows, x, emb: attn(x, temb=emb)
-
-    add(f"{prefix}.resnets.0", [f"{prefix}.resnets.0"], res_fn(mid.resnets[0]), ins_t)
-    for j, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
-        if attn is not None:
-            add(f"{prefix}.attentions.{j}", [f"{prefix}.attentions.{j}"], attn_fn(attn), ins_t if not cross else [])
-        add(f"{prefix}.resnets.{j + 1}", [f"{prefix}.resnets.{j + 1}"], res_fn(res), ins_t)
-
-
-def unet_hollow_layers(unet: nn.Module, plan, arrays: Arrays, text: Callable[[slice], torch.Tensor],
-                       latent_hw: tuple[int, int], dtype: torch.dtype) -> tuple[list[Layer], str]:
-    """Stage 1's U-Net part as layers: time embedding, ``conv_in``, the kept down units, the hollow.
-
-    Input arrays ``noisy`` and ``timestep``; ``text(rows)`` gives the chunk's text conditioning.
-    Follows ``hollow.hollow_output`` (``make_context``, ``encode``, ``hollow``) module by module.
-    Returns the layers and the output array's name (what the hollow hands to the first kept up unit).
-    """
-    if unet.encoder_hid_proj is not None:
-        raise HollownetError("layer-major pre-compute does not support U-Nets with an encoder_hid_proj")
-    factor = 2**unet.num_upsamplers
-    upsample = any(d % factor for d in latent_hw)
-
-    H.check_supported(unet)
-
-    def time_fn(rows, x, t):  # hollow.make_context's embedding part
-        t_emb = unet.get_time_embed(sample=x.to(dtype), timestep=t)
-        emb = unet.time_embedding(t_emb, None)
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text(rows), added_cond_kwargs={})
-        if aug is not None:
-            emb = emb + aug
-        return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
-
-    def conv_in(rows, x):
-        x = x.to(dtype)
-        if unet.config.center_input_sample:
-            x = 2 * x - 1.0
-        return unet.conv_in(x)
-
-    time_modules = ["time_embedding"] + (["add_embedding"] if getattr(unet, "add_embedding", None) is not None else [])
-    layers = [Layer("time_embedding", time_modules, ["noisy", "timestep"], "emb", time_fn),
-              Layer("conv_in", ["conv_in"], ["noisy"], "conv_in", conv_in)]
-
-    def add_x(name, modules, fn, extra=()):  # hidden state first, then extra inputs
-        layers.append(Layer(name, modules, [layers[-1].output, *extra], name, fn))
-
-    def add_unit(unit, skip=None, size=None):
-        from hollownet.cut import unit_modules
-
-        names = unit_modules(unet, unit)
-        block = (unet.down_blocks if unit.side == "down" else unet.up_blocks)[unit.block]
-        if unit.index is None:
-            mods = block.downsamplers if unit.side == "down" else block.upsamplers
-            if unit.side == "down":
-                add_x(names[0], names, lambda rows, x, mods=mods: _seq(mods, x))
-            else:
-                add_x(names[0], names, lambda rows, x, mods=mods: _seq(mods, x, size() if size else None))
-            return
-        res = block.resnets[unit.index]
-        if skip is None:
-            add_x(names[0], [names[0]], lambda rows, x, emb, res=res: res(x, emb), ["emb"])
-        else:
-            add_x(names[0], [names[0]], lambda rows, x, s, emb, res=res: res(torch.cat([x, s], dim=1), emb), [skip, "emb"])
-        if len(names) > 1:
-            attn = block.attentions[unit.index]
-            add_x(names[1], [names[1]], lambda rows, x, attn=attn: attn(x, encoder_hidden_states=text(rows), return_dict=False)[0])
-
-    for unit in plan.kept_down:  # their skips are never stored: only kept up units consume them
-        add_unit(unit)
-    hollow_in = layers[-1].output
-    inner: list[str] = []
-    for unit in plan.hollow_down:
-        add_unit(unit)
-        inner.append(layers[-1].output)
-
-    _mid_layers(unet.mid_block, "mid_block", add_x, temb=True, text=text)
-    for unit in plan.hollow_up:
-        if unit.index is not None:
-            add_unit(unit, skip=inner.pop())
-        else:
-            size = None
-            if upsample and unit.block != len(unet.up_blocks) - 1:
-                ref = inner[-1] if inner else hollow_in
-                size = lambda ref=ref: tuple(arrays.shape(ref)[2:])  # noqa: E731
-            add_unit(unit, size=size)
-    return layers, layers[-1].output
 
 
 # ------------------------------------------------------------------------------- parts
@@ -624,8 +475,8 @@ def run_text_encoder(model: nn.Module, ids: torch.Tensor | None, weights: Weight
 
 def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: Weights, *, dtype, device="cpu",
                     meter=None, budget: int | None = None, batch_size: int = 4, scratch=None, simulate=False, bar=None):
-    """Scaled latents, one seeded posterior sample per photo: ``precompute.encode_photos``'s math
-    (the noise drawn chunk by chunk of ``batch_size`` photos, as there). Returns (latents, stats)."""
+    """Scaled latents, one seeded posterior sample per photo, drawn chunk by chunk of ``batch_size``
+    photos as the sample-major stage 1 draws them (``encoders``). Returns (latents, stats)."""
     layers, out = vae_encoder_layers(vae, dtype)
     arrays = Arrays(pixels.shape[0], scratch, budget, simulate=simulate)
     try:
@@ -633,32 +484,27 @@ def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: We
         stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="VAE encoder", budget=budget,
                            batch_size=batch_size, device=device, bar=bar)
         g = torch.Generator().manual_seed(seed)
-        samples = []
-        with (meter or _NullMeter()).measure("VAE encoder: posterior sample", *arrays.ram_tensors()):
-            for a in range(0, arrays.n, batch_size):
-                moments = arrays.read(out, a, min(arrays.n, a + batch_size))
-                mean, logvar = moments.float().cpu().chunk(2, dim=1)
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                samples.append(mean + std * torch.randn(mean.shape, generator=g))
-                del moments, mean, logvar, std
+        with (meter or PartMeter(False)).measure("VAE encoder: posterior sample", *arrays.ram_tensors()):
+            samples = [E.posterior_sample(arrays.read(out, a, min(arrays.n, a + batch_size)), g)
+                       for a in range(0, arrays.n, batch_size)]
     finally:
         arrays.close()
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (torch.cat(samples) - shift) * scale, stats
+    return E.scale_latents(samples, vae.config), stats
 
 
 def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, embeds: torch.Tensor,
                     prompt_index: torch.Tensor, *, dtype, device="cpu", meter=None, budget: int | None = None,
                     batch_size: int = 4, constants=(), bar=None) -> tuple[str, list[LayerStat]]:
     """The hollow's output for every sample of ``arrays`` (which holds ``noisy`` and ``timestep``):
-    ``hollow.hollow_output`` layer by layer. Returns the output array's name (kept) and the stats."""
+    ``unet_split.hollow_steps`` step by step. Returns the output array's name (kept) and the stats."""
+    if unet.encoder_hid_proj is not None:  # it would run in every attention step, but is no step's module
+        raise HollownetError("layer-major pre-compute does not support U-Nets with an encoder_hid_proj")
 
     def text(rows):
         return embeds[prompt_index[rows]].to(device, dtype)
 
-    latent_hw = tuple(arrays.shape("noisy")[2:])
-    layers, out = unet_hollow_layers(unet, plan, arrays, text, latent_hw, dtype)
+    layers = H.hollow_steps(unet, plan, text, arrays.shape("noisy")[2:], dtype, arrays.shape)
+    out = layers[-1].output
     stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="U-Net encoder + hollow", budget=budget,
                        batch_size=batch_size, device=device, constants=(embeds, prompt_index, *constants), bar=bar)
     return out, stats
@@ -669,12 +515,9 @@ def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, emb
 
 def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *, budget=None, batch_size=4, scratch=None):
     """``precompute.embed_prompts``, layer by layer; only the used token-embedding rows are read."""
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hollownet.loading import weight_files
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = E.prompt_ids(model_dir, prompts)
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
     model.requires_grad_(False).eval()
@@ -685,8 +528,6 @@ def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *, 
 def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int, meter, *, budget=None, scratch=None):
     """``precompute.encode_photos``, layer by layer (the decoder is never read)."""
     from diffusers import AutoencoderKL
-
-    from hollownet.loading import weight_files
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae"))
@@ -700,7 +541,7 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
 
 
 def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: nn.Module | None = None,
-                 resolution: int, num_samples: int, photos: int, prompts: int = 1, budget=None, batch_size: int = 4,
+                 resolution: int, num_samples: int, photos: int, prompts: int = 1, budget: int | None = None, batch_size: int = 4,
                  dtype=torch.float32, device="cpu", prompt_tokens: int = 8) -> dict:
     """Layer-major stage 1's peak without weights: the loop ``run_precompute(layer_major=True)``
     runs, under ``FakeTensorMode``, on models built on the meta device (they are left on meta).
@@ -709,14 +550,9 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     ``Arrays(simulate=True)`` (the same spill decisions; a spilled chunk read is a fake tensor of
     its size; writes to disk do nothing; repeated chunks skipped, see the module docstring) and
     every layer is measured as the real run measures it (``PartMeter``); on the tiny test model the
-    two agree to the byte. ``prompt_tokens``: distinct tokens per prompt (token-embedding rows read).
-    Returns ``{"summary": PartMeter.summary(), "stats": {part: [LayerStat]}, "unet_spilled_bytes"}``.
+    two agree to the byte. ``budget``: bytes (``memory.tracker.parse_size``) or None; ``prompt_tokens``:
+    distinct tokens per prompt (token-embedding rows read). Returns ``{"summary": PartMeter.summary(), "stats": {part: [LayerStat]}, "unet_spilled_bytes"}``.
     """
-    from torch._subclasses import FakeTensorMode
-
-    from hollownet.stages.precompute import PartMeter
-
-    budget = parse_bytes(budget)
     meter, stats, spilled = PartMeter(True, device), {}, 0
     h = resolution // vae_scale_factor(dict(vae.config) if vae is not None else None)
     text_dim = text.config.hidden_size if text is not None else unet.config.cross_attention_dim
@@ -738,7 +574,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
                                                       simulate=True, **common)
             del pixels
         if plan is None:  # no hollow (a baseline, or only the text encoder / VAE asked for): no U-Net part
-            return {"summary": meter.summary(), "stats": stats, "unet_spilled_bytes": 0}
+            return {"summary": meter.summary(always=True), "stats": stats, "unet_spilled_bytes": 0}
         latents = torch.empty(photos, unet.config.in_channels, h, h)
         embeds = torch.empty(prompts, text_len, text_dim)
         arrays = Arrays(num_samples, None, budget, simulate=True)
@@ -749,16 +585,12 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
                                                              prompt_index, dtype=dtype, constants=(latents,), **common)
         spilled = sum(arrays.spilled.values())
         arrays.close()
-    return {"summary": meter.summary(), "stats": stats, "unet_spilled_bytes": spilled}
+    return {"summary": meter.summary(always=True), "stats": stats, "unet_spilled_bytes": spilled}
 
 
 def _reserve(path: Path) -> None:
     """Allocate a spill file's blocks now: on a full disk a memmap would otherwise die of SIGBUS at
     its first write; reserved, it fails here with ENOSPC (one line, see store.disk_error)."""
-    import os
-
-    from hollownet.stages.store import disk_error
-
     if not hasattr(os, "posix_fallocate"):
         return
     fd = os.open(path, os.O_RDWR)

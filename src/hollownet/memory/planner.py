@@ -32,7 +32,6 @@ by default on CUDA (larger temporaries in the step).
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -70,6 +69,10 @@ from hollownet.settings import PRECISIONS, QUANTIZED_PRECISIONS, Modes, torch_dt
 from hollownet.singlefile import plan_model
 from hollownet.stages.train import TrainConfig, train_step
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
+from hollownet import encoders as E
+from hollownet.lowmem.layerwise import predict_peak
+from hollownet.memory.tracker import PartMeter
+from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table
 
 GiB = 1024**3
 INFERENCE_DEFINITION = (
@@ -383,83 +386,53 @@ def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> Mem
     return tracker.report
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
-    """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``).
+    """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``): stage 1's
+    own steps (``encoders``, ``precompute.make_shard``) on fake weights.
 
     ``parts``: which of :data:`PARTS` to predict (the text encoder and VAE do not depend on the cut).
     The U-Net part runs ``make_shard`` on the first shard, chunk by chunk, exactly as stage 1 does.
     """
     from diffusers import AutoencoderKL, DDPMScheduler
-
-    from hollownet.stages.precompute import PartMeter, kept_up_modules, make_shard, sample_table
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
         return predict_precompute_layer_major(mc, req, parts)
     dtype = torch_dtype(pcfg.precision)
-    device = pcfg.device
-    meter = PartMeter(True, device)
-    reports: dict[str, MemoryReport] = {}
+    meter = PartMeter(True, pcfg.device)
     n_photos = req.photos + req.class_photos
     h, w = latent_size(mc, req.resolution)
-
-    # 1. text encoder: as precompute.embed_prompts
-    if mc.text_encoder is not None and "text encoder" in parts:
-        from transformers import CLIPTextConfig, CLIPTextModel
-
+    if mc.text_encoder is not None and "text encoder" in parts:  # precompute.embed_prompts
         with torch.device("meta"):
             encoder = CLIPTextModel(CLIPTextConfig(**mc.text_encoder))
-        encoder.eval()
         with _fake_mode():
-            materialize(encoder, dtype, persistent_only=False)  # from_pretrained makes every buffer
-            ids = torch.zeros(req.prompts, mc.text_len, dtype=torch.long)
-            with torch.no_grad(), meter.measure("text encoder", encoder):
-                embeds = encoder(ids.to(device))[0].float().cpu()
-            del encoder, embeds, ids
-
-    # 2. VAE encoder: as precompute.encode_photos (decoder and post_quant_conv never loaded)
-    if mc.vae is not None and "VAE encoder" in parts:
+            materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
+            E.embed(encoder, torch.zeros(req.prompts, mc.text_len, dtype=torch.long), pcfg.device, meter)
+    if mc.vae is not None and "VAE encoder" in parts:  # precompute.encode_photos (no decoder, no post_quant_conv)
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(mc.vae)
         with _fake_mode():
-            materialize(vae, dtype, skip=["decoder", "post_quant_conv"])
-            vae.eval()
+            materialize(vae.eval(), dtype, skip=["decoder", "post_quant_conv"])
             pixels = torch.empty(n_photos, vae.config.in_channels, req.resolution, req.resolution)
-            g = torch.Generator().manual_seed(pcfg.seed)
-            out = []
-            with torch.no_grad(), meter.measure("VAE encoder", vae):
-                for chunk in pixels.split(pcfg.batch_size):
-                    moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
-                    mean, logvar = moments.float().cpu().chunk(2, dim=1)
-                    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                    out.append(mean + std * torch.randn(mean.shape, generator=g))
-            del vae, out, pixels
-
-    # 3. U-Net encoder + hollow on the first shard: precompute.make_shard itself
+            E.encode_latents(vae, pixels, pcfg.seed, dtype, pcfg.device, pcfg.batch_size, meter)
     if "U-Net encoder + hollow" not in parts:
         return _summary(meter)
-    unet = plan = None
+    unet = plan = None  # the first shard through precompute.make_shard itself
     if req.method == "hollow":
         unet = meta_unet(mc.unet).requires_grad_(False).eval()
         plan = _cut(unet, req)
         skip = kept_up_modules(unet, plan)
     sched_cfg = mc.scheduler or {"prediction_type": "epsilon"}
     table = sample_table(req.photos, req.class_photos, pcfg, int(sched_cfg.get("num_train_timesteps", 1000)))
-    rows = table[: pcfg.shard_size]
     with _fake_mode():
         scheduler = DDPMScheduler.from_config(sched_cfg)
         if unet is not None:
             materialize(unet, dtype, skip=skip)
-        latents = torch.empty(n_photos, unet.config.in_channels if unet is not None else mc.unet.get("in_channels", 4), h, w)
+        latents = torch.empty(n_photos, mc.unet.get("in_channels", 4), h, w)
         embeds = torch.empty(req.prompts, mc.text_len, mc.text_dim)
         with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
-            make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, pcfg, _NoBar())
-        del unet, latents, embeds, scheduler
+            make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg)
     return _summary(meter)
 
 
@@ -467,11 +440,10 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
     """Layer-major stage 1's peak (``layerwise.predict_peak``: its own loop on fake weights), in
     ``predict_precompute``'s format; ``parts`` holds each part's largest layer, ``peak_phase`` names the layer."""
     from diffusers import AutoencoderKL
-
-    from hollownet.lowmem.layerwise import parse_bytes, predict_peak
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     pcfg = req.precompute_config()
-    budget = parse_bytes(pcfg.memory_budget)
+    budget = budget_bytes(pcfg)
     unet = meta_unet(mc.unet).requires_grad_(False).eval()
     plan = _cut(unet, req) if "U-Net encoder + hollow" in parts else None
     vae = text = None
@@ -479,25 +451,20 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
         if mc.vae is not None and "VAE encoder" in parts:
             vae = AutoencoderKL.from_config(mc.vae).requires_grad_(False).eval()
         if mc.text_encoder is not None and "text encoder" in parts:
-            from transformers import CLIPTextConfig, CLIPTextModel
-
             text = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).requires_grad_(False).eval()
     pred = predict_peak(unet, plan, vae=vae, text=text, resolution=req.resolution, num_samples=pcfg.num_samples,
                         photos=req.photos + req.class_photos, prompts=req.prompts, budget=budget,
                         batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision))
-    summary = pred["summary"] or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
     grouped: dict[str, int] = {}
-    for layer, peak in summary["parts"].items():
+    for layer, peak in pred["summary"]["parts"].items():
         part = layer.split(":")[0]
         grouped[part] = max(grouped.get(part, 0), peak)
-    return {**summary, "parts": grouped, "layer_major": True, "memory_budget": budget,
+    return {**pred["summary"], "parts": grouped, "layer_major": True, "memory_budget": budget,
             "spilled_bytes": pred["unet_spilled_bytes"]}
 
 
-def _summary(meter) -> dict:
-    summary = meter.summary() or {"peak_bytes": 0, "peak_phase": None, "breakdown": {k: 0 for k in KINDS}, "parts": {}}
-    summary["reports"] = dict(meter.parts)
-    return summary
+def _summary(meter: PartMeter) -> dict:
+    return {**meter.summary(always=True), "reports": dict(meter.parts)}
 
 
 # ---------------------------------------------------------------------------------- the plan

@@ -158,6 +158,7 @@ import math
 import re
 import threading
 import weakref
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -178,6 +179,7 @@ __all__ = [
     "NO_PHASE",
     "MemoryReport",
     "MemoryTracker",
+    "PartMeter",
     "format_bytes",
     "measure_step",
 ]
@@ -932,6 +934,39 @@ def measure_step(
         step_fn(tracker)
     assert tracker.report is not None
     return tracker.report
+
+
+class PartMeter:
+    """Peak tensor memory of each stage-1 part. One tracker per part: parts never overlap in memory
+    (each model is dropped before the next loads), so the stage's peak is the largest part's.
+
+    Layer-major runs measure one part per layer (``"U-Net encoder + hollow: mid_block.resnets.0"``):
+    residents are the loaded layer, the activation arrays kept in RAM and the part's constants; the
+    chunks count as they are created. Layers never overlap either, so the largest is the peak.
+    A disabled meter measures nothing (``measure`` is a no-op)."""
+
+    def __init__(self, enabled: bool, device: str | torch.device = "cpu"):
+        self.enabled, self.device, self.parts = enabled, device, {}
+
+    @contextmanager
+    def measure(self, name: str, *resident):
+        if not self.enabled or name in self.parts:
+            yield
+            return
+        tracker = MemoryTracker(device=self.device)
+        tracker.add_resident(*resident)
+        with tracker:
+            yield
+        self.parts[name] = tracker.report
+
+    def summary(self, always: bool = False) -> dict | None:
+        """The largest part's peak and breakdown, every part's peak; ``always``: zeros if none was measured."""
+        if not self.parts:
+            return {"peak_bytes": 0, "peak_phase": None, "breakdown": dict.fromkeys(KINDS, 0), "parts": {}} if always else None
+        name, top = max(self.parts.items(), key=lambda kv: kv[1].peak_bytes)
+        return {"peak_bytes": top.peak_bytes, "peak_phase": name, "breakdown": top.breakdown,
+                "cuda_max_allocated": max((r.cuda_max_allocated or 0) for r in self.parts.values()) or None,
+                "parts": {k: r.peak_bytes for k, r in self.parts.items()}}
 
 
 # ------------------------------------------------------------------------------------- sizes

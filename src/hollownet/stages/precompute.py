@@ -19,22 +19,23 @@ import hashlib
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from hollownet import encoders as E
 from hollownet import unet_split as H
+from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
+from hollownet.photos import load_photos
 from hollownet.errors import HollownetError
-from hollownet.loading import is_under, load_unet, model_fingerprint, prediction_type, release_memory, resolve_model_dir
-from hollownet.cut import HollowPlan, meta_unet, resolve_plan
-from hollownet.memory.tracker import parse_size
-from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes
+from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
+                               resolve_model_dir, return_freed_memory_promptly, weight_files)
+from hollownet.lowmem import layerwise as LW
+from hollownet.memory.tracker import PartMeter, parse_size
+from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
 from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -95,49 +96,25 @@ class PrecomputeResult:
     store: Path
     plan: HollowPlan | None
     seconds: float
-    memory: dict | None = None  # measured peak (see PartMeter.summary)
+    memory: dict | None = None  # measured peak (see memory.tracker.PartMeter.summary)
     resumed_shards: int = 0
     layer_major: dict | None = None  # per part: chunk sizes, spilled arrays (layer-major runs)
 
 
-class PartMeter:
-    """Peak tensor memory of each stage-1 part. One tracker per part: parts never overlap in memory
-    (each model is dropped before the next loads), so the stage's peak is the largest part's.
+def budget_bytes(cfg: PrecomputeConfig) -> int | None:
+    """Layer-major stage 1's memory budget in bytes (None: no budget)."""
+    return None if cfg.memory_budget is None else parse_size(cfg.memory_budget, "memory budget")
 
-    Layer-major runs measure one part per layer (``"U-Net encoder + hollow: mid_block.resnets.0"``):
-    residents are the loaded layer, the activation arrays kept in RAM and the part's constants; the
-    chunks count as they are created. Layers never overlap either, so the largest is the peak."""
 
-    def __init__(self, enabled: bool, device: str):
-        self.enabled, self.device, self.parts = enabled, device, {}
+def _skeleton(model_dir: Path):
+    """The model's U-Net on the meta device (structure, no weights)."""
+    from diffusers import UNet2DConditionModel
 
-    @contextmanager
-    def measure(self, name: str, *resident):
-        if not self.enabled or name in self.parts:
-            yield
-            return
-        from hollownet.memory.tracker import MemoryTracker
-
-        tracker = MemoryTracker(device=self.device)
-        tracker.add_resident(*resident)
-        with tracker:
-            yield
-        self.parts[name] = tracker.report
-
-    def summary(self) -> dict | None:
-        if not self.parts:
-            return None
-        name, top = max(self.parts.items(), key=lambda kv: kv[1].peak_bytes)
-        return {"peak_bytes": top.peak_bytes, "peak_phase": name, "breakdown": top.breakdown,
-                "cuda_max_allocated": max((r.cuda_max_allocated or 0) for r in self.parts.values()) or None,
-                "parts": {k: r.peak_bytes for k, r in self.parts.items()}}
+    return meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
 
 
 def hollow_plan_for(model_dir: Path, cfg) -> HollowPlan:
-    from diffusers import UNet2DConditionModel
-
-    unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet"))
-    return resolve_plan(unet, fraction=cfg.hollow, blocks=cfg.hollow_blocks)
+    return resolve_plan(_skeleton(model_dir), fraction=cfg.hollow, blocks=cfg.hollow_blocks)
 
 
 def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train_timesteps: int,
@@ -198,13 +175,10 @@ def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
 
 def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter) -> torch.Tensor:
     """Text-encoder output per prompt, exactly as StableDiffusionPipeline.encode_prompt computes it."""
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad(), meter.measure("text encoder", encoder):
-        embeds = encoder(ids.to(device))[0].float().cpu()
+    embeds = E.embed(encoder, E.prompt_ids(model_dir, prompts), device, meter)
     del encoder
     release_memory()
     return embeds
@@ -214,28 +188,16 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
     """Scaled VAE latents, one posterior sample per photo (seeded). The decoder is never loaded."""
     from diffusers import AutoencoderKL
 
-    from hollownet.loading import read_tensors, weight_files
-
     config = AutoencoderKL.load_config(model_dir / "vae")
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     files = weight_files(model_dir, "vae")
     keys = [k for k in vae.state_dict() if not is_under(k, ["decoder", "post_quant_conv"])]
     vae.load_state_dict(read_tensors(files, keys, dtype=dtype, device=device), strict=False, assign=True)
-    vae.eval()
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad(), meter.measure("VAE encoder", vae):
-        for chunk in pixels.split(batch_size):
-            moments = vae.quant_conv(vae.encoder(chunk.to(device, dtype))) if vae.quant_conv is not None else vae.encoder(chunk.to(device, dtype))
-            mean, logvar = moments.float().cpu().chunk(2, dim=1)
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            out.append(mean + std * torch.randn(mean.shape, generator=g))
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = E.encode_latents(vae.eval(), pixels, seed, dtype, device, batch_size, meter)
     del vae
     release_memory()
-    return (torch.cat(out) - shift) * scale
+    return latents
 
 
 def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> PrecomputeResult:
@@ -245,11 +207,9 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     """
     from diffusers import DDPMScheduler
 
-    from hollownet.photos import load_photos
-
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
-    dtype = DTYPES[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     plan = hollow_plan_for(model_dir, cfg) if cfg.method == "hollow" else None
     pixels, names = load_photos(cfg.images, cfg.resolution)
     class_pixels, class_names = (load_photos(cfg.class_images, cfg.resolution) if cfg.class_images else (pixels[:0], []))
@@ -275,12 +235,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     )
     meter = PartMeter(track_memory, cfg.device)
     store = Store(cfg.output)
-    budget = None
+    budget = budget_bytes(cfg)
     if cfg.layer_major:
-        from hollownet.lowmem import layerwise as LW
-        from hollownet.loading import return_freed_memory_promptly
-
-        budget = LW.parse_bytes(cfg.memory_budget)
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
@@ -292,112 +248,88 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
                               "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
     manifest = store.manifest()
-    if cfg.layer_major:  # an interrupted layer-major run's activations: never reused, recomputed
-        scratch = store.root / LW.SCRATCH
-        shutil.rmtree(scratch, ignore_errors=True)
-        info: dict = {"memory_budget": budget}
-        try:
-            _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget,
-                         meter, scratch, info)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
-                                resumed_shards=info["resumed_shards"], layer_major=info)
-    if not (store.root / "prompts.safetensors").exists():
-        save_tensors(store.root / "prompts.safetensors", {"embeds": embed_prompts(model_dir, prompts, dtype, cfg.device, meter)})
-    if not (store.root / "latents.safetensors").exists():
-        latents = encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
-        save_tensors(store.root / "latents.safetensors", {"latents": latents})
-    embeds = store.tensors("prompts.safetensors")["embeds"]
-    latents = store.tensors("latents.safetensors")["latents"]
-
+    table, size = manifest["samples"], manifest["shard_size"]
     done = store.done_shards()
-    todo = [i for i in range(manifest["num_shards"]) if i not in done]
-    unet = None
-    if plan is not None and todo:
-        from diffusers import UNet2DConditionModel
-
-        skip = kept_up_modules(meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")), plan)
-        unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
-    table = manifest["samples"]
-    size = manifest["shard_size"]
-    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
-    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
-    for shard in todo:
-        rows = table[shard * size : (shard + 1) * size]
-        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
-            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
-        save_tensors(store.root / shard_name(shard), tensors)
-        store.mark_done(shard)
-    bar.close()
-    del unet
-    release_memory()
-    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0,
-                            memory=meter.summary(), resumed_shards=len(done))
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
+    todo = {i: table[i * size : (i + 1) * size] for i in range(manifest["num_shards"]) if i not in done}
+    info: dict = {"memory_budget": budget, "resumed_shards": len(done)}  # layer-major runs report it
+    scratch = store.root / LW.SCRATCH
+    shutil.rmtree(scratch, ignore_errors=True)  # an interrupted layer-major run's activations: never reused
+    try:
+        embeds, latents = _prompts_and_latents(cfg, model_dir, store, prompts, torch.cat([pixels, class_pixels]), dtype,
+                                               budget, meter, scratch, info)
+        with tqdm(total=len(table), initial=len(table) - sum(map(len, todo.values())), desc="pre-compute",
+                  unit="sample", disable=None) as bar:
+            if cfg.layer_major and plan is not None and todo:
+                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter,
+                                  scratch, info, bar)
+            else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
+                _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype,
+                                   PartMeter(False) if cfg.layer_major else meter, bar)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
+                            resumed_shards=len(done), layer_major=info if cfg.layer_major else None)
 
 
 def _stats(stats) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_pixels, scheduler, dtype, budget, meter,
-                 scratch, info) -> None:
-    """Stage 1 layer-major (``layerwise.py``): prompts, latents, then the unfinished shards.
-
-    Resumable like the sample-major path: finished files and shards are kept. The U-Net part runs
-    every sample of the unfinished shards through one layer at a time into scratch arrays, then
-    writes the shards (each atomically, marked done one by one). An interruption before that
-    leaves no shard written; the rerun recomputes those samples (the scratch is not reused).
-    """
-    from hollownet.lowmem import layerwise as LW
-    from hollownet.loading import weight_files
-
+def _prompts_and_latents(cfg, model_dir, store, prompts, pixels, dtype, budget, meter, scratch, info):
+    """The prompt embeddings and the photos' latents, computed (sample- or layer-major) unless stored."""
     if not (store.root / "prompts.safetensors").exists():
-        embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
-                                         scratch=scratch / "text", budget=budget)
+        if cfg.layer_major:
+            embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
+                                             scratch=scratch / "text", budget=budget)
+            info["text encoder"] = _stats(stats)
+        else:
+            embeds = embed_prompts(model_dir, prompts, dtype, cfg.device, meter)
         save_tensors(store.root / "prompts.safetensors", {"embeds": embeds})
-        info["text encoder"] = _stats(stats)
     if not (store.root / "latents.safetensors").exists():
-        latents, stats = LW.encode_photos(model_dir, torch.cat([pixels, class_pixels]), cfg.seed, dtype, cfg.device,
-                                          cfg.batch_size, meter, budget=budget, scratch=scratch / "vae")
+        if cfg.layer_major:
+            latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter,
+                                              budget=budget, scratch=scratch / "vae")
+            info["VAE encoder"] = _stats(stats)
+        else:
+            latents = encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
         save_tensors(store.root / "latents.safetensors", {"latents": latents})
-        info["VAE encoder"] = _stats(stats)
-    embeds = store.tensors("prompts.safetensors")["embeds"]
-    latents = store.tensors("latents.safetensors")["latents"]
-    done = store.done_shards()
-    info["resumed_shards"] = len(done)
-    table, size = manifest["samples"], manifest["shard_size"]
-    todo = [i for i in range(manifest["num_shards"]) if i not in done]
+    return store.tensors("prompts.safetensors")["embeds"], store.tensors("latents.safetensors")["latents"]
+
+
+def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, meter, bar) -> None:
+    """The unfinished shards one by one, the U-Net's encoder + hollow loaded whole (none for a baseline)."""
+    unet = None
+    if plan is not None and todo:
+        skip = kept_up_modules(_skeleton(model_dir), plan)
+        unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
+    for shard, rows in todo.items():
+        with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
+            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
+        save_tensors(store.root / shard_name(shard), tensors)
+        store.mark_done(shard)
+    del unet
+    release_memory()
+
+
+def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter, scratch,
+                      info, bar) -> None:
+    """The unfinished shards' samples through the U-Net's encoder + hollow one layer at a time
+    (``layerwise.py``) into scratch arrays, then the shards written (each atomically, marked done one
+    by one). An interruption before that leaves no shard written; the rerun recomputes those samples."""
     spans, rows_all = [], []  # shard -> its rows' span in the arrays
-    for shard in todo:
-        rows = table[shard * size : (shard + 1) * size]
+    for shard, rows in todo.items():
         spans.append((shard, rows, len(rows_all), len(rows_all) + len(rows)))
         rows_all += rows
-    done_rows = sum(len(table[i * size : (i + 1) * size]) for i in done)  # the last shard may be short
-    bar = tqdm(total=len(table), initial=done_rows, desc="pre-compute", unit="sample", disable=None)
-    if plan is None or not todo:
-        for shard, rows, _, _ in spans:
-            save_tensors(store.root / shard_name(shard), make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar))
-            store.mark_done(shard)
-        bar.close()
-        return
-    from diffusers import UNet2DConditionModel
-
     arrays = LW.Arrays(len(rows_all), scratch / "unet", budget)
     layer_bar = tqdm(desc="pre-compute (layer-major U-Net)", unit="layer", disable=None, leave=False)
     try:
         for shard, rows, a, b in spans:  # the U-Net's inputs, exactly as make_shard draws them
-            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, _NoBar())
+            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg)
             arrays.write("noisy", a, b, t["noisy"])
             arrays.write("timestep", a, b, t["timestep"])
             del t
         prompt_index = torch.tensor([r["prompt"] for r in rows_all], dtype=torch.long)
-        unet = meta_unet(UNet2DConditionModel.load_config(model_dir / "unet")).requires_grad_(False).eval()
+        unet = _skeleton(model_dir).requires_grad_(False).eval()
         weights = LW.FileWeights(unet, weight_files(model_dir), dtype, cfg.device)
         out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, embeds, prompt_index, dtype=dtype, device=cfg.device,
                                         meter=meter, budget=budget, batch_size=cfg.batch_size, constants=(latents,),
@@ -412,13 +344,10 @@ def _layer_major(cfg, model_dir, store, manifest, plan, prompts, pixels, class_p
     finally:
         arrays.close()
         layer_bar.close()
-        bar.close()
 
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:
     """Stage 1 never runs the kept up units or the output head: don't load them."""
-    from hollownet.cut import unit_modules
-
     names = [n for u in plan.kept_up for n in unit_modules(unet, u)]
     return names + ["conv_norm_out", "conv_out"]
 
@@ -438,14 +367,17 @@ def noisy_and_target(latent: torch.Tensor, rows: list[dict], scheduler) -> tuple
     return noisy, target, t
 
 
-def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) -> dict[str, torch.Tensor]:
+def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar=None) -> dict[str, torch.Tensor]:
+    """One shard's tensors: the samples' noisy latents, targets, timesteps, prompts, weights and (with
+    a U-Net) the hollow's output, ``cfg.batch_size`` samples per forward; ``bar``: counts the samples."""
     latent = latents[[r["latent"] for r in rows]]
     noisy, target, t = noisy_and_target(latent, rows, scheduler)
     prompt_index = torch.tensor([r["prompt"] for r in rows], dtype=torch.long)
     out = dict(noisy=noisy, target=target, timestep=t, prompt_index=prompt_index,
                weight=torch.tensor([r["weight"] for r in rows], dtype=torch.float32))
     if unet is None:
-        bar.update(len(rows))
+        if bar is not None:
+            bar.update(len(rows))
         return out
     hollow_out = []
     with torch.no_grad():
@@ -454,7 +386,8 @@ def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar) ->
             h = H.hollow_output(unet, plan, noisy[sl].to(cfg.device, dtype), t[sl].to(cfg.device),
                                 embeds[prompt_index[sl]].to(cfg.device, dtype))
             hollow_out.append(h.cpu())
-            bar.update(h.shape[0])
+            if bar is not None:
+                bar.update(h.shape[0])
     out["hollow_out"] = torch.cat(hollow_out)
     return out
 

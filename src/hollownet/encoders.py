@@ -1,0 +1,59 @@
+"""Stage 1's text-encoder and VAE-encoder steps, as functions of a model already loaded (or fake).
+
+The sample-major stage 1 (``stages/precompute.py``), the layer-major one (``lowmem/layerwise.py``,
+which runs the models layer by layer but samples the posterior here) and the planner
+(``memory/planner.py``, on fake tensors) all call these: one computation, measured one way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hollownet.memory.tracker import PartMeter
+
+
+def prompt_ids(model_dir: Path, prompts: list[str]) -> torch.Tensor:
+    """Token ids per prompt, padded to the tokenizer's length, as StableDiffusionPipeline.encode_prompt makes them."""
+    from transformers import AutoTokenizer  # lazily, like every model library here: it takes seconds to import
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def embed(encoder: nn.Module, ids: torch.Tensor, device, meter: PartMeter) -> torch.Tensor:
+    """The text encoder's last hidden state per prompt, in fp32 on the CPU (what the store keeps)."""
+    with torch.no_grad(), meter.measure("text encoder", encoder):
+        return encoder(ids.to(device))[0].float().cpu()
+
+
+def vae_moments(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's output: the posterior's mean and log-variance, stacked on the channels."""
+    h = vae.encoder(pixels)
+    return vae.quant_conv(h) if vae.quant_conv is not None else h
+
+
+def posterior_sample(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw of the diagonal Gaussian posterior per row (diffusers' ``DiagonalGaussianDistribution``), fp32, CPU."""
+    mean, logvar = moments.float().cpu().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def scale_latents(samples: list[torch.Tensor], vae_config) -> torch.Tensor:
+    """Posterior samples (chunks, in order) as the U-Net's latents: shifted and scaled by the VAE's factors."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (torch.cat(samples) - shift) * vae_config.scaling_factor
+
+
+def encode_latents(vae: nn.Module, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int,
+                   meter: PartMeter) -> torch.Tensor:
+    """Scaled latents, one posterior sample per photo, the noise seeded by ``seed`` and drawn chunk by
+    chunk of ``batch_size`` photos (the layer-major stage 1 draws it the same way)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), meter.measure("VAE encoder", vae):
+        samples = [posterior_sample(vae_moments(vae, chunk.to(device, dtype)), g) for chunk in pixels.split(batch_size)]
+    return scale_latents(samples, vae.config)
