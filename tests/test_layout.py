@@ -10,7 +10,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hollownet"
 
@@ -105,13 +104,11 @@ def _ignore_packages(graph):
     return {m: {t for t in ts if not (t.startswith(m + ".") or m.startswith(t + "."))} for m, ts in graph.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 in progress: train <-> stream, precompute <-> layerwise")
 def test_no_import_cycles():
     graph, _ = scan()
     assert cycles(_ignore_packages(graph)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 in progress: the inner imports are being removed or explained")
 def test_function_level_imports_say_why():
     _, unexplained = scan()
     assert unexplained == []

@@ -48,7 +48,6 @@ from hollownet import unet_split as H
 from hollownet.cut import (
     BUNDLED_UNETS,
     CONFIG_DIR,
-    DEFAULT_LORA_TARGETS,
     HollowPlan,
     all_plans,
     load_unet_config,

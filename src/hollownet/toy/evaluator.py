@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
+from hollownet.toy import model_dir
 from hollownet.toy import world as W
 
 HEADS = {"background": list(W.BACKGROUNDS), "colour": list(W.COLOURS), "shape": list(W.SHAPES)}
@@ -96,7 +97,6 @@ def save_evaluator(model: ToyEvaluator, path: Path) -> None:
 def load_evaluator(path: Path | None = None) -> ToyEvaluator:
     from safetensors.torch import load_file
 
-    from hollownet.toy import model_dir
 
     model = ToyEvaluator()
     state = load_file(str(path or model_dir() / "evaluator.safetensors"))

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hollownet.tiny import byte_vocab
+from hollownet.toy.evaluator import save_evaluator, train_evaluator
 from hollownet.toy import world as W
 
 MAX_TOKENS = 16  # captions are at most 9 tokens with start/end
@@ -73,7 +75,6 @@ def save_toy_tokenizer(folder: Path):
     """A CLIPTokenizer over the byte symbols plus the world's words, each word one token."""
     from transformers import CLIPTokenizer
 
-    from hollownet.tiny import byte_vocab
 
     vocab, _ = byte_vocab()
     merges: list[tuple[str, str]] = []
@@ -231,7 +232,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from hollownet.toy.evaluator import save_evaluator, train_evaluator
 
     out = Path(args.output)
     t_start = time.perf_counter()
