@@ -10,7 +10,10 @@ Names are imported lazily, so ``import hollownet`` stays fast (torch and diffuse
 __version__ = "0.1.0"
 
 _API = {
-    "TrainRequest": "workflow",
+    "TrainRequest": "requests",
+    "PlanRequest": "requests",
+    "Modes": "settings",
+    "plan_memory": "memory.planner",
     "personalize": "workflow",
     "run_demo": "workflow",
     "GenerateConfig": "stages.generate",
