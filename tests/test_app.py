@@ -135,7 +135,7 @@ def test_failures_are_one_line(tmp_path):
 
 def test_train_request_takes_the_basic_fields():
     req = train_request({**TOY, "images": "i", "output": "o", "unknown": 1})
-    assert (req.model, req.steps, req.rank, req.precision, req.resume) == ("toy", 12, 4, "fp32", True)
+    assert (req.model, req.steps, req.rank, req.modes.precision, req.resume) == ("toy", 12, 4, "fp32", True)
 
 
 def test_train_stop_resume_generate(tmp_path):

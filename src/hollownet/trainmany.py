@@ -12,6 +12,7 @@ OUTPUT/train-many.log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from hollownet.errors import HollownetError
 from hollownet.executor import EXECUTORS, Executor, Job, JobKilled, describe, die_with_parent, job_memory
-from hollownet.settings import model_defaults
+from hollownet.requests import PlanRequest
+from hollownet.settings import Modes, model_defaults
 
 LOG_NAME = "train-many.log"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -101,19 +103,18 @@ def train_job(argv: list[str], output: str) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1)}
 
 
+MODE_KEYS = [f.name for f in dataclasses.fields(Modes)]
+
+
 def _memory(ns: argparse.Namespace) -> int | None:
     """The planner's prediction for a job's settings (train's defaults for the flags it leaves unset)."""
-    # lazily: PlanRequest imports torch, which only a Ray run needs here
-    from hollownet.memory.planner import PlanRequest
-
     d = {**model_defaults(ns.model), **{k: v for k, v in vars(ns).items() if v is not None}}
     images = Path(ns.images)
     photos = sum(p.suffix.lower() in PHOTO_SUFFIXES for p in images.iterdir()) if images.is_dir() else 4
+    modes, _ = Modes.split({k: d[k] for k in MODE_KEYS if d.get(k) is not None})
     return job_memory(PlanRequest(
         model=ns.model, method=d["method"], hollow=ns.hollow, hollow_blocks=ns.hollow_blocks, rank=d["rank"],
-        resolution=d["resolution"], batch=d["batch"], steps=d["steps"], precision=d["precision"],
-        grad_checkpointing=d["grad_checkpointing"], optimizer=d["optimizer"], compute_dtype=ns.compute_dtype,
-        stream_weights=d["stream_weights"], layer_major=ns.layer_major, memory_budget=ns.memory_budget,
+        resolution=d["resolution"], batch=d["batch"], steps=d["steps"], modes=modes,
         photos=max(1, photos), class_photos=4 if ns.class_images else 0,
         **({"lora_targets": tuple(ns.lora_targets)} if ns.lora_targets else {})))
 

@@ -12,6 +12,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from hollownet.settings import Modes
 from hollownet.app.jobs import DONE, Job, Jobs, generate_work, one_line_error, train_request, train_work
 from hollownet.checks import check_generate_prompt, check_photo_folder, preflight_train
 from hollownet.photos import IMAGE_EXTENSIONS, PhotoError, list_photos, load_photo
@@ -103,7 +104,7 @@ def check_photos(paths: list[str], resolution: int, folder: Path) -> tuple[list[
 
 def plan_request(s: dict, photos: int) -> PlanRequest:
     return PlanRequest(model=s["model"] or TOY, method=s["method"], rank=int(s["rank"]), resolution=int(s["resolution"]),
-                       batch=int(s["batch"]), precision=s["precision"], steps=int(s["steps"]), photos=max(1, photos))
+                       batch=int(s["batch"]), modes=Modes(precision=s["precision"]), steps=int(s["steps"]), photos=max(1, photos))
 
 
 def plan_table(s: dict, photos: int) -> str:

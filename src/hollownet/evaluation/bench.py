@@ -286,8 +286,8 @@ def _run_cells_as_jobs(todo: list[_Cell], cfg: BenchConfig, scorer, unet_params:
             memory[key] = job_memory(PlanRequest(
                 model=cfg.model, method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
                 rank=c["rank"] or cfg.rank, resolution=cfg.resolution, batch=cfg.batch, steps=c["steps"],
-                precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
-                stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw"),
+                modes=Modes(precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
+                            stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw")),
                 photos=len(c["photos"])))
     jobs = [Job(cell.label, run_cell_job, (cell, cfg, scorer, unet_params),
                 memory=memory.get((cell.spec.key, len(cell.config["photos"])))) for cell in todo]
