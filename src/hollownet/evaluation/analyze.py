@@ -36,6 +36,7 @@ from safetensors import safe_open
 from hollownet import workflow
 from hollownet.errors import HollownetError
 from hollownet.evaluation.bench import train_request
+from hollownet.settings import DEFAULT_RANK
 from hollownet.stages.export import INFO_FILE, LORA_FILE
 from hollownet.stages.store import save_json
 
@@ -384,7 +385,7 @@ class AnalyzeConfig:
     images: str | None = None
     prompt: str | None = None
     steps: int = 400
-    rank: int = 32
+    rank: int = DEFAULT_RANK
     lr: float = 1e-4
     resolution: int = 512
     seed: int = 0

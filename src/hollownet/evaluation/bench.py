@@ -48,7 +48,7 @@ from hollownet.loading import load_unet, model_fingerprint, release_memory, reso
 from hollownet.memory import planner
 from hollownet.memory.planner import PlanRequest
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.settings import Modes, torch_dtype
+from hollownet.settings import DEFAULT_RANK, Modes, torch_dtype
 from hollownet.stages.generate import load_pipeline, prepare, render
 from hollownet.stages.store import save_json
 from hollownet.toy import is_toy
@@ -73,7 +73,7 @@ class BenchConfig:
     subjects: list[str] | None = None  # default: every subject with photos
     steps: int = 400
     lr: float = 1e-4
-    rank: int = 32
+    rank: int = DEFAULT_RANK
     lora_alpha: float | None = None
     resolution: int = 512
     batch: int = 1
