@@ -15,11 +15,11 @@ from torch import nn
 from hollownet.memory.tracker import PartMeter
 
 
-def prompt_ids(model_dir: Path, prompts: list[str]) -> torch.Tensor:
-    """Token ids per prompt, padded to the tokenizer's length, as StableDiffusionPipeline.encode_prompt makes them."""
+def prompt_ids(model_dir: Path, prompts: list[str], tokenizer: str = "tokenizer") -> torch.Tensor:
+    """Token ids per prompt, padded to the tokenizer's length, as the pipelines' ``encode_prompt`` makes them."""
     from transformers import AutoTokenizer  # lazily, like every model library here: it takes seconds to import
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / tokenizer)
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -28,6 +28,16 @@ def embed(encoder: nn.Module, ids: torch.Tensor, device, meter: PartMeter) -> to
     """The text encoder's last hidden state per prompt, in fp32 on the CPU (what the store keeps)."""
     with torch.no_grad(), meter.measure("text encoder", encoder):
         return encoder(ids.to(device))[0].float().cpu()
+
+
+def embed_penultimate(encoder: nn.Module, ids: torch.Tensor, device, meter: PartMeter,
+                      part: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDXL's conditioning from one encoder: its penultimate hidden state, and its pooled projection if it
+    has one (``CLIPTextModelWithProjection``), both fp32 on the CPU (``StableDiffusionXLPipeline.encode_prompt``)."""
+    with torch.no_grad(), meter.measure(part, encoder):
+        out = encoder(ids.to(device), output_hidden_states=True)
+        pooled = out[0] if out[0].ndim == 2 else None  # the pipeline's own test: text_embeds, not a sequence
+        return out.hidden_states[-2].float().cpu(), (pooled.float().cpu() if pooled is not None else None)
 
 
 def vae_moments(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

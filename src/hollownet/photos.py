@@ -296,6 +296,19 @@ def load_photos(
     return torch.stack(tensors), [path.name for path in paths]
 
 
+def photo_sizes(folder: StrPath) -> list[tuple[int, int]]:
+    """``(height, width)`` of every photo :func:`load_photos` loads, in its order, upright (EXIF orientation
+    applied), read from the headers only: SDXL conditions on each photo's original size and crop."""
+    sizes = []
+    for path in list_photos(Path(folder).expanduser()):
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # the orientations that turn the photo by 90 degrees
+                width, height = height, width
+        sizes.append((height, width))
+    return sizes
+
+
 # --------------------------------------------------------------------------------------
 # Demo photos
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Stage 4: the trained LoRA, written for the FULL U-Net in the diffusers/peft layout.
 
 The hollowed U-Net keeps the full model's module names, so its LoRA keys are already the full
-U-Net's: ``StableDiffusionPipeline.load_lora_weights(dir)`` loads the file with no conversion.
+U-Net's: the family's pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``)
+``load_lora_weights(dir)`` loads the file with no conversion.
 Beside it, ``hollownet.json`` records the cut and the settings that ``generate`` needs, and (by
 default) ``pytorch_lora_weights_kohya.safetensors`` holds the same LoRA in the kohya layout that
 ComfyUI, Forge and AUTOMATIC1111 read (``formats.py``).
@@ -14,13 +15,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from hollownet.errors import HollownetError
+from hollownet.families import SD_FAMILY, Family
 from hollownet.stages import formats
 from hollownet.stages.store import save_json, save_tensors
 
@@ -43,10 +44,11 @@ def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, to
 
 
 def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | None = None,
-              lora_format: str = "both") -> Path:
+              lora_format: str = "both", family: Family = SD_FAMILY) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (+ LoRA config metadata) and/or its kohya twin, and ``hollownet.json``.
 
-    ``lora_format``: diffusers, kohya or both. Returns the path of the first file written.
+    ``lora_format``: diffusers, kohya or both; ``family``: whose pipeline writes the file. Returns the path
+    of the first file written.
     """
     if lora_format not in formats.LORA_FORMATS:
         raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
@@ -66,7 +68,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
             save_tensors(Path(filename), weights, metadata=meta)
 
         shutil.rmtree(out_dir / ".lora.tmp", ignore_errors=True)  # left by an older version
-        StableDiffusionPipeline.save_lora_weights(
+        family.pipeline_class().save_lora_weights(
             out_dir, unet_lora_layers=lora_state_dict(unet, name), unet_lora_adapter_metadata=metadata,
             safe_serialization=True, save_function=save_function, weight_name=LORA_FILE,
         )
@@ -75,7 +77,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
         lora = formats.from_peft_model(unet, name)
         meta = formats.kohya_metadata(lora, base_model_version=version, method=info.get("method"),
                                       hollow_blocks=info.get("hollow_blocks"))
-        formats.write_kohya(lora, out_dir / formats.KOHYA_FILE, meta)
+        formats.write_kohya(lora, out_dir / formats.KOHYA_FILE, meta, unet_config=unet.config)
         info["lora_files"].append(formats.KOHYA_FILE)
     save_json(out_dir / INFO_FILE, info)
     return out_dir / info["lora_files"][0]

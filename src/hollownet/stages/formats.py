@@ -15,6 +15,12 @@ back: for the reader's ``...attn1.processor.to_q_lora.down`` keys it picks the t
 names U-Net layers ``q_proj``.) Every read is checked by converting the result forward again: a file whose
 names do not come back exactly is refused, never guessed at. ``convert_state_dict_to_kohya`` writes each
 ``.alpha`` as the rank, which is wrong whenever alpha differs from the rank; the true alphas are written.
+
+SDXL is different: kohya's sd-scripts build SDXL's U-Net in SAI's own (sgm / ldm) layout, so its LoRA
+names are SAI's module paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+``lora_unet_middle_block_1_...``, ``lora_unet_output_blocks_0_1_...``), and ComfyUI maps them with its
+``unet_to_diffusers`` table. :func:`sai_module` is that table's rule for one module; SDXL files are
+written and read with it (diffusers' own SDXL loader reads them through ``_maybe_map_sgm_blocks_to_diffusers``).
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
+from hollownet.cut import load_unet_config, meta_unet
 from hollownet.errors import HollownetError
+from hollownet.families import SDXL_FAMILY, family_of_config
 from hollownet.stages.store import save_tensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
 LORA_FORMATS = ("diffusers", "kohya", "both")
 LAYOUTS = ("diffusers", "kohya")
+SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version of SDXL
 
 
 @dataclass
@@ -103,8 +112,79 @@ def kohya_names(modules: list[str]) -> dict[str, str]:
     return out
 
 
-def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
-    """kohya tensors: diffusers' converter for the names, then each ``.alpha`` set to the true alpha."""
+# ---- SDXL: SAI's module paths --------------------------------------------------------------------------
+
+# ComfyUI's unet_to_diffusers tables (comfy/utils.py: UNET_MAP_RESNET, UNET_MAP_BASIC), as module paths
+SAI_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+SAI_TOP = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sai_module(module: str, unet_config: dict) -> str:
+    """A diffusers U-Net module path as SAI's (sgm) path, by ComfyUI's ``unet_to_diffusers`` rule: with L
+    layers per block, down block x's layer i is ``input_blocks.{1 + (L+1)x + i}`` (``.0`` resnet, ``.1``
+    attention), its downsampler ``input_blocks.{1 + (L+1)x + L}.0.op``; the mid block is ``middle_block.0``
+    (resnet), ``.1`` (attention), ``.2`` (resnet); up block x's layer i (L+1 of them) is
+    ``output_blocks.{(L+1)x + i}``, its upsampler the last layer's ``.1`` or, after an attention, ``.2``.
+    Inside an attention the names are the same; inside a resnet they follow :data:`SAI_RESNET`."""
+    for top, sai in SAI_TOP.items():
+        if module == top or module.startswith(top + "."):
+            return sai + module[len(top):]
+    layers = unet_config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise HollownetError("kohya's SDXL names need one layers_per_block for every block (SDXL's 2)")
+    parts = module.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 4:
+        x, kind, i, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if parts[0] == "down_blocks":
+            n = 1 + (layers + 1) * x
+            if kind == "downsamplers" and rest[0] == "conv":
+                return ".".join([f"input_blocks.{n + layers}.0.op", *rest[1:]])
+            if kind in ("resnets", "attentions"):
+                return ".".join([f"input_blocks.{n + i}.{0 if kind == 'resnets' else 1}", *_sai_inner(kind, rest)])
+        else:
+            n = (layers + 1) * x
+            if kind == "upsamplers" and rest[0] == "conv":
+                c = 2 if unet_config["up_block_types"][x].startswith("CrossAttn") else 1
+                return ".".join([f"output_blocks.{n + layers}.{c}.conv", *rest[1:]])
+            if kind in ("resnets", "attentions"):
+                return ".".join([f"output_blocks.{n + i}.{0 if kind == 'resnets' else 1}", *_sai_inner(kind, rest)])
+    if parts[0] == "mid_block" and len(parts) > 3 and parts[1] in ("resnets", "attentions"):
+        n = 1 if parts[1] == "attentions" else 2 * int(parts[2])
+        return ".".join([f"middle_block.{n}", *_sai_inner(parts[1], parts[3:])])
+    raise HollownetError(f"U-Net module {module} has no name in kohya's SDXL layout; train without it in --lora-targets")
+
+
+def _sai_inner(kind: str, rest: list[str]) -> list[str]:
+    if kind == "resnets" and rest and rest[0] in SAI_RESNET:
+        return [SAI_RESNET[rest[0]], *rest[1:]]
+    return rest
+
+
+def kohya_sdxl_name(module: str, unet_config: dict) -> str:
+    return "lora_unet_" + sai_module(module, unet_config).replace(".", "_")
+
+
+def is_sdxl(unet_config) -> bool:
+    return unet_config is not None and family_of_config(unet_config) is SDXL_FAMILY
+
+
+def _sdxl_names(lora: Lora, unet_config: dict) -> dict[str, str]:
+    return {m: kohya_sdxl_name(m, unet_config) for m in lora.modules()}
+
+
+def to_kohya(lora: Lora, unet_config=None) -> dict[str, torch.Tensor]:
+    """kohya tensors: diffusers' converter for the names (SDXL U-Nets: SAI's names, :func:`sai_module`),
+    then each ``.alpha`` set to the true alpha."""
+    if is_sdxl(unet_config):
+        out = {}
+        for m, name in _sdxl_names(lora, dict(unet_config)).items():
+            out[f"{name}.lora_down.weight"] = lora.tensors[f"{m}.lora_A.weight"]
+            out[f"{name}.lora_up.weight"] = lora.tensors[f"{m}.lora_B.weight"]
+            out[f"{name}.alpha"] = torch.tensor(float(lora.alphas[m]))
+        return {k: v.contiguous() for k, v in out.items()}
     out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.tensors.items()})
     names = kohya_names(lora.modules())
     for m, name in names.items():
@@ -130,8 +210,41 @@ def kohya_metadata(lora: Lora, *, base_model_version: str | None = None, method:
     return meta
 
 
+SAI_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def from_kohya_sdxl(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                    unet_config: dict | None = None) -> Lora:
+    """A kohya SDXL U-Net LoRA (SAI names), each name mapped back by :func:`sai_module` over the U-Net's
+    modules (``unet_config``; default: SDXL 1.0's, whose names every SDXL base model shares)."""
+    unet_config = dict(unet_config) if unet_config is not None else load_unet_config("sdxl")
+    by_name = {kohya_sdxl_name(m, unet_config): m for m, mod in meta_unet(unet_config).named_modules()
+               if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and _has_sai_name(m, unet_config)}
+    lora = Lora({}, {}, {k: v for k, v in (metadata or {}).items() if k.startswith(("ss_", "hollownet_"))})
+    for name in sorted({k.split(".")[0] for k in tensors}):
+        if name not in by_name:
+            raise HollownetError(f"kohya LoRA name '{name}' is no module of an SDXL U-Net by kohya's / ComfyUI's rule; refusing to guess")
+        m = by_name[name]
+        if f"{name}.lora_down.weight" not in tensors or f"{name}.lora_up.weight" not in tensors:
+            raise HollownetError(f"kohya LoRA module '{name}' lacks its lora_down or lora_up weight")
+        lora.tensors[f"{m}.lora_A.weight"] = tensors[f"{name}.lora_down.weight"]
+        lora.tensors[f"{m}.lora_B.weight"] = tensors[f"{name}.lora_up.weight"]
+        a = tensors.get(f"{name}.alpha")
+        lora.alphas[m] = float(a.item()) if a is not None else float(lora.rank(m))  # kohya: no alpha = rank
+    return lora
+
+
+def _has_sai_name(module: str, unet_config: dict) -> bool:
+    try:
+        sai_module(module, unet_config)
+    except HollownetError:
+        return False
+    return True
+
+
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Lora:
-    """A kohya U-Net LoRA, read by diffusers' kohya reader, then checked by converting it back."""
+    """A kohya U-Net LoRA, read by diffusers' kohya reader, then checked by converting it back
+    (SDXL's SAI names: :func:`from_kohya_sdxl`)."""
     others = sorted({k.split(".")[0] for k in tensors if not k.startswith("lora_unet_")})
     if others:
         raise HollownetError(f"kohya LoRA has layers outside the U-Net (e.g. {others[0]}); hollownet converts U-Net LoRAs only")
@@ -139,6 +252,8 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     bad = sorted(k for k in tensors if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha"))
     if bad:
         raise HollownetError(f"kohya LoRA key '{bad[0]}' is not a plain LoRA (lora_down / lora_up / alpha); LyCORIS / DoRA are not supported")
+    if any(k.startswith(SAI_BLOCKS) for k in tensors):
+        return from_kohya_sdxl(tensors, metadata)
     pairs = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
     try:
         converted, _ = StableDiffusionPipeline.lora_state_dict(dict(pairs))
@@ -242,11 +357,12 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
     return lora, layout
 
 
-def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None, unet_config=None) -> Path:
+    """The kohya file; ``unet_config``: the U-Net's (an SDXL one gets SAI's names)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata if metadata is not None else kohya_metadata(lora))}
-    save_tensors(path, to_kohya(lora), metadata=meta)  # the one atomic write path (full disk: one line)
+    save_tensors(path, to_kohya(lora, unet_config), metadata=meta)  # the one atomic write path (full disk: one line)
     return path
 
 
@@ -267,7 +383,7 @@ def base_model_version(unet_config) -> str | None:
     """kohya's ``ss_base_model_version`` from a U-Net config: sd_v1, sd_v2 or sdxl_base_v1-0."""
     get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
     if get("addition_embed_type") == "text_time":
-        return "sdxl_base_v1-0"
+        return SDXL_VERSION
     return {768: "sd_v1", 1024: "sd_v2"}.get(get("cross_attention_dim"))
 
 
@@ -291,11 +407,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     if (src_dir / "hollownet.json").exists():
         info = json.loads((src_dir / "hollownet.json").read_text())
     if to == "kohya":
-        meta = kohya_metadata(lora, base_model_version=info.get("base_model_version") or lora.metadata.get("ss_base_model_version"),
+        version = info.get("base_model_version") or lora.metadata.get("ss_base_model_version")
+        meta = kohya_metadata(lora, base_model_version=version,
                               method=info.get("method") or lora.metadata.get("hollownet_method"),
                               hollow_blocks=info.get("hollow_blocks") if "hollow_blocks" in info else
                               (json.loads(lora.metadata["hollownet_hollow_blocks"]) if "hollownet_hollow_blocks" in lora.metadata else None))
-        write_kohya(lora, dst, meta)
+        sdxl = version == SDXL_VERSION or info.get("family") == SDXL_FAMILY.name
+        write_kohya(lora, dst, meta, unet_config=load_unet_config("sdxl") if sdxl else None)
     else:
         write_diffusers(lora, dst)
     again, _ = read_lora(dst)

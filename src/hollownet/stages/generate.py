@@ -3,8 +3,9 @@
 Two-path (default, the paper's): at every denoising step the original U-Net with LoRA off runs up
 to the hollow's output, then the LoRA layers run from that activation — the very function that was
 trained. ``merged``: LoRA fused into the weights, one ordinary U-Net pass (cheaper, approximate).
-The loop follows StableDiffusionPipeline.__call__'s numbered steps; the pipeline supplies the
-text encoder, VAE and scheduler. ``hollownet generate`` and the bench both generate through
+The loop follows StableDiffusionPipeline.__call__'s numbered steps; the pipeline of the model's family
+(``families.py``: SD or SDXL) supplies the text encoder(s), VAE and scheduler, and the family the
+conditioning (SDXL: pooled text embeds and time ids, as ``added_cond_kwargs``). ``hollownet generate`` and the bench both generate through
 :func:`load_pipeline`, :func:`prepare` and :func:`render`.
 """
 
@@ -17,13 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from hollownet import unet_split as H
 from hollownet.checks import check_lora_matches, preflight_generate
 from hollownet.cut import HollowPlan, plan_for_blocks
 from hollownet.errors import HollownetError
+from hollownet.families import detect_family, family_of_config
 from hollownet.loading import resolve_model_dir
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.settings import torch_dtype
@@ -68,13 +70,13 @@ def lora_off(unet):
         unet.enable_adapters()
 
 
-def two_path_forward(unet, plan: HollowPlan, sample, timestep, text) -> torch.Tensor:
+def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """Path A (LoRA off): encode + hollow. Path B (LoRA on): encode, then decode from A's hollow output."""
     with lora_off(unet):
-        ctx = H.make_context(unet, sample, timestep, text)
+        ctx = H.make_context(unet, sample, timestep, text, added_cond_kwargs=added_cond_kwargs)
         h, skips = H.encode(unet, plan, sample, ctx)
         hollow_out = H.hollow(unet, plan, h, ctx, skips)
-    return H.hollowed_forward(unet, plan, sample, timestep, text, hollow_out)
+    return H.hollowed_forward(unet, plan, sample, timestep, text, hollow_out, added_cond_kwargs=added_cond_kwargs)
 
 
 def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False,
@@ -88,8 +90,9 @@ def load_pipeline(model: str, lora: str | None, precision: str, device: str, sch
         raise HollownetError(f"no fine-tuned unet/ in '{Path(unet).parent}'")
     dtype = torch_dtype(precision)
     parts = {"unet": UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype)} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, **parts)
+    family = detect_family(model_dir)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+    pipe = family.pipeline_class().from_pretrained(model_dir, dtype=dtype, **extra, **parts)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm":
@@ -116,10 +119,9 @@ def prepare(pipe, info: dict, *, lora: bool, merged: bool, resolution: int | Non
 @torch.no_grad()
 def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, guidance, negative_prompt, generator, device):
     """One image: StableDiffusionPipeline's loop with the U-Net call swapped for the two-path one."""
-    # 1. prompts
+    # 1. prompts (and the family's added conditioning: SDXL's pooled text embeds and time ids)
     cfg = guidance > 1.0
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
-    text = torch.cat([uncond, cond]) if cfg else cond
+    text, added = family_of_config(pipe.unet.config).conditioning(pipe, prompt, negative_prompt, cfg, resolution, device)
     # 2. timesteps and initial noise
     pipe.scheduler.set_timesteps(steps, device=device)
     shape = (1, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
@@ -128,7 +130,8 @@ def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, gu
     for t in pipe.scheduler.timesteps:
         x = torch.cat([latents] * 2) if cfg else latents
         x = pipe.scheduler.scale_model_input(x, t)
-        pred = two_path_forward(pipe.unet, plan, x, t, text) if plan is not None else pipe.unet(x, t, text).sample
+        pred = (two_path_forward(pipe.unet, plan, x, t, text, added) if plan is not None
+                else pipe.unet(x, t, text, added_cond_kwargs=added).sample)
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
@@ -146,7 +149,8 @@ def render(pipe, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out:
     entries, memory = [], None
     for i, (prompt, seed, name) in enumerate(tqdm(jobs, desc="generate", unit="image", disable=None)):
         # the first image is measured exactly (every tensor byte); the others cost the same
-        tracker = MemoryTracker(device=device).add_resident(pipe.unet, pipe.vae, pipe.text_encoder) if measure and i == 0 else None
+        text_encoders = family_of_config(pipe.unet.config).text_modules(pipe)
+        tracker = MemoryTracker(device=device).add_resident(pipe.unet, pipe.vae, *text_encoders) if measure and i == 0 else None
         with tracker if tracker is not None else nullcontext():
             image = denoise(pipe, plan, prompt, steps=steps, resolution=resolution, guidance=guidance,
                             negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed), device=device)

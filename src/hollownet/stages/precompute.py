@@ -1,7 +1,8 @@
 """Stage 1: photos -> pre-compute store.
 
 In order, each model part loaded, used once, and dropped:
-  1. text encoder: embed the prompts;
+  1. text encoder(s): embed the prompts, as the model's family does (``families.py``: SDXL's two encoders
+     and pooled projection, its per-photo time ids);
   2. VAE encoder (decoder never loaded): encode the photos to latents;
   3. U-Net encoder + hollow (outer up blocks never loaded), no grad: for every training sample
      (photo, noise seed, timestep) the activation the hollow hands to the first kept up unit.
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 from hollownet import encoders as E
 from hollownet import unet_split as H
 from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
-from hollownet.photos import load_photos
+from hollownet.families import Family, SampleConditioning, added_cond_kwargs, detect_family
+from hollownet.photos import load_photos, photo_sizes
 from hollownet.errors import HollownetError
 from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
                                resolve_model_dir, return_freed_memory_promptly, weight_files)
@@ -173,15 +175,13 @@ def _photo_digest(names: list[str], pixels: torch.Tensor) -> str:
     return hashlib.sha256(pixels.numpy().tobytes() + "|".join(names).encode()).hexdigest()[:16]
 
 
-def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter) -> torch.Tensor:
-    """Text-encoder output per prompt, exactly as StableDiffusionPipeline.encode_prompt computes it."""
-    from transformers import CLIPTextModel
-
-    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-    embeds = E.embed(encoder, E.prompt_ids(model_dir, prompts), device, meter)
-    del encoder
+def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter,
+                  family: Family | None = None) -> dict[str, torch.Tensor]:
+    """The prompt tensors (``"embeds"``, and SDXL's pooled ``"text_embeds"``), exactly as the family's
+    pipeline's ``encode_prompt`` computes them; the encoders are freed after."""
+    tensors = (family or detect_family(model_dir)).encode_prompts(model_dir, prompts, dtype, device, meter)
     release_memory()
-    return embeds
+    return tensors
 
 
 def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int, meter: PartMeter) -> torch.Tensor:
@@ -209,6 +209,10 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
 
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
+    family = detect_family(model_dir)
+    if cfg.layer_major and family.sample_keys:
+        raise HollownetError(f"layer-major pre-compute does not run {family.name.upper()} models yet (two text encoders, "
+                             "added embeddings): add --no-layer-major (and no --memory-budget)")
     dtype = torch_dtype(cfg.precision)
     plan = hollow_plan_for(model_dir, cfg) if cfg.method == "hollow" else None
     pixels, names = load_photos(cfg.images, cfg.resolution)
@@ -244,7 +248,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
             stale.unlink()
     else:
         table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps, photo_prompts)
-        store.write_manifest({**identity, "photo_files": names, "class_photo_files": class_names,
+        store.write_manifest({**identity, "family": family.name, "photo_files": names, "class_photo_files": class_names,
                               "shard_size": cfg.shard_size, "num_shards": math.ceil(cfg.num_samples / cfg.shard_size),
                               "plan": plan.to_dict() if plan else None, "samples": table, "done_shards": []})
     manifest = store.manifest()
@@ -255,15 +259,16 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     scratch = store.root / LW.SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)  # an interrupted layer-major run's activations: never reused
     try:
-        embeds, latents = _prompts_and_latents(cfg, model_dir, store, prompts, torch.cat([pixels, class_pixels]), dtype,
-                                               budget, meter, scratch, info)
+        sizes = photo_sizes(cfg.images) + (photo_sizes(cfg.class_images) if cfg.class_images else [])
+        cond, latents = _prompts_and_latents(cfg, model_dir, family, store, prompts, torch.cat([pixels, class_pixels]),
+                                             sizes, dtype, budget, meter, scratch, info)
         with tqdm(total=len(table), initial=len(table) - sum(map(len, todo.values())), desc="pre-compute",
                   unit="sample", disable=None) as bar:
             if cfg.layer_major and plan is not None and todo:
-                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter,
+                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond.embeds, scheduler, dtype, budget, meter,
                                   scratch, info, bar)
             else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
-                _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype,
+                _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype,
                                    PartMeter(False) if cfg.layer_major else meter, bar)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -275,16 +280,18 @@ def _stats(stats) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-def _prompts_and_latents(cfg, model_dir, store, prompts, pixels, dtype, budget, meter, scratch, info):
-    """The prompt embeddings and the photos' latents, computed (sample- or layer-major) unless stored."""
+def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, dtype, budget, meter, scratch, info):
+    """The prompt tensors (with the photos' time ids: a :class:`SampleConditioning`) and the photos' latents,
+    computed (sample- or layer-major) unless stored."""
     if not (store.root / "prompts.safetensors").exists():
         if cfg.layer_major:
             embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
                                              scratch=scratch / "text", budget=budget)
             info["text encoder"] = _stats(stats)
+            tensors = {"embeds": embeds}
         else:
-            embeds = embed_prompts(model_dir, prompts, dtype, cfg.device, meter)
-        save_tensors(store.root / "prompts.safetensors", {"embeds": embeds})
+            tensors = embed_prompts(model_dir, prompts, dtype, cfg.device, meter, family)
+        save_tensors(store.root / "prompts.safetensors", tensors)
     if not (store.root / "latents.safetensors").exists():
         if cfg.layer_major:
             latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter,
@@ -292,11 +299,14 @@ def _prompts_and_latents(cfg, model_dir, store, prompts, pixels, dtype, budget, 
             info["VAE encoder"] = _stats(stats)
         else:
             latents = encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
-        save_tensors(store.root / "latents.safetensors", {"latents": latents})
-    return store.tensors("prompts.safetensors")["embeds"], store.tensors("latents.safetensors")["latents"]
+        time_ids = family.photo_time_ids(sizes, cfg.resolution)
+        save_tensors(store.root / "latents.safetensors", {"latents": latents, **({"time_ids": time_ids} if time_ids is not None else {})})
+    photos = store.tensors("latents.safetensors")
+    return SampleConditioning(family, store.tensors("prompts.safetensors"), photos.get("time_ids")), photos["latents"]
 
 
-def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, meter, bar) -> None:
+def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond: SampleConditioning, scheduler, dtype, meter,
+                       bar) -> None:
     """The unfinished shards one by one, the U-Net's encoder + hollow loaded whole (none for a baseline)."""
     unet = None
     if plan is not None and todo:
@@ -304,7 +314,7 @@ def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, embeds, sched
         unet, _ = load_unet(model_dir, skip=skip, dtype=dtype, device=cfg.device)
     for shard, rows in todo.items():
         with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
-            tensors = make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar)
+            tensors = make_shard(rows, latents, cond.embeds, scheduler, unet, plan, dtype, cfg, bar, cond)
         save_tensors(store.root / shard_name(shard), tensors)
         store.mark_done(shard)
     del unet
@@ -367,14 +377,18 @@ def noisy_and_target(latent: torch.Tensor, rows: list[dict], scheduler) -> tuple
     return noisy, target, t
 
 
-def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar=None) -> dict[str, torch.Tensor]:
-    """One shard's tensors: the samples' noisy latents, targets, timesteps, prompts, weights and (with
-    a U-Net) the hollow's output, ``cfg.batch_size`` samples per forward; ``bar``: counts the samples."""
+def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar=None,
+               cond: SampleConditioning | None = None) -> dict[str, torch.Tensor]:
+    """One shard's tensors: the samples' noisy latents, targets, timesteps, prompts, weights, the family's
+    per-sample inputs (``cond``: SDXL's pooled text embeds and time ids) and (with a U-Net) the hollow's
+    output, ``cfg.batch_size`` samples per forward; ``bar``: counts the samples."""
     latent = latents[[r["latent"] for r in rows]]
     noisy, target, t = noisy_and_target(latent, rows, scheduler)
     prompt_index = torch.tensor([r["prompt"] for r in rows], dtype=torch.long)
     out = dict(noisy=noisy, target=target, timestep=t, prompt_index=prompt_index,
                weight=torch.tensor([r["weight"] for r in rows], dtype=torch.float32))
+    extra = cond.sample_inputs(rows) if cond is not None else {}
+    out.update(extra)
     if unet is None:
         if bar is not None:
             bar.update(len(rows))
@@ -384,7 +398,8 @@ def make_shard(rows, latents, embeds, scheduler, unet, plan, dtype, cfg, bar=Non
         for s in range(0, len(rows), cfg.batch_size):
             sl = slice(s, s + cfg.batch_size)
             h = H.hollow_output(unet, plan, noisy[sl].to(cfg.device, dtype), t[sl].to(cfg.device),
-                                embeds[prompt_index[sl]].to(cfg.device, dtype))
+                                embeds[prompt_index[sl]].to(cfg.device, dtype),
+                                added_cond_kwargs=added_cond_kwargs({k: v[sl] for k, v in extra.items()}, cfg.device, dtype))
             hollow_out.append(h.cpu())
             if bar is not None:
                 bar.update(h.shape[0])

@@ -27,6 +27,7 @@ from hollownet import unet_split as H
 from hollownet.builder import Network, build_unet
 from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan
 from hollownet.errors import HollownetError
+from hollownet.families import FAMILIES, added_cond_kwargs, detect_family
 from hollownet.loading import model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
@@ -94,14 +95,16 @@ def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig) -> Network:
 
 def predict(unet, plan: HollowPlan | None, batch: dict, embeds: torch.Tensor, dtype, device, grad_checkpointing=False,
             unit_weights=None):
-    """The trained network's output for a batch of store samples (``unit_weights``: streamed weights)."""
+    """The trained network's output for a batch of store samples (``unit_weights``: streamed weights); the
+    family's per-sample inputs in the batch (SDXL's ``text_embeds``, ``time_ids``) go in as ``added_cond_kwargs``."""
     noisy = batch["noisy"].to(device, dtype)
     t = batch["timestep"].to(device)
     text = embeds[batch["prompt_index"]].to(device, dtype)
+    added = added_cond_kwargs(batch, device, dtype)
     if plan is None:
-        return unet(noisy, t, text).sample
+        return unet(noisy, t, text, added_cond_kwargs=added).sample
     return H.hollowed_forward(unet, plan, noisy, t, text, batch["hollow_out"].to(device, dtype), grad_checkpointing,
-                              unit_weights)
+                              unit_weights, added_cond_kwargs=added)
 
 
 def loss_fn(pred: torch.Tensor, batch: dict, device) -> torch.Tensor:
@@ -135,6 +138,7 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
         raise HollownetError(f"the store was made for --method {manifest['method']}, not {cfg.method}; use a new --output")
     if manifest["model_fingerprint"] != model_fingerprint(model_dir):
         raise HollownetError(f"the store in '{store.root}' was made from another model; use a new --output folder")
+    family = FAMILIES[manifest["family"]] if "family" in manifest else detect_family(model_dir)
     torch.manual_seed(cfg.seed)
     if cfg.modes.low_memory:
         return_freed_memory_promptly()  # before the layer-by-layer quantizing / reading starts
@@ -160,7 +164,8 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     t_loop = time.perf_counter()
     for step in bar:
         batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]),
-                              keys=("noisy", "target", "timestep", "prompt_index", "weight") + (("hollow_out",) if plan else ()))
+                              keys=("noisy", "target", "timestep", "prompt_index", "weight") + family.sample_keys
+                              + (("hollow_out",) if plan else ()))
         tracker = None
         if step - start < cfg.track_memory_steps:
             tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
@@ -178,11 +183,11 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
             raise TrainingStopped(f"stopped at step {step + 1} of {cfg.steps}; the checkpoint is kept: resume to continue")
     bar.close()
     train_seconds = time.perf_counter() - t_loop
-    info = result_info(cfg, manifest, plan, params)
+    info = result_info(cfg, manifest, plan, params) | {"family": family.name}
     if cfg.method == "full":
         unet.save_pretrained(out / "unet")
     else:
-        save_lora(unet, out, info, lora_format=cfg.lora_format)
+        save_lora(unet, out, info, lora_format=cfg.lora_format, family=family)
     del net, unet, optimizer
     release_memory()
     return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory,
