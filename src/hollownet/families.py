@@ -26,6 +26,7 @@ from torch import nn
 from hollownet import encoders as E
 from hollownet.errors import HollownetError
 from hollownet.memory.tracker import PartMeter
+from hollownet.settings import SD_DEFAULTS, SDXL_DEFAULTS, is_sdxl_unet
 
 #: Per-sample U-Net inputs besides latents, timestep and text (diffusers' ``added_cond_kwargs``), as stored.
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -44,7 +45,7 @@ class Family:
     name: str = "sd"
     pipeline: str = "StableDiffusionPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder",)
-    default_resolution: int = 512
+    default_resolution: int = SD_DEFAULTS["resolution"]
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
@@ -91,7 +92,7 @@ class SDXL(Family):
     name: str = "sdxl"
     pipeline: str = "StableDiffusionXLPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
-    default_resolution: int = 1024
+    default_resolution: int = SDXL_DEFAULTS["resolution"]
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
@@ -170,8 +171,7 @@ FAMILIES = {f.name: f for f in (SD_FAMILY, SDXL_FAMILY)}
 
 def family_of_config(unet_config) -> Family:
     """The family of a U-Net config (dict or diffusers' FrozenDict): SDXL by its ``text_time`` added embedding."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
-    return SDXL_FAMILY if get("addition_embed_type") == "text_time" else SD_FAMILY
+    return SDXL_FAMILY if is_sdxl_unet(dict(unet_config)) else SD_FAMILY
 
 
 def detect_family(model_dir: Path) -> Family:

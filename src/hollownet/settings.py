@@ -9,7 +9,9 @@ stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from hollownet.errors import HollownetError
 from hollownet.toy import is_toy
@@ -148,5 +150,19 @@ DEFAULT_RANK = SD_DEFAULTS["rank"]
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts  # the dataclasses' default (the Python API's): Stable Diffusion's
 
 
+# SDXL (families.SDXL) trains and generates at its native 1024 px; the rest as Stable Diffusion's.
+SDXL_DEFAULTS = {**SD_DEFAULTS, "resolution": 1024}
+
+
+def is_sdxl_unet(unet_config: dict) -> bool:
+    """SDXL's U-Net, by its ``text_time`` added embedding (pooled text + size / crop micro-conditioning)."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
 def model_defaults(model) -> dict:
-    return dict(TOY_DEFAULTS if is_toy(model) else SD_DEFAULTS)
+    if is_toy(model):
+        return dict(TOY_DEFAULTS)
+    config = Path(str(model)).expanduser() / "unet" / "config.json"
+    if str(model) == "sdxl" or (config.is_file() and is_sdxl_unet(json.loads(config.read_text()))):
+        return dict(SDXL_DEFAULTS)
+    return dict(SD_DEFAULTS)
