@@ -50,7 +50,7 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -494,19 +494,22 @@ def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: We
 
 def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, embeds: torch.Tensor,
                     prompt_index: torch.Tensor, *, dtype, device="cpu", meter=None, budget: int | None = None,
-                    batch_size: int = 4, constants=(), bar=None) -> tuple[str, list[LayerStat]]:
+                    batch_size: int = 4, constants=(), bar=None, cond: dict | None = None) -> tuple[str, list[LayerStat]]:
     """The hollow's output for every sample of ``arrays`` (which holds ``noisy`` and ``timestep``):
-    ``unet_split.hollow_steps`` step by step. Returns the output array's name (kept) and the stats."""
-    if unet.encoder_hid_proj is not None:  # it would run in every attention step, but is no step's module
-        raise HollownetError("layer-major pre-compute does not support U-Nets with an encoder_hid_proj")
+    ``unet_split.hollow_steps`` step by step. ``cond``: the rest of the U-Net's conditioning, as
+    ``unet_split.make_context`` takes it (e.g. ``added_cond_kwargs``), every tensor one row per sample.
+    Returns the output array's name (kept) and the stats."""
+    per_sample = H.make_cond(prompt_index, **(cond or {}))  # the text: embeds[prompt_index], looked up per chunk
 
-    def text(rows):
-        return embeds[prompt_index[rows]].to(device, dtype)
+    def conditioning(rows):
+        c = per_sample.rows(rows).map(lambda t: t.to(device))
+        return replace(c, text=embeds[c.text].to(device, dtype))
 
-    layers = H.hollow_steps(unet, plan, text, arrays.shape("noisy")[2:], dtype, arrays.shape)
+    layers = H.hollow_steps(unet, plan, conditioning, arrays.shape("noisy")[2:], dtype, arrays.shape)
     out = layers[-1].output
     stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="U-Net encoder + hollow", budget=budget,
-                       batch_size=batch_size, device=device, constants=(embeds, prompt_index, *constants), bar=bar)
+                       batch_size=batch_size, device=device, bar=bar,
+                       constants=(embeds, prompt_index, *per_sample.tensors(), *constants))
     return out, stats
 
 
