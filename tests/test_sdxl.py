@@ -231,3 +231,34 @@ def test_generate_two_path_and_merged(run, sdxl_model, tmp_path, merged):
     assert record["mode"] == ("merged" if merged else "two-path") and record["resolution"] == RES
     image = Image.open(tmp_path / record["images"][0])
     assert image.size == (RES, RES)
+
+
+@pytest.mark.parametrize("method", ["hollow", "lora"])
+def test_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path, method):
+    """``hollownet plan`` on an SDXL folder (both text encoders, the added inputs in stage 1 and 2) against a
+    real stage 1 + 2 training steps with exact memory tracking: the same bytes, part by part."""
+    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+    from hollownet.stages.train import run_train
+
+    store = tmp_path / "store"
+    pre = run_precompute(PrecomputeConfig(model=str(sdxl_model), images=str(photos), prompt=PROMPT, output=str(store),
+                                          method=method, resolution=RES, num_samples=2, shard_size=2), track_memory=True)
+    train = run_train(TrainConfig(model=str(sdxl_model), store=str(store), output=str(tmp_path / "out"), method=method,
+                                  rank=4, steps=2, track_memory_steps=2, checkpoint_every=0))
+    plan = plan_memory(PlanRequest(model=str(sdxl_model), method=method, rank=4, resolution=RES, steps=2, photos=3),
+                       stages=("precompute", "train"))
+    assert set(pre.memory["parts"]) >= {"text encoder", "text encoder 2", "VAE encoder"}
+    assert plan.precompute["parts"] == pre.memory["parts"]
+    assert plan.train.peak_bytes == train.memory["peak_bytes"]
+    assert plan.train.breakdown == train.memory["breakdown"]
+
+
+def test_bench_inference_peak_equals_the_plan(sdxl_model):
+    """The bench's measured inference peak (one U-Net step with SDXL's added inputs) is the planner's prediction."""
+    from hollownet.evaluation.bench import measure_inference_peak
+    from hollownet.memory.planner import PlanRequest, plan_memory
+
+    measured = measure_inference_peak(sdxl_model, resolution=RES)
+    plan = plan_memory(PlanRequest(model=str(sdxl_model), resolution=RES), stages=("inference",))
+    assert measured["peak_bytes"] == plan.inference[1].peak_bytes > measured["weights_bytes"]

@@ -32,6 +32,16 @@ from hollownet.settings import SD_DEFAULTS, SDXL_DEFAULTS, is_sdxl_unet
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
 
 
+def added_cond_shapes(unet_config) -> dict[str, tuple[int, ...]] | None:
+    """Per sample, the shapes of the ``added_cond_kwargs`` a U-Net needs (SDXL: pooled text, 6 time ids); None if none."""
+    config = dict(unet_config)
+    if not is_sdxl_unet(config):
+        return None
+    time_dim = int(config["addition_time_embed_dim"])
+    pooled = int(config["projection_class_embeddings_input_dim"]) - 6 * time_dim
+    return {"text_embeds": (pooled,), "time_ids": (6,)}
+
+
 def added_cond_kwargs(batch: dict, device, dtype) -> dict | None:
     """The U-Net's ``added_cond_kwargs`` of a store batch (None when the model takes none)."""
     added = {k: batch[k].to(device, dtype) for k in ADDED_COND_KEYS if k in batch}

@@ -43,6 +43,7 @@ from hollownet.evaluation.datasets import DatasetError, DatasetWarning, load_dat
 from hollownet.evaluation.metrics import DinoClipScorer, model_label
 from hollownet.evaluation.report import METRIC_LABELS, aggregate, format_summary, plot_summary, plot_tradeoffs
 from hollownet.evaluation.specs import MethodSpec, parse_methods, parse_seeds
+from hollownet.families import added_cond_shapes
 from hollownet.executor import Executor, Job, job_memory
 from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.memory import planner
@@ -469,8 +470,10 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
         sample = torch.randn(batch, unet.config.in_channels, side, side, device=device, dtype=dtype)
         text = torch.randn(batch, tokens, unet.config.cross_attention_dim, device=device, dtype=dtype)
         t = torch.full((batch,), 500, device=device, dtype=torch.long)
+        added = {k: torch.randn(batch, *shape, device=device, dtype=dtype)  # SDXL: pooled text, time ids
+                 for k, shape in (added_cond_shapes(unet.config) or {}).items()} or None
         with tracker.phase("forward"):
-            unet(sample, t, text)
+            unet(sample, t, text, added_cond_kwargs=added)
     del unet
     release_memory()
     report = tracker.report

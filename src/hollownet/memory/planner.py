@@ -58,6 +58,7 @@ from hollownet.cut import (
     resolve_plan,
 )
 from hollownet.errors import HollownetError
+from hollownet.families import ADDED_COND_KEYS, SampleConditioning, added_cond_shapes, family_of_config
 from hollownet.loading import is_under, vae_scale_factor
 from hollownet.lowmem.quant import frozen_weight_bytes
 from hollownet.lowmem.stream import FakeSource
@@ -91,6 +92,7 @@ class ModelConfigs:
     name: str
     unet: dict
     text_encoder: dict | None = None
+    text_encoder_2: dict | None = None  # SDXL's second encoder (its states are concatenated to the first's)
     vae: dict | None = None
     scheduler: dict | None = None
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
@@ -99,18 +101,14 @@ class ModelConfigs:
     @property
     def text_dim(self) -> int:
         if self.text_encoder:
-            return int(self.text_encoder["hidden_size"])
+            return int(self.text_encoder["hidden_size"]) + int((self.text_encoder_2 or {}).get("hidden_size", 0))
         dim = self.unet.get("cross_attention_dim", 768)
         return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
 
     @property
     def added_cond(self) -> dict | None:
         """SDXL-style U-Nets need pooled text embeddings and time ids: their shapes per sample."""
-        if self.unet.get("addition_embed_type") != "text_time":
-            return None
-        time_dim = int(self.unet["addition_time_embed_dim"])
-        pooled = int(self.unet["projection_class_embeddings_input_dim"]) - 6 * time_dim
-        return {"text_embeds": (pooled,), "time_ids": (6,)}
+        return added_cond_shapes(self.unet)
 
 
 def _strip(cfg: dict) -> dict:
@@ -130,6 +128,7 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
             name=name,
             unet=load_unet_config(name),
             text_encoder=_read_json(CONFIG_DIR / f"{name}_text_encoder.json"),
+            text_encoder_2=_read_json(CONFIG_DIR / f"{name}_text_encoder_2.json"),
             vae=_read_json(CONFIG_DIR / f"{name}_vae.json"),
             scheduler=_read_json(CONFIG_DIR / f"{name}_scheduler.json"),
         )
@@ -151,6 +150,7 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
         name=str(path),
         unet=unet,
         text_encoder=text,
+        text_encoder_2=_read_json(path / "text_encoder_2" / "config.json"),
         vae=_read_json(path / "vae" / "config.json"),
         scheduler=_read_json(path / "scheduler" / "scheduler_config.json"),
     )
@@ -245,6 +245,14 @@ def _added_cond(shapes: dict | None, batch: int, dtype) -> dict | None:
     return {k: torch.empty((batch, *s), dtype=dtype) for k, s in shapes.items()}
 
 
+def _sample_conditioning(mc: ModelConfigs, embeds: torch.Tensor, photos: int) -> SampleConditioning | None:
+    """Stage 1's per-sample conditioning (``precompute.make_shard``'s ``cond``) for SDXL-style models, shapes only."""
+    if mc.added_cond is None:
+        return None
+    prompts = {"embeds": embeds, "text_embeds": torch.empty(embeds.shape[0], *mc.added_cond["text_embeds"])}
+    return SampleConditioning(family_of_config(mc.unet), prompts, torch.empty(photos, *mc.added_cond["time_ids"]))
+
+
 def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
     factor = vae_scale_factor(mc.vae)
     return resolution // factor, resolution // factor
@@ -252,14 +260,16 @@ def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
 
 def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tuple[int, ...]:
     """Per sample, what stage 1 stores for this cut (run on meta tensors: shapes only)."""
-    return _hollow_out_shape(mc.unet, plan, latent_size(mc, resolution), mc.text_len, mc.text_dim)
+    return _hollow_out_shape(mc.unet, plan, latent_size(mc, resolution), mc.text_len, mc.text_dim, mc.added_cond)
 
 
-def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int):
+def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int,
+                      added_cond: dict | None = None):
     unet = meta_unet(unet_config)
     with torch.device("meta"), torch.no_grad():
         x = torch.empty(1, unet.config.in_channels, *latent_hw)
-        out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, text_len, text_dim))
+        out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, text_len, text_dim),
+                              added_cond_kwargs=_added_cond(added_cond, 1, torch.float32))
     return tuple(out.shape[1:])
 
 
@@ -280,13 +290,16 @@ def predict_train(mc: ModelConfigs, req: PlanRequest) -> tuple[MemoryReport, dic
 
 
 def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: int, batch: int, text_len: int,
-                       text_dim: int, prompts: int = 1, vae_factor: int = 8):
-    """Shapes of one step's store batch: latents, hollow output (if hollow) and prompt embeddings."""
+                       text_dim: int, prompts: int = 1, vae_factor: int = 8, added_cond: dict | None = None):
+    """Shapes of one step's store batch: latents, hollow output (if hollow), prompt embeddings and the
+    per-sample added inputs (SDXL's ``text_embeds``, ``time_ids``)."""
     h = resolution // vae_factor
     c = unet_config["in_channels"]
     shapes = {"latent": (batch, c, h, h), "embeds": (prompts, text_len, text_dim)}
     if plan is not None:
-        shapes["hollow_out"] = (batch, *_hollow_out_shape(unet_config, plan, (h, h), text_len, text_dim))
+        shapes["hollow_out"] = (batch, *_hollow_out_shape(unet_config, plan, (h, h), text_len, text_dim, added_cond))
+    for k, shape in (added_cond or {}).items():
+        shapes[k] = (batch, *shape)
     return shapes
 
 
@@ -298,6 +311,9 @@ def make_train_batch(shapes: dict, dtype: torch.dtype, generator: torch.Generato
                  weight=torch.ones(b))
     if "hollow_out" in shapes:
         batch["hollow_out"] = torch.randn(shapes["hollow_out"], generator=generator).to(dtype)
+    for k in ADDED_COND_KEYS:  # stored as stage 1 computed them (fp32)
+        if k in shapes:
+            batch[k] = torch.randn(shapes[k], generator=generator)
     return batch, torch.randn(shapes["embeds"], generator=generator)
 
 
@@ -321,7 +337,8 @@ def predict_step(unet_config: dict, cfg: TrainConfig, *, resolution: int, text_l
     if cfg.method == "hollow" and hollow_blocks is None:
         hollow_blocks = make_plan(skeleton).hollow_blocks
     plan = resolve_plan(skeleton, blocks=hollow_blocks) if cfg.method == "hollow" else None
-    shapes = train_batch_shapes(unet_config, plan, resolution, batch or cfg.batch, text_len, text_dim, prompts, vae_factor)
+    shapes = train_batch_shapes(unet_config, plan, resolution, batch or cfg.batch, text_len, text_dim, prompts, vae_factor,
+                                added_cond)
     source = FakeSource.for_module(skeleton)
     net = cfg.network(unet_config, source, hollow_blocks)
     with source.mode, _FakeScalars():
@@ -336,9 +353,7 @@ def predict_step(unet_config: dict, cfg: TrainConfig, *, resolution: int, text_l
         optimizer.zero_grad(set_to_none=True)
         for g, f in zip(optimizer.param_groups, foreach):
             g["foreach"] = f
-        batch_, embeds = make_train_batch(shapes, net.dtype)
-        if added_cond is not None and net.plan is None:
-            net = replace(net, unet=_WithAddedCond(unet, _added_cond(added_cond, shapes["latent"][0], net.dtype)))
+        batch_, embeds = make_train_batch(shapes, net.dtype)  # with the added inputs: train.predict passes them
         unet.train()
         tracker = MemoryTracker(device="cpu").add_resident(unet, optimizer)
         train_step(net, batch_, embeds, optimizer, cfg, tracker)
@@ -393,7 +408,7 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     The U-Net part runs ``make_shard`` on the first shard, chunk by chunk, exactly as stage 1 does.
     """
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
@@ -402,7 +417,16 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     meter = PartMeter(True, pcfg.device)
     n_photos = req.photos + req.class_photos
     h, w = latent_size(mc, req.resolution)
-    if mc.text_encoder is not None and "text encoder" in parts:  # precompute.embed_prompts
+    if mc.text_encoder is not None and mc.text_encoder_2 is not None and "text encoder" in parts:  # families.SDXL
+        for part, config, cls in (("text encoder", mc.text_encoder, CLIPTextModel),
+                                  ("text encoder 2", mc.text_encoder_2, CLIPTextModelWithProjection)):
+            with torch.device("meta"):
+                encoder = cls(CLIPTextConfig(**config))
+            with _fake_mode():
+                materialize(encoder.eval(), dtype, persistent_only=False)
+                E.embed_penultimate(encoder, torch.zeros(req.prompts, mc.text_len, dtype=torch.long), pcfg.device, meter,
+                                    part=part)
+    elif mc.text_encoder is not None and "text encoder" in parts:  # precompute.embed_prompts
         with torch.device("meta"):
             encoder = CLIPTextModel(CLIPTextConfig(**mc.text_encoder))
         with _fake_mode():
@@ -431,7 +455,8 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
         latents = torch.empty(n_photos, mc.unet.get("in_channels", 4), h, w)
         embeds = torch.empty(req.prompts, mc.text_len, mc.text_dim)
         with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
-            make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg)
+            make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg,
+                       cond=_sample_conditioning(mc, embeds, n_photos))
     return _summary(meter)
 
 
