@@ -262,3 +262,21 @@ def test_bench_inference_peak_equals_the_plan(sdxl_model):
     measured = measure_inference_peak(sdxl_model, resolution=RES)
     plan = plan_memory(PlanRequest(model=str(sdxl_model), resolution=RES), stages=("inference",))
     assert measured["peak_bytes"] == plan.inference[1].peak_bytes > measured["weights_bytes"]
+
+
+def test_layer_major_stage1_writes_the_same_store(run, sdxl_model, photos, tmp_path):
+    """Layer-major stage 1 (both text encoders and the U-Net one layer at a time, a budget that forces small
+    chunks) writes the sample-major store: prompt tensors, time ids and every sample's added inputs and hollow output."""
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+
+    out = tmp_path / "store"
+    run_precompute(PrecomputeConfig(model=str(sdxl_model), images=str(photos), prompt=PROMPT, output=str(out),
+                                    resolution=RES, num_samples=6, layer_major=True, memory_budget="2MiB"),
+                   track_memory=False)
+    want, got = Store(run / "store"), Store(out)
+    for name in ("prompts.safetensors", "latents.safetensors", "shard-00000.safetensors"):
+        a, b = want.tensors(name), got.tensors(name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    assert {"text_embeds", "time_ids", "hollow_out"} <= set(got.tensors("shard-00000.safetensors"))

@@ -25,6 +25,8 @@ from torch import nn
 
 from hollownet import encoders as E
 from hollownet.errors import HollownetError
+from hollownet.lowmem import layerwise as LW
+from hollownet.lowmem import sdxl_text
 from hollownet.memory.tracker import PartMeter
 from hollownet.settings import SD_DEFAULTS, SDXL_DEFAULTS, is_sdxl_unet
 
@@ -75,6 +77,13 @@ class Family:
         embeds = E.embed(encoder, E.prompt_ids(model_dir, prompts), device, meter)
         del encoder
         return {"embeds": embeds}
+
+    def encode_prompts_layer_major(self, model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter, *,
+                                   budget=None, batch_size: int = 4, scratch=None) -> tuple[dict[str, torch.Tensor], dict]:
+        """:meth:`encode_prompts`, one layer in memory at a time (``lowmem/layerwise.py``): ``(tensors, stats by part)``."""
+        embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, device, meter, batch_size=batch_size,
+                                         scratch=scratch, budget=budget)
+        return {"embeds": embeds}, {"text encoder": stats}
 
     def sample_inputs(self, prompts: dict[str, torch.Tensor], prompt_index: torch.Tensor,
                       time_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -127,6 +136,11 @@ class SDXL(Family):
                                  "CLIPTextModelWithProjection there")
         return {"embeds": torch.cat(states, dim=-1), "text_embeds": pooled}
 
+    def encode_prompts_layer_major(self, model_dir, prompts, dtype, device, meter, *, budget=None, batch_size=4,
+                                   scratch=None):
+        return sdxl_text.encode_prompts(model_dir, prompts, dtype, device, meter, budget=budget, batch_size=batch_size,
+                                        scratch=scratch)
+
     def sample_inputs(self, prompts, prompt_index, time_ids):
         return {"text_embeds": prompts["text_embeds"][prompt_index], "time_ids": time_ids}
 
@@ -167,6 +181,11 @@ class SampleConditioning:
     @property
     def embeds(self) -> torch.Tensor:
         return self.prompts["embeds"]
+
+    def unet_cond(self, rows: list[dict]) -> dict:
+        """The rows' U-Net conditioning beyond the text, as ``unet_split.make_context`` takes it (one row per sample)."""
+        added = self.sample_inputs(rows)
+        return {"added_cond_kwargs": added} if added else {}
 
     def sample_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The rows' extra per-sample tensors (``family.sample_keys``): what a shard stores beside the common keys."""

@@ -210,9 +210,6 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
     family = detect_family(model_dir)
-    if cfg.layer_major and family.sample_keys:
-        raise HollownetError(f"layer-major pre-compute does not run {family.name.upper()} models yet (two text encoders, "
-                             "added embeddings): add --no-layer-major (and no --memory-budget)")
     dtype = torch_dtype(cfg.precision)
     plan = hollow_plan_for(model_dir, cfg) if cfg.method == "hollow" else None
     pixels, names = load_photos(cfg.images, cfg.resolution)
@@ -265,7 +262,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         with tqdm(total=len(table), initial=len(table) - sum(map(len, todo.values())), desc="pre-compute",
                   unit="sample", disable=None) as bar:
             if cfg.layer_major and plan is not None and todo:
-                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond.embeds, scheduler, dtype, budget, meter,
+                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype, budget, meter,
                                   scratch, info, bar)
             else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
                 _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype,
@@ -285,10 +282,9 @@ def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, 
     computed (sample- or layer-major) unless stored."""
     if not (store.root / "prompts.safetensors").exists():
         if cfg.layer_major:
-            embeds, stats = LW.embed_prompts(model_dir, prompts, dtype, cfg.device, meter, batch_size=cfg.batch_size,
-                                             scratch=scratch / "text", budget=budget)
-            info["text encoder"] = _stats(stats)
-            tensors = {"embeds": embeds}
+            tensors, stats = family.encode_prompts_layer_major(model_dir, prompts, dtype, cfg.device, meter, budget=budget,
+                                                               batch_size=cfg.batch_size, scratch=scratch / "text")
+            info.update({part: _stats(s) for part, s in stats.items()})
         else:
             tensors = embed_prompts(model_dir, prompts, dtype, cfg.device, meter, family)
         save_tensors(store.root / "prompts.safetensors", tensors)
@@ -321,8 +317,8 @@ def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond: SampleC
     release_memory()
 
 
-def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, scheduler, dtype, budget, meter, scratch,
-                      info, bar) -> None:
+def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond: SampleConditioning, scheduler, dtype, budget,
+                      meter, scratch, info, bar) -> None:
     """The unfinished shards' samples through the U-Net's encoder + hollow one layer at a time
     (``layerwise.py``) into scratch arrays, then the shards written (each atomically, marked done one
     by one). An interruption before that leaves no shard written; the rerun recomputes those samples."""
@@ -334,20 +330,20 @@ def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, embeds, schedu
     layer_bar = tqdm(desc="pre-compute (layer-major U-Net)", unit="layer", disable=None, leave=False)
     try:
         for shard, rows, a, b in spans:  # the U-Net's inputs, exactly as make_shard draws them
-            t = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg)
+            t = make_shard(rows, latents, cond.embeds, scheduler, None, plan, dtype, cfg)
             arrays.write("noisy", a, b, t["noisy"])
             arrays.write("timestep", a, b, t["timestep"])
             del t
         prompt_index = torch.tensor([r["prompt"] for r in rows_all], dtype=torch.long)
         unet = _skeleton(model_dir).requires_grad_(False).eval()
         weights = LW.FileWeights(unet, weight_files(model_dir), dtype, cfg.device)
-        out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, embeds, prompt_index, dtype=dtype, device=cfg.device,
-                                        meter=meter, budget=budget, batch_size=cfg.batch_size, constants=(latents,),
-                                        bar=layer_bar)
+        out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, cond.embeds, prompt_index, dtype=dtype,
+                                        device=cfg.device, meter=meter, budget=budget, batch_size=cfg.batch_size,
+                                        constants=(latents,), bar=layer_bar, cond=cond.unet_cond(rows_all))
         info["U-Net encoder + hollow"] = _stats(stats)
         info["spilled_bytes"] = sum(arrays.spilled.values())
         for shard, rows, a, b in spans:  # each shard written atomically, then marked done
-            tensors = make_shard(rows, latents, embeds, scheduler, None, plan, dtype, cfg, bar)
+            tensors = make_shard(rows, latents, cond.embeds, scheduler, None, plan, dtype, cfg, bar, cond)
             tensors["hollow_out"] = arrays.read(out, a, b).clone()
             save_tensors(store.root / shard_name(shard), tensors)
             store.mark_done(shard)
