@@ -211,3 +211,16 @@ def test_unsupported_or_missing_conditioning_is_refused_in_one_line():
     unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     with pytest.raises(HollownetError, match="FreeU"):
         H.full_forward(unet, all_plans(unet)[2], x, t, text)
+
+
+@pytest.mark.parametrize("name", ["text_time (SDXL)", "image_hint", "class identity", "class projection, concat",
+                                  "encoder_hid_proj text_image_proj", "num_class_embeds"])
+def test_example_conditioning_fits_the_unet(name):
+    """The planner's fake runs use placeholder conditioning: it must have the shapes unet(...) takes."""
+    extra, width, _ = VARIANTS[name]
+    unet = _tiny_unet(**{**SMALL, **extra})
+    x, t, text = torch.randn(B, 4, 8, 8), torch.tensor([3, 900]), torch.randn(B, 7, width)
+    cond = H.example_cond(unet, B, (8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(H.full_forward(unet, all_plans(unet)[1], x, t, text, **cond), unet(x, t, text, **cond).sample,
+                                   rtol=0, atol=0)

@@ -363,3 +363,51 @@ def test_layer_major_lora_baseline_store(tiny_model, dog_photos, tmp_path):
     assert "U-Net encoder + hollow" not in result.layer_major
     assert_same_store(tmp_path / "lm", tmp_path / "sm")
     assert no_scratch(tmp_path / "lm")
+
+
+def test_layer_major_follows_added_embeddings_and_encoder_hid_proj(tmp_path):
+    """An SDXL-style U-Net (text_time added embedding: pooled text + time ids per sample), with class
+    embeddings and an encoder_hid_proj too: layer-major stage 1 equals sample-major (hollow_output)
+    and the split forward's encode -> hollow, for every cut, the conditioning chunked per sample;
+    and the fake run the planner uses (predict_peak) takes the same conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    from hollownet import unet_split as H
+    from hollownet.cut import all_plans, meta_unet
+    from hollownet.loading import weight_files
+    from hollownet.tiny import TINY_UNET
+
+    torch.manual_seed(0)
+    config = {**TINY_UNET, "block_out_channels": (16, 32, 32), "layers_per_block": 1,
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+              "projection_class_embeddings_input_dim": 20 + 6 * 8, "encoder_hid_dim": 24, "num_class_embeds": 3}
+    unet = UNet2DConditionModel(**config).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    x, t = torch.randn(n, 4, 6, 6, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    embeds, prompt_index = torch.randn(2, 7, 24, generator=g), torch.tensor([0, 1, 1, 0, 1])
+    cond = dict(added_cond_kwargs=dict(text_embeds=torch.randn(n, 20, generator=g), time_ids=torch.rand(n, 6, generator=g) * 512),
+                class_labels=torch.tensor([0, 1, 2, 1, 0]))
+    for plan in all_plans(unet):
+        with torch.no_grad():
+            want = H.hollow_output(unet, plan, x, t, embeds[prompt_index], **cond)
+            ctx = H.make_context(unet, x, t, embeds[prompt_index], **cond)
+            h, skips = H.encode(unet, plan, x, ctx)
+            torch.testing.assert_close(want, H.hollow(unet, plan, h, ctx, skips), rtol=0, atol=0)
+        skeleton = meta_unet(UNet2DConditionModel.load_config(tmp_path / "unet")).requires_grad_(False).eval()
+        weights = LW.FileWeights(skeleton, weight_files(tmp_path), torch.float32)
+        arrays = LW.Arrays(n, tmp_path / "scratch", None)
+        arrays.write("noisy", 0, n, x)
+        arrays.write("timestep", 0, n, t)
+        out, _ = LW.run_unet_hollow(skeleton, plan, arrays, weights, embeds, prompt_index, dtype=torch.float32,
+                                    batch_size=2, cond=cond)
+        got = arrays.read(out, 0, n).clone()
+        arrays.close()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"depth {plan.depth}")
+        assert {"add_embedding.linear_1.weight", "class_embedding.weight", "encoder_hid_proj.weight"} <= set(weights.read_keys)
+    pred = LW.predict_peak(skeleton, plan, resolution=48, num_samples=3, photos=1)
+    steps = [s.name for s in pred["stats"]["U-Net encoder + hollow"]]
+    assert steps[:3] == ["time_embedding", "encoder_hid_proj", "conv_in"] and pred["summary"]["peak_bytes"] > 0

@@ -8,9 +8,12 @@ up to and including the one that consumes the d-th skip (plus that up block's up
 ends at the block's end). Every skip made inside the hollow is consumed inside it, so the kept outer
 layers need from the hollow exactly one tensor: the activation it hands to the first kept up unit.
 
-The paper's cut for SD 1.x/2.x (``down_blocks.2.downsamplers``, ``down_blocks.3``, ``mid_block``,
-``up_blocks.0``) is depth 3: the number of resnets of ``up_blocks.0``. That rule — hollow
-``up_blocks.0`` and its skip partners — is the default for any U-Net config.
+The default cut means the same on every U-Net: the valid cut whose hollowed share of the U-Net's
+parameters is nearest the paper's (:data:`PAPER_FRACTION`, 39%). On SD 1.x/2.x that is the paper's
+cut itself (``down_blocks.2.downsamplers``, ``down_blocks.3``, ``mid_block``, ``up_blocks.0``:
+depth 3, 39.1% / 38.9%); on SDXL's 3-level U-Net, whose central blocks hold far more of the
+parameters, it is depth 1 (46.5%), where the old rule ("``up_blocks.0`` and its skip partners")
+hollowed 92.7% and removed 86% of the layers LoRA targets (43% now).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 SUPPORTED_MID = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: The paper's cut on SD 2.x hollows 39% of the U-Net's parameters (Cho et al. 2024, Table 1).
+PAPER_FRACTION = 0.39
 BUNDLED_UNETS = {"sd15": "sd15_unet.json", "sd21": "sd21_unet.json", "sdxl": "sdxl_unet.json"}
 
 
@@ -92,8 +97,38 @@ def max_depth(unet: nn.Module) -> int:
 
 
 def default_depth(unet: nn.Module) -> int:
-    """The paper's rule: hollow up_blocks.0 (and so its skip partners)."""
-    return len(unet.up_blocks[0].resnets)
+    """The depth of the default cut (see :func:`nearest_paper_depth`)."""
+    return nearest_paper_depth(depth_fractions(unet))
+
+
+def nearest_paper_depth(fractions: list[float]) -> int:
+    """The depth whose hollowed fraction is nearest the paper's (the shallower one on a tie)."""
+    return min(range(len(fractions)), key=lambda d: (abs(fractions[d] - PAPER_FRACTION), d))
+
+
+def split_ladder(down: list[Unit], up: list[Unit], depth: int) -> tuple[list[Unit], list[Unit], list[Unit], list[Unit]]:
+    """kept down, hollow down, hollow up, kept up for the cut of ``depth``."""
+    consumed, cut_at = 0, 0
+    while consumed < depth:  # walk up until the hollow has consumed its own `depth` skips
+        if up[cut_at].index is not None:
+            consumed += 1
+        cut_at += 1
+    # A cut ending at an up block's last pair takes that block's upsampler too (block boundary).
+    if depth and cut_at < len(up) and up[cut_at].index is None and up[cut_at].block == up[cut_at - 1].block:
+        cut_at += 1
+    return down[: len(down) - depth], down[len(down) - depth :], up[:cut_at], up[cut_at:]
+
+
+def depth_fractions(unet: nn.Module) -> list[float]:
+    """The hollowed share of the U-Net's parameters for every depth 0..max_depth."""
+    down, up = ladder(unet)
+    total = sum(p.numel() for p in unet.parameters())
+    out = []
+    for depth in range(len(down) + 1):
+        _, hollow_down, hollow_up, _ = split_ladder(down, up, depth)
+        prefixes = ["mid_block"] + [n for u in hollow_down + hollow_up for n in unit_modules(unet, u)]
+        out.append(_param_count(unet, prefixes) / total)
+    return out
 
 
 @dataclass
@@ -110,6 +145,9 @@ class HollowPlan:
     hollow_params: int
     lora_params: int = 0
     lora_targets: list[str] = field(default_factory=list)  # full module names that get LoRA
+    fractions: list[float] = field(default_factory=list)  # every depth's hollowed fraction (the default's why)
+    lora_targets_total: int = 0  # modules the LoRA targets match in the whole U-Net
+    lora_targets_kept: int = 0  # ... outside the hollow
 
     @property
     def kept_params(self) -> int:
@@ -118,6 +156,25 @@ class HollowPlan:
     @property
     def fraction(self) -> float:
         return self.hollow_params / self.total_params
+
+    @property
+    def is_default(self) -> bool:
+        return self.depth == nearest_paper_depth(self.fractions)
+
+    @property
+    def lora_targets_removed_share(self) -> float:
+        """Share of the modules LoRA targets (e.g. the attention projections) that the cut removes."""
+        return 1 - self.lora_targets_kept / self.lora_targets_total if self.lora_targets_total else 0.0
+
+    @property
+    def why(self) -> str:
+        """How this cut relates to the default, in one line."""
+        fr, d = self.fractions, nearest_paper_depth(self.fractions)
+        if self.depth == d:
+            near = " and ".join(f"{fr[i]:.1%}" for i in (d - 1, d + 1) if 0 <= i < len(fr))
+            return (f"default: the valid skip-symmetric cut nearest the paper's {PAPER_FRACTION:.0%} of U-Net parameters "
+                    f"({self.fraction:.1%}; the cuts next to it hollow {near})")
+        return f"as asked (the default cut, nearest the paper's {PAPER_FRACTION:.0%}, hollows {fr[d]:.1%})"
 
     def hollow_prefixes(self, unet: nn.Module) -> list[str]:
         """Module names whose weights live only in the hollow."""
@@ -135,6 +192,8 @@ class HollowPlan:
             "kept_params": self.kept_params,
             "fraction": round(self.fraction, 4),
             "lora_params": self.lora_params,
+            "why": self.why,
+            "lora_targets_removed_share": round(self.lora_targets_removed_share, 4),
         }
 
     def format(self) -> str:
@@ -142,10 +201,13 @@ class HollowPlan:
         lines = [
             f"hollow plan (depth {self.depth}, {self.fraction:.1%} of U-Net parameters hollowed)",
             f"  hollowed: {', '.join(self.hollow_blocks)}",
+            f"  chosen:   {self.why}",
             f"  U-Net params   {m(self.total_params)}",
             f"  hollowed       {m(self.hollow_params)}  (never loaded for training)",
             f"  kept (frozen)  {m(self.kept_params)}",
             f"  LoRA (trained) {m(self.lora_params)}  on {len(self.lora_targets)} layers",
+            f"  LoRA targets   {self.lora_targets_removed_share:.1%} removed by the cut "
+            f"({self.lora_targets_total - self.lora_targets_kept} of {self.lora_targets_total} target layers)",
         ]
         return "\n".join(lines)
 
@@ -183,26 +245,17 @@ def make_plan(
     *,
     rank: int = 0,
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    fractions: list[float] | None = None,
 ) -> HollowPlan:
-    """The cut of the given depth (default: the paper's) with parameter and LoRA accounting.
-
-    ``unet`` may live on the meta device: only structure and shapes are read.
-    """
+    """The cut of the given depth (default: nearest the paper's fraction) with parameter and LoRA
+    accounting. ``unet`` may live on the meta device: only structure and shapes are read.
+    ``fractions``: ``depth_fractions(unet)``, when the caller has them already."""
     down, up = ladder(unet)
-    depth = default_depth(unet) if depth is None else depth
+    fractions = depth_fractions(unet) if fractions is None else fractions
+    depth = nearest_paper_depth(fractions) if depth is None else depth
     if not 0 <= depth <= len(down):
         raise HollownetError(f"hollow depth {depth} is outside 0..{len(down)} for this U-Net")
-    hollow_down = down[len(down) - depth :]
-    kept_down = down[: len(down) - depth]
-    consumed, cut_at = 0, 0
-    while consumed < depth:  # walk up until the hollow has consumed its own `depth` skips
-        if up[cut_at].index is not None:
-            consumed += 1
-        cut_at += 1
-    # A cut ending at an up block's last pair takes that block's upsampler too (block boundary).
-    if depth and cut_at < len(up) and up[cut_at].index is None and up[cut_at].block == up[cut_at - 1].block:
-        cut_at += 1
-    hollow_up, kept_up = up[:cut_at], up[cut_at:]
+    kept_down, hollow_down, hollow_up, kept_up = split_ladder(down, up, depth)
     plan = HollowPlan(
         depth=depth,
         kept_down=kept_down,
@@ -212,10 +265,15 @@ def make_plan(
         hollow_blocks=canonical_names(unet, hollow_down, hollow_up),
         total_params=sum(p.numel() for p in unet.parameters()),
         hollow_params=0,
+        fractions=fractions,
     )
-    plan.hollow_params = _param_count(unet, plan.hollow_prefixes(unet))
+    hollow = plan.hollow_prefixes(unet)
+    plan.hollow_params = _param_count(unet, hollow)
+    kept_targets = lora_target_modules(unet, hollow, lora_targets)
+    plan.lora_targets_total = len(lora_target_modules(unet, [], lora_targets))
+    plan.lora_targets_kept = len(kept_targets)
     if rank:
-        plan.lora_targets = lora_target_modules(unet, plan.hollow_prefixes(unet), lora_targets)
+        plan.lora_targets = kept_targets
         mods = dict(unet.named_modules())
         plan.lora_params = sum(lora_size(mods[n], rank) for n in plan.lora_targets)
     return plan
@@ -242,7 +300,8 @@ def lora_size(mod: nn.Module, rank: int) -> int:
 
 
 def all_plans(unet: nn.Module) -> list[HollowPlan]:
-    return [make_plan(unet, d) for d in range(max_depth(unet) + 1)]
+    fractions = depth_fractions(unet)
+    return [make_plan(unet, d, fractions=fractions) for d in range(len(fractions))]
 
 
 def plan_for_fraction(unet: nn.Module, fraction: float, **kw) -> HollowPlan:

@@ -94,6 +94,38 @@ def make_cond(text: torch.Tensor, *, added_cond_kwargs=None, class_labels=None, 
                 cross_attention_kwargs)
 
 
+def example_cond(unet: nn.Module, n: int, latent_hw, dtype=torch.float32) -> dict:
+    """Placeholder conditioning of the right shapes for ``n`` samples (memory prediction and shape
+    runs: values are zeros). ``text_time`` splits its input as SDXL base does: 6 time ids."""
+    cfg, kw = unet.config, {}
+    zeros = lambda *shape: torch.zeros(n, *shape, dtype=dtype)  # noqa: E731
+    added = {}
+    if cfg.addition_embed_type == "text_time":
+        ids = 6
+        added = dict(text_embeds=zeros(cfg.projection_class_embeddings_input_dim - ids * cfg.addition_time_embed_dim),
+                     time_ids=zeros(ids))
+    elif cfg.addition_embed_type in ("image", "image_hint"):
+        added = dict(image_embeds=zeros(cfg.encoder_hid_dim))
+        if cfg.addition_embed_type == "image_hint":  # the hint is in pixels: 8x the latent
+            added["hint"] = zeros(3, *(8 * d for d in latent_hw))
+    elif cfg.addition_embed_type == "text_image":
+        added = dict(image_embeds=zeros(cfg.cross_attention_dim))
+    if cfg.encoder_hid_dim_type in HID_PROJ_KEYS and HID_PROJ_KEYS[cfg.encoder_hid_dim_type]:
+        width = cfg.encoder_hid_dim if cfg.encoder_hid_dim_type == "image_proj" else cfg.cross_attention_dim
+        added.setdefault("image_embeds", zeros(width))
+    if added:
+        kw["added_cond_kwargs"] = added
+    if unet.class_embedding is not None:
+        emb = unet.class_embedding
+        if cfg.class_embed_type in (None, "timestep"):  # an index / a timestep
+            kw["class_labels"] = torch.zeros(n, dtype=torch.long)
+        else:
+            width = (emb.linear_1.in_features if hasattr(emb, "linear_1") else
+                     emb.in_features if isinstance(emb, nn.Linear) else unet.time_embedding.linear_2.out_features)
+            kw["class_labels"] = zeros(width)
+    return kw
+
+
 def check_supported(unet: nn.Module) -> None:
     """Refuse, in one line, what the split forward does not follow (it would be silently wrong)."""
     cfg = unet.config

@@ -93,6 +93,8 @@ def summarize(record: dict) -> str:
         p = record["plan"]
         lines.append(f"hollowed {', '.join(p['hollow_blocks'])} ({p['fraction']:.0%} of U-Net params); "
                      f"trained {p['lora_params'] / 1e6:.2f}M LoRA params")
+        if p.get("why"):  # records made before the default was chosen by fraction lack it
+            lines.append(f"cut: {p['why']}; it removes {p['lora_targets_removed_share']:.1%} of the layers LoRA targets")
     t = record["timings"]
     lines.append(f"pre-compute {t['precompute_s']:.1f} s, training {t['train_s']:.1f} s ({t['train_s_per_step']:.3f} s/step)")
     for stage in ("precompute", "train"):

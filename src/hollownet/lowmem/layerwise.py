@@ -558,7 +558,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     """
     meter, stats, spilled = PartMeter(True, device), {}, 0
     h = resolution // vae_scale_factor(dict(vae.config) if vae is not None else None)
-    text_dim = text.config.hidden_size if text is not None else unet.config.cross_attention_dim
+    text_dim = text.config.hidden_size if text is not None else (unet.config.encoder_hid_dim or unet.config.cross_attention_dim)
     text_len = text.config.max_position_embeddings if text is not None else 77
     common = dict(meter=meter, budget=budget, batch_size=batch_size, device=device)
     prepared = None
@@ -584,8 +584,9 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
         arrays.write("noisy", 0, num_samples, torch.empty(num_samples, unet.config.in_channels, h, h))
         arrays.write("timestep", 0, num_samples, torch.zeros(num_samples, dtype=torch.long))
         prompt_index = torch.zeros(num_samples, dtype=torch.long)
+        cond = H.example_cond(unet, num_samples, (h, h), dtype)  # added / class conditioning, where the U-Net has it
         _, stats["U-Net encoder + hollow"] = run_unet_hollow(unet, plan, arrays, EmptyWeights(unet, dtype, device), embeds,
-                                                             prompt_index, dtype=dtype, constants=(latents,), **common)
+                                                             prompt_index, dtype=dtype, constants=(latents,), cond=cond, **common)
         spilled = sum(arrays.spilled.values())
         arrays.close()
     return {"summary": meter.summary(always=True), "stats": stats, "unet_spilled_bytes": spilled}

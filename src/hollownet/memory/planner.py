@@ -260,16 +260,15 @@ def latent_size(mc: ModelConfigs, resolution: int) -> tuple[int, int]:
 
 def hollow_out_shape(mc: ModelConfigs, plan: HollowPlan, resolution: int) -> tuple[int, ...]:
     """Per sample, what stage 1 stores for this cut (run on meta tensors: shapes only)."""
-    return _hollow_out_shape(mc.unet, plan, latent_size(mc, resolution), mc.text_len, mc.text_dim, mc.added_cond)
+    return _hollow_out_shape(mc.unet, plan, latent_size(mc, resolution), mc.text_len, mc.text_dim)
 
 
-def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int,
-                      added_cond: dict | None = None):
+def _hollow_out_shape(unet_config: dict, plan: HollowPlan, latent_hw: tuple[int, int], text_len: int, text_dim: int):
     unet = meta_unet(unet_config)
     with torch.device("meta"), torch.no_grad():
         x = torch.empty(1, unet.config.in_channels, *latent_hw)
         out = H.hollow_output(unet, plan, x, torch.zeros(1, dtype=torch.long), torch.empty(1, text_len, text_dim),
-                              added_cond_kwargs=_added_cond(added_cond, 1, torch.float32))
+                              **H.example_cond(unet, 1, latent_hw))
     return tuple(out.shape[1:])
 
 
@@ -297,7 +296,7 @@ def train_batch_shapes(unet_config: dict, plan: HollowPlan | None, resolution: i
     c = unet_config["in_channels"]
     shapes = {"latent": (batch, c, h, h), "embeds": (prompts, text_len, text_dim)}
     if plan is not None:
-        shapes["hollow_out"] = (batch, *_hollow_out_shape(unet_config, plan, (h, h), text_len, text_dim, added_cond))
+        shapes["hollow_out"] = (batch, *_hollow_out_shape(unet_config, plan, (h, h), text_len, text_dim))
     for k, shape in (added_cond or {}).items():
         shapes[k] = (batch, *shape)
     return shapes
@@ -379,7 +378,8 @@ def _param_info(mc: ModelConfigs, req: PlanRequest, plan: HollowPlan | None, par
     return {"unet_params": total, "hollow_params": hollow, "kept_params": total - hollow, "trainable_params": trained,
             "lora_bytes_fp32": trained * 4 if req.method != "full" else 0,
             "fraction": round(hollow / total, 4), "hollow_blocks": plan.hollow_blocks if plan else None,
-            "depth": plan.depth if plan else None}
+            "depth": plan.depth if plan else None, "cut_why": plan.why if plan else None,
+            "lora_targets_removed_share": round(plan.lora_targets_removed_share, 4) if plan else None}
 
 
 def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> MemoryReport:
@@ -532,6 +532,8 @@ class MemoryPlan:
             "hollow_blocks": self.info.get("hollow_blocks"),
             "fraction": self.info.get("fraction"),
             "depth": self.info.get("depth"),
+            "cut_why": self.info.get("cut_why"),
+            "lora_targets_removed_share": self.info.get("lora_targets_removed_share"),  # of the modules LoRA targets
             "rank": req.rank if req.method != "full" else None,
             "resolution": req.resolution,
             "batch": req.batch,
@@ -583,8 +585,12 @@ class MemoryPlan:
         modes = req.modes
         weights = modes.precision + (f" (computed in {modes.compute})" if modes.precision != modes.compute else "")
         weights += ", streamed block by block" if modes.stream_weights else ""
-        lines = [
-            f"{self.model.name}: {what}",
+        lines = [f"{self.model.name}: {what}"]
+        if req.method == "hollow":
+            lines += [f"  cut: {info['cut_why']}",
+                      f"  the cut removes {info['lora_targets_removed_share']:.1%} of the layers LoRA targets "
+                      f"({', '.join(req.lora_targets)})"]
+        lines += [
             f"  {req.resolution} px, batch {req.batch}, frozen weights {weights}, "
             f"{'with' if modes.checkpointing else 'no'} gradient checkpointing, {modes.optimizer}",
             "",
