@@ -28,11 +28,21 @@ RES = 64
 PROMPT = "a photo of sks dog"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory) -> Path:
     from hollownet.tiny import build_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+    # CLIP's 77 tokens: layerwise.predict_peak assumes them for the U-Net part when it runs no text encoder itself
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), max_length=77)
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +290,24 @@ def test_layer_major_stage1_writes_the_same_store(run, sdxl_model, photos, tmp_p
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
     assert {"text_embeds", "time_ids", "hollow_out"} <= set(got.tensors("shard-00000.safetensors"))
+
+
+def test_layer_major_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path):
+    """``hollownet plan`` of a layer-major stage 1 on an SDXL folder (both encoders through lowmem/sdxl_text.py,
+    the U-Net with its added inputs) against the real run, layer by layer grouped by part: the same bytes."""
+    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.settings import Modes
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+
+    budget = "3MiB"
+    pre = run_precompute(PrecomputeConfig(model=str(sdxl_model), images=str(photos), prompt=PROMPT, output=str(tmp_path),
+                                          resolution=RES, num_samples=2, shard_size=2, layer_major=True,
+                                          memory_budget=budget), track_memory=True)
+    plan = plan_memory(PlanRequest(model=str(sdxl_model), rank=4, resolution=RES, steps=2, photos=3,
+                                   modes=Modes(layer_major=True, memory_budget=budget)), stages=("precompute",))
+    measured: dict[str, int] = {}
+    for layer, peak in pre.memory["parts"].items():
+        measured[layer.split(":")[0]] = max(measured.get(layer.split(":")[0], 0), peak)
+    assert set(measured) == {"text encoder", "text encoder 2", "VAE encoder", "U-Net encoder + hollow"}
+    assert plan.precompute["parts"] == measured
+    assert plan.precompute["peak_bytes"] == pre.memory["peak_bytes"]

@@ -42,8 +42,9 @@ def eos_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return ids.argmax(dim=-1) if eos_token_id == 2 else (ids == eos_token_id).int().argmax(dim=-1)
 
 
-def layers(model: nn.Module, ids: torch.Tensor, pooled: bool) -> tuple[list[Step], torch.Tensor]:
-    """The encoder's layers up to what SDXL reads, module names rooted at ``model``; and the remapped ids."""
+def layers(model: nn.Module, ids: torch.Tensor, pooled: bool, convert=lambda t: t) -> tuple[list[Step], torch.Tensor]:
+    """The encoder's layers up to what SDXL reads, module names rooted at ``model``; and the remapped ids.
+    ``convert``: applied to the tensors the layers hold (a ``FakeTensorMode``'s ``from_tensor`` when simulated)."""
     inner = model.text_model if pooled else model
     steps, remapped, _ = LW.text_encoder_layers(inner, ids)
     if pooled:  # names under text_model., as the checkpoint and the model have them
@@ -53,14 +54,15 @@ def layers(model: nn.Module, ids: torch.Tensor, pooled: bool) -> tuple[list[Step
     penultimate = f"encoder.layers.{n - 2}"
     if not pooled:
         steps = steps[: n]  # embeddings and layers 0 .. n-2: nothing after the penultimate state runs
-    eos = eos_positions(ids, model.config.eos_token_id)
+    eos = convert(eos_positions(ids, model.config.eos_token_id))
 
     def project(rows, x):
         return model.text_projection(x[torch.arange(x.shape[0], device=x.device), eos[rows].to(x.device)])
 
     if pooled:
         steps.append(Step("text_projection", ["text_projection"], [steps[-1].output], POOLED, project))
-    return [replace(s, output=PENULTIMATE) if s.output == penultimate else _renamed(s, penultimate) for s in steps], remapped
+    steps = [replace(s, output=PENULTIMATE) if s.output == penultimate else _renamed(s, penultimate) for s in steps]
+    return steps, convert(remapped)
 
 
 def _renamed(step: Step, penultimate: str) -> Step:
@@ -97,3 +99,22 @@ def encode_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *,
         states.append(got[PENULTIMATE])
         pooled = got.get(POOLED, pooled)
     return {"embeds": torch.cat(states, dim=-1), "text_embeds": pooled}, stats
+
+
+def predict_peak(configs: tuple[dict, dict], *, prompts: int, meter, budget=None, batch_size: int = 4, dtype=torch.float32,
+                 device="cpu", prompt_tokens: int = 8) -> dict[str, list]:
+    """Both encoders' layer-major run on fake weights (``layerwise.predict_peak``'s way), measured into ``meter``
+    under the parts the real run uses; ``configs``: the two encoders' configs. Returns the stats by part."""
+    from torch._subclasses import FakeTensorMode
+
+    stats = {}
+    for (_, _, part, has_pool), config in zip(ENCODERS, configs):
+        model = build(config, has_pool)
+        ids = torch.zeros(prompts, model.config.max_position_embeddings, dtype=torch.long)
+        ids[:, :prompt_tokens] = torch.arange(1, prompt_tokens + 1)  # the used token rows need real ids
+        mode = FakeTensorMode()
+        steps, remapped = layers(model, ids, has_pool, convert=mode.from_tensor)
+        with mode:
+            _, stats[part] = run(model, remapped, steps, LW.EmptyWeights(model, dtype, device), part=part, device=device,
+                                 meter=meter, budget=budget, batch_size=batch_size, simulate=True)
+    return stats

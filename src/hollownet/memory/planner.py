@@ -71,6 +71,7 @@ from hollownet.stages.train import TrainConfig, train_step
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
 from hollownet import encoders as E
 from hollownet.lowmem.layerwise import predict_peak
+from hollownet.lowmem.sdxl_text import predict_peak as predict_sdxl_text
 from hollownet.memory.tracker import PartMeter
 from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table
 
@@ -476,15 +477,28 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
             vae = AutoencoderKL.from_config(mc.vae).requires_grad_(False).eval()
         if mc.text_encoder is not None and "text encoder" in parts:
             text = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).requires_grad_(False).eval()
-    pred = predict_peak(unet, plan, vae=vae, text=text, resolution=req.resolution, num_samples=pcfg.num_samples,
-                        photos=req.photos + req.class_photos, prompts=req.prompts, budget=budget,
-                        batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision))
+    sdxl_text = text is not None and mc.text_encoder_2 is not None  # both encoders: lowmem/sdxl_text.py's own loop
+    pred = predict_peak(unet, plan, vae=vae, text=None if sdxl_text else text, resolution=req.resolution,
+                        num_samples=pcfg.num_samples, photos=req.photos + req.class_photos, prompts=req.prompts,
+                        budget=budget, batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision))
+    if sdxl_text:
+        meter = PartMeter(True, pcfg.device)
+        predict_sdxl_text(configs=(mc.text_encoder, mc.text_encoder_2), prompts=req.prompts, meter=meter, budget=budget,
+                          batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision), device=pcfg.device)
+        pred["summary"] = _merged_summary(pred["summary"], meter.summary(always=True))
     grouped: dict[str, int] = {}
     for layer, peak in pred["summary"]["parts"].items():
         part = layer.split(":")[0]
         grouped[part] = max(grouped.get(part, 0), peak)
     return {**pred["summary"], "parts": grouped, "layer_major": True, "memory_budget": budget,
             "spilled_bytes": pred["unet_spilled_bytes"]}
+
+
+def _merged_summary(a: dict, b: dict) -> dict:
+    """Two ``PartMeter.summary()`` of one stage's parts as one: every part, the peak and breakdown of the largest."""
+    top = a if a["peak_bytes"] >= b["peak_bytes"] else b
+    cuda = max(a.get("cuda_max_allocated") or 0, b.get("cuda_max_allocated") or 0) or None
+    return {**top, "cuda_max_allocated": cuda, "parts": {**a["parts"], **b["parts"]}}
 
 
 def _summary(meter: PartMeter) -> dict:
