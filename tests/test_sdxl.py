@@ -75,6 +75,9 @@ def pipeline(model):
 def test_family_is_detected_from_the_folder(sdxl_model, tiny_model):
     assert detect_family(sdxl_model) is SDXL_FAMILY
     assert detect_family(tiny_model).name == "sd"
+    # SDXL's VAE overflows in fp16 (diffusers upcasts it): stage 1 and decoding run it in fp32 then
+    assert SDXL_FAMILY.vae_dtype(torch.float16) == torch.float32 and SDXL_FAMILY.vae_dtype(torch.bfloat16) == torch.bfloat16
+    assert detect_family(tiny_model).vae_dtype(torch.float16) == torch.float16
 
 
 def test_prompt_tensors_are_the_pipelines(sdxl_model):

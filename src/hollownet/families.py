@@ -103,6 +103,10 @@ class Family:
     def text_modules(self, pipe) -> list[nn.Module]:
         return [getattr(pipe, name) for name in self.text_encoders]
 
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE runs in for a run in ``dtype`` (SD's VAE runs in any)."""
+        return dtype
+
 
 @dataclass(frozen=True)
 class SDXL(Family):
@@ -155,6 +159,11 @@ class SDXL(Family):
             left = round((width * scale - resolution) / 2)
             rows.append([height, width, top, left, resolution, resolution])
         return torch.tensor(rows, dtype=torch.float32)
+
+    def vae_dtype(self, dtype):
+        """fp32 for an fp16 run: SDXL's VAE overflows in fp16 (its config's ``force_upcast``; diffusers' SDXL
+        pipeline decodes in fp32, its DreamBooth script keeps the VAE in fp32); bf16 has fp32's range."""
+        return torch.float32 if dtype == torch.float16 else dtype
 
     def conditioning(self, pipe, prompt, negative_prompt, guidance, resolution, device):
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(

@@ -136,8 +136,11 @@ def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, gu
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = pipe.scheduler.step(pred, t, latents).prev_sample
-    # 4. decode
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    # 4. decode (in the family's VAE dtype: SDXL's VAE overflows in fp16)
+    vae_dtype = family_of_config(pipe.unet.config).vae_dtype(pipe.vae.dtype)
+    if pipe.vae.dtype != vae_dtype:
+        pipe.vae.to(vae_dtype)
+    image = pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

@@ -290,11 +290,12 @@ def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, 
         save_tensors(store.root / "prompts.safetensors", tensors)
     if not (store.root / "latents.safetensors").exists():
         if cfg.layer_major:
-            latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter,
+            latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, family.vae_dtype(dtype), cfg.device,
+                                              cfg.batch_size, meter,
                                               budget=budget, scratch=scratch / "vae")
             info["VAE encoder"] = _stats(stats)
         else:
-            latents = encode_photos(model_dir, pixels, cfg.seed, dtype, cfg.device, cfg.batch_size, meter)
+            latents = encode_photos(model_dir, pixels, cfg.seed, family.vae_dtype(dtype), cfg.device, cfg.batch_size, meter)
         time_ids = family.photo_time_ids(sizes, cfg.resolution)
         save_tensors(store.root / "latents.safetensors", {"latents": latents, **({"time_ids": time_ids} if time_ids is not None else {})})
     photos = store.tensors("latents.safetensors")
