@@ -96,8 +96,10 @@ def test_prompt_tensors_are_the_pipelines(sdxl_model):
 
 def test_time_ids_follow_the_crop():
     """(original h, w, crop top, left, target h, w): the short side resized to the resolution, center-cropped."""
-    ids = SDXL_FAMILY.photo_time_ids([(64, 96), (80, 64), (1024, 1024)], 64)
-    assert ids.tolist() == [[64, 96, 0, 16, 64, 64], [80, 64, 8, 0, 64, 64], [1024, 1024, 0, 0, 64, 64]]
+    ids = SDXL_FAMILY.photo_time_ids([(64, 96), (80, 64), (1024, 1024), (3000, 4000)], 64)
+    assert ids.tolist() == [[64, 96, 0, 16, 64, 64], [80, 64, 8, 0, 64, 64], [1024, 1024, 0, 0, 64, 64], [3000, 4000, 0, 10, 64, 64]]
+    # diffusers' SDXL DreamBooth script: Resize(1024) makes 4000x3000 1365x1024 (truncated), round(341 / 2) = 170
+    assert SDXL_FAMILY.photo_time_ids([(3000, 4000)], 1024).tolist() == [[3000, 4000, 0, 170, 1024, 1024]]
 
 
 def test_store_holds_each_samples_added_inputs(run):

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="personalize: pre-compute, fine-tune, export a LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
-    _add_model_and_cut(t, "base model: a diffusers folder or a hub id (SD 1.x / 2.x, eps or v prediction)")
+    _add_model_and_cut(t, "base model: a diffusers folder or a hub id (SD 1.x / 2.x, eps or v prediction; SDXL folders)")
     t.add_argument("--images", required=True, help="folder of 3-6 photos of your subject (JPEG/PNG/WebP)")
     t.add_argument("--prompt", required=True, help='instance prompt with a rare identifier, e.g. "a photo of sks dog"')
     t.add_argument("--output", required=True, help="output folder (LoRA, records, store, checkpoints)")

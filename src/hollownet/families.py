@@ -153,11 +153,9 @@ class SDXL(Family):
         DreamBooth script computes them: the short side resized to ``resolution``, then center-cropped
         (``photos.load_photos`` does exactly that crop)."""
         rows = []
-        for height, width in sizes:
-            scale = resolution / min(height, width)
-            top = round((height * scale - resolution) / 2)
-            left = round((width * scale - resolution) / 2)
-            rows.append([height, width, top, left, resolution, resolution])
+        for height, width in sizes:  # torchvision's Resize(int): the long side truncated; then CenterCrop's rounding
+            h, w = (resolution, int(resolution * width / height)) if height <= width else (int(resolution * height / width), resolution)
+            rows.append([height, width, round((h - resolution) / 2), round((w - resolution) / 2), resolution, resolution])
         return torch.tensor(rows, dtype=torch.float32)
 
     def vae_dtype(self, dtype):

@@ -152,7 +152,8 @@ def write_bundled_config(kind: str, prediction_type: str, dest: Path) -> Path:
     import diffusers
 
     if kind not in ("sd15", "sd21"):
-        raise HollownetError(f"no bundled pipeline configs for {kind}; hollownet trains SD 1.x and 2.x")
+        raise HollownetError(f"no bundled pipeline configs for {kind} single files (SD 1.x and 2.x only); for SDXL pass "
+                             "a StableDiffusionXLPipeline diffusers folder")
     dest.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
