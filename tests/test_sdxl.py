@@ -316,3 +316,14 @@ def test_layer_major_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path
     assert set(measured) == {"text encoder", "text encoder 2", "VAE encoder", "U-Net encoder + hollow"}
     assert plan.precompute["parts"] == measured
     assert plan.precompute["peak_bytes"] == pre.memory["peak_bytes"]
+
+
+def test_unknown_sdxl_kohya_name_is_refused_in_one_line():
+    from hollownet.errors import HollownetError
+
+    bogus = {"lora_unet_input_blocks_99_1_proj_in.lora_down.weight": torch.zeros(1, 4),
+             "lora_unet_input_blocks_99_1_proj_in.lora_up.weight": torch.zeros(4, 1)}
+    with pytest.raises(HollownetError, match="no module of an SDXL U-Net"):
+        formats.from_kohya(bogus)
+    with pytest.raises(HollownetError, match="no name in kohya's SDXL layout"):
+        formats.sai_module("down_blocks.1.attentions", load_unet_config("sdxl"))
