@@ -319,7 +319,7 @@ def plan_for_fraction(unet: nn.Module, fraction: float, **kw) -> HollowPlan:
 
         warnings.warn(f"--hollow {fraction:g} is beyond this U-Net's range ({lo:.2f}-{hi:.2f}); "
                       f"using the nearest cut, {best.fraction:.2f}")
-    return make_plan(unet, best.depth, **kw)
+    return make_plan(unet, best.depth, fractions=best.fractions, **kw)
 
 
 def plan_for_blocks(unet: nn.Module, blocks: list[str], **kw) -> HollowPlan:
@@ -327,7 +327,7 @@ def plan_for_blocks(unet: nn.Module, blocks: list[str], **kw) -> HollowPlan:
     wanted = _expand(unet, blocks)
     for p in all_plans(unet):
         if _expand(unet, p.hollow_blocks) == wanted:
-            return make_plan(unet, p.depth, **kw)
+            return make_plan(unet, p.depth, fractions=p.fractions, **kw)
     valid = "; ".join(",".join(p.hollow_blocks) for p in all_plans(unet)[:6])
     raise HollownetError(
         f"--hollow-blocks {','.join(blocks)} is not a skip-symmetric central cut; valid cuts include: {valid} ..."
