@@ -222,7 +222,7 @@ def test_bench_end_to_end(bench_run, tiny_dataset, extractors):
     # the cut loads fewer base weights and trains fewer LoRA parameters at the same rank
     assert hollow["params"]["base"] < lora["params"]["base"] == lora["params"]["unet"]
     assert 0 < hollow["params"]["lora"] < lora["params"]["lora"]
-    assert hollow["plan"]["hollow_blocks"][-1] == "up_blocks.0"
+    assert "mid_block" in hollow["plan"]["hollow_blocks"] and hollow["plan"]["why"].startswith("default")
     inf = summary["inference"]
     assert inf["source"].startswith(("predicted by hollownet.memory.planner", "measured"))
     assert json.loads((out / "inference_memory.json").read_text())["peak_bytes"] == inf["peak_bytes"]

@@ -198,7 +198,6 @@ def test_unsupported_or_missing_conditioning_is_refused_in_one_line():
     cases = [(dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
               {}, "text_embeds, time_ids"),
              (dict(num_class_embeds=3), {}, "class_labels"),
-             (dict(attention_type="gated"), {}, "GLIGEN"),
              ({}, dict(cross_attention_kwargs={"gligen": {}}), "gligen")]
     for extra, cond, word in cases:
         unet = _tiny_unet(**{**SMALL, **extra})
@@ -207,10 +206,15 @@ def test_unsupported_or_missing_conditioning_is_refused_in_one_line():
             with pytest.raises(HollownetError, match=word) as e:
                 run()
             assert "\n" not in str(e.value)
+    # what the split forward does not follow at all is refused when the cut is planned, before any stage
+    with pytest.raises(HollownetError, match="GLIGEN"):
+        make_plan(_tiny_unet(**SMALL, attention_type="gated"))
     unet = _tiny_unet(**SMALL)
+    plan = make_plan(unet)
     unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    with pytest.raises(HollownetError, match="FreeU"):
-        H.full_forward(unet, all_plans(unet)[2], x, t, text)
+    for run in (lambda: make_plan(unet), lambda: H.full_forward(unet, plan, x, t, text), lambda: H.hollow_output(unet, plan, x, t, text)):
+        with pytest.raises(HollownetError, match="FreeU"):
+            run()
 
 
 @pytest.mark.parametrize("name", ["text_time (SDXL)", "image_hint", "class identity", "class projection, concat",

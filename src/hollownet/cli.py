@@ -83,7 +83,7 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--hollow", type=float, metavar="FRACTION",
                      help="fraction of U-Net parameters to hollow; the nearest skip-symmetric cut is used "
-                          "(default: the paper's cut, ~0.39 on SD 1.x/2.x)")
+                          "(default: the cut nearest the paper's 0.39: its own cut on SD 1.x/2.x, 0.47 on SDXL)")
     cut.add_argument("--hollow-blocks", type=lambda s: [b for b in s.split(",") if b], metavar="B1,B2,...",
                      help="the cut by name, e.g. down_blocks.3,mid_block,up_blocks.0")
     p.add_argument("--rank", type=int, help=f"LoRA rank ({_by_model('rank')})")

@@ -71,7 +71,22 @@ def ladder(unet: nn.Module) -> tuple[list[Unit], list[Unit]]:
         if block.upsamplers is not None:
             up.append(Unit("up", i, None))
     _check_block("mid_block", unet.mid_block, SUPPORTED_MID)
+    check_supported(unet)
     return down, up
+
+
+def check_supported(unet: nn.Module) -> None:
+    """Refuse, in one line, what the split forward (``unet_split``) does not follow (it would be
+    silently wrong): checked with the blocks, so before any stage runs."""
+    cfg = unet.config
+    if cfg.encoder_hid_dim_type == "ip_image_proj":
+        raise HollownetError("U-Nets with an IP-Adapter image projection (encoder_hid_dim_type='ip_image_proj') are not "
+                             "supported; unload the IP-Adapter (unet.unload_ip_adapter()) first")
+    if cfg.attention_type in ("gated", "gated-text-image"):
+        raise HollownetError(f"U-Nets with GLIGEN attention (attention_type={cfg.attention_type!r}) are not supported")
+    if any(getattr(b, "s1", None) for b in unet.up_blocks):
+        raise HollownetError("FreeU is enabled on this U-Net, which the split forward does not apply; call "
+                             "unet.disable_freeu() first")
 
 
 def _check_block(name: str, block: nn.Module | None, supported: tuple[str, ...]) -> None:
@@ -319,7 +334,7 @@ def plan_for_fraction(unet: nn.Module, fraction: float, **kw) -> HollowPlan:
 
         warnings.warn(f"--hollow {fraction:g} is beyond this U-Net's range ({lo:.2f}-{hi:.2f}); "
                       f"using the nearest cut, {best.fraction:.2f}")
-    return make_plan(unet, best.depth, **kw)
+    return make_plan(unet, best.depth, fractions=best.fractions, **kw)
 
 
 def plan_for_blocks(unet: nn.Module, blocks: list[str], **kw) -> HollowPlan:
@@ -327,7 +342,7 @@ def plan_for_blocks(unet: nn.Module, blocks: list[str], **kw) -> HollowPlan:
     wanted = _expand(unet, blocks)
     for p in all_plans(unet):
         if _expand(unet, p.hollow_blocks) == wanted:
-            return make_plan(unet, p.depth, **kw)
+            return make_plan(unet, p.depth, fractions=p.fractions, **kw)
     valid = "; ".join(",".join(p.hollow_blocks) for p in all_plans(unet)[:6])
     raise HollownetError(
         f"--hollow-blocks {','.join(blocks)} is not a skip-symmetric central cut; valid cuts include: {valid} ..."

@@ -6,7 +6,8 @@ are the full U-Net forward (tested against ``unet(...)`` for every conditioning 
 forward has: time embedding with ``timestep_cond``, class embeddings, the added embeddings ``text``,
 ``text_time`` (SDXL), ``image``, ``text_image``, ``image_hint``, ``encoder_hid_proj``, attention
 masks, ``cross_attention_kwargs`` with a LoRA ``scale``). What it does not follow is refused in one
-line before anything runs (:func:`check_supported`). Training runs ``encode`` and ``decode`` with the
+line before anything runs (``cut.check_supported``, when the cut is planned; missing inputs at the
+first call, :func:`check_inputs`). Training runs ``encode`` and ``decode`` with the
 stored hollow output in between; inference runs the hollow live.
 
 The conditioning beyond ``sample`` and ``timestep`` travels as keyword arguments named as diffusers
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hollownet.errors import HollownetError
-from hollownet.cut import HollowPlan, Unit, unit_modules
+from hollownet.cut import HollowPlan, Unit, check_supported, unit_modules
 
 # ------------------------------------------------------------------------- the conditioning
 
@@ -124,19 +125,6 @@ def example_cond(unet: nn.Module, n: int, latent_hw, dtype=torch.float32) -> dic
                      emb.in_features if isinstance(emb, nn.Linear) else unet.time_embedding.linear_2.out_features)
             kw["class_labels"] = zeros(width)
     return kw
-
-
-def check_supported(unet: nn.Module) -> None:
-    """Refuse, in one line, what the split forward does not follow (it would be silently wrong)."""
-    cfg = unet.config
-    if cfg.encoder_hid_dim_type == "ip_image_proj":
-        raise HollownetError("U-Nets with an IP-Adapter image projection (encoder_hid_dim_type='ip_image_proj') are not "
-                             "supported; unload the IP-Adapter (unet.unload_ip_adapter()) first")
-    if cfg.attention_type in ("gated", "gated-text-image"):
-        raise HollownetError(f"U-Nets with GLIGEN attention (attention_type={cfg.attention_type!r}) are not supported")
-    if any(getattr(b, "s1", None) for b in unet.up_blocks):
-        raise HollownetError("FreeU is enabled on this U-Net, which the split forward does not apply; call "
-                             "unet.disable_freeu() first")
 
 
 def check_inputs(unet: nn.Module, cond: Cond) -> None:

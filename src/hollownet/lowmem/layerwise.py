@@ -502,8 +502,8 @@ def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, emb
     per_sample = H.make_cond(prompt_index, **(cond or {}))  # the text: embeds[prompt_index], looked up per chunk
 
     def conditioning(rows):
-        c = per_sample.rows(rows).map(lambda t: t.to(device))
-        return replace(c, text=embeds[c.text].to(device, dtype))
+        c = per_sample.rows(rows)
+        return replace(c, text=embeds[c.text].to(dtype)).map(lambda t: t.to(device))
 
     layers = H.hollow_steps(unet, plan, conditioning, arrays.shape("noisy")[2:], dtype, arrays.shape)
     out = layers[-1].output
