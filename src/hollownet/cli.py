@@ -163,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
     g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
-    g.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32",
-                   help="dtype of the weights and activations (default fp32; fp16/bf16 on a GPU)")
+    g.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
+                   help="weights of the U-Net, text encoder and VAE decoder, as train's: fp32, bf16, fp16, or int8 / nf4 "
+                        "quantized (computed in bf16; the LoRA stays unmerged in fp32; not with --merged). Default fp32")
+    g.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
+                   help="with --precision int8|nf4: dtype the weights are dequantized to and activations use (default bf16)")
+    g.add_argument("--stream-weights", action="store_true",
+                   help="as train's: read each block's weights from disk only while it runs (not supported by generate yet)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     g.add_argument("--force", action="store_true",
                    help="load a LoRA whose hollownet.json names another base model (deliberate cross-model use)")
@@ -346,7 +351,8 @@ def cmd_generate(args) -> int:
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
-        device=_device(args.device, args.precision), force=args.force,
+        compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
+        device=_device(args.device, Modes(precision=args.precision, compute_dtype=args.compute_dtype).compute), force=args.force,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0
