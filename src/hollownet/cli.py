@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n\n"
         "Runs the trainer's own code on fake tensors (shapes only) and counts live tensor bytes exactly as\n"
         "'hollownet train' measures them. Inference = one U-Net denoising step without gradients (batch 1,\n"
-        "and 2 for classifier-free guidance); text encoder and VAE not resident. A GPU adds its CUDA context,\n"
-        "kernel workspaces and allocator caching on top.\n"
+        "and 2 for classifier-free guidance); text encoder and VAE not resident. Generation = 'hollownet generate'\n"
+        "itself (text encoder, U-Net denoising with the CFG batch, VAE decoder, each in turn) in the same modes;\n"
+        "the whole run is the largest of the three. A GPU adds its CUDA context, kernel workspaces and allocator\n"
+        "caching on top.\n"
     )
-    pl = sub.add_parser("plan", help="predict the memory of pre-compute, training and inference (no weights, seconds)",
+    pl = sub.add_parser("plan", help="predict the memory of pre-compute, training, inference and generation (no weights, seconds)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog_plan)
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
@@ -198,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--steps", type=int, default=_default(PlanRequest, "steps"),
                     help="training steps: stage 1 stores steps x batch samples (default %(default)s)")
     pl.add_argument("--photos", type=int, default=_default(PlanRequest, "photos"), help="photos stage 1 encodes (default %(default)s)")
+    pl.add_argument("--gen-steps", type=int, help=f"generation: denoising steps ({_by_model('gen_steps')})")
+    pl.add_argument("--guidance", type=float, help=f"generation: guidance scale, > 1 = CFG batch 2 ({_by_model('guidance')})")
+    pl.add_argument("--num-images", type=int, default=_default(PlanRequest, "num_images"),
+                    help="generation: images in one run (default %(default)s)")
+    pl.add_argument("--merged", action="store_true", help="generation: the LoRA fused, one U-Net pass (default two-path)")
     pl.add_argument("--budget", metavar="SIZE",
                     help=f"which settings (cut, precision, checkpointing) fit in SIZE, {SIZE_HELP}; "
                          "ignores --method, --hollow, --precision, --grad-checkpointing, --stream-weights, --optimizer "

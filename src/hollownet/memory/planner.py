@@ -23,6 +23,14 @@ How each stage is modelled (exactly what ``precompute.py`` / ``train.py`` do, se
   ``precision`` + the activations of ``unet(latents, t, text)`` at batch 1 (the paper's inference
   figure) and at batch 2 (classifier-free guidance). Text encoder and VAE are not counted.
 
+* **generation** (``hollownet generate``) is three parts, each model built, used and dropped before the
+  next, so its peak is the largest part's: the text encoder (the prompt and the negative one); the
+  U-Net denoising every image (two-path for a hollow LoRA, one batched forward through the kept down
+  blocks; the LoRA unmerged in fp32; the CFG batch of 2); the VAE decoder (no encoder) decoding each.
+  It is ``generate.generate`` itself on fake parts (``Parts`` from :class:`FakeSource` s), with the
+  request's modes; at most :data:`GENERATE_PREDICT_STEPS` denoising steps are run, the peak repeating
+  after them (the multistep sampler's history is full by the second step).
+
 Counts are tensor storages (see ``memory.py``): a CUDA run adds the CUDA context, kernel workspaces
 and allocator rounding/caching on top. The optimizer is torch's AdamW: ``adamw`` is its single-tensor
 implementation (what the trainer runs on a CPU), ``adamw-foreach`` the multi-tensor one torch picks
@@ -72,6 +80,8 @@ from hollownet import encoders as E
 from hollownet.lowmem.layerwise import predict_peak
 from hollownet.memory.tracker import PartMeter
 from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table
+from hollownet.builder import lora_outside
+from hollownet.stages import generate as G
 
 GiB = 1024**3
 INFERENCE_DEFINITION = (
@@ -385,6 +395,53 @@ def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> Mem
     return tracker.report
 
 
+#: Denoising steps a generation prediction runs: from the third on, each step allocates what the one
+#: before freed (DPM-Solver++'s history holds its last 2 outputs from step 2), so the peak is reached.
+GENERATE_PREDICT_STEPS = 3
+
+
+def generation_parts(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = None) -> tuple[G.Parts, HollowPlan | None]:
+    """``generate``'s parts with fake weights of ``mc``'s shapes, in one FakeTensorMode; the cut two-path runs
+    (None: one U-Net pass, merged or plain LoRA or the fine-tuned U-Net) and the LoRA of ``req`` (shapes only)."""
+    from transformers import CLIPTextConfig, CLIPTextModel  # lazily: transformers takes seconds to import
+
+    from diffusers import AutoencoderKL
+
+    if mc.text_encoder is None or mc.vae is None:
+        raise HollownetError(f"generation for {mc.name}: its text encoder or VAE config is not known")
+    modes = modes or req.modes
+    G.check_generation_modes(modes, req.merged and req.method != "full")
+    skeleton = meta_unet(mc.unet)
+    cut = _cut(skeleton, req, rank=req.rank)
+    lora = None
+    if req.method != "full":
+        targets = lora_outside(skeleton, cut.hollow_prefixes(skeleton) if cut else [], req.lora_targets)
+        lora = G.LoraWeights(targets, req.rank, float(req.lora_alpha or req.rank))
+    with torch.device("meta"):
+        models = {"unet": skeleton, "text_encoder": CLIPTextModel(CLIPTextConfig(**mc.text_encoder)),
+                  "vae": AutoencoderKL.from_config(mc.vae)}
+    mode = _fake_mode()
+    sources = {}
+    for name, module in models.items():
+        sources[name] = FakeSource.for_module(module)
+        sources[name].mode = mode  # one mode: the parts' tensors meet in the same computation
+    parts = G.Parts(unet_config=mc.unet, text_config=mc.text_encoder, vae_config=mc.vae, source=sources.__getitem__,
+                    token_ids=lambda prompts: torch.zeros(len(prompts), mc.text_len, dtype=torch.long),
+                    scheduler_config=mc.scheduler or {}, lora=lora, modes=modes, device="cpu",
+                    merged=req.merged and lora is not None, mode=mode, to_fake=mode.from_tensor)
+    return parts, (cut if cut is not None and not req.merged else None)
+
+
+def predict_generate(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = None) -> dict:
+    """``hollownet generate``'s peak for ``req`` (``modes``: instead of ``req.modes``), part by part, as
+    ``run_generate`` measures it: ``generate.generate`` on fake parts (see the module docstring)."""
+    parts, cut = generation_parts(mc, req, modes)
+    meter = PartMeter(True, "cpu")
+    G.generate(parts, cut, [("prompt", i) for i in range(req.num_images)], steps=req.gen_steps, run_steps=GENERATE_PREDICT_STEPS,
+               resolution=req.resolution, guidance=req.guidance, meter=meter)
+    return G.memory_record(meter)
+
+
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
     """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``): stage 1's
     own steps (``encoders``, ``precompute.make_shard``) on fake weights.
@@ -480,6 +537,16 @@ class MemoryPlan:
     inference: dict[int, MemoryReport]
     info: dict
     seconds: float
+    generate: dict | None = None  # generate.memory_record of the prediction: peak, part, breakdown, parts
+
+    @property
+    def generate_peak(self) -> int:
+        return self.generate["peak_bytes"] if self.generate else 0
+
+    @property
+    def whole_run_peak(self) -> int:
+        """The whole experience: the largest of stage 1, stage 2 and generation."""
+        return max(self.precompute_peak, self.train_peak, self.generate_peak)
 
     @property
     def precompute_peak(self) -> int:
@@ -521,6 +588,13 @@ class MemoryPlan:
             "inference_peak_bytes": (inf1.peak_bytes if inf1 else self.inference_peak) if self.inference else None,
             "inference_peak_bytes_by_batch": {str(b): r.peak_bytes for b, r in self.inference.items()},
             "peak_bytes": self.peak,
+            "generate_peak_bytes": self.generate_peak if self.generate else None,
+            "whole_run_peak_bytes": self.whole_run_peak if self.generate else None,
+            "generate_peak_part": self.generate["peak_part"] if self.generate else None,
+            "generate": ({"steps": req.gen_steps, "guidance": req.guidance, "num_images": req.num_images,
+                          "path": "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass"),
+                          "precision": req.modes.precision, "compute_dtype": req.modes.compute}
+                         if self.generate else None),
             "train_over_inference_bytes": self.train_peak - self.inference_peak if self.inference and self.train else None,
             "train_over_inference_ratio": round(self.train_peak / self.inference_peak, 4) if self.inference and self.train else None,
             "breakdown": {
@@ -529,6 +603,8 @@ class MemoryPlan:
                 "precompute": dict(self.precompute["breakdown"]) if self.precompute else None,
                 "precompute_parts": dict(self.precompute["parts"]) if self.precompute else None,
                 "inference": dict(inf1.breakdown) if inf1 else None,
+                "generate": dict(self.generate["breakdown"]) if self.generate else None,
+                "generate_parts": dict(self.generate["parts"]) if self.generate else None,
             },
             "train_peak_phase": self.train.peak_phase if self.train else None,
             "train_phase_peaks": dict(self.train.phase_peaks) if self.train else None,
@@ -580,6 +656,12 @@ class MemoryPlan:
             what = (f"U-Net only ({modes.compute}), one denoising step, no grad"
                     + (", batch 2 = classifier-free guidance" if b == 2 else ""))
             lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
+        if self.generate:
+            parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.generate["parts"].items())
+            path = "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass")
+            lines.append(f"  generation             {g(self.generate_peak)}   {modes.precision}, {path}, "
+                         f"{'CFG batch 2' if req.guidance > 1 else 'no CFG'}, each part in turn: {parts}")
+            lines.append(f"  whole run              {g(self.whole_run_peak)}   the largest of pre-compute, training and generation")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak
             lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "
@@ -605,8 +687,10 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference"), model: ModelConfigs | None = None) -> MemoryPlan:
-    """Predict the requested stages' peaks for ``req``."""
+def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference", "generate"),
+                model: ModelConfigs | None = None) -> MemoryPlan:
+    """Predict the requested stages' peaks for ``req`` (``generate``: skipped, with a note, for a model whose
+    text encoder or VAE config is not known)."""
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     req.train_config()  # validate the combination before spending time (e.g. full needs fp32)
@@ -620,8 +704,18 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference")
         info = _param_info(mc, req, _cut(skeleton, req, rank=req.rank), None)
     pre = predict_precompute(mc, req) if "precompute" in stages else None
     inference = {b: predict_inference(mc, req, b) for b in req.inference_batches} if "inference" in stages else {}
+    gen = None
+    if "generate" in stages:
+        if mc.text_encoder is None or mc.vae is None:
+            mc.notes.append("generation: the text encoder or VAE config is not known; not predicted")
+        else:
+            modes = req.modes
+            if modes.stream_weights:  # generate does not stream yet: its weights are resident
+                modes = replace(modes, stream_weights=False)
+                mc.notes.append(f"generation: weights resident in {modes.precision} (generate does not stream weights yet)")
+            gen = predict_generate(mc, req, modes)
     return MemoryPlan(request=req, model=mc, precompute=pre, train=train, inference=inference, info=info,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, generate=gen)
 
 
 # ------------------------------------------------------------------------------------ budget

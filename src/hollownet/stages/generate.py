@@ -356,13 +356,21 @@ def encode_prompts(parts: Parts, prompts: list[str], negative_prompt: str | None
     return out
 
 
-def denoise(forward: Callable, scheduler, cond: Conditioning, seed: int, *, shape, guidance: float, device, dtype):
-    """One image's latents: StableDiffusionPipeline's loop, the U-Net call being ``forward``."""
+def restart(scheduler):
+    """A fresh copy of a scheduler whose timesteps are set: its state copied, its tensors (never changed in
+    place by ``step``) shared, so the copy allocates nothing."""
+    return copy.deepcopy(scheduler, memo={id(v): v for v in vars(scheduler).values() if isinstance(v, torch.Tensor)})
+
+
+def denoise(forward: Callable, scheduler, cond: Conditioning, seed: int, *, shape, guidance: float, device, dtype,
+            run_steps: int | None = None):
+    """One image's latents: StableDiffusionPipeline's loop, the U-Net call being ``forward``; ``run_steps``:
+    only the first ones (the planner: the peak repeats after them)."""
     guided = guidance > 1.0
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     latents = noise.to(device, dtype) * scheduler.init_noise_sigma
     del noise
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps[:run_steps]:
         x = torch.cat([latents] * 2) if guided else latents
         x = scheduler.scale_model_input(x, t)
         pred = forward(x, t, cond)
@@ -376,18 +384,19 @@ def denoise(forward: Callable, scheduler, cond: Conditioning, seed: int, *, shap
     return latents
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Part 3 for one image: pixels as ``uint8`` (height, width, 3), as the pipeline's postprocess rounds them."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor + shift).sample
     return ((image[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]], *, steps: int, resolution: int,
              guidance: float, negative_prompt: str | None = None, meter: PartMeter | None = None,
-             on_image: Callable[[int, torch.Tensor], None] | None = None, batched: bool = True, bar: bool = False) -> None:
+             on_image: Callable[[int, torch.Tensor], None] | None = None, batched: bool = True, bar: bool = False,
+             run_steps: int | None = None) -> None:
     """Every ``(prompt, noise seed)`` job, part by part (see the module docstring): ``on_image(i, pixels)`` per
-    image. ``meter``: each part's exact peak over all images (the parts never overlap: the run's peak is the
+    image (``run_steps``: of the ``steps``, run only the first). ``meter``: each part's exact peak over all images (the parts never overlap: the run's peak is the
     largest part's). Run by ``hollownet generate`` on the model's files and by the planner on fake parts."""
     meter = meter or PartMeter(False)
     guided = guidance > 1.0
@@ -400,14 +409,14 @@ def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]],
     latents = []
     with parts.running(), torch.no_grad(), meter.measure("U-Net", unet, [t for c in conds.values() for t in c.tensors()]):
         for prompt, seed in tqdm(jobs, desc="denoise", unit="image", disable=not bar or None):
-            latents.append(denoise(forward, copy.deepcopy(template), conds[prompt], seed, shape=shape,
-                                   guidance=guidance, device=parts.device, dtype=parts.dtype))
+            latents.append(denoise(forward, restart(template), conds[prompt], seed, shape=shape,
+                                   guidance=guidance, device=parts.device, dtype=parts.dtype, run_steps=run_steps))
     del unet, forward, conds
     release_memory()
     vae = parts.vae_decoder()
     with parts.running(), torch.no_grad(), meter.measure("VAE decoder", vae, latents):
         for i in range(len(latents)):
-            pixels = decode(vae, latents[i])
+            pixels = decode(vae, latents[i], parts.dtype)
             latents[i] = None  # decoded: dropped
             if on_image is not None:
                 on_image(i, pixels)
