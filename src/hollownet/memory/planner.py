@@ -738,12 +738,15 @@ class Candidate:
     in_backward: bool = False  # optimizer adamw-in-backward
     precompute_peak: int | None = None
     train_peak: int | None = None
+    generate_precision: str | None = None  # the best-fidelity generation precision that fits (hollownet generate --precision)
+    generate_peak: int | None = None
 
     @property
     def peak(self) -> int | None:
+        """The whole experience: stage 1, stage 2 and (where predicted) generation."""
         if self.train_peak is None:
             return None
-        return max(self.train_peak, self.precompute_peak or 0)
+        return max(self.train_peak, self.precompute_peak or 0, self.generate_peak or 0)
 
     @property
     def fidelity_key(self):
@@ -770,6 +773,10 @@ class Candidate:
         out += ["--stream-weights"] if self.stream_weights else (["--grad-checkpointing"] if self.grad_checkpointing else [])
         out += [f"--optimizer {IB}"] if self.in_backward else []
         return out
+
+    def generate_flags(self) -> list[str]:
+        """``hollownet generate`` flags for this setting."""
+        return [f"--precision {self.generate_precision}"] if self.generate_precision else []
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -829,26 +836,38 @@ class BudgetAnswer:
 
     def format(self) -> str:
         req = self.request
-        head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
+        head = (f"{self.model}: settings whose peak (max of pre-compute, training and generation) fits in {self.budget / GiB:.2f} GiB "
                 f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.modes.optimizer}")
         lines = [head, "ranked by expected fidelity cost: nf4 weights last (10x the output error of int8); then less hollowing, "
                        "then fp32 < bf16 < int8 weights, then global gradient clipping (AdamW) before per-tensor (in-backward); "
                        "checkpointing and streaming cost only time", ""]
-        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} {'peak':>9}")
+        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} "
+                     f"{'generation':>16} {'peak':>9}")
+        gen = lambda c: (f"{c.generate_precision} {c.generate_peak / GiB:5.2f} G" if c.generate_precision else "-")  # noqa: E731
         for i, c in enumerate(self.fits, 1):
             weights = c.precision + (" stream" if c.stream_weights else "")
             lines.append(f"  {i:>2}  {c.label():<44} {weights:<11} {'yes' if c.grad_checkpointing else 'no':<5} "
                          f"{'in-bwd' if c.in_backward else 'after':<9} "
-                         f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {c.peak / GiB:7.2f} G")
-        flags = self.fits[0].flags()
+                         f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {gen(c):>16} {c.peak / GiB:7.2f} G")
+        best = self.fits[0]
         more = f"the {self.top} best shown (--top 0: all); " if self.top and len(self.fits) >= self.top else ""
-        lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(flags)} --rank {req.rank}",
-                  f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
+        lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(best.flags())} --rank {req.rank}"]
+        if best.generate_precision:
+            lines.append(f"                    then: hollownet generate ... {' '.join(best.generate_flags())}")
+        lines += [f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
         return "\n".join(lines)
+
+
+#: Generation precisions tried by ``--budget``, best fidelity first (generate does not stream weights yet).
+GENERATE_PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 
 
 def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, model: ModelConfigs | None = None) -> BudgetAnswer:
     """Which (cut, precision, checkpointing, streaming, optimizer) settings fit ``budget``, best expected fidelity first.
+
+    Generation is part of the experience: a setting fits only if ``hollownet generate`` fits too, in the
+    best-fidelity precision of :data:`GENERATE_PRECISIONS` that does (its ``generate_precision``); a model
+    whose text encoder or VAE config is not known is planned without it (a note says so).
 
     Candidates are tried in fidelity order; the first ``top`` that fit are returned (``top=0``: all).
     A candidate whose weights, gradients and AdamW state alone exceed the budget is ruled out without
@@ -859,6 +878,9 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     cands = candidates(mc, req)
+    with_generation = mc.text_encoder is not None and mc.vae is not None
+    if not with_generation:
+        mc.notes.append("generation: the text encoder or VAE config is not known; the budget covers training only")
     stage1: dict = {}
     evaluated: list[Candidate] = []
 
@@ -896,9 +918,34 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         c.precompute_peak = max(front(c), stage1[key])
         return c.precompute_peak
 
+    gen_cache: dict = {}
+    unet_params = sum(p.numel() for p in meta_unet(mc.unet).parameters())
+
+    def gen_peak(c: Candidate, precision: str) -> int:
+        key = (c.method, c.depth, precision)
+        if key not in gen_cache:
+            gen_modes = Modes(precision=precision, compute_dtype=req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None)
+            gen_cache[key] = predict_generate(mc, replace(sub(c), modes=gen_modes), gen_modes)["peak_bytes"]
+        return gen_cache[key]
+
+    def generation(c: Candidate, limit: int | None) -> int | None:
+        """The best-fidelity generation precision whose peak fits ``limit`` (None: the smallest), set on ``c``."""
+        if not with_generation:
+            return 0
+        for precision in GENERATE_PRECISIONS if limit is not None else GENERATE_PRECISIONS[-1:]:
+            if limit is not None and unet_params * _MIN_BYTES_PER_WEIGHT[precision] > limit:
+                continue  # its U-Net weights alone are over
+            peak = gen_peak(c, precision)
+            if limit is None or peak <= limit:
+                c.generate_precision, c.generate_peak = precision, peak
+                return peak
+        return None
+
     fits: list[Candidate] = []
     for c in cands:
         if c.lower_bound > budget or front(c) > budget or train(c) > budget or pre(c) > budget:
+            continue
+        if generation(c, budget) is None:
             continue
         fits.append(c)
         if top and len(fits) >= top:
@@ -909,7 +956,7 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         for c in sorted(cands, key=lambda c: (bound(c), c.lower_bound)):
             if best_peak is not None and bound(c) >= best_peak:
                 break
-            peak = max(train(c), pre(c))
+            peak = max(train(c), pre(c), generation(c, None))
             if best_peak is None or peak < best_peak:
                 best, best_peak = c, peak
         raise BudgetError(
