@@ -252,14 +252,26 @@ def set_lora(unet: nn.Module, lora: LoraWeights, device) -> None:
 # ------------------------------------------------------------------------------------ the U-Net call
 
 
+def lora_layers(unet) -> list:
+    """The U-Net's LoRA layers, found once (a walk over every module costs more than a small model's step)."""
+    if "_lora_layers" not in unet.__dict__:
+        unet.__dict__["_lora_layers"] = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    return unet.__dict__["_lora_layers"]
+
+
 @contextmanager
 def lora_off(unet):
-    """The original U-Net: adapters disabled inside, re-enabled after."""
-    unet.disable_adapters()
+    """The original U-Net: adapters disabled inside, re-enabled after. The flag peft's forward reads
+    (``disable_adapters``), set directly: ``unet.disable_adapters()`` walks every module twice per call
+    and toggles ``requires_grad``, a quarter of a toy two-path step."""
+    layers = lora_layers(unet)
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for m in layers:
+            m._disable_adapters = False
 
 
 def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None) -> torch.Tensor:
@@ -281,7 +293,7 @@ def mixed_lora(unet, n_off: int, n_on: int):
     def hook(module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in lora_layers(unet)]
     try:
         yield
     finally:
