@@ -34,8 +34,8 @@ def lora(tiny_model, hollow_store, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("flags", [[], ["--precision", "bf16"], ["--precision", "nf4"], ["--merged"]],
-                         ids=["fp32", "bf16", "nf4", "merged"])
+@pytest.mark.parametrize("flags", [[], ["--precision", "nf4"], ["--stream-weights"], ["--merged"]],
+                         ids=["fp32", "nf4", "stream", "merged"])
 def test_generate_peak_equals_its_plan(tiny_model, lora, tmp_path, capsys, flags):
     """4 denoising steps (the planner runs 3: the peak repeats), 2 images (the first's latents wait for the decoder)."""
     out = tmp_path / "gen"
@@ -75,3 +75,25 @@ def test_merged_with_quantized_weights_is_refused(tiny_model, lora, tmp_path, ca
     code, _, err = run(capsys, "generate", "--model", tiny_model, "--lora", lora, "--prompt", "a sks dog",
                        "--output", tmp_path / "g", "--precision", "nf4", "--merged", "--device", "cpu")
     assert code == 2 and "--merged fuses the LoRA" in error_line(err)
+
+
+def test_streamed_and_low_precision_images_against_fp32(tiny_model, lora, tmp_path):
+    """Same seeds: streamed weights give fp32's images exactly (the same function, weights read from disk per
+    unit); bf16 and nf4 are close to them, nf4 the furthest (its weights are 4-bit)."""
+    import numpy as np
+    from PIL import Image
+
+    from hollownet.stages.generate import GenerateConfig, run_generate
+
+    def images(**kw):
+        out = tmp_path / "-".join(f"{k}{v}" for k, v in kw.items())
+        record = run_generate(GenerateConfig(model=str(tiny_model), lora=str(lora), prompt="a sks dog", output=str(out),
+                                             steps=3, num_images=2, **kw))
+        return np.stack([np.asarray(Image.open(out / f), dtype=np.float32) for f in record["images"]]), record
+
+    ref, rec = images()
+    streamed, srec = images(stream_weights=True)
+    assert np.abs(streamed - ref).max() <= 1  # at most one rounding step of 255
+    assert srec["memory"]["parts"]["U-Net"] < rec["memory"]["parts"]["U-Net"]  # the units' weights are not resident
+    errors = {p: float(np.abs(images(precision=p)[0] - ref).mean()) for p in ("bf16", "nf4")}
+    assert 0 < errors["bf16"] < errors["nf4"] < 40, errors

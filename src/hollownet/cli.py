@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
                    help="with --precision int8|nf4: dtype the weights are dequantized to and activations use (default bf16)")
     g.add_argument("--stream-weights", action="store_true",
-                   help="as train's: read each block's weights from disk only while it runs (not supported by generate yet)")
+                   help="as train's: the U-Net's blocks read from disk only while they run (all but the mid block; "
+                        "text encoder and VAE decoder resident in --precision; slower; not with --merged)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     g.add_argument("--force", action="store_true",
                    help="load a LoRA whose hollownet.json names another base model (deliberate cross-model use)")

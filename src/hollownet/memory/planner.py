@@ -709,11 +709,7 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference",
         if mc.text_encoder is None or mc.vae is None:
             mc.notes.append("generation: the text encoder or VAE config is not known; not predicted")
         else:
-            modes = req.modes
-            if modes.stream_weights:  # generate does not stream yet: its weights are resident
-                modes = replace(modes, stream_weights=False)
-                mc.notes.append(f"generation: weights resident in {modes.precision} (generate does not stream weights yet)")
-            gen = predict_generate(mc, req, modes)
+            gen = predict_generate(mc, req)
     return MemoryPlan(request=req, model=mc, precompute=pre, train=train, inference=inference, info=info,
                       seconds=time.perf_counter() - t0, generate=gen)
 

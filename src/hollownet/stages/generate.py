@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 from hollownet import unet_split as H
 from hollownet.builder import add_lora, load_frozen
 from hollownet.checks import check_lora_matches, preflight_generate
-from hollownet.cut import HollowPlan, meta_unet, plan_for_blocks
+from hollownet.cut import HollowPlan, make_plan, meta_unet, plan_for_blocks
 from hollownet.encoders import prompt_ids
 from hollownet.errors import HollownetError
 from hollownet.loading import release_memory, resolve_model_dir, vae_scale_factor
-from hollownet.lowmem.stream import SafetensorsSource
+from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
 from hollownet.settings import Modes, torch_dtype
 from hollownet.stages.export import lora_weight_name, read_info
@@ -91,9 +91,9 @@ def check_generation_modes(modes: Modes, merged: bool) -> None:
     """What generation supports of train's modes, refused in one line otherwise."""
     if merged and modes.quantized:
         raise HollownetError(MERGED_QUANTIZED)
-    if modes.stream_weights:
-        raise HollownetError("--stream-weights is not supported by generate yet: use --precision int8|nf4 for the "
-                             "least memory (hollownet plan --precision nf4 shows the generation peak)")
+    if merged and modes.stream_weights:
+        raise HollownetError("--merged fuses the LoRA into the weights, which --stream-weights reads from disk unchanged: "
+                             "drop --merged (the LoRA then runs unmerged)")
 
 
 # ------------------------------------------------------------------------------------- the models
@@ -140,6 +140,8 @@ class Parts:
     merged: bool = False
     mode: object | None = None  # the FakeTensorMode everything runs in (fake parts only)
     to_fake: Callable[[torch.Tensor], torch.Tensor] | None = None  # a real scheduler tensor as a fake one
+    streamer: StreamedWeights | None = field(default=None, init=False)  # set by unet() with --stream-weights
+    every_unit: HollowPlan | None = field(default=None, init=False)  # the split forward that streaming walks
 
     @classmethod
     def real(cls, model_dir: Path, lora: LoraWeights | None, modes: Modes, device: str, scheduler: str,
@@ -168,12 +170,16 @@ class Parts:
         """The context generation runs in: the fake mode for fake parts."""
         return self.mode if self.mode is not None else nullcontext()
 
-    def _load(self, module: nn.Module, component: str, skip=(), modes: Modes | None = None) -> nn.Module:
+    def _load(self, module: nn.Module, component: str, skip=(), streamed: HollowPlan | None = None) -> nn.Module:
         """Frozen weights of ``module`` (built on meta) from the component's file, as the modes say
-        (``builder.load_frozen``: quantized layer by layer for int8/nf4); ``skip``: prefixes never read."""
+        (``builder.load_frozen``: quantized layer by layer for int8/nf4); ``skip``: prefixes never read;
+        ``streamed``: the units whose weights stay on disk (``--stream-weights``, the U-Net only)."""
         source = self.source(component)
+        modes = self.modes if streamed is not None else replace(self.modes, stream_weights=False)
         with source.loading():
-            load_frozen(module, source, list(skip), modes or self.modes, self.dtype, self.device, None)
+            load_frozen(module, source, list(skip), modes, self.dtype, self.device, streamed)
+            if streamed is not None:
+                self.streamer = StreamedWeights(module, streamed, source, self.dtype, self.device)
         for name, buf in module.named_buffers():  # non-persistent buffers (CLIP's position ids) are not in the file
             if buf.is_meta and not any(name.startswith(s + ".") for s in skip):
                 if not name.endswith("position_ids"):
@@ -197,12 +203,18 @@ class Parts:
         return self._load(vae, "vae", skip=["encoder", "quant_conv"])
 
     def unet(self) -> nn.Module:
-        """The full U-Net in the modes' precision, the LoRA on its layers unmerged in fp32 (merged if asked)."""
+        """The full U-Net in the modes' precision, the LoRA on its layers unmerged in fp32 (merged if asked).
+        ``--stream-weights``: every unit's weights (all but the mid block, time embedding and ``conv_in/out``)
+        stay in the file, read while the unit runs (:attr:`streamer`; the split forward walks them all)."""
         unet = meta_unet(_config(self.unet_config))
         if self.lora is not None:
             add_lora(unet, self.lora.targets, self.lora.rank, self.lora.alpha)
         unet.requires_grad_(False).eval()
-        self._load(unet, "unet")
+        self.streamer = self.every_unit = None
+        if self.modes.stream_weights:
+            cut = make_plan(unet)  # any cut: its units, kept and hollow, are every unit of the U-Net
+            self.every_unit = replace(cut, kept_down=[*cut.kept_down, *cut.hollow_down], kept_up=[*cut.hollow_up, *cut.kept_up])
+        self._load(unet, "unet", streamed=self.every_unit)
         if self.lora is not None:
             with self.running():
                 set_lora(unet, self.lora, self.device)
@@ -274,6 +286,14 @@ def lora_off(unet):
             m._disable_adapters = False
 
 
+def one_pass(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None, unit_weights=None) -> torch.Tensor:
+    """``unet(...)`` computed the split way (encode, hollow, decode: every unit through ``unit_weights``)."""
+    ctx = H.make_context(unet, sample, timestep, text, added_cond_kwargs=added_cond_kwargs, unit_weights=unit_weights)
+    h, skips = H.encode(unet, plan, sample, ctx)
+    h = H.hollow(unet, plan, h, ctx, skips)
+    return H.decode(unet, plan, h, ctx, skips)
+
+
 def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None) -> torch.Tensor:
     """Path A (LoRA off): encode + hollow. Path B (LoRA on): encode, then decode from A's hollow output.
     The reference for :func:`two_path_batched` (which generation runs)."""
@@ -305,7 +325,8 @@ def _rows(ctx: H.Context, rows: slice) -> H.Context:
     return replace(ctx, emb=ctx.emb[rows], text=ctx.text[rows])
 
 
-def two_path_batched(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None) -> torch.Tensor:
+def two_path_batched(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None,
+                     unit_weights=None) -> torch.Tensor:
     """:func:`two_path_forward` with both passes through the time embedding, ``conv_in`` and the kept down
     units as one forward of the batch ``[x, x]`` (LoRA on the second half only); the first half alone
     goes on through the hollow, whose output the second half's kept up units decode from."""
@@ -315,7 +336,8 @@ def two_path_batched(unet, plan: HollowPlan, sample, timestep, text, added_cond_
         timestep = torch.cat([timestep, timestep])
     added = {k: torch.cat([v, v]) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
     with mixed_lora(unet, b, b):
-        ctx = H.make_context(unet, both, timestep, torch.cat([text, text]), added_cond_kwargs=added)
+        ctx = H.make_context(unet, both, timestep, torch.cat([text, text]), added_cond_kwargs=added,
+                             unit_weights=unit_weights)
         h, skips = H.encode(unet, plan, both, ctx)
     off, on = slice(0, b), slice(b, 2 * b)
     with lora_off(unet):
@@ -324,8 +346,14 @@ def two_path_batched(unet, plan: HollowPlan, sample, timestep, text, added_cond_
     return H.decode(unet, plan, hollow_out, _rows(ctx, on), [s[on] for s in skips])
 
 
-def unet_call(unet, plan: HollowPlan | None, batched: bool = True) -> Callable:
-    """``f(x, t, cond)``: the U-Net's prediction, two-path for a hollow LoRA (``plan``), else one pass."""
+def unet_call(unet, plan: HollowPlan | None, batched: bool = True, streamer: StreamedWeights | None = None,
+              every_unit: HollowPlan | None = None) -> Callable:
+    """``f(x, t, cond)``: the U-Net's prediction, two-path for a hollow LoRA (``plan``), else one pass;
+    ``streamer``: streamed unit weights (the split forward, ``every_unit`` its cut for one pass)."""
+    if streamer is not None:
+        if plan is None:
+            return lambda x, t, cond: one_pass(unet, every_unit, x, t, cond.text, cond.added, streamer)
+        return lambda x, t, cond: two_path_batched(unet, plan, x, t, cond.text, cond.added, streamer)
     if plan is None:
         return lambda x, t, cond: unet(x, t, cond.text, added_cond_kwargs=cond.added).sample
     two_path = two_path_batched if batched else two_path_forward
@@ -416,7 +444,7 @@ def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]],
     side = resolution // parts.vae_scale_factor
     shape = (1, parts.unet_config["in_channels"], side, side)
     unet = parts.unet()
-    forward = unet_call(unet, plan, batched)
+    forward = unet_call(unet, plan, batched, parts.streamer, parts.every_unit)
     template = parts.fresh_scheduler(steps)
     latents = []
     with parts.running(), torch.no_grad(), meter.measure("U-Net", unet, [t for c in conds.values() for t in c.tensors()]):
@@ -424,6 +452,7 @@ def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]],
             latents.append(denoise(forward, restart(template), conds[prompt], seed, shape=shape,
                                    guidance=guidance, device=parts.device, dtype=parts.dtype, run_steps=run_steps))
     del unet, forward, conds
+    parts.streamer = None
     release_memory()
     vae = parts.vae_decoder()
     with parts.running(), torch.no_grad(), meter.measure("VAE decoder", vae, latents):
