@@ -155,7 +155,8 @@ def test_budget_answers_best_fidelity_first(tiny_model):
     answer = fit_budget(req, parse_size("1GiB"), top=1)
     (best,) = answer.fits
     assert (best.method, best.precision, best.grad_checkpointing) == ("lora", "fp32", False)  # nothing hollowed, fp32
-    assert best.peak == max(best.train_peak, best.precompute_peak) <= answer.budget
+    assert best.peak == max(best.train_peak, best.precompute_peak, best.generate_peak) <= answer.budget
+    assert best.generate_precision == "fp32" and best.generate_peak > 0  # generation fits too, at full precision
     assert "best fidelity that fits: hollownet train ... --method lora --precision fp32" in answer.format()
     json.dumps(answer.to_json())
 

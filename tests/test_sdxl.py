@@ -18,7 +18,8 @@ from hollownet.cut import load_unet_config, plan_for_blocks
 from hollownet.families import SDXL_FAMILY, detect_family
 from hollownet.stages import formats
 from hollownet.stages.export import LORA_FILE
-from hollownet.stages.generate import GenerateConfig, load_pipeline, run_generate, two_path_forward
+from hollownet.memory.tracker import PartMeter
+from hollownet.stages.generate import GenerateConfig, encode_prompts, load_pipeline, run_generate, two_path_forward
 from hollownet.stages.store import Store
 from hollownet.stages.train import TrainConfig, build_model, predict
 from hollownet.requests import TrainRequest
@@ -67,9 +68,22 @@ def run(sdxl_model, photos, tmp_path_factory) -> Path:
 def pipeline(model):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_conditioning(pipe, prompt, negative_prompt, guided, resolution):
+    """The reference: ``(text, added_cond_kwargs)`` as ``StableDiffusionXLPipeline.__call__`` builds them."""
+    cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=guided,
+                                                             negative_prompt=negative_prompt)
+    size = (resolution, resolution)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    if guided:
+        return torch.cat([uncond, cond]), {"text_embeds": torch.cat([pooled_uncond, pooled]),
+                                           "time_ids": torch.cat([time_ids, time_ids])}
+    return cond, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def test_family_is_detected_from_the_folder(sdxl_model, tiny_model):
@@ -149,7 +163,7 @@ def loaded(run, sdxl_model):
         warnings.simplefilter("ignore", UserWarning)
         pipe.load_lora_weights(run, weight_name=formats.KOHYA_FILE, adapter_name="kohya")
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    text, added = SDXL_FAMILY.conditioning(pipe, PROMPT, None, False, RES, "cpu")
+    text, added = pipeline_conditioning(pipe, PROMPT, None, False, RES)
 
     @torch.no_grad()
     def unet_out(adapter):
@@ -226,17 +240,79 @@ def test_two_path_inference_reproduces_the_trained_function(run, sdxl_model):
     store = Store(run / "store")
     batch = store.samples([0, 3], keys=("noisy", "timestep", "prompt_index", "hollow_out", "text_embeds", "time_ids"))
     embeds = store.tensors("prompts.safetensors")["embeds"]
-    pipe, info = load_pipeline(str(sdxl_model), str(run), "fp32", "cpu", "ddim")
-    plan = plan_for_blocks(pipe.unet, info["hollow_blocks"])
+    parts, info = load_pipeline(str(sdxl_model), str(run), "fp32", "cpu", "ddim")
+    unet = parts.unet()  # generation's U-Net: the builder's loader, the LoRA unmerged on it
+    plan = plan_for_blocks(unet, info["hollow_blocks"])
     added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
     cfg = TrainConfig(model=str(sdxl_model), store=str(run / "store"), output="unused", rank=4)
     hollowed, hplan, _ = build_model(sdxl_model, store.manifest(), cfg)
     saved = load_file(run / LORA_FILE)  # the exported LoRA loaded back into the network as trained
     set_peft_model_state_dict(hollowed, convert_unet_state_dict_to_peft({k[5:]: v for k, v in saved.items()}))
     with torch.no_grad():
-        two_path = two_path_forward(pipe.unet, plan, batch["noisy"], batch["timestep"], embeds[batch["prompt_index"]], added)
+        two_path = two_path_forward(unet, plan, batch["noisy"], batch["timestep"], embeds[batch["prompt_index"]], added)
         trained = predict(hollowed, hplan, batch, embeds, torch.float32, "cpu")
     torch.testing.assert_close(two_path, trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+@pytest.mark.parametrize("guided", [True, False])
+def test_generation_conditioning_is_the_pipelines(sdxl_model, guided, negative):
+    """Generation's text-encoder part (both encoders built on meta, loaded by the builder's loader, one at a time)
+    gives StableDiffusionXLPipeline's conditioning: penultimate states concatenated, encoder 2's pooled projection,
+    time ids (r, r, 0, 0, r, r); no negative prompt: zeros (its config's force_zeros_for_empty_prompt)."""
+    parts, _ = load_pipeline(str(sdxl_model), None, "fp32", "cpu", "dpm")
+    prompts = [PROMPT, "a dog on the beach"]
+    meter = PartMeter(True)
+    got = encode_prompts(parts, prompts, negative, guided, RES, meter)
+    assert set(meter.parts) == {"text encoder", "text encoder 2"}
+    pipe = pipeline(sdxl_model)
+    assert pipe.config.force_zeros_for_empty_prompt
+    for prompt in prompts:
+        text, added = pipeline_conditioning(pipe, prompt, negative, guided, RES)
+        torch.testing.assert_close(got[prompt].text, text, rtol=0, atol=1e-6)  # batched with the others: rounding
+        assert got[prompt].added.keys() == added.keys()
+        torch.testing.assert_close(got[prompt].added["text_embeds"], added["text_embeds"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[prompt].added["time_ids"], added["time_ids"], rtol=0, atol=0)
+        if guided:  # the test can fail: a negative prompt is encoded, none is zeros
+            assert (text[0].abs().max() == 0) == (negative is None)
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_base_model_images_are_stable_diffusion_xl_pipelines(sdxl_model, tmp_path, scheduler):
+    """No LoRA: ``hollownet generate`` (no pipeline: three parts in turn) draws StableDiffusionXLPipeline's image
+    for the same seed and sampler (noise drawn the same way: fp32 randn on a CPU generator), to one 8-bit step."""
+    import numpy as np
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    record = run_generate(GenerateConfig(model=str(sdxl_model), lora=None, prompt=PROMPT, output=str(tmp_path), steps=3,
+                                         num_images=2, seed=5, guidance=5.0, scheduler=scheduler, resolution=RES))
+    pipe = pipeline(sdxl_model)
+    cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    for i, name in enumerate(record["images"]):
+        ours = np.asarray(Image.open(tmp_path / name), dtype=np.int16)
+        theirs = np.asarray(pipe(PROMPT, height=RES, width=RES, num_inference_steps=3, guidance_scale=5.0,
+                                 generator=torch.Generator().manual_seed(5 + i)).images[0], dtype=np.int16)
+        assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
+        assert ours.std() > 1  # a real image, not a constant one
+    assert record["memory"]["parts"].keys() == {"text encoder", "text encoder 2", "U-Net", "VAE decoder"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_generation_peak_equals_its_plan(run, sdxl_model, tmp_path, precision):
+    """``hollownet plan`` predicts SDXL generation (both encoders, two-path with the added inputs, the VAE in fp32
+    for fp16) to the byte, part by part: generate's own code on fake parts."""
+    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.settings import Modes
+
+    record = run_generate(GenerateConfig(model=str(sdxl_model), lora=str(run), prompt=PROMPT, output=str(tmp_path),
+                                         steps=4, num_images=2, precision=precision))
+    plan = plan_memory(PlanRequest(model=str(sdxl_model), rank=4, resolution=RES, gen_steps=4, num_images=2,
+                                   modes=Modes(precision=precision)), stages=("generate",))
+    assert record["mode"] == "two-path"
+    assert plan.generate["parts"] == record["memory"]["parts"]
+    assert plan.generate["peak_bytes"] == record["memory"]["peak_bytes"] > 0
+    assert plan.generate["breakdown"] == record["memory"]["breakdown"]
 
 
 @pytest.mark.parametrize("merged", [False, True])

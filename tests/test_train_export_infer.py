@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from hollownet.stages.export import LORA_FILE, lora_state_dict, save_lora
-from hollownet.stages.generate import load_pipeline, two_path_forward
+from hollownet.stages.generate import load_pipeline, two_path_batched, two_path_forward
 from hollownet.cut import plan_for_blocks
 from hollownet.stages.store import Store
 from hollownet.optimizers import make_optimizer
@@ -116,15 +116,37 @@ def test_two_path_inference_reproduces_the_trained_function(trained, tiny_model,
     embeds = store.tensors("prompts.safetensors")["embeds"]
     # the network as trained: hollowed U-Net + stored activation, with the exported LoRA loaded back
     hollowed, plan = hollowed_with_lora(tiny_model, hollow_store, out)
-    pipe, info = load_pipeline(str(tiny_model), str(out), "fp32", "cpu", "ddim")
-    plan_full = plan_for_blocks(pipe.unet, info["hollow_blocks"])
+    parts, info = load_pipeline(str(tiny_model), str(out), "fp32", "cpu", "ddim")
+    unet = parts.unet()  # generation's U-Net: the full model, the LoRA unmerged on it
+    plan_full = plan_for_blocks(unet, info["hollow_blocks"])
     text = embeds[batch["prompt_index"]]
     with torch.no_grad():
         trained_fn = predict(hollowed, plan, batch, embeds, torch.float32, "cpu")
-        two_path = two_path_forward(pipe.unet, plan_full, batch["noisy"], batch["timestep"], text)
-        single = pipe.unet(batch["noisy"], batch["timestep"], text).sample
+        two_path = two_path_forward(unet, plan_full, batch["noisy"], batch["timestep"], text)
+        batched = two_path_batched(unet, plan_full, batch["noisy"], batch["timestep"], text)
+        single = unet(batch["noisy"], batch["timestep"], text).sample
     torch.testing.assert_close(two_path, trained_fn, rtol=1e-5, atol=1e-5)
+    # one batched forward [x, x] through the kept down blocks, LoRA on the second half only: the same function
+    torch.testing.assert_close(batched, two_path, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, trained_fn, rtol=1e-5, atol=1e-5)
     assert (single - trained_fn).abs().max() > 1e-4  # the merged path is a different function
+
+
+def test_generation_unet_equals_diffusers_load_lora_weights(trained, tiny_model):
+    """The U-Net generation builds (builder's loader, LoRA set from the file) is diffusers' own with the LoRA loaded."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    out, _ = trained
+    parts, _ = load_pipeline(str(tiny_model), str(out), "fp32", "cpu", "ddim")
+    ours = parts.unet()
+    ref = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(out)
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=ref)
+    x = torch.randn(2, ref.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 16, ref.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, 500, text).sample, ref(x, 500, text).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_frozen_weights_train_lora_in_fp32(tiny_model, hollow_store, tmp_path):

@@ -163,8 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
     g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
-    g.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32",
-                   help="dtype of the weights and activations (default fp32; fp16/bf16 on a GPU)")
+    g.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
+                   help="weights of the U-Net, text encoder and VAE decoder, as train's: fp32, bf16, fp16, or int8 / nf4 "
+                        "quantized (computed in bf16; the LoRA stays unmerged in fp32; not with --merged). Default fp32")
+    g.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
+                   help="with --precision int8|nf4: dtype the weights are dequantized to and activations use (default bf16)")
+    g.add_argument("--stream-weights", action="store_true",
+                   help="as train's: the U-Net's blocks read from disk only while they run (all but the mid block; "
+                        "text encoder and VAE decoder resident in --precision; slower; not with --merged)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     g.add_argument("--force", action="store_true",
                    help="load a LoRA whose hollownet.json names another base model (deliberate cross-model use)")
@@ -179,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n\n"
         "Runs the trainer's own code on fake tensors (shapes only) and counts live tensor bytes exactly as\n"
         "'hollownet train' measures them. Inference = one U-Net denoising step without gradients (batch 1,\n"
-        "and 2 for classifier-free guidance); text encoder and VAE not resident. A GPU adds its CUDA context,\n"
-        "kernel workspaces and allocator caching on top.\n"
+        "and 2 for classifier-free guidance); text encoder and VAE not resident. Generation = 'hollownet generate'\n"
+        "itself (text encoder, U-Net denoising with the CFG batch, VAE decoder, each in turn) in the same modes;\n"
+        "the whole run is the largest of the three. A GPU adds its CUDA context, kernel workspaces and allocator\n"
+        "caching on top.\n"
     )
-    pl = sub.add_parser("plan", help="predict the memory of pre-compute, training and inference (no weights, seconds)",
+    pl = sub.add_parser("plan", help="predict the memory of pre-compute, training, inference and generation (no weights, seconds)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog_plan)
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
@@ -193,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--steps", type=int, default=_default(PlanRequest, "steps"),
                     help="training steps: stage 1 stores steps x batch samples (default %(default)s)")
     pl.add_argument("--photos", type=int, default=_default(PlanRequest, "photos"), help="photos stage 1 encodes (default %(default)s)")
+    pl.add_argument("--gen-steps", type=int, help=f"generation: denoising steps ({_by_model('gen_steps')})")
+    pl.add_argument("--guidance", type=float, help=f"generation: guidance scale, > 1 = CFG batch 2 ({_by_model('guidance')})")
+    pl.add_argument("--num-images", type=int, default=_default(PlanRequest, "num_images"),
+                    help="generation: images in one run (default %(default)s)")
+    pl.add_argument("--merged", action="store_true", help="generation: the LoRA fused, one U-Net pass (default two-path)")
     pl.add_argument("--budget", metavar="SIZE",
                     help=f"which settings (cut, precision, checkpointing) fit in SIZE, {SIZE_HELP}; "
                          "ignores --method, --hollow, --precision, --grad-checkpointing, --stream-weights, --optimizer "
@@ -346,7 +359,8 @@ def cmd_generate(args) -> int:
         model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
-        device=_device(args.device, args.precision), force=args.force,
+        compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
+        device=_device(args.device, Modes(precision=args.precision, compute_dtype=args.compute_dtype).compute), force=args.force,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0

@@ -7,11 +7,12 @@ here a :class:`Family` answers the same questions for the stages, which never br
   penultimate hidden states of both encoders, concatenated, and the second one's pooled projection);
 * the added conditioning of a sample (SDXL's ``text_embeds`` and ``time_ids`` from original size,
   crop corner and target size, as diffusers' SDXL DreamBooth script and kohya make them);
-* the diffusers pipeline that generates, and the default resolution.
+* generation's conditioning without a pipeline (the same tensors as its ``encode_prompt`` and time ids),
+  the VAE's dtype, the diffusers pipeline LoRA files are saved for, and the default resolution.
 
 Data still flows one way: stage 1 asks the family for the prompt tensors (``prompts.safetensors``) and
 each sample's added inputs (kept in the store's shards), stage 2 feeds the stored inputs to the U-Net,
-generation asks the family for the same conditioning from the pipeline.
+generation's text-encoder part asks the family what each encoder gives and how they combine.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Family:
     pipeline: str = "StableDiffusionPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder",)
     default_resolution: int = SD_DEFAULTS["resolution"]
+    #: (folder, tokenizer folder, measured part, pooled projection?) of each text encoder, in the order they run
+    encoders: tuple[tuple[str, str, str, bool], ...] = (("text_encoder", "tokenizer", "text encoder", False),)
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
@@ -94,14 +97,43 @@ class Family:
         """Per photo, the micro-conditioning its crop gets (SDXL); None for families without it."""
         return None
 
-    def conditioning(self, pipe, prompt: str, negative_prompt: str | None, guidance: bool, resolution: int, device):
-        """``(text, added_cond_kwargs)`` for one prompt as the family's pipeline computes them; with
-        ``guidance`` the unconditional row first (classifier-free guidance's order)."""
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
-        return (torch.cat([uncond, cond]) if guidance else cond), None
+    # generation without a pipeline (``stages/generate.py``'s text-encoder part): the same tensors as the
+    # pipeline's ``encode_prompt``, from encoders built and loaded one at a time
 
-    def text_modules(self, pipe) -> list[nn.Module]:
-        return [getattr(pipe, name) for name in self.text_encoders]
+    def zero_negative(self, negative_prompt: str | None, pipeline_config: dict) -> bool:
+        """Whether guidance's unconditional row is zeros rather than the encoded negative prompt (SD: never, ``""``)."""
+        return False
+
+    def prompt_states(self, encoder: nn.Module, ids: torch.Tensor, pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One encoder's output for generation, in its dtype on its device: ``(states, pooled projection or None)``."""
+        return encoder(ids)[0], None
+
+    def joined(self, outputs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(text, pooled)`` of every encoder's :meth:`prompt_states` (SD: the one encoder's last hidden state)."""
+        return outputs[0]
+
+    def generation_added(self, pooled: torch.Tensor | None, resolution: int) -> dict | None:
+        """The U-Net's ``added_cond_kwargs`` of generation's rows (SD: none)."""
+        return None
+
+    def generation_conditioning(self, outputs, *, guided: bool, zero_negative: bool, resolution: int,
+                                dtype) -> list[tuple[torch.Tensor, dict | None]]:
+        """Per prompt (the encoded texts: the negative one first if ``guided`` and not ``zero_negative``, then the
+        prompts), ``(text, added_cond_kwargs)`` in ``dtype``, the unconditional row first when ``guided``."""
+        text, pooled = self.joined(outputs)
+        text, pooled = text.to(dtype), (pooled.to(dtype) if pooled is not None else None)
+        if guided and zero_negative:  # the pipeline's torch.zeros_like(prompt_embeds) (and of the pooled embeds)
+            text = torch.cat([torch.zeros_like(text[:1]), text])
+            pooled = torch.cat([torch.zeros_like(pooled[:1]), pooled]) if pooled is not None else None
+        first = 1 if guided else 0
+        rows = [slice(0, 1)] if guided else []
+        out = []
+        for j in range(first, text.shape[0]):
+            pick = [*rows, slice(j, j + 1)]
+            t = torch.cat([text[r] for r in pick]) if guided else text[j:j + 1]
+            p = (torch.cat([pooled[r] for r in pick]) if guided else pooled[j:j + 1]) if pooled is not None else None
+            out.append((t, self.generation_added(p, resolution)))
+        return out
 
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the VAE runs in for a run in ``dtype`` (SD's VAE runs in any)."""
@@ -116,6 +148,7 @@ class SDXL(Family):
     pipeline: str = "StableDiffusionXLPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     default_resolution: int = SDXL_DEFAULTS["resolution"]
+    encoders: tuple[tuple[str, str, str, bool], ...] = sdxl_text.ENCODERS
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
@@ -163,17 +196,28 @@ class SDXL(Family):
         pipeline decodes in fp32, its DreamBooth script keeps the VAE in fp32); bf16 has fp32's range."""
         return torch.float32 if dtype == torch.float16 else dtype
 
-    def conditioning(self, pipe, prompt, negative_prompt, guidance, resolution, device):
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt)
-        size = (resolution, resolution)  # generation's micro-conditioning: uncropped, at the target size
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        if guidance:
-            return torch.cat([uncond, cond]), {"text_embeds": torch.cat([pooled_uncond, pooled]),
-                                               "time_ids": torch.cat([time_ids, time_ids]).to(device)}
-        return cond, {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+    def zero_negative(self, negative_prompt, pipeline_config):
+        """No negative prompt: zeros, as ``StableDiffusionXLPipeline`` does when its config's
+        ``force_zeros_for_empty_prompt`` (the pipeline's default, true for SDXL base) is set."""
+        return negative_prompt is None and bool(pipeline_config.get("force_zeros_for_empty_prompt", True))
+
+    def prompt_states(self, encoder, ids, pooled):
+        """The penultimate hidden state (clip_skip None), and the pooled projection of a ``CLIPTextModelWithProjection``."""
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], (out[0] if pooled else None)
+
+    def joined(self, outputs):
+        """Both encoders' states concatenated on the features; the last encoder's pooled projection."""
+        pooled = outputs[-1][1]
+        if pooled is None:
+            raise HollownetError("SDXL's second text encoder gives no pooled projection: it must be a CLIPTextModelWithProjection")
+        return torch.cat([states for states, _ in outputs], dim=-1), pooled
+
+    def generation_added(self, pooled, resolution):
+        """``text_embeds`` and generation's time ids: uncropped at the target size, ``(r, r, 0, 0, r, r)`` per row
+        (``StableDiffusionXLPipeline._get_add_time_ids``; the negative row gets the same)."""
+        row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": row.to(pooled.device).expand(pooled.shape[0], 6).contiguous()}
 
 
 @dataclass

@@ -72,6 +72,11 @@ class PlanRequest:
     precompute_batch: int = 4  # PrecomputeConfig.batch_size: samples per U-Net (and VAE) forward in stage 1
     shard_size: int = 64
     inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
+    # generation (hollownet generate's settings; the modes above apply to it too)
+    gen_steps: int = SD_DEFAULTS["gen_steps"]  # denoising steps (the peak repeats after the third: see planner)
+    guidance: float = SD_DEFAULTS["guidance"]  # > 1: classifier-free guidance, the U-Net's batch is 2
+    num_images: int = 1
+    merged: bool = False  # the LoRA fused into the weights, one U-Net pass (float precisions only)
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -79,6 +84,8 @@ class PlanRequest:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
         if self.photos < 1:
             raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
+        if self.gen_steps < 1 or self.num_images < 1:
+            raise HollownetError("--gen-steps and --num-images must be at least 1")
 
     @property
     def prompts(self) -> int:

@@ -116,7 +116,8 @@ def plan_table(s: dict, photos: int) -> str:
     by_batch = plan["inference_peak_bytes_by_batch"]
     inf = plan["inference_peak_bytes"]
     rows = [("stage 1: pre-compute", plan["precompute_peak_bytes"]), ("stage 2: training", plan["train_peak_bytes"]),
-            ("generation (guidance: batch 2)", by_batch.get("2")), ("inference (one U-Net step, batch 1)", inf)]
+            ("generation (text encoder, U-Net with guidance, VAE decoder, in turn)", plan.get("generate_peak_bytes") or by_batch.get("2")),
+            ("inference (one U-Net step, batch 1)", inf)]
     lines = ["| stage | predicted peak | vs inference |", "|---|---:|---:|"]
     lines += [f"| {name} | {format_bytes(v)} | {v / inf:.2f}× |" for name, v in rows if v is not None]
     what = f"{plan['method']}" + (f", hollowed {plan['fraction']:.0%} of the U-Net" if plan.get("fraction") else "")

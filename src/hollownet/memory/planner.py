@@ -23,6 +23,14 @@ How each stage is modelled (exactly what ``precompute.py`` / ``train.py`` do, se
   ``precision`` + the activations of ``unet(latents, t, text)`` at batch 1 (the paper's inference
   figure) and at batch 2 (classifier-free guidance). Text encoder and VAE are not counted.
 
+* **generation** (``hollownet generate``) is three parts, each model built, used and dropped before the
+  next, so its peak is the largest part's: the text encoder (the prompt and the negative one); the
+  U-Net denoising every image (two-path for a hollow LoRA, one batched forward through the kept down
+  blocks; the LoRA unmerged in fp32; the CFG batch of 2); the VAE decoder (no encoder) decoding each.
+  It is ``generate.generate`` itself on fake parts (``Parts`` from :class:`FakeSource` s), with the
+  request's modes; at most :data:`GENERATE_PREDICT_STEPS` denoising steps are run, the peak repeating
+  after them (the multistep sampler's history is full by the second step).
+
 Counts are tensor storages (see ``memory.py``): a CUDA run adds the CUDA context, kernel workspaces
 and allocator rounding/caching on top. The optimizer is torch's AdamW: ``adamw`` is its single-tensor
 implementation (what the trainer runs on a CPU), ``adamw-foreach`` the multi-tensor one torch picks
@@ -71,9 +79,11 @@ from hollownet.stages.train import TrainConfig, train_step
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
 from hollownet import encoders as E
 from hollownet.lowmem.layerwise import predict_peak
-from hollownet.lowmem.sdxl_text import predict_peak as predict_sdxl_text
+from hollownet.lowmem.sdxl_text import build as build_text_encoder, predict_peak as predict_sdxl_text
 from hollownet.memory.tracker import PartMeter
 from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table
+from hollownet.builder import lora_outside
+from hollownet.stages import generate as G
 
 GiB = 1024**3
 INFERENCE_DEFINITION = (
@@ -97,7 +107,19 @@ class ModelConfigs:
     vae: dict | None = None
     scheduler: dict | None = None
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
+    pipeline_config: dict = field(default_factory=dict)  # model_index.json (generation: SDXL's force_zeros_for_empty_prompt)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def text_configs(self) -> dict[str, dict | None]:
+        """The family's text encoders (folder -> config or None if not known)."""
+        known = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {folder: known[folder] for folder in family_of_config(self.unet).text_encoders}
+
+    @property
+    def knows_generation(self) -> bool:
+        """Every model generation builds has a known config (the family's text encoders and the VAE)."""
+        return self.vae is not None and None not in self.text_configs.values()
 
     @property
     def text_dim(self) -> int:
@@ -154,6 +176,7 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
         text_encoder_2=_read_json(path / "text_encoder_2" / "config.json"),
         vae=_read_json(path / "vae" / "config.json"),
         scheduler=_read_json(path / "scheduler" / "scheduler_config.json"),
+        pipeline_config=_read_json(path / "model_index.json") or {},
     )
     tok = _read_json(path / "tokenizer" / "tokenizer_config.json") or {}
     max_pos = int((text or {}).get("max_position_embeddings", 77))
@@ -401,6 +424,55 @@ def predict_inference(mc: ModelConfigs, req: PlanRequest, batch: int = 1) -> Mem
     return tracker.report
 
 
+#: Denoising steps a generation prediction runs: from the third on, each step allocates what the one
+#: before freed (DPM-Solver++'s history holds its last 2 outputs from step 2), so the peak is reached.
+GENERATE_PREDICT_STEPS = 3
+
+
+def generation_parts(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = None) -> tuple[G.Parts, HollowPlan | None]:
+    """``generate``'s parts with fake weights of ``mc``'s shapes, in one FakeTensorMode; the cut two-path runs
+    (None: one U-Net pass, merged or plain LoRA or the fine-tuned U-Net) and the LoRA of ``req`` (shapes only)."""
+    from diffusers import AutoencoderKL  # lazily: diffusers takes seconds to import
+
+    if not mc.knows_generation:
+        raise HollownetError(f"generation for {mc.name}: its text encoder or VAE config is not known")
+    family = family_of_config(mc.unet)
+    configs = mc.text_configs
+    modes = modes or req.modes
+    G.check_generation_modes(modes, req.merged and req.method != "full")
+    skeleton = meta_unet(mc.unet)
+    cut = _cut(skeleton, req, rank=req.rank)
+    lora = None
+    if req.method != "full":
+        targets = lora_outside(skeleton, cut.hollow_prefixes(skeleton) if cut else [], req.lora_targets)
+        lora = G.LoraWeights(targets, req.rank, float(req.lora_alpha or req.rank))
+    pooled = {folder: p for folder, _, _, p in family.encoders}
+    with torch.device("meta"):
+        models = {"unet": skeleton, "vae": AutoencoderKL.from_config(mc.vae),
+                  **{folder: build_text_encoder(config, pooled[folder]) for folder, config in configs.items()}}
+    mode = _fake_mode()
+    sources = {}
+    for name, module in models.items():
+        sources[name] = FakeSource.for_module(module)
+        sources[name].mode = mode  # one mode: the parts' tensors meet in the same computation
+    parts = G.Parts(unet_config=mc.unet, text_configs=configs, vae_config=mc.vae, source=sources.__getitem__,
+                    token_ids=lambda prompts, tokenizer: torch.zeros(len(prompts), mc.text_len, dtype=torch.long),
+                    scheduler_config=mc.scheduler or {}, lora=lora, modes=modes, device="cpu",
+                    merged=req.merged and lora is not None, mode=mode, to_fake=mode.from_tensor,
+                    pipeline_config=mc.pipeline_config)
+    return parts, (cut if cut is not None and not req.merged else None)
+
+
+def predict_generate(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = None) -> dict:
+    """``hollownet generate``'s peak for ``req`` (``modes``: instead of ``req.modes``), part by part, as
+    ``run_generate`` measures it: ``generate.generate`` on fake parts (see the module docstring)."""
+    parts, cut = generation_parts(mc, req, modes)
+    meter = PartMeter(True, "cpu")
+    G.generate(parts, cut, [("prompt", i) for i in range(req.num_images)], steps=req.gen_steps, run_steps=GENERATE_PREDICT_STEPS,
+               resolution=req.resolution, guidance=req.guidance, meter=meter)
+    return G.memory_record(meter)
+
+
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
     """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``): stage 1's
     own steps (``encoders``, ``precompute.make_shard``) on fake weights.
@@ -519,6 +591,16 @@ class MemoryPlan:
     inference: dict[int, MemoryReport]
     info: dict
     seconds: float
+    generate: dict | None = None  # generate.memory_record of the prediction: peak, part, breakdown, parts
+
+    @property
+    def generate_peak(self) -> int:
+        return self.generate["peak_bytes"] if self.generate else 0
+
+    @property
+    def whole_run_peak(self) -> int:
+        """The whole experience: the largest of stage 1, stage 2 and generation."""
+        return max(self.precompute_peak, self.train_peak, self.generate_peak)
 
     @property
     def precompute_peak(self) -> int:
@@ -562,6 +644,13 @@ class MemoryPlan:
             "inference_peak_bytes": (inf1.peak_bytes if inf1 else self.inference_peak) if self.inference else None,
             "inference_peak_bytes_by_batch": {str(b): r.peak_bytes for b, r in self.inference.items()},
             "peak_bytes": self.peak,
+            "generate_peak_bytes": self.generate_peak if self.generate else None,
+            "whole_run_peak_bytes": self.whole_run_peak if self.generate else None,
+            "generate_peak_part": self.generate["peak_part"] if self.generate else None,
+            "generate": ({"steps": req.gen_steps, "guidance": req.guidance, "num_images": req.num_images,
+                          "path": "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass"),
+                          "precision": req.modes.precision, "compute_dtype": req.modes.compute}
+                         if self.generate else None),
             "train_over_inference_bytes": self.train_peak - self.inference_peak if self.inference and self.train else None,
             "train_over_inference_ratio": round(self.train_peak / self.inference_peak, 4) if self.inference and self.train else None,
             "breakdown": {
@@ -570,6 +659,8 @@ class MemoryPlan:
                 "precompute": dict(self.precompute["breakdown"]) if self.precompute else None,
                 "precompute_parts": dict(self.precompute["parts"]) if self.precompute else None,
                 "inference": dict(inf1.breakdown) if inf1 else None,
+                "generate": dict(self.generate["breakdown"]) if self.generate else None,
+                "generate_parts": dict(self.generate["parts"]) if self.generate else None,
             },
             "train_peak_phase": self.train.peak_phase if self.train else None,
             "train_phase_peaks": dict(self.train.phase_peaks) if self.train else None,
@@ -625,6 +716,12 @@ class MemoryPlan:
             what = (f"U-Net only ({modes.compute}), one denoising step, no grad"
                     + (", batch 2 = classifier-free guidance" if b == 2 else ""))
             lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
+        if self.generate:
+            parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.generate["parts"].items())
+            path = "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass")
+            lines.append(f"  generation             {g(self.generate_peak)}   {modes.precision}, {path}, "
+                         f"{'CFG batch 2' if req.guidance > 1 else 'no CFG'}, each part in turn: {parts}")
+            lines.append(f"  whole run              {g(self.whole_run_peak)}   the largest of pre-compute, training and generation")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak
             lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "
@@ -650,8 +747,10 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference"), model: ModelConfigs | None = None) -> MemoryPlan:
-    """Predict the requested stages' peaks for ``req``."""
+def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference", "generate"),
+                model: ModelConfigs | None = None) -> MemoryPlan:
+    """Predict the requested stages' peaks for ``req`` (``generate``: skipped, with a note, for a model whose
+    text encoder or VAE config is not known)."""
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     req.train_config()  # validate the combination before spending time (e.g. full needs fp32)
@@ -665,8 +764,14 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference")
         info = _param_info(mc, req, _cut(skeleton, req, rank=req.rank), None)
     pre = predict_precompute(mc, req) if "precompute" in stages else None
     inference = {b: predict_inference(mc, req, b) for b in req.inference_batches} if "inference" in stages else {}
+    gen = None
+    if "generate" in stages:
+        if not mc.knows_generation:
+            mc.notes.append("generation: the text encoder or VAE config is not known; not predicted")
+        else:
+            gen = predict_generate(mc, req)
     return MemoryPlan(request=req, model=mc, precompute=pre, train=train, inference=inference, info=info,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, generate=gen)
 
 
 # ------------------------------------------------------------------------------------ budget
@@ -689,12 +794,15 @@ class Candidate:
     in_backward: bool = False  # optimizer adamw-in-backward
     precompute_peak: int | None = None
     train_peak: int | None = None
+    generate_precision: str | None = None  # the best-fidelity generation precision that fits (hollownet generate --precision)
+    generate_peak: int | None = None
 
     @property
     def peak(self) -> int | None:
+        """The whole experience: stage 1, stage 2 and (where predicted) generation."""
         if self.train_peak is None:
             return None
-        return max(self.train_peak, self.precompute_peak or 0)
+        return max(self.train_peak, self.precompute_peak or 0, self.generate_peak or 0)
 
     @property
     def fidelity_key(self):
@@ -721,6 +829,10 @@ class Candidate:
         out += ["--stream-weights"] if self.stream_weights else (["--grad-checkpointing"] if self.grad_checkpointing else [])
         out += [f"--optimizer {IB}"] if self.in_backward else []
         return out
+
+    def generate_flags(self) -> list[str]:
+        """``hollownet generate`` flags for this setting."""
+        return [f"--precision {self.generate_precision}"] if self.generate_precision else []
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -780,26 +892,38 @@ class BudgetAnswer:
 
     def format(self) -> str:
         req = self.request
-        head = (f"{self.model}: settings whose peak (max of pre-compute and training) fits in {self.budget / GiB:.2f} GiB "
+        head = (f"{self.model}: settings whose peak (max of pre-compute, training and generation) fits in {self.budget / GiB:.2f} GiB "
                 f"({self.budget:,} bytes); LoRA r={req.rank}, {req.resolution} px, batch {req.batch}, {req.modes.optimizer}")
         lines = [head, "ranked by expected fidelity cost: nf4 weights last (10x the output error of int8); then less hollowing, "
                        "then fp32 < bf16 < int8 weights, then global gradient clipping (AdamW) before per-tensor (in-backward); "
                        "checkpointing and streaming cost only time", ""]
-        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} {'peak':>9}")
+        lines.append(f"  {'#':>2}  {'setting':<44} {'weights':<11} {'ckpt':<5} {'AdamW':<9} {'stage 1':>9} {'training':>9} "
+                     f"{'generation':>16} {'peak':>9}")
+        gen = lambda c: (f"{c.generate_precision} {c.generate_peak / GiB:5.2f} G" if c.generate_precision else "-")  # noqa: E731
         for i, c in enumerate(self.fits, 1):
             weights = c.precision + (" stream" if c.stream_weights else "")
             lines.append(f"  {i:>2}  {c.label():<44} {weights:<11} {'yes' if c.grad_checkpointing else 'no':<5} "
                          f"{'in-bwd' if c.in_backward else 'after':<9} "
-                         f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {c.peak / GiB:7.2f} G")
-        flags = self.fits[0].flags()
+                         f"{c.precompute_peak / GiB:7.2f} G {c.train_peak / GiB:7.2f} G {gen(c):>16} {c.peak / GiB:7.2f} G")
+        best = self.fits[0]
         more = f"the {self.top} best shown (--top 0: all); " if self.top and len(self.fits) >= self.top else ""
-        lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(flags)} --rank {req.rank}",
-                  f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
+        lines += ["", f"best fidelity that fits: hollownet train ... {' '.join(best.flags())} --rank {req.rank}"]
+        if best.generate_precision:
+            lines.append(f"                    then: hollownet generate ... {' '.join(best.generate_flags())}")
+        lines += [f"(G = GiB; {more}{len(self.evaluated)} settings predicted, others ruled out by their weights alone; {self.seconds:.0f} s)"]
         return "\n".join(lines)
+
+
+#: Generation precisions tried by ``--budget``, best fidelity first (generate does not stream weights yet).
+GENERATE_PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 
 
 def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, model: ModelConfigs | None = None) -> BudgetAnswer:
     """Which (cut, precision, checkpointing, streaming, optimizer) settings fit ``budget``, best expected fidelity first.
+
+    Generation is part of the experience: a setting fits only if ``hollownet generate`` fits too, in the
+    best-fidelity precision of :data:`GENERATE_PRECISIONS` that does (its ``generate_precision``); a model
+    whose text encoder or VAE config is not known is planned without it (a note says so).
 
     Candidates are tried in fidelity order; the first ``top`` that fit are returned (``top=0``: all).
     A candidate whose weights, gradients and AdamW state alone exceed the budget is ruled out without
@@ -810,6 +934,9 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     cands = candidates(mc, req)
+    with_generation = mc.knows_generation
+    if not with_generation:
+        mc.notes.append("generation: the text encoder or VAE config is not known; the budget covers training only")
     stage1: dict = {}
     evaluated: list[Candidate] = []
 
@@ -847,9 +974,34 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         c.precompute_peak = max(front(c), stage1[key])
         return c.precompute_peak
 
+    gen_cache: dict = {}
+    unet_params = sum(p.numel() for p in meta_unet(mc.unet).parameters())
+
+    def gen_peak(c: Candidate, precision: str) -> int:
+        key = (c.method, c.depth, precision)
+        if key not in gen_cache:
+            gen_modes = Modes(precision=precision, compute_dtype=req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None)
+            gen_cache[key] = predict_generate(mc, replace(sub(c), modes=gen_modes), gen_modes)["peak_bytes"]
+        return gen_cache[key]
+
+    def generation(c: Candidate, limit: int | None) -> int | None:
+        """The best-fidelity generation precision whose peak fits ``limit`` (None: the smallest), set on ``c``."""
+        if not with_generation:
+            return 0
+        for precision in GENERATE_PRECISIONS if limit is not None else GENERATE_PRECISIONS[-1:]:
+            if limit is not None and unet_params * _MIN_BYTES_PER_WEIGHT[precision] > limit:
+                continue  # its U-Net weights alone are over
+            peak = gen_peak(c, precision)
+            if limit is None or peak <= limit:
+                c.generate_precision, c.generate_peak = precision, peak
+                return peak
+        return None
+
     fits: list[Candidate] = []
     for c in cands:
         if c.lower_bound > budget or front(c) > budget or train(c) > budget or pre(c) > budget:
+            continue
+        if generation(c, budget) is None:
             continue
         fits.append(c)
         if top and len(fits) >= top:
@@ -860,7 +1012,7 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         for c in sorted(cands, key=lambda c: (bound(c), c.lower_bound)):
             if best_peak is not None and bound(c) >= best_peak:
                 break
-            peak = max(train(c), pre(c))
+            peak = max(train(c), pre(c), generation(c, None))
             if best_peak is None or peak < best_peak:
                 best, best_peak = c, peak
         raise BudgetError(

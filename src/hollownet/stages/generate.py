@@ -1,38 +1,61 @@
 """Stage 5: generate images with the LoRA on the full, original U-Net.
 
 Two-path (default, the paper's): at every denoising step the original U-Net with LoRA off runs up
-to the hollow's output, then the LoRA layers run from that activation — the very function that was
-trained. ``merged``: LoRA fused into the weights, one ordinary U-Net pass (cheaper, approximate).
-The loop follows StableDiffusionPipeline.__call__'s numbered steps; the pipeline of the model's family
-(``families.py``: SD or SDXL) supplies the text encoder(s), VAE and scheduler, and the family the
-conditioning (SDXL: pooled text embeds and time ids, as ``added_cond_kwargs``). ``hollownet generate`` and the bench both generate through
-:func:`load_pipeline`, :func:`prepare` and :func:`render`.
+to the hollow's output, then the LoRA layers run from that activation -- the very function that was
+trained. Both passes through the kept down blocks run as ONE batched forward (batch ``[x, x]``, the
+LoRA delta applied to the second half only: peft's mixed-adapter batches, ``__base__`` = none), the
+LoRA-off half goes on through the hollow only. ``merged``: LoRA fused into the weights, one ordinary
+U-Net pass (cheaper, approximate); refused with quantized weights, which cannot hold it.
+
+Generation is three parts, each model built only for its part and dropped before the next
+(:func:`generate`): the text encoder embeds every prompt once; the U-Net denoises every image's
+latents; the VAE decoder (its encoder never loaded) turns them into pixels. Each is built from its
+safetensors file by the stage-2 builder's own loader (``builder.load_frozen``), so ``--precision``
+(fp32 | bf16 | fp16 | int8 | nf4) and ``--compute-dtype`` mean what they mean for ``train``, for all
+three models; the LoRA stays unmerged, in fp32, beside quantized weights. The planner runs the very
+same :func:`generate` on fake tensors (:meth:`Parts.fake`), so ``hollownet plan`` predicts the peak
+``hollownet generate`` measures (every image, every part) to the byte.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from hollownet import unet_split as H
+from hollownet.builder import add_lora, load_frozen
 from hollownet.checks import check_lora_matches, preflight_generate
-from hollownet.cut import HollowPlan, plan_for_blocks
+from hollownet.cut import HollowPlan, make_plan, meta_unet, plan_for_blocks
+from hollownet.encoders import prompt_ids
 from hollownet.errors import HollownetError
-from hollownet.families import detect_family, family_of_config
-from hollownet.loading import resolve_model_dir
-from hollownet.memory.tracker import MemoryTracker
-from hollownet.settings import torch_dtype
+from hollownet.families import Family, detect_family, family_of_config
+from hollownet.loading import release_memory, resolve_model_dir, vae_scale_factor
+from hollownet.lowmem import sdxl_text
+from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
+from hollownet.memory.tracker import PartMeter
+from hollownet.settings import Modes, torch_dtype
 from hollownet.stages.export import lora_weight_name, read_info
 from hollownet.stages.store import save_image, save_json
 
 SCHEDULERS = ("ddim", "dpm", "default")
+GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
+# (SDXL's text-encoder part is two: "text encoder", then "text encoder 2", as in stage 1)
+MERGED_QUANTIZED = ("--merged fuses the LoRA into the weights, which int8/nf4 cannot hold: drop --merged "
+                    "(the LoRA then runs unmerged beside the quantized weights) or use --precision fp32|bf16|fp16")
 
 
 @dataclass
@@ -49,29 +72,252 @@ class GenerateConfig:
     num_images: int = 4
     merged: bool = False
     scheduler: str = "dpm"
-    precision: str = "fp32"
+    precision: str = "fp32"  # the weights of all three models, as train's --precision (settings.Modes)
     device: str = "cpu"
     force: bool = False  # load a LoRA recorded for another base model anyway
+    compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default bf16)
+    stream_weights: bool = False
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise HollownetError(f"--scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.steps < 1 or self.num_images < 1:
             raise HollownetError("--steps and --num-images must be at least 1")
+        check_generation_modes(self.modes, self.merged)
+
+    @property
+    def modes(self) -> Modes:
+        return Modes(precision=self.precision, compute_dtype=self.compute_dtype, stream_weights=self.stream_weights)
+
+
+def check_generation_modes(modes: Modes, merged: bool) -> None:
+    """What generation supports of train's modes, refused in one line otherwise."""
+    if merged and modes.quantized:
+        raise HollownetError(MERGED_QUANTIZED)
+    if merged and modes.stream_weights:
+        raise HollownetError("--merged fuses the LoRA into the weights, which --stream-weights reads from disk unchanged: "
+                             "drop --merged (the LoRA then runs unmerged)")
+
+
+# ------------------------------------------------------------------------------------- the models
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA for the U-Net: peft's module names, rank and alpha, and its tensors (None: fake, shapes only)."""
+
+    targets: list[str]
+    rank: int
+    alpha: float
+    state: dict[str, torch.Tensor] | None = None  # peft keys ``<module>.lora_A.weight`` ...
+
+    @classmethod
+    def read(cls, lora_dir: str | Path, info: dict) -> LoraWeights:
+        """The diffusers file, else the kohya one (diffusers' own reader converts it)."""
+        state, alphas = StableDiffusionPipeline.lora_state_dict(lora_dir, weight_name=lora_weight_name(lora_dir))
+        state = convert_unet_state_dict_to_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        targets = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A" in k})
+        if not targets:
+            raise HollownetError(f"the LoRA in '{lora_dir}' has no U-Net layers")
+        rank = int(info.get("rank") or state[f"{targets[0]}.lora_A.weight"].shape[0])
+        alpha = info.get("lora_alpha") or (next(iter(alphas.values())) if alphas else None) or rank
+        return cls(targets, rank, float(alpha), state)
+
+
+@dataclass
+class Parts:
+    """Where generation's three models and its scheduler come from: the model's files (:meth:`real`), or
+    shapes only inside a ``FakeTensorMode`` (:meth:`fake`, the planner). Each model is built when its part
+    starts and dropped when it ends; everything else in :func:`generate` is the same for both."""
+
+    unet_config: dict
+    text_configs: dict[str, dict]  # text encoder folder (the family's ``encoders``) -> its config
+    vae_config: dict
+    source: Callable[[str], object]  # component (unet, text_encoder[_2], vae) -> tensor source
+    token_ids: Callable[[list[str], str], torch.Tensor]  # (texts, tokenizer folder) -> padded ids
+    scheduler_config: dict
+    scheduler: str = "dpm"
+    lora: LoraWeights | None = None
+    modes: Modes = field(default_factory=Modes)
+    device: str = "cpu"
+    merged: bool = False
+    mode: object | None = None  # the FakeTensorMode everything runs in (fake parts only)
+    to_fake: Callable[[torch.Tensor], torch.Tensor] | None = None  # a real scheduler tensor as a fake one
+    pipeline_config: dict = field(default_factory=dict)  # model_index.json (SDXL's force_zeros_for_empty_prompt)
+    streamer: StreamedWeights | None = field(default=None, init=False)  # set by unet() with --stream-weights
+    every_unit: HollowPlan | None = field(default=None, init=False)  # the split forward that streaming walks
+
+    @classmethod
+    def real(cls, model_dir: Path, lora: LoraWeights | None, modes: Modes, device: str, scheduler: str,
+             unet_dir: Path | None = None) -> Parts:
+        """``unet_dir``: a fine-tuned ``unet/`` folder (full fine-tuning) in place of the model's U-Net."""
+        read = lambda p: json.loads(p.read_text())  # noqa: E731
+        family = detect_family(model_dir)  # an SDXL U-Net without text_encoder_2/ is refused here
+        sources = {"unet": (unet_dir.parent, "unet") if unet_dir else (model_dir, "unet"), "vae": (model_dir, "vae"),
+                   **{folder: (model_dir, folder) for folder in family.text_encoders}}
+        index = model_dir / "model_index.json"
+        return cls(unet_config=read((unet_dir or model_dir / "unet") / "config.json"),
+                   text_configs={folder: read(model_dir / folder / "config.json") for folder in family.text_encoders},
+                   vae_config=read(model_dir / "vae" / "config.json"),
+                   source=lambda c: SafetensorsSource(*sources[c]),
+                   token_ids=lambda prompts, tokenizer: prompt_ids(model_dir, prompts, tokenizer),
+                   scheduler_config=read(model_dir / "scheduler" / "scheduler_config.json"),
+                   scheduler=scheduler, lora=lora, modes=modes, device=device,
+                   pipeline_config=read(index) if index.is_file() else {})
+
+    @property
+    def family(self) -> Family:
+        """SD or SDXL, by the U-Net: what the text-encoder part computes and the VAE's dtype (``families.py``)."""
+        return family_of_config(self.unet_config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.modes.compute)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE decoder's dtype: the run's, except where the family's VAE needs more (SDXL's in fp16: fp32)."""
+        return self.family.vae_dtype(self.dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae_config)
+
+    def running(self):
+        """The context generation runs in: the fake mode for fake parts."""
+        return self.mode if self.mode is not None else nullcontext()
+
+    def _load(self, module: nn.Module, component: str, skip=(), streamed: HollowPlan | None = None,
+              modes: Modes | None = None) -> nn.Module:
+        """Frozen weights of ``module`` (built on meta) from the component's file, as the modes say
+        (``builder.load_frozen``: quantized layer by layer for int8/nf4); ``skip``: prefixes never read;
+        ``streamed``: the units whose weights stay on disk (``--stream-weights``, the U-Net only);
+        ``modes``: instead of the run's (fp32 for a VAE that must not run in the run's dtype)."""
+        source = self.source(component)
+        modes = modes or self.modes
+        modes = modes if streamed is not None else replace(modes, stream_weights=False)
+        dtype = torch_dtype(modes.compute)
+        with source.loading():
+            load_frozen(module, source, list(skip), modes, dtype, self.device, streamed)
+            if streamed is not None:
+                self.streamer = StreamedWeights(module, streamed, source, self.dtype, self.device)
+        for name, buf in module.named_buffers():  # non-persistent buffers (CLIP's position ids) are not in the file
+            if buf.is_meta and not any(name.startswith(s + ".") for s in skip):
+                if not name.endswith("position_ids"):
+                    raise HollownetError(f"generation cannot make the {component} buffer '{name}'")
+                owner = module.get_submodule(name.rsplit(".", 1)[0])
+                with self.running():
+                    owner._buffers["position_ids"] = torch.arange(buf.shape[-1], device=self.device).expand((1, -1))
+        return module.requires_grad_(False).eval()
+
+    def text_encoder(self, folder: str = "text_encoder") -> nn.Module:
+        """One of the family's text encoders (``CLIPTextModelWithProjection`` where it pools: SDXL's second)."""
+        pooled = dict((f, p) for f, _, _, p in self.family.encoders)[folder]
+        return self._load(sdxl_text.build(_config(self.text_configs[folder]), pooled), folder)
+
+    def vae_decoder(self) -> nn.Module:
+        """The VAE with its decoder only (the encoder stays on meta, never read), in :attr:`vae_dtype`: where
+        that is not the run's dtype (SDXL's VAE in an fp16 run), in fp32 as diffusers' ``upcast_vae``."""
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(_config(self.vae_config))
+        modes = None if self.vae_dtype == self.dtype else Modes(precision="fp32")
+        return self._load(vae, "vae", skip=["encoder", "quant_conv"], modes=modes)
+
+    def unet(self) -> nn.Module:
+        """The full U-Net in the modes' precision, the LoRA on its layers unmerged in fp32 (merged if asked).
+        ``--stream-weights``: every unit's weights (all but the mid block, time embedding and ``conv_in/out``)
+        stay in the file, read while the unit runs (:attr:`streamer`; the split forward walks them all)."""
+        unet = meta_unet(_config(self.unet_config))
+        if self.lora is not None:
+            add_lora(unet, self.lora.targets, self.lora.rank, self.lora.alpha)
+        unet.requires_grad_(False).eval()
+        self.streamer = self.every_unit = None
+        if self.modes.stream_weights:
+            cut = make_plan(unet)  # any cut: its units, kept and hollow, are every unit of the U-Net
+            self.every_unit = replace(cut, kept_down=[*cut.kept_down, *cut.hollow_down], kept_up=[*cut.hollow_up, *cut.kept_up])
+        self._load(unet, "unet", streamed=self.every_unit)
+        if self.lora is not None:
+            with self.running():
+                set_lora(unet, self.lora, self.device)
+                if self.merged:
+                    for mod in unet.modules():
+                        if isinstance(mod, LoraLayer):
+                            mod.merge()
+        return unet
+
+    def fresh_scheduler(self, steps: int):
+        """The sampler with its timesteps set (on real tensors: its set-up reads numpy), to be copied per image."""
+        own = getattr(diffusers, self.scheduler_config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+        cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}.get(self.scheduler, own)
+        sched = cls.from_config(self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(0)  # the first timestep, without the data-dependent lookup (fake tensors have no data)
+        if self.to_fake is not None:
+            for k, v in list(vars(sched).items()):
+                if isinstance(v, torch.Tensor):
+                    setattr(sched, k, self.to_fake(v))
+        return sched
+
+
+def _config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def set_lora(unet: nn.Module, lora: LoraWeights, device) -> None:
+    """LoRA's tensors in fp32 on ``device``: the file's values, or (fake parts) empty tensors of their shapes."""
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        for part in ("lora_A", "lora_B"):
+            layer = getattr(mod, part)["default"]
+            key = f"{name}.{part}.weight"
+            if lora.state is not None and key not in lora.state:
+                raise HollownetError(f"the LoRA file lacks '{key}'; is it complete?")
+            shape = layer.weight.shape
+            value = lora.state[key].to(device, torch.float32) if lora.state is not None else \
+                torch.empty(shape, dtype=torch.float32, device=device)
+            if tuple(value.shape) != tuple(shape):
+                raise HollownetError(f"the LoRA tensor '{key}' has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
+            layer._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+
+
+# ------------------------------------------------------------------------------------ the U-Net call
+
+
+def lora_layers(unet) -> list:
+    """The U-Net's LoRA layers, found once (a walk over every module costs more than a small model's step)."""
+    if "_lora_layers" not in unet.__dict__:
+        unet.__dict__["_lora_layers"] = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    return unet.__dict__["_lora_layers"]
 
 
 @contextmanager
 def lora_off(unet):
-    """The original U-Net: adapters disabled inside, re-enabled after."""
-    unet.disable_adapters()
+    """The original U-Net: adapters disabled inside, re-enabled after. The flag peft's forward reads
+    (``disable_adapters``), set directly: ``unet.disable_adapters()`` walks every module twice per call
+    and toggles ``requires_grad``, a quarter of a toy two-path step."""
+    layers = lora_layers(unet)
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for m in layers:
+            m._disable_adapters = False
 
 
-def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs: dict | None = None) -> torch.Tensor:
-    """Path A (LoRA off): encode + hollow. Path B (LoRA on): encode, then decode from A's hollow output."""
+def one_pass(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None, unit_weights=None) -> torch.Tensor:
+    """``unet(...)`` computed the split way (encode, hollow, decode: every unit through ``unit_weights``)."""
+    ctx = H.make_context(unet, sample, timestep, text, added_cond_kwargs=added_cond_kwargs, unit_weights=unit_weights)
+    h, skips = H.encode(unet, plan, sample, ctx)
+    h = H.hollow(unet, plan, h, ctx, skips)
+    return H.decode(unet, plan, h, ctx, skips)
+
+
+def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None) -> torch.Tensor:
+    """Path A (LoRA off): encode + hollow. Path B (LoRA on): encode, then decode from A's hollow output.
+    The reference for :func:`two_path_batched` (which generation runs)."""
     with lora_off(unet):
         ctx = H.make_context(unet, sample, timestep, text, added_cond_kwargs=added_cond_kwargs)
         h, skips = H.encode(unet, plan, sample, ctx)
@@ -79,111 +325,249 @@ def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_
     return H.hollowed_forward(unet, plan, sample, timestep, text, hollow_out, added_cond_kwargs=added_cond_kwargs)
 
 
-def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False,
-                  unet: str | Path | None = None):
-    """The pipeline with ``lora`` loaded (and its ``hollownet.json``); ``unet``: a fine-tuned U-Net folder (full
-    fine-tuning) in place of the model's."""
-    model_dir = resolve_model_dir(model)
-    if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
-        check_lora_matches(model_dir, lora, read_info(lora), force=force)
-    if unet is not None and not Path(unet).is_dir():
-        raise HollownetError(f"no fine-tuned unet/ in '{Path(unet).parent}'")
-    dtype = torch_dtype(precision)
-    parts = {"unet": UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype)} if unet is not None else {}
-    family = detect_family(model_dir)
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
-    pipe = family.pipeline_class().from_pretrained(model_dir, dtype=dtype, **extra, **parts)
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler == "dpm":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    info = {}
-    if lora:
-        info = read_info(lora)
-        pipe.load_lora_weights(lora, weight_name=lora_weight_name(lora))  # the diffusers file, else the kohya one
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), info
+@contextmanager
+def mixed_lora(unet, n_off: int, n_on: int):
+    """Inside, every LoRA layer applies its delta to the last ``n_on`` samples of a batch only (the first
+    ``n_off`` get the base layer alone): peft's mixed-adapter batches, its adapter name ``__base__`` = none."""
+    names = ["__base__"] * n_off + ["default"] * n_on
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in lora_layers(unet)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def prepare(pipe, info: dict, *, lora: bool, merged: bool, resolution: int | None) -> tuple[HollowPlan | None, int]:
-    """``(plan, resolution)``: the cut for two-path generation of a hollow LoRA, or None for one U-Net pass (the
-    LoRA fused into the weights if ``merged``); the resolution defaults to the training one."""
-    plan = None
-    if info.get("method") == "hollow" and not merged:
-        plan = plan_for_blocks(pipe.unet, info["hollow_blocks"])
-    elif lora and merged:
-        pipe.fuse_lora()
-    return plan, resolution or info.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+def _rows(ctx: H.Context, rows: slice) -> H.Context:
+    return replace(ctx, emb=ctx.emb[rows], text=ctx.text[rows])
 
 
-@torch.no_grad()
-def denoise(pipe, plan: HollowPlan | None, prompt: str, *, steps, resolution, guidance, negative_prompt, generator, device):
-    """One image: StableDiffusionPipeline's loop with the U-Net call swapped for the two-path one."""
-    # 1. prompts (and the family's added conditioning: SDXL's pooled text embeds and time ids)
-    cfg = guidance > 1.0
-    text, added = family_of_config(pipe.unet.config).conditioning(pipe, prompt, negative_prompt, cfg, resolution, device)
-    # 2. timesteps and initial noise
-    pipe.scheduler.set_timesteps(steps, device=device)
-    shape = (1, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, text.dtype) * pipe.scheduler.init_noise_sigma
-    # 3. denoising loop
-    for t in pipe.scheduler.timesteps:
-        x = torch.cat([latents] * 2) if cfg else latents
-        x = pipe.scheduler.scale_model_input(x, t)
-        pred = (two_path_forward(pipe.unet, plan, x, t, text, added) if plan is not None
-                else pipe.unet(x, t, text, added_cond_kwargs=added).sample)
-        if cfg:
+def two_path_batched(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None,
+                     unit_weights=None) -> torch.Tensor:
+    """:func:`two_path_forward` with both passes through the time embedding, ``conv_in`` and the kept down
+    units as one forward of the batch ``[x, x]`` (LoRA on the second half only); the first half alone
+    goes on through the hollow, whose output the second half's kept up units decode from."""
+    b = sample.shape[0]
+    both = torch.cat([sample, sample])
+    if isinstance(timestep, torch.Tensor) and timestep.dim() > 0:  # one per sample
+        timestep = torch.cat([timestep, timestep])
+    added = {k: torch.cat([v, v]) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    with mixed_lora(unet, b, b):
+        ctx = H.make_context(unet, both, timestep, torch.cat([text, text]), added_cond_kwargs=added,
+                             unit_weights=unit_weights)
+        h, skips = H.encode(unet, plan, both, ctx)
+    off, on = slice(0, b), slice(b, 2 * b)
+    with lora_off(unet):
+        hollow_out = H.hollow(unet, plan, h[off], _rows(ctx, off), [s[off] for s in skips])
+    del h
+    return H.decode(unet, plan, hollow_out, _rows(ctx, on), [s[on] for s in skips])
+
+
+def unet_call(unet, plan: HollowPlan | None, batched: bool = True, streamer: StreamedWeights | None = None,
+              every_unit: HollowPlan | None = None) -> Callable:
+    """``f(x, t, cond)``: the U-Net's prediction, two-path for a hollow LoRA (``plan``), else one pass;
+    ``streamer``: streamed unit weights (the split forward, ``every_unit`` its cut for one pass)."""
+    if streamer is not None:
+        if plan is None:
+            return lambda x, t, cond: one_pass(unet, every_unit, x, t, cond.text, cond.added, streamer)
+        return lambda x, t, cond: two_path_batched(unet, plan, x, t, cond.text, cond.added, streamer)
+    if plan is None:
+        return lambda x, t, cond: unet(x, t, cond.text, added_cond_kwargs=cond.added).sample
+    two_path = two_path_batched if batched else two_path_forward
+    return lambda x, t, cond: two_path(unet, plan, x, t, cond.text, cond.added)
+
+
+# ------------------------------------------------------------------------------- the three parts
+
+
+@dataclass
+class Conditioning:
+    """What the U-Net reads of one prompt: text embeddings (negative first when guided) and, for
+    U-Nets with added embeddings (SDXL), their extra inputs."""
+
+    text: torch.Tensor
+    added: dict | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.text, *(self.added or {}).values()]
+
+
+def encode_prompts(parts: Parts, prompts: list[str], negative_prompt: str | None, guided: bool, resolution: int,
+                   meter: PartMeter) -> dict[str, Conditioning]:
+    """Part 1: the family's text encoders, each built, run once over every distinct prompt (and the negative
+    one), dropped before the next. The conditioning is the pipeline's ``encode_prompt`` (and, for SDXL, its
+    time ids): the family (``families.py``) says what each encoder gives and how they combine."""
+    family = parts.family
+    distinct = list(dict.fromkeys(prompts))
+    zeros = guided and family.zero_negative(negative_prompt, parts.pipeline_config)
+    texts = ([negative_prompt or ""] if guided and not zeros else []) + distinct
+    outputs: list = []
+    for k, (folder, tokenizer, part, pooled) in enumerate(family.encoders):
+        with parts.running():
+            ids = parts.token_ids(texts, tokenizer)
+        encoder = parts.text_encoder(folder)
+        held = [t for o in outputs for t in o if t is not None]  # the earlier encoders' outputs
+        with parts.running(), torch.no_grad(), meter.measure(part, encoder, held):
+            outputs.append(family.prompt_states(encoder, ids.to(parts.device), pooled))
+            if k == len(family.encoders) - 1:  # combined while the last encoder's part is measured
+                rows = family.generation_conditioning(outputs, guided=guided, zero_negative=zeros,
+                                                      resolution=resolution, dtype=parts.dtype)
+                out = {p: Conditioning(text, added) for p, (text, added) in zip(distinct, rows)}
+                del outputs, rows
+        del encoder, held
+        release_memory()
+    return out
+
+
+def restart(scheduler):
+    """A fresh copy of a scheduler whose timesteps are set: its state copied, its tensors (never changed in
+    place by ``step``) shared, so the copy allocates nothing."""
+    return copy.deepcopy(scheduler, memo={id(v): v for v in vars(scheduler).values() if isinstance(v, torch.Tensor)})
+
+
+def denoise(forward: Callable, scheduler, cond: Conditioning, seed: int, *, shape, guidance: float, device, dtype,
+            run_steps: int | None = None):
+    """One image's latents: StableDiffusionPipeline's loop, the U-Net call being ``forward``; ``run_steps``:
+    only the first ones (the planner: the peak repeats after them)."""
+    guided = guidance > 1.0
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    latents = noise.to(device, dtype) * scheduler.init_noise_sigma
+    del noise
+    for t in scheduler.timesteps[:run_steps]:
+        x = torch.cat([latents] * 2) if guided else latents
+        x = scheduler.scale_model_input(x, t)
+        pred = forward(x, t, cond)
+        del x
+        if guided:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-        latents = pipe.scheduler.step(pred, t, latents).prev_sample
-    # 4. decode (in the family's VAE dtype: SDXL's VAE overflows in fp16)
-    vae_dtype = family_of_config(pipe.unet.config).vae_dtype(pipe.vae.dtype)
-    if pipe.vae.dtype != vae_dtype:
-        pipe.vae.to(vae_dtype)
-    image = pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+            del pred_uncond, pred_cond
+        latents = scheduler.step(pred, t, latents).prev_sample
+        del pred
+    return latents
 
 
-def render(pipe, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out: Path, *, steps: int, resolution: int,
+def decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Part 3 for one image: pixels as ``uint8`` (height, width, 3), as the pipeline's postprocess rounds them."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor + shift).sample
+    return ((image[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]], *, steps: int, resolution: int,
+             guidance: float, negative_prompt: str | None = None, meter: PartMeter | None = None,
+             on_image: Callable[[int, torch.Tensor], None] | None = None, batched: bool = True, bar: bool = False,
+             run_steps: int | None = None) -> None:
+    """Every ``(prompt, noise seed)`` job, part by part (see the module docstring): ``on_image(i, pixels)`` per
+    image (``run_steps``: of the ``steps``, run only the first). ``meter``: each part's exact peak over all images (the parts never overlap: the run's peak is the
+    largest part's). Run by ``hollownet generate`` on the model's files and by the planner on fake parts."""
+    meter = meter or PartMeter(False)
+    guided = guidance > 1.0
+    conds = encode_prompts(parts, [p for p, _ in jobs], negative_prompt, guided, resolution, meter)
+    side = resolution // parts.vae_scale_factor
+    shape = (1, parts.unet_config["in_channels"], side, side)
+    unet = parts.unet()
+    forward = unet_call(unet, plan, batched, parts.streamer, parts.every_unit)
+    template = parts.fresh_scheduler(steps)
+    latents = []
+    with parts.running(), torch.no_grad(), meter.measure("U-Net", unet, [t for c in conds.values() for t in c.tensors()]):
+        for prompt, seed in tqdm(jobs, desc="denoise", unit="image", disable=not bar or None):
+            latents.append(denoise(forward, restart(template), conds[prompt], seed, shape=shape,
+                                   guidance=guidance, device=parts.device, dtype=parts.dtype, run_steps=run_steps))
+    del unet, forward, conds
+    parts.streamer = None
+    release_memory()
+    vae = parts.vae_decoder()
+    with parts.running(), torch.no_grad(), meter.measure("VAE decoder", vae, latents):
+        for i in range(len(latents)):
+            pixels = decode(vae, latents[i], parts.vae_dtype)
+            latents[i] = None  # decoded: dropped
+            if on_image is not None:
+                on_image(i, pixels)
+            del pixels
+    del vae
+    release_memory()
+
+
+# ----------------------------------------------------------------------- hollownet generate, the bench
+
+
+def load_pipeline(model: str, lora: str | None, precision: str, device: str, scheduler: str, force: bool = False,
+                  unet: str | Path | None = None, modes: Modes | None = None) -> tuple[Parts, dict]:
+    """The parts of generation with ``lora`` (and its ``hollownet.json``), nothing loaded yet; ``unet``: a
+    fine-tuned U-Net folder (full fine-tuning) in place of the model's; ``modes`` (default: ``precision``)."""
+    model_dir = resolve_model_dir(model)
+    info = read_info(lora) if lora else {}
+    if lora:  # before the 459-line size-mismatch traceback a wrong base model would give
+        check_lora_matches(model_dir, lora, info, force=force)
+    if unet is not None and not Path(unet).is_dir():
+        raise HollownetError(f"no fine-tuned unet/ in '{Path(unet).parent}'")
+    weights = LoraWeights.read(lora, info) if lora else None
+    parts = Parts.real(model_dir, weights, modes or Modes(precision=precision), device, scheduler,
+                       Path(unet) if unet is not None else None)
+    return parts, info
+
+
+def prepare(parts: Parts, info: dict, *, lora: bool, merged: bool, resolution: int | None) -> tuple[HollowPlan | None, int]:
+    """``(plan, resolution)``: the cut for two-path generation of a hollow LoRA, or None for one U-Net pass (the
+    LoRA fused into the weights if ``merged``); the resolution defaults to the training one."""
+    check_generation_modes(parts.modes, merged and lora)
+    plan = None
+    if info.get("method") == "hollow" and not merged:
+        plan = plan_for_blocks(meta_unet(_config(parts.unet_config)), info["hollow_blocks"])
+    parts.merged = bool(lora and merged)
+    size = resolution or info.get("resolution") or parts.unet_config["sample_size"] * parts.vae_scale_factor
+    return plan, size
+
+
+def render(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out: Path, *, steps: int, resolution: int,
            guidance: float, negative_prompt: str | None = None, device: str = "cpu", measure: bool = False):
     """One PNG per ``(prompt, noise seed, file name)`` job in ``out``, and ``manifest.json`` (file, prompt, seed: what
-    ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``: the first image's exact peak if ``measure``."""
+    ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``: the exact peak of the whole run if ``measure``
+    (every image; per part in ``parts``)."""
     out.mkdir(parents=True, exist_ok=True)
-    entries, memory = [], None
-    for i, (prompt, seed, name) in enumerate(tqdm(jobs, desc="generate", unit="image", disable=None)):
-        # the first image is measured exactly (every tensor byte); the others cost the same
-        text_encoders = family_of_config(pipe.unet.config).text_modules(pipe)
-        tracker = MemoryTracker(device=device).add_resident(pipe.unet, pipe.vae, *text_encoders) if measure and i == 0 else None
-        with tracker if tracker is not None else nullcontext():
-            image = denoise(pipe, plan, prompt, steps=steps, resolution=resolution, guidance=guidance,
-                            negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(seed), device=device)
-        if tracker is not None:
-            memory = {"peak_bytes": tracker.report.peak_bytes, "breakdown": tracker.report.breakdown}
-        save_image(out / name, image)
-        entries.append({"file": name, "prompt": prompt, "seed": seed})
+    entries = [{"file": name, "prompt": prompt, "seed": seed} for prompt, seed, name in jobs]
+
+    def save(i, pixels):
+        save_image(out / entries[i]["file"], Image.fromarray(pixels.cpu().numpy()))
+
+    meter = PartMeter(measure, parts.device)
+    generate(parts, plan, [(p, s) for p, s, _ in jobs], steps=steps, resolution=resolution, guidance=guidance,
+             negative_prompt=negative_prompt, meter=meter, on_image=save, bar=True)
     save_json(out / "manifest.json", {"images": entries})
-    return entries, memory
+    return entries, (memory_record(meter) if measure else None)
+
+
+def memory_record(meter: PartMeter) -> dict:
+    s = meter.summary(always=True)
+    return {"peak_bytes": s["peak_bytes"], "peak_part": s["peak_phase"], "breakdown": s["breakdown"], "parts": s["parts"]}
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
     preflight_generate(cfg)  # paths and resolution: before any model loads
     t0 = time.perf_counter()
-    pipe, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force)
-    plan, resolution = prepare(pipe, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
+    parts, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force,
+                                modes=cfg.modes)
+    plan, resolution = prepare(parts, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
-    entries, memory = render(pipe, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
+    entries, memory = render(parts, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
                              guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, device=cfg.device, measure=True)
     record = {
         "settings": asdict(cfg),
-        "mode": "two-path" if plan is not None else ("merged" if cfg.lora else "base model"),
+        "modes": {"precision": cfg.modes.precision, "compute_dtype": cfg.modes.compute, "stream_weights": cfg.stream_weights},
+        "mode": "two-path" if plan is not None else ("merged" if cfg.lora and cfg.merged else ("lora" if cfg.lora else "base model")),
         "resolution": resolution,
         "lora_info": info,
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_image": round((time.perf_counter() - t0) / cfg.num_images, 3),
-        "memory": memory,
+        "memory": memory,  # the whole run: every image, every part (text encoder, U-Net, VAE decoder)
         "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cfg.device.startswith("cuda") else None,
         "images": [e["file"] for e in entries],
     }
