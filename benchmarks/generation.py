@@ -138,10 +138,10 @@ def cached(parts):
     built = {}
 
     class Cached(type(parts)):
-        def text_encoder(self):
-            if "text" not in built:
-                built["text"] = super().text_encoder()
-            return built["text"]
+        def text_encoder(self, folder="text_encoder"):
+            if folder not in built:
+                built[folder] = super().text_encoder(folder)
+            return built[folder]
 
         def unet(self):
             if "unet" not in built:
@@ -270,8 +270,9 @@ def sd21_parts(resolution: int, rank: int):
              "lora": random_lora(lora_outside(skeleton, [], DEFAULT_LORA_TARGETS), skeleton, rank)}
 
     def make(modes, kind):
-        return G.Parts(unet_config=mc.unet, text_config=mc.text_encoder, vae_config=mc.vae, source=sources.__getitem__,
-                       token_ids=lambda prompts: torch.randint(0, 49407, (len(prompts), mc.text_len),
+        return G.Parts(unet_config=mc.unet, text_configs={"text_encoder": mc.text_encoder}, vae_config=mc.vae,
+                       source=sources.__getitem__,
+                       token_ids=lambda prompts, tokenizer: torch.randint(0, 49407, (len(prompts), mc.text_len),
                                                                generator=torch.Generator().manual_seed(len(prompts))),
                        scheduler_config=mc.scheduler, lora=loras[kind], modes=modes)
 

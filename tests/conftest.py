@@ -17,6 +17,18 @@ def run(capsys, *argv):
     return code, out, err
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy machine (byte
+    counts do not change). A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def error_line(err: str) -> str:
     """The one ``hollownet ...: error: ...`` line of a refused command (and no traceback)."""
     lines = [line for line in err.strip().splitlines() if line.startswith("hollownet ")]
