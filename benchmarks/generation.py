@@ -311,6 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=1, help="--speed: timed images per mode, after one warm-up (default 1)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--skip-sd21", action="store_true", help="--speed: the toy model only")
+    ap.add_argument("--skip-toy", action="store_true", help="--speed: SD 2.1's architecture only")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
         record["memory"] = memory("sd21", 512, 30, args.rank)
     if args.speed or both:
         record["speed"] = {}
-        cases = [("toy", lambda: toy_parts(8), 64)]
+        cases = [] if args.skip_toy else [("toy", lambda: toy_parts(8), 64)]
         if not args.skip_sd21:
             cases.append(("sd21 architecture, random weights", lambda: sd21_parts(args.resolution, args.rank), args.resolution))
         for name, build, res in cases:
