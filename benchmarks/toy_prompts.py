@@ -1,10 +1,13 @@
 """Prompt following of the bundled toy model: background / colour / shape drawn as the caption says.
 
     python benchmarks/toy_prompts.py [--n 100] [--guidance 3] [--steps 25] [--out benchmarks/results/toy_prompts]
+    HOLLOWNET_TOY_MODEL=DIR python benchmarks/toy_prompts.py --evaluator src/hollownet/toy/model/evaluator.safetensors
 
 New random captions (seeded; the model's own caption grammar, 20% short ones), drawn by the stock
 ``StableDiffusionPipeline`` loaded from the bundled folder, read back by the toy evaluator. Chance is
-0.2 / 0.2 / 0.33. Writes ``toy_prompts.json`` and a sheet of the first 24 images. The toy's figures.
+0.2 / 0.2 / 0.33. ``--evaluator``: read with another evaluator (default the model folder's), e.g.
+the bundled one for another copy of the model, so two models are read by the same ruler. Writes
+``toy_prompts.json`` and a sheet of the first 24 images. The toy's figures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--out", default="benchmarks/results/toy_prompts")
+    p.add_argument("--evaluator", type=Path, default=None, help="evaluator.safetensors (default: the model folder's)")
     args = p.parse_args()
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -48,13 +52,14 @@ def main() -> None:
         images += pipe(captions[i:i + 10], num_inference_steps=args.steps, guidance_scale=args.guidance, height=64,
                        width=64, generator=torch.Generator().manual_seed(args.seed + i)).images
     seconds = time.perf_counter() - t0
-    got = classify(load_evaluator(), images)
+    got = classify(load_evaluator(args.evaluator), images)
     acc = {k: float(np.mean([g[k] == getattr(s, k) for g, s in zip(got, scenes)])) for k in ("colour", "shape")}
     acc["background"] = float(np.mean([g["background"] == s.background for g, s, k in zip(got, scenes, short) if not k]))
     per_shape = {sh: float(np.mean([g["shape"] == sh for g, s in zip(got, scenes) if s.shape == sh])) for sh in W.SHAPES}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"n": args.n, "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
+    record = {"model": str(model_dir()), "evaluator": str(args.evaluator or model_dir() / "evaluator.safetensors"),
+              "n": args.n, "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
               "accuracy": acc, "shape_accuracy_by_shape": per_shape, "seconds_per_image": seconds / args.n,
               "note": "background scored on captions that name one; the toy model's figures, not SD's"}
     (out / "toy_prompts.json").write_text(json.dumps(record, indent=1))

@@ -9,7 +9,8 @@ Four parts, in order, each seeded:
      logvar fixed at -30 after training, so stage 1's posterior *sample* is the mean the U-Net saw);
   3. text encoder (``CLIPTextModel``, 2 layers, width 64) and U-Net (SD's block layout) jointly on
      captioned world renders: v-prediction, cosine schedule, 15% empty captions (for guidance);
-  4. the toy evaluator (``hollownet.toy.evaluator``) on world renders only.
+  4. the toy evaluator (``hollownet.toy.evaluator``) on world renders only; a continued run
+     (``--unet-from``) keeps the continued model's evaluator, so its scores stay comparable.
 Writes a ``StableDiffusionPipeline`` folder in fp16 safetensors plus ``evaluator.safetensors`` and
 ``pretrain.json`` (command, seeds, time taken, loss log).
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -215,6 +217,20 @@ def train_unet(vae, tok, minutes: float, seed: int, history: list, samples: int 
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), sched, scaling, step
 
 
+# ----------------------------------------------------------------------------- 4. evaluator
+
+
+def evaluator_source(evaluator_from: Path | None, unet_from: Path | None) -> Path | None:
+    """The evaluator to keep instead of training one: ``--evaluator-from``, else the continued model's.
+
+    The evaluator is the ruler, trained on world renders only and independent of the U-Net: a new one
+    (its steps depend on the CPU's load) would move every published score for no change in the model."""
+    if evaluator_from:
+        return evaluator_from
+    kept = unet_from / "evaluator.safetensors" if unet_from else None
+    return kept if kept and kept.is_file() else None
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -226,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--unet-minutes", type=float, default=35.0)
     p.add_argument("--unet-from", type=Path, help="continue the U-Net and text encoder of this pipeline folder")
     p.add_argument("--evaluator-minutes", type=float, default=2.0)
+    p.add_argument("--evaluator-from", type=Path,
+                   help="keep this evaluator.safetensors (default when continuing: --unet-from's) instead of training one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -249,8 +267,13 @@ def main(argv=None) -> int:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    evaluator, eval_log = train_evaluator(args.evaluator_minutes, args.seed)
-    save_evaluator(evaluator, out / "evaluator.safetensors")
+    kept = evaluator_source(args.evaluator_from, args.unet_from)
+    if kept:
+        shutil.copyfile(kept, out / "evaluator.safetensors")
+        eval_log = {"kept_from": str(kept)}
+    else:
+        evaluator, eval_log = train_evaluator(args.evaluator_minutes, args.seed)
+        save_evaluator(evaluator, out / "evaluator.safetensors")
     record = {
         "command": "python -m hollownet.toy.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed, "threads": args.threads, "minutes": round((time.perf_counter() - t_start) / 60, 1),
