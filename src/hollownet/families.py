@@ -57,10 +57,18 @@ class Family:
 
     name: str = "sd"
     pipeline: str = "StableDiffusionPipeline"
-    text_encoders: tuple[str, ...] = ("text_encoder",)
     default_resolution: int = SD_DEFAULTS["resolution"]
     #: (folder, tokenizer folder, measured part, pooled projection?) of each text encoder, in the order they run
     encoders: tuple[tuple[str, str, str, bool], ...] = (("text_encoder", "tokenizer", "text encoder", False),)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text encoders' folders, in the order they run."""
+        return tuple(folder for folder, _, _, _ in self.encoders)
+
+    def pools(self, folder: str) -> bool:
+        """Whether the text encoder in ``folder`` gives a pooled projection (a ``CLIPTextModelWithProjection``)."""
+        return dict((f, p) for f, _, _, p in self.encoders)[folder]
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
@@ -130,8 +138,8 @@ class Family:
         out = []
         for j in range(first, text.shape[0]):
             pick = [*rows, slice(j, j + 1)]
-            t = torch.cat([text[r] for r in pick]) if guided else text[j:j + 1]
-            p = (torch.cat([pooled[r] for r in pick]) if guided else pooled[j:j + 1]) if pooled is not None else None
+            t = torch.cat([text[r] for r in pick])
+            p = torch.cat([pooled[r] for r in pick]) if pooled is not None else None
             out.append((t, self.generation_added(p, resolution)))
         return out
 
@@ -146,7 +154,6 @@ class SDXL(Family):
 
     name: str = "sdxl"
     pipeline: str = "StableDiffusionXLPipeline"
-    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     default_resolution: int = SDXL_DEFAULTS["resolution"]
     encoders: tuple[tuple[str, str, str, bool], ...] = sdxl_text.ENCODERS
 

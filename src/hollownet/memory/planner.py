@@ -446,10 +446,9 @@ def generation_parts(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = N
     if req.method != "full":
         targets = lora_outside(skeleton, cut.hollow_prefixes(skeleton) if cut else [], req.lora_targets)
         lora = G.LoraWeights(targets, req.rank, float(req.lora_alpha or req.rank))
-    pooled = {folder: p for folder, _, _, p in family.encoders}
     with torch.device("meta"):
         models = {"unet": skeleton, "vae": AutoencoderKL.from_config(mc.vae),
-                  **{folder: build_text_encoder(config, pooled[folder]) for folder, config in configs.items()}}
+                  **{folder: build_text_encoder(config, family.pools(folder)) for folder, config in configs.items()}}
     mode = _fake_mode()
     sources = {}
     for name, module in models.items():

@@ -212,8 +212,7 @@ class Parts:
 
     def text_encoder(self, folder: str = "text_encoder") -> nn.Module:
         """One of the family's text encoders (``CLIPTextModelWithProjection`` where it pools: SDXL's second)."""
-        pooled = dict((f, p) for f, _, _, p in self.family.encoders)[folder]
-        return self._load(sdxl_text.build(_config(self.text_configs[folder]), pooled), folder)
+        return self._load(sdxl_text.build(_config(self.text_configs[folder]), self.family.pools(folder)), folder)
 
     def vae_decoder(self) -> nn.Module:
         """The VAE with its decoder only (the encoder stays on meta, never read), in :attr:`vae_dtype`: where
