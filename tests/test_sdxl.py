@@ -367,6 +367,28 @@ def test_layer_major_stage1_writes_the_same_store(run, sdxl_model, photos, tmp_p
     assert {"text_embeds", "time_ids", "hollow_out"} <= set(got.tensors("shard-00000.safetensors"))
 
 
+@pytest.mark.parametrize("layer_major", [False, True])
+def test_fp16_stage1_plan_counts_the_vae_in_fp32(sdxl_model, photos, tmp_path, layer_major):
+    """An fp16 stage 1 runs SDXL's VAE in fp32 (it overflows in fp16): the plan counts it so, part by part."""
+    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.settings import Modes
+    from hollownet.stages.precompute import PrecomputeConfig, run_precompute
+
+    lm = dict(layer_major=True, memory_budget="3MiB") if layer_major else {}
+    pre = run_precompute(PrecomputeConfig(model=str(sdxl_model), images=str(photos), prompt=PROMPT, output=str(tmp_path),
+                                          resolution=RES, num_samples=2, shard_size=2, precision="fp16", **lm),
+                         track_memory=True)
+    plan = plan_memory(PlanRequest(model=str(sdxl_model), rank=4, resolution=RES, steps=2, photos=3,
+                                   modes=Modes(precision="fp16", **lm)), stages=("precompute",))
+    measured: dict[str, int] = {}
+    for layer, peak in pre.memory["parts"].items():
+        measured[layer.split(":")[0]] = max(measured.get(layer.split(":")[0], 0), peak)
+    assert plan.precompute["parts"] == measured
+    fp32 = plan_memory(PlanRequest(model=str(sdxl_model), rank=4, resolution=RES, steps=2, photos=3,
+                                   modes=Modes(precision="fp32", **lm)), stages=("precompute",))
+    assert plan.precompute["parts"]["VAE encoder"] == fp32.precompute["parts"]["VAE encoder"]
+
+
 def test_layer_major_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path):
     """``hollownet plan`` of a layer-major stage 1 on an SDXL folder (both encoders through lowmem/sdxl_text.py,
     the U-Net with its added inputs) against the real run, layer by layer grouped by part: the same bytes."""

@@ -6,7 +6,8 @@
     NAME   := hollow | lora | full
     KEY    := r | alpha | lr | steps | weights | stream | opt | blocks | samples | infer
 
-* ``hollow``                the paper's cut (``--hollow`` default: up_blocks.0 and its skip partners)
+* ``hollow``                the default cut (``--hollow`` default: the valid skip-symmetric cut nearest 39 % of
+  U-Net parameters, the paper's fraction; on SD 1.x/2.x the paper's own cut)
 * ``hollow@0.56``           the skip-symmetric cut nearest to 56 % of U-Net parameters
 * ``hollow:blocks=down_blocks.3+mid_block+up_blocks.0``  a cut by name ("+" between names)
 * ``lora``, ``lora:r=1``    plain LoRA on the whole U-Net (rank from ``--rank`` unless ``r=``)

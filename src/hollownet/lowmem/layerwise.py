@@ -545,7 +545,7 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
 
 def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: nn.Module | None = None,
                  resolution: int, num_samples: int, photos: int, prompts: int = 1, budget: int | None = None, batch_size: int = 4,
-                 dtype=torch.float32, device="cpu", prompt_tokens: int = 8) -> dict:
+                 dtype=torch.float32, vae_dtype=None, device="cpu", prompt_tokens: int = 8) -> dict:
     """Layer-major stage 1's peak without weights: the loop ``run_precompute(layer_major=True)``
     runs, under ``FakeTensorMode``, on models built on the meta device (they are left on meta).
 
@@ -553,7 +553,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     ``Arrays(simulate=True)`` (the same spill decisions; a spilled chunk read is a fake tensor of
     its size; writes to disk do nothing; repeated chunks skipped, see the module docstring) and
     every layer is measured as the real run measures it (``PartMeter``); on the tiny test model the
-    two agree to the byte. ``budget``: bytes (``memory.tracker.parse_size``) or None; ``prompt_tokens``:
+    two agree to the byte. ``vae_dtype``: the VAE's, where the family runs it apart (default ``dtype``). ``budget``: bytes (``memory.tracker.parse_size``) or None; ``prompt_tokens``:
     distinct tokens per prompt (token-embedding rows read). Returns ``{"summary": PartMeter.summary(), "stats": {part: [LayerStat]}, "unet_spilled_bytes"}``.
     """
     meter, stats, spilled = PartMeter(True, device), {}, 0
@@ -573,7 +573,8 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
                                                         prepared=(layers, mode.from_tensor(remapped), name), **common)
         if vae is not None:
             pixels = torch.empty(photos, vae.config.in_channels, resolution, resolution)
-            _, stats["VAE encoder"] = run_vae_encoder(vae, pixels, 0, EmptyWeights(vae, dtype, device), dtype=dtype,
+            vae_dtype = vae_dtype or dtype
+            _, stats["VAE encoder"] = run_vae_encoder(vae, pixels, 0, EmptyWeights(vae, vae_dtype, device), dtype=vae_dtype,
                                                       simulate=True, **common)
             del pixels
         if plan is None:  # no hollow (a baseline, or only the text encoder / VAE asked for): no U-Net part
@@ -584,7 +585,8 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
         arrays.write("noisy", 0, num_samples, torch.empty(num_samples, unet.config.in_channels, h, h))
         arrays.write("timestep", 0, num_samples, torch.zeros(num_samples, dtype=torch.long))
         prompt_index = torch.zeros(num_samples, dtype=torch.long)
-        cond = H.example_cond(unet, num_samples, (h, h), dtype)  # added / class conditioning, where the U-Net has it
+        # added / class conditioning, where the U-Net has it: fp32 whatever the run's dtype, as the store keeps it
+        cond = H.example_cond(unet, num_samples, (h, h), torch.float32)
         _, stats["U-Net encoder + hollow"] = run_unet_hollow(unet, plan, arrays, EmptyWeights(unet, dtype, device), embeds,
                                                              prompt_index, dtype=dtype, constants=(latents,), cond=cond, **common)
         spilled = sum(arrays.spilled.values())

@@ -508,9 +508,10 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(mc.vae)
         with _fake_mode():
-            materialize(vae.eval(), dtype, skip=["decoder", "post_quant_conv"])
+            vae_dtype = family_of_config(mc.unet).vae_dtype(dtype)  # SDXL's VAE in fp32 for fp16, as stage 1 runs it
+            materialize(vae.eval(), vae_dtype, skip=["decoder", "post_quant_conv"])
             pixels = torch.empty(n_photos, vae.config.in_channels, req.resolution, req.resolution)
-            E.encode_latents(vae, pixels, pcfg.seed, dtype, pcfg.device, pcfg.batch_size, meter)
+            E.encode_latents(vae, pixels, pcfg.seed, vae_dtype, pcfg.device, pcfg.batch_size, meter)
     if "U-Net encoder + hollow" not in parts:
         return _summary(meter)
     unet = plan = None  # the first shard through precompute.make_shard itself
@@ -551,7 +552,8 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
     sdxl_text = text is not None and mc.text_encoder_2 is not None  # both encoders: lowmem/sdxl_text.py's own loop
     pred = predict_peak(unet, plan, vae=vae, text=None if sdxl_text else text, resolution=req.resolution,
                         num_samples=pcfg.num_samples, photos=req.photos + req.class_photos, prompts=req.prompts,
-                        budget=budget, batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision))
+                        budget=budget, batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision),
+                        vae_dtype=family_of_config(mc.unet).vae_dtype(torch_dtype(pcfg.precision)))
     if sdxl_text:
         meter = PartMeter(True, pcfg.device)
         predict_sdxl_text(configs=(mc.text_encoder, mc.text_encoder_2), prompts=req.prompts, meter=meter, budget=budget,
