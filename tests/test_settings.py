@@ -43,3 +43,6 @@ def test_derived_values_and_method_rules():
 def test_split_takes_the_modes_out_of_a_flat_dict():
     modes, rest = Modes.split({"precision": "bf16", "rank": 4, "stream_weights": True})
     assert modes == Modes(precision="bf16", stream_weights=True) and rest == {"rank": 4}
+    # an unset flag (None) is the field's default, whatever the default is
+    modes, rest = Modes.split({"precision": None, "optimizer": None, "layer_major": None, "rank": None})
+    assert modes == Modes() and rest == {"rank": None}

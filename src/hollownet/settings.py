@@ -75,9 +75,11 @@ class Modes:
 
     @classmethod
     def split(cls, settings: dict) -> tuple[Modes, dict]:
-        """``(Modes of the mode keys, the other keys)`` of a flat settings dict (flags, JSON records)."""
+        """``(Modes of the mode keys, the other keys)`` of a flat settings dict (flags, JSON records). A mode key
+        set to None is unset (an argparse flag not given): its default, as ``None`` means for every field."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names}), {k: v for k, v in settings.items() if k not in names}
+        modes = {k: v for k, v in settings.items() if k in names and v is not None}
+        return cls(**modes), {k: v for k, v in settings.items() if k not in names}
 
     def check_method(self, method: str) -> None:
         """The training method's own rules (``hollow`` | ``lora`` | ``full``)."""

@@ -12,7 +12,6 @@ OUTPUT/train-many.log.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -103,15 +102,12 @@ def train_job(argv: list[str], output: str) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1)}
 
 
-MODE_KEYS = [f.name for f in dataclasses.fields(Modes)]
-
-
 def _memory(ns: argparse.Namespace) -> int | None:
     """The planner's prediction for a job's settings (train's defaults for the flags it leaves unset)."""
     d = {**model_defaults(ns.model), **{k: v for k, v in vars(ns).items() if v is not None}}
     images = Path(ns.images)
     photos = sum(p.suffix.lower() in PHOTO_SUFFIXES for p in images.iterdir()) if images.is_dir() else 4
-    modes, _ = Modes.split({k: d[k] for k in MODE_KEYS if d.get(k) is not None})
+    modes, _ = Modes.split(d)
     return job_memory(PlanRequest(
         model=ns.model, method=d["method"], hollow=ns.hollow, hollow_blocks=ns.hollow_blocks, rank=d["rank"],
         resolution=d["resolution"], batch=d["batch"], steps=d["steps"], modes=modes,

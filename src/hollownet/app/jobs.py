@@ -15,7 +15,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hollownet.evaluation.datasets import DatasetError
@@ -27,7 +27,6 @@ from hollownet.stages.train import TrainingStopped
 from hollownet.settings import Modes
 from hollownet.workflow import TrainRequest, personalize
 
-MODE_KEYS = {f.name for f in fields(Modes)}
 
 RUNNING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "done", "stopped", "failed", "interrupted"
 KINDS = ("train", "generate")
@@ -47,7 +46,7 @@ def train_request(settings: dict) -> TrainRequest:
     """The app's ONE place that builds a TrainRequest: the basic fields, and the modes (precision, ...)."""
     keys = ("model", "images", "prompt", "output", "steps", "rank", "resolution", "lr", "batch", "seed", "device",
             "method")
-    modes, _ = Modes.split({k: v for k, v in settings.items() if k in MODE_KEYS and v is not None})
+    modes, _ = Modes.split(settings)
     return TrainRequest(**{k: settings[k] for k in keys if k in settings}, modes=modes, resume=True)
 
 
