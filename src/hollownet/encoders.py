@@ -62,8 +62,13 @@ def scale_latents(samples: list[torch.Tensor], vae_config) -> torch.Tensor:
 def encode_latents(vae: nn.Module, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int,
                    meter: PartMeter) -> torch.Tensor:
     """Scaled latents, one posterior sample per photo, the noise seeded by ``seed`` and drawn chunk by
-    chunk of ``batch_size`` photos (the layer-major stage 1 draws it the same way)."""
+    chunk of ``batch_size`` photos (the layer-major stage 1 draws it the same way).
+
+    The encoder sees one photo at a time: its activations at full resolution are stage 1's largest
+    (4 photos at once made the VAE the peak of the whole run: SD 2.1 fp32 2.64 GiB against 2.57 for
+    stage 2, SDXL bf16 5.13 against 3.83), and batching a handful of photos, once, saves nothing."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad(), meter.measure("VAE encoder", vae):
-        samples = [posterior_sample(vae_moments(vae, chunk.to(device, dtype)), g) for chunk in pixels.split(batch_size)]
+        samples = [posterior_sample(torch.cat([vae_moments(vae, photo.to(device, dtype)) for photo in chunk.split(1)]), g)
+                   for chunk in pixels.split(batch_size)]
     return scale_latents(samples, vae.config)
