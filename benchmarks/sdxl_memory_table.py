@@ -7,7 +7,7 @@ bundled configs: the U-Net, both text encoders, the VAE), counted by the tracker
 (they agree to the byte on the tiny SDXL test model, tests/test_sdxl.py). No weights are loaded.
 
 Stage 1 runs as the trainer runs it for the mode (``settings.Modes.stage1``): sample-major for fp32 / bf16
-(``--precompute-batch`` photos / samples per forward, the trainer's default 4), layer-major under a
+(``--precompute-batch`` samples per U-Net forward, the trainer's default 4; the VAE takes one photo at a time), layer-major under a
 700 MiB budget for the quantized and streamed modes. Whole run = the larger of stage 1 and stage 2
 (generation not included; its peak is the inference column's). Streaming needs the hollowed network
 (LoRA FT has no streamed mode).
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
             if r is None:
                 continue
             s1, s2 = r["precompute_peak_bytes"], r["train_peak_bytes"]
-            layout = "layer-major" if r["stage1"].get("layer_major") else f"{args.precompute_batch} per forward"
+            layout = ("layer-major" if r["stage1"].get("layer_major") else "1 photo per forward"  # encoders.encode_latents
+                      if r["precompute_peak_part"] == "VAE encoder" else f"{args.precompute_batch} per forward")
             rows.append(dict(method=method, mode=key, label=label, stage1_bytes=s1, stage2_bytes=s2,
                              whole_bytes=whole(r), stage1_part=r["precompute_peak_part"], stage1_layout=layout,
                              stage1_parts=r["breakdown"]["precompute_parts"], train_breakdown=r["breakdown"]["train"]))
