@@ -105,15 +105,15 @@ def test_presence_rule_tells_subjects_from_world_shapes():
 
 
 def test_prompt_following_well_above_chance(pipe, evaluator):
-    """A small sample of new captions: background and colour named in the prompt are drawn (chance
-    0.2 each). Shapes are only partly learned (0.78 on 100 captions, benchmarks/README.md): not asserted."""
+    """A small sample of new captions: background, colour and shape named in the prompt are drawn (chance
+    0.2, 0.2 and 0.33; 1.00 each on 100 captions at guidance 3, benchmarks/README.md)."""
     rng = random.Random(123)
     scenes = [W.random_scene(rng) for _ in range(12)]
     images = pipe([s.caption() for s in scenes], num_inference_steps=GEN_STEPS, guidance_scale=GUIDANCE,
                   generator=torch.Generator().manual_seed(0), height=64, width=64).images
     got = classify(evaluator, images)
-    acc = {k: np.mean([g[k] == getattr(s, k) for g, s in zip(got, scenes)]) for k in ("background", "colour")}
-    assert acc["background"] >= 0.75 and acc["colour"] >= 0.75, acc
+    acc = {k: np.mean([g[k] == getattr(s, k) for g, s in zip(got, scenes)]) for k in ("background", "colour", "shape")}
+    assert acc["background"] >= 0.75 and acc["colour"] >= 0.75 and acc["shape"] >= 0.66, acc
 
 
 @pytest.fixture(scope="module")
