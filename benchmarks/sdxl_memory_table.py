@@ -98,8 +98,12 @@ def main(argv=None) -> int:
             if r is None:
                 continue
             s1, s2 = r["precompute_peak_bytes"], r["train_peak_bytes"]
-            layout = ("layer-major" if r["stage1"].get("layer_major") else "1 photo per forward"  # encoders.encode_latents
-                      if r["precompute_peak_part"] == "VAE encoder" else f"{args.precompute_batch} per forward")
+            if r["stage1"].get("layer_major"):
+                layout = "layer-major"
+            elif r["precompute_peak_part"] == "VAE encoder":
+                layout = "1 photo per forward"  # encoders.encode_latents
+            else:
+                layout = f"{args.precompute_batch} per forward"
             rows.append(dict(method=method, mode=key, label=label, stage1_bytes=s1, stage2_bytes=s2,
                              whole_bytes=whole(r), stage1_part=r["precompute_peak_part"], stage1_layout=layout,
                              stage1_parts=r["breakdown"]["precompute_parts"], train_breakdown=r["breakdown"]["train"]))

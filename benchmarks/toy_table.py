@@ -25,20 +25,17 @@ BASELINES = [f"lora:r={HIGH_RANK}", f"hollow:r={HIGH_RANK}"]  # the sweep's refe
 
 
 def all_rows() -> list[str]:
+    return MAIN + sweep_rows()
+
+
+def sweep_rows() -> list[str]:
+    """Every other valid cut, the low-memory modes and stage-1 reuse, each against the paper's cut."""
     from hollownet.cut import all_plans, load_unet_config, make_plan, meta_unet
     from hollownet.toy import model_dir
 
     unet = meta_unet(load_unet_config(model_dir()))
     default = make_plan(unet).hollow_blocks
     cuts = [p.hollow_blocks for p in all_plans(unet) if p.hollow_blocks != default]
-    r = f"r={HIGH_RANK}"
-    return MAIN + sweep_rows(cuts)
-
-
-def sweep_rows(cuts=None) -> list[str]:
-    """Every other valid cut, the low-memory modes and stage-1 reuse, each against the paper's cut."""
-    if cuts is None:
-        return [row for row in all_rows() if row not in MAIN]
     r = f"r={HIGH_RANK}"
     return [
         *[f"hollow:{r}:blocks={'+'.join(c)}" for c in cuts],  # the paper's "fraction of hollowed layers"

@@ -540,7 +540,7 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
     from transformers import CLIPTextConfig, CLIPTextModel
 
     pcfg = req.precompute_config()
-    budget = budget_bytes(pcfg)
+    budget, dtype = budget_bytes(pcfg), torch_dtype(pcfg.precision)
     unet = meta_unet(mc.unet).requires_grad_(False).eval()
     plan = _cut(unet, req) if "U-Net encoder + hollow" in parts else None
     vae = text = None
@@ -552,12 +552,12 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
     sdxl_text = text is not None and mc.text_encoder_2 is not None  # both encoders: lowmem/sdxl_text.py's own loop
     pred = predict_peak(unet, plan, vae=vae, text=None if sdxl_text else text, resolution=req.resolution,
                         num_samples=pcfg.num_samples, photos=req.photos + req.class_photos, prompts=req.prompts,
-                        budget=budget, batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision),
-                        vae_dtype=family_of_config(mc.unet).vae_dtype(torch_dtype(pcfg.precision)))
+                        budget=budget, batch_size=pcfg.batch_size, dtype=dtype,
+                        vae_dtype=family_of_config(mc.unet).vae_dtype(dtype))
     if sdxl_text:
         meter = PartMeter(True, pcfg.device)
         predict_sdxl_text(configs=(mc.text_encoder, mc.text_encoder_2), prompts=req.prompts, meter=meter, budget=budget,
-                          batch_size=pcfg.batch_size, dtype=torch_dtype(pcfg.precision), device=pcfg.device)
+                          batch_size=pcfg.batch_size, dtype=dtype, device=pcfg.device)
         pred["summary"] = _merged_summary(pred["summary"], meter.summary(always=True))
     grouped: dict[str, int] = {}
     for layer, peak in pred["summary"]["parts"].items():
