@@ -88,15 +88,34 @@ def comparable(summary: dict) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "timings"} for row in summary["methods"]]
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the command name in (...) may hold spaces
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Whether this test process is an ancestor of ``pid`` (the Ray cluster it started, its workers)."""
+    me = os.getpid()
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == me:
+                return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def job_processes() -> dict[int, str]:
-    """pid -> command line of every live ``python -m hollownet.executor`` (a job's real process)."""
+    """pid -> command line of every live ``python -m hollownet.executor`` (a job's real process) that this test
+    started: never another's (a benchmark running beside the suite on the same machine)."""
     found = {}
     for d in Path("/proc").iterdir():
         try:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if d.name.isdigit() and b"hollownet.executor" in cmd:
+        if d.name.isdigit() and b"hollownet.executor" in cmd and _descends_from_us(int(d.name)):
             found[int(d.name)] = b" ".join(cmd).decode(errors="replace")
     return found
 

@@ -110,7 +110,8 @@ def test_kohya_file_gives_the_images_of_the_diffusers_file(lora_dir, tiny_model,
         pipe.unload_lora_weights()
     diff = lambda a, b: (images[a] - images[b]).abs().max().item()  # noqa: E731
     assert diff("diffusers", "base") > 1e-2  # the LoRA changes the images...
-    assert diff("kohya", "diffusers") < 1e-6, diff("kohya", "diffusers")  # ...and the kohya file the same way
+    # ...and the kohya file the same way (its scale alpha / rank rounds apart: 1.4e-6 seen with one thread)
+    assert diff("kohya", "diffusers") < 1e-5, diff("kohya", "diffusers")
     assert diff("alpha=rank", "diffusers") > 1e-3  # the true alpha matters
 
 
