@@ -13,6 +13,7 @@ import pytest
 
 from hollownet.cli import main
 from hollownet.errors import HollownetError
+from hollownet.memory import planner
 from hollownet.memory.planner import (
     GiB,
     PlanRequest,
@@ -104,11 +105,16 @@ def test_lora_with_gradient_checkpointing_equals_the_measured_peak(tiny_model, d
     assert p.train.breakdown == train["breakdown"]
 
 
-@pytest.mark.parametrize("flags", [["--precision", "nf4", "--grad-checkpointing", "--optimizer", "adamw-in-backward"],
-                                   ["--stream-weights", "--optimizer", "adamw-in-backward"]], ids=["nf4", "stream"])
-def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys, flags):
-    """``hollownet train`` in a low-memory mode (stage 1 layer-major by default, stage 2 quantized or
-    streamed) against ``hollownet plan`` with the same flags: both stages' peaks to the byte."""
+@pytest.mark.parametrize("flags, budget", [(["--precision", "nf4", "--grad-checkpointing", "--optimizer", "adamw-in-backward"], None),
+                                           (["--stream-weights", "--optimizer", "adamw-in-backward"], "256KiB")],
+                         ids=["nf4", "stream"])
+def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys, monkeypatch, flags, budget):
+    """``hollownet train`` in a low-memory mode (stage 2 quantized or streamed) against ``hollownet plan`` with
+    the same flags: both stages' peaks to the byte, and stage 1's default layout decided alike. The tiny
+    model's sample-major stage 1 fits the default layer-major budget (700 MiB), so it runs sample-major;
+    below its peak (256 KiB) both run layer-major under that budget."""
+    if budget is not None:
+        monkeypatch.setattr(planner, "LOW_MEMORY_STAGE1_BUDGET", budget)
     rc = main(["train", "--model", str(tiny_model), "--images", str(dog_photos), "--prompt", "a photo of sks dog",
                "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", str(RANK),
                "--checkpoint-every", "0", "--device", "cpu", *flags])
@@ -120,7 +126,13 @@ def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys
                "--photos", str(_photos(dog_photos)), "--json", *flags])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["stage1"]["layer_major"] and d["stage1"]["precision"] == d["compute_dtype"]
+    assert d["stage1"]["layer_major"] == (budget is not None) and d["stage1"]["precision"] == d["compute_dtype"]
+    # layer-major's peak names its layer ("U-Net encoder + hollow: down_blocks.0.resnets.0"), sample-major's the part
+    assert (": " in pre["peak_phase"]) == (budget is not None), pre["peak_phase"]
+    if budget is None:
+        assert any("stage 1: sample-major" in n for n in d["notes"]), d["notes"]
+    else:
+        assert d["stage1"]["memory_budget_bytes"] == parse_size(budget)
     assert d["precompute_peak_part"] == pre["peak_phase"]
     _agree(d["precompute_peak_bytes"], pre["peak_bytes"])
     _agree(d["train_peak_bytes"], train["peak_bytes"])

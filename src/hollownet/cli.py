@@ -101,7 +101,8 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
                         "each block only while it runs (about one block resident; turns on --grad-checkpointing; slower)")
     p.add_argument("--layer-major", action=argparse.BooleanOptionalAction, default=None,
                    help="pre-compute one layer at a time over all samples (stage 1 peak: one layer + a chunk of "
-                        "activations). Default: on with --precision int8|nf4 or --stream-weights, off otherwise")
+                        "activations). Default: on with --precision int8|nf4 or --stream-weights where the "
+                        f"sample-major stage 1 would exceed {LOW_MEMORY_STAGE1_BUDGET} (the planner predicts it), off otherwise")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help=f"layer-major pre-compute: {SIZE_HELP}, e.g. 700MiB; activations beyond it spill to disk "
                         f"(default {LOW_MEMORY_STAGE1_BUDGET} when layer-major is on by default, none otherwise)")

@@ -4,7 +4,8 @@ A personalization run picks one frozen-weight ``precision`` for stage 2. Stage 1
 original, unquantized weights, so it needs a float dtype: the precision itself, or for int8/nf4 the
 dtype those weights are computed in. And a run that asks for a low-memory stage 2 (quantized or
 streamed frozen weights) should not spend more memory in stage 1 than in stage 2: by default its
-stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`.
+stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`, unless sample-major fits that budget
+(``memory.planner.settle_stage1`` decides, for ``hollownet train`` and ``hollownet plan`` alike).
 """
 
 from __future__ import annotations
@@ -124,12 +125,20 @@ class Modes:
     def stage1(self) -> tuple[bool, str | int | None]:
         """``(layer_major, memory_budget)`` of stage 1: what was asked, else by the mode. A budget only
         means something layer-major; a low-memory stage 2 should not spend more in stage 1, so its
-        stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`."""
+        stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET` (where sample-major would
+        need more: :attr:`stage1_unsettled`, and ``memory.planner.settle_stage1``)."""
         if self.layer_major is None:
             if self.memory_budget is not None:
                 return True, self.memory_budget
             return (True, LOW_MEMORY_STAGE1_BUDGET) if self.low_memory else (False, None)
         return self.layer_major, self.memory_budget
+
+    @property
+    def stage1_unsettled(self) -> bool:
+        """Stage 1's layout is the low-memory default, not asked for: layer-major under its budget only where
+        sample-major would exceed that budget (layer-major fills its budget, so where sample-major fits it is
+        both smaller and faster: on the toy model 17 MiB against 700)."""
+        return self.layer_major is None and self.memory_budget is None and self.low_memory
 
     def stage2(self) -> dict:
         """The settings stage 2 runs with, as records write them (``grad_checkpointing`` as run)."""

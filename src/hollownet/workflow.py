@@ -1,6 +1,6 @@
 """The whole personalization run (what ``hollownet train`` does) and the offline demo.
 
-photos -> stage 1 (precompute.py) -> store -> stage 2 (train.py) -> LoRA (export.py) -> infer.py
+photos -> stage 1 (precompute.py) -> store -> stage 2 (train.py) -> LoRA (export.py) -> generate.py
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from hollownet.checks import preflight_train
-from hollownet.photos import demo_photos_dir
+from hollownet.photos import demo_photos_dir, list_photos
+from hollownet.loading import resolve_model_dir
+from hollownet.memory.planner import load_model_configs, settle_stage1
 from hollownet.memory.tracker import format_bytes
-from hollownet.requests import TrainRequest
-from hollownet.settings import model_defaults
+from hollownet.requests import PlanRequest, TrainRequest
+from hollownet.settings import Modes, model_defaults
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
@@ -29,6 +31,20 @@ def shared_fields(cls, source, **given):
     """``cls(...)`` with every field it shares by name with the dataclass ``source``, and ``given``."""
     names = {f.name for f in fields(cls)} & {f.name for f in fields(source)}
     return cls(**{n: getattr(source, n) for n in names - set(given)}, **given)
+
+
+def settled_modes(req: TrainRequest) -> Modes:
+    """The run's modes with stage 1's layout decided as ``hollownet plan`` decides it with the same flags
+    (``planner.settle_stage1``: a low-memory run's stage 1 is layer-major only where sample-major would need more)."""
+    if not req.modes.stage1_unsettled:
+        return req.modes
+    model_dir = resolve_model_dir(req.model)
+    plan_req = PlanRequest(model=str(model_dir), method=req.method, hollow=req.hollow, hollow_blocks=req.hollow_blocks,
+                           rank=req.rank, lora_alpha=req.lora_alpha, lora_targets=tuple(req.lora_targets),
+                           resolution=req.resolution, batch=req.batch, modes=req.modes, steps=req.steps,
+                           photos=len(list_photos(req.images)),
+                           class_photos=len(list_photos(req.class_images)) if req.class_images else 0)
+    return settle_stage1(load_model_configs(model_dir), plan_req).modes
 
 
 def personalize(req: TrainRequest, on_step=None) -> dict:
@@ -52,7 +68,7 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     # made first: bad stage-2 settings fail before stage 1 spends any time
     train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), lora_targets=list(req.lora_targets),
                               track_memory_steps=2 if req.track_memory else 0)
-    pre = run_precompute(shared_fields(PrecomputeConfig, req, output=store, modes=req.modes,
+    pre = run_precompute(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),
                                        num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
     res = run_train(train_cfg, on_step=on_step)
     record = {

@@ -70,10 +70,10 @@ from hollownet.families import ADDED_COND_KEYS, SampleConditioning, added_cond_s
 from hollownet.loading import is_under, vae_scale_factor
 from hollownet.lowmem.quant import frozen_weight_bytes
 from hollownet.lowmem.stream import FakeSource
-from hollownet.memory.tracker import KINDS, MemoryReport, MemoryTracker, format_bytes
+from hollownet.memory.tracker import KINDS, MemoryReport, MemoryTracker, format_bytes, parse_size
 from hollownet.optimizers import make_optimizer
 from hollownet.requests import PlanRequest
-from hollownet.settings import PRECISIONS, QUANTIZED_PRECISIONS, Modes, torch_dtype
+from hollownet.settings import LOW_MEMORY_STAGE1_BUDGET, PRECISIONS, QUANTIZED_PRECISIONS, Modes, torch_dtype
 from hollownet.singlefile import plan_model
 from hollownet.stages.train import TrainConfig, train_step
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
@@ -472,6 +472,18 @@ def predict_generate(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = N
     return G.memory_record(meter)
 
 
+def settle_stage1(mc: ModelConfigs, req: PlanRequest) -> PlanRequest:
+    """``req`` with stage 1's layout decided where it is the low-memory default (``Modes.stage1_unsettled``):
+    sample-major if its predicted peak fits :data:`LOW_MEMORY_STAGE1_BUDGET`, else layer-major under it.
+    ``hollownet train`` (``workflow``) and ``hollownet plan`` both decide here, so the plan is the run."""
+    if not req.modes.stage1_unsettled:
+        return req
+    sample_major = replace(req, modes=replace(req.modes, layer_major=False))
+    if predict_precompute(mc, sample_major)["peak_bytes"] <= parse_size(LOW_MEMORY_STAGE1_BUDGET):
+        return sample_major
+    return replace(req, modes=replace(req.modes, layer_major=True, memory_budget=LOW_MEMORY_STAGE1_BUDGET))
+
+
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
     """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``): stage 1's
     own steps (``encoders``, ``precompute.make_shard``) on fake weights.
@@ -482,6 +494,7 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    req = settle_stage1(mc, req)
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
         return predict_precompute_layer_major(mc, req, parts)
@@ -764,6 +777,9 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference",
         skeleton = meta_unet(mc.unet)
         info = _param_info(mc, req, _cut(skeleton, req, rank=req.rank), None)
     pre = predict_precompute(mc, req) if "precompute" in stages else None
+    if pre is not None and req.modes.stage1_unsettled and not pre.get("layer_major"):
+        mc.notes.append(f"stage 1: sample-major, as its peak fits the {LOW_MEMORY_STAGE1_BUDGET} a low-memory run's "
+                        "layer-major stage 1 would fill (--layer-major to run it layer-major anyway)")
     inference = {b: predict_inference(mc, req, b) for b in req.inference_batches} if "inference" in stages else {}
     gen = None
     if "generate" in stages:
@@ -943,11 +959,19 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
 
     plain_optimizer = "adamw" if req.modes.in_backward else req.modes.optimizer
 
+    layouts: dict = {}  # (method, cut, compute dtype) -> stage 1's settled (layer_major, memory_budget)
+
     def sub(c: Candidate) -> PlanRequest:
         modes = replace(req.modes, precision=c.precision, grad_checkpointing=c.grad_checkpointing,
                         stream_weights=c.stream_weights, optimizer=IB if c.in_backward else plain_optimizer,
                         compute_dtype=req.modes.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
-        return replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None, modes=modes)
+        r = replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None, modes=modes)
+        if modes.stage1_unsettled:  # decided once per what sample-major stage 1 depends on
+            key = (c.method, c.depth, modes.compute)
+            if key not in layouts:
+                layouts[key] = settle_stage1(mc, r).modes.stage1
+            r = replace(r, modes=replace(modes, layer_major=layouts[key][0], memory_budget=layouts[key][1]))
+        return r
 
     def stage1_key(c: Candidate):
         pcfg = sub(c).precompute_config()
