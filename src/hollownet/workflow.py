@@ -44,7 +44,7 @@ def settled_modes(req: TrainRequest) -> Modes:
                            resolution=req.resolution, batch=req.batch, modes=req.modes, steps=req.steps,
                            photos=len(list_photos(req.images)),
                            class_photos=len(list_photos(req.class_images)) if req.class_images else 0)
-    return settle_stage1(load_model_configs(model_dir), plan_req).modes
+    return settle_stage1(load_model_configs(model_dir), plan_req)[0].modes
 
 
 def personalize(req: TrainRequest, on_step=None) -> dict:

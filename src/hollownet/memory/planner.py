@@ -472,16 +472,18 @@ def predict_generate(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = N
     return G.memory_record(meter)
 
 
-def settle_stage1(mc: ModelConfigs, req: PlanRequest) -> PlanRequest:
-    """``req`` with stage 1's layout decided where it is the low-memory default (``Modes.stage1_unsettled``):
-    sample-major if its predicted peak fits :data:`LOW_MEMORY_STAGE1_BUDGET`, else layer-major under it.
-    ``hollownet train`` (``workflow``) and ``hollownet plan`` both decide here, so the plan is the run."""
+def settle_stage1(mc: ModelConfigs, req: PlanRequest) -> tuple[PlanRequest, dict | None]:
+    """``(req with stage 1's layout decided, the whole sample-major prediction if it was made)``. Only the
+    low-memory default is decided here (``Modes.stage1_unsettled``): sample-major if its predicted peak fits
+    :data:`LOW_MEMORY_STAGE1_BUDGET`, else layer-major under it. ``hollownet train`` (``workflow``) and
+    ``hollownet plan`` both decide here, so the plan is the run."""
     if not req.modes.stage1_unsettled:
-        return req
+        return req, None
     sample_major = replace(req, modes=replace(req.modes, layer_major=False))
-    if predict_precompute(mc, sample_major)["peak_bytes"] <= parse_size(LOW_MEMORY_STAGE1_BUDGET):
-        return sample_major
-    return replace(req, modes=replace(req.modes, layer_major=True, memory_budget=LOW_MEMORY_STAGE1_BUDGET))
+    pred = predict_precompute(mc, sample_major)
+    if pred["peak_bytes"] <= parse_size(LOW_MEMORY_STAGE1_BUDGET):
+        return sample_major, pred
+    return replace(req, modes=replace(req.modes, layer_major=True, memory_budget=LOW_MEMORY_STAGE1_BUDGET)), pred
 
 
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
@@ -494,7 +496,9 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    req = settle_stage1(mc, req)
+    req, sample_major = settle_stage1(mc, req)
+    if sample_major is not None and not req.modes.layer_major and parts == PARTS:
+        return sample_major  # the decision's own prediction: this one
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
         return predict_precompute_layer_major(mc, req, parts)
@@ -969,7 +973,7 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         if modes.stage1_unsettled:  # decided once per what sample-major stage 1 depends on
             key = (c.method, c.depth, modes.compute)
             if key not in layouts:
-                layouts[key] = settle_stage1(mc, r).modes.stage1
+                layouts[key] = settle_stage1(mc, r)[0].modes.stage1
             r = replace(r, modes=replace(modes, layer_major=layouts[key][0], memory_budget=layouts[key][1]))
         return r
 
