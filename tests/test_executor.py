@@ -242,7 +242,8 @@ def test_cells_reserve_the_planners_whole_run_peak_and_a_lost_cell_stays_retryab
     recorder = _Recorder("ray", workers=2)
     summary = B.run_bench(config(tiny_model, dataset, tmp_path, scorers, methods="hollow,lora:r=2", subjects=["dog"]),
                           log=lambda m: None, executor=recorder)
-    plan = plan_memory(PlanRequest(model=str(tiny_model), method="hollow", rank=2, resolution=RES, steps=2, photos=3))
+    plan = plan_memory(PlanRequest(model=str(tiny_model), method="hollow", rank=2, resolution=RES, steps=2, photos=3),
+                       stages=("precompute", "train", "inference"))
     assert recorder.jobs[0].memory == max(plan.peak, plan.inference[2].peak_bytes) + PROCESS_OVERHEAD
     assert PROCESS_OVERHEAD < recorder.jobs[0].memory < recorder.jobs[1].memory  # the hollowed net needs less
     assert summary["n_failed"] == 2 and "worker: WorkerCrashedError" in summary["failed"][0]["error"]

@@ -108,7 +108,7 @@ def job_memory(request) -> int | None:
     from hollownet.memory.planner import plan_memory
 
     try:
-        plan = plan_memory(request)
+        plan = plan_memory(request, stages=("precompute", "train", "inference"))  # generation's own plan: not used here
     except Exception:  # noqa: BLE001 - no prediction (an unplanned model): the job reserves nothing
         return None
     return max(plan.peak, *(r.peak_bytes for r in plan.inference.values())) + PROCESS_OVERHEAD
