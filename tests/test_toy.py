@@ -1,6 +1,7 @@
 """The bundled toy model: it loads as a Stable Diffusion pipeline, draws what it is asked, and a short
-personalization makes it draw a subject it has never seen (hollow and lora). The toy's figures only."""
+personalization (the demo itself, and LoRA FT) makes it draw a subject it has never seen. The toy's figures only."""
 
+import json
 import random
 
 import numpy as np
@@ -118,33 +119,27 @@ def test_prompt_following_well_above_chance(pipe, evaluator):
 
 @pytest.fixture(scope="module")
 def personalized(tmp_path_factory):
-    """One short hollow run and one lora run on the 'plus' subject, shared by the tests below."""
+    """``hollownet demo`` itself (Hollowed Net on 'plus', 200 steps instead of its 300) and one LoRA FT run on
+    the demo's photos, prompts and seeds, shared by the tests below."""
     from hollownet.stages.generate import GenerateConfig, run_generate
     from hollownet.settings import TOY_DEFAULTS as D
-    from hollownet.workflow import TrainRequest, personalize
+    from hollownet.workflow import TrainRequest, personalize, run_demo
 
-    root = tmp_path_factory.mktemp("toy-personalize")
-    photos = root / "photos"
-    photos.mkdir()
-    for i, img in enumerate(W.subject_photos("plus", 5)):
-        img.save(photos / f"{i:02d}.png")
-    out = {"photos": photos}
-    for method in ("base", "hollow", "lora"):
-        lora = None
-        if method != "base":
-            lora = root / method
-            out[f"{method}_record"] = personalize(TrainRequest(
-                model="toy", images=str(photos), prompt=W.INSTANCE_PROMPT, output=str(lora), method=method,
-                resolution=D["resolution"], steps=200, rank=D["rank"], lr=D["lr"], batch=D["batch"],
-                checkpoint_every=0))
-        images = []
-        for j, prompt in enumerate(W.evaluation_prompts()):
-            folder = root / "images" / method / str(j)
-            gen = run_generate(GenerateConfig(model="toy", lora=str(lora) if lora else None, prompt=prompt,
-                                              output=str(folder), num_images=2, steps=GEN_STEPS, guidance=GUIDANCE,
-                                              seed=10 * j))
-            images += [Image.open(folder / f).convert("RGB") for f in gen["images"]]
-        out[method] = images
+    root = tmp_path_factory.mktemp("toy-demo")
+    demo = run_demo(root / "demo", steps=200)
+    photos = root / "demo" / "photos"
+    read = lambda folder: [Image.open(f).convert("RGB") for f in sorted(folder.glob("*.png"))]  # noqa: E731
+    out = {"photos": photos, "demo": demo, "demo_dir": root / "demo", "hollow_record": demo["train"]}
+    for method, folder in (("base", "base"), ("hollow", "personalized")):
+        out[method] = [im for j in range(len(W.evaluation_prompts())) for im in read(root / "demo" / "images" / folder / f"p{j}")]
+    out["lora_record"] = personalize(TrainRequest(
+        model="toy", images=str(photos), prompt=W.INSTANCE_PROMPT, output=str(root / "lora"), method="lora",
+        resolution=D["resolution"], steps=200, rank=D["rank"], lr=D["lr"], batch=D["batch"], checkpoint_every=0))
+    out["lora"] = []
+    for j, prompt in enumerate(W.evaluation_prompts()):  # as the demo generates its rows
+        gen = run_generate(GenerateConfig(model="toy", lora=str(root / "lora"), prompt=prompt, output=str(root / "gen" / str(j)),
+                                          num_images=2, steps=D["gen_steps"], guidance=D["guidance"], seed=j * 100))
+        out["lora"] += [Image.open(root / "gen" / str(j) / f).convert("RGB") for f in gen["images"]]
     return out
 
 
@@ -159,6 +154,22 @@ def test_personalization_draws_the_novel_subject(personalized, evaluator):
         assert s[m]["toy_subject_score"] > s["base"]["toy_subject_score"] + 0.1, (m, s)
         assert s[m]["subject_colour_share"] > 0.4, (m, s)  # the foreground is mostly the subject's colours
         assert s[m]["background_followed"] >= 0.5, (m, s)  # on backgrounds the photos never showed
+    # the demo's own scores are these (the same images, the same evaluator)
+    assert personalized["demo"]["toy_scores"]["personalized"]["toy_subject_score"] == pytest.approx(s["hollow"]["toy_subject_score"])
+    assert personalized["demo"]["toy_scores"]["base model"]["toy_subject_score"] == pytest.approx(s["base"]["toy_subject_score"])
+
+
+def test_demo_writes_its_sheet_and_record(personalized):
+    """What ``hollownet demo`` promises beside its scores: the sheet (photos | base model | personalized),
+    demo.json, the LoRA, two-path generation."""
+    demo, folder = personalized["demo"], personalized["demo_dir"]
+    sheet = Image.open(folder / "sheet.png")
+    assert sheet.height >= 3 * 128 and sheet.width >= 6 * 128  # three rows of up to six 128 px cells
+    record = json.loads((folder / "demo.json").read_text())
+    assert record["toy_scores"]["personalized"]["toy_subject_score"] == pytest.approx(
+        demo["toy_scores"]["personalized"]["toy_subject_score"])
+    assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert demo["train"]["settings"]["method"] == "hollow" and demo["generate"]["mode"] == "two-path"
 
 
 def test_hollow_run_trains_less_than_lora(personalized):
@@ -169,8 +180,6 @@ def test_hollow_run_trains_less_than_lora(personalized):
 
 def test_bench_runs_on_the_toy_model_with_toy_scores(tmp_path):
     """The bench runner end to end on --model toy --dataset toy (plumbing: a few steps, one image each)."""
-    import json
-
     from hollownet.cli import main
 
     out = tmp_path / "bench"
