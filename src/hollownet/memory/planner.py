@@ -472,16 +472,17 @@ def predict_generate(mc: ModelConfigs, req: PlanRequest, modes: Modes | None = N
     return G.memory_record(meter)
 
 
-def settle_stage1(mc: ModelConfigs, req: PlanRequest) -> tuple[PlanRequest, dict | None]:
+def settle_stage1(mc: ModelConfigs, req: PlanRequest, peak=None) -> tuple[PlanRequest, dict | None]:
     """``(req with stage 1's layout decided, the whole sample-major prediction if it was made)``. Only the
     low-memory default is decided here (``Modes.stage1_unsettled``): sample-major if its predicted peak fits
     :data:`LOW_MEMORY_STAGE1_BUDGET`, else layer-major under it. ``hollownet train`` (``workflow``) and
-    ``hollownet plan`` both decide here, so the plan is the run."""
+    ``hollownet plan`` both decide here, so the plan is the run. ``peak``: the sample-major request's stage-1
+    peak from the caller's own cache (``fit_budget``'s, per part); by default predicted whole here."""
     if not req.modes.stage1_unsettled:
         return req, None
     sample_major = replace(req, modes=replace(req.modes, layer_major=False))
-    pred = predict_precompute(mc, sample_major)
-    if pred["peak_bytes"] <= parse_size(LOW_MEMORY_STAGE1_BUDGET):
+    pred = predict_precompute(mc, sample_major) if peak is None else None
+    if (pred["peak_bytes"] if pred else peak(sample_major)) <= parse_size(LOW_MEMORY_STAGE1_BUDGET):
         return sample_major, pred
     return replace(req, modes=replace(req.modes, layer_major=True, memory_budget=LOW_MEMORY_STAGE1_BUDGET)), pred
 
@@ -965,6 +966,18 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
 
     layouts: dict = {}  # (method, cut, compute dtype) -> stage 1's settled (layer_major, memory_budget)
 
+    def stage1_part(r: PlanRequest, parts: tuple[str, ...]) -> int:
+        """One of stage 1's part groups for ``r`` (text encoder + VAE: the same for every cut; the U-Net part
+        per cut), cached per dtype and layout: the layout decision and the candidates' peaks share it."""
+        pcfg = r.precompute_config()
+        key = (parts, pcfg.precision, pcfg.layer_major, pcfg.memory_budget) + ((r.method, r.depth) if parts == PARTS[2:] else ())
+        if key not in stage1:
+            stage1[key] = predict_precompute(mc, r, parts=parts)["peak_bytes"]
+        return stage1[key]
+
+    def stage1_peak(r: PlanRequest) -> int:
+        return max(stage1_part(r, PARTS[:2]), stage1_part(r, PARTS[2:]))
+
     def sub(c: Candidate) -> PlanRequest:
         modes = replace(req.modes, precision=c.precision, grad_checkpointing=c.grad_checkpointing,
                         stream_weights=c.stream_weights, optimizer=IB if c.in_backward else plain_optimizer,
@@ -973,13 +986,9 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
         if modes.stage1_unsettled:  # decided once per what sample-major stage 1 depends on
             key = (c.method, c.depth, modes.compute)
             if key not in layouts:
-                layouts[key] = settle_stage1(mc, r)[0].modes.stage1
+                layouts[key] = settle_stage1(mc, r, peak=stage1_peak)[0].modes.stage1
             r = replace(r, modes=replace(modes, layer_major=layouts[key][0], memory_budget=layouts[key][1]))
         return r
-
-    def stage1_key(c: Candidate):
-        pcfg = sub(c).precompute_config()
-        return pcfg.precision, pcfg.layer_major, pcfg.memory_budget
 
     def train(c: Candidate) -> int:
         if c.train_peak is None:
@@ -991,16 +1000,10 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
 
     def front(c: Candidate) -> int:
         """Stage 1's text encoder and VAE parts: the same for every cut (cached per dtype and layout)."""
-        key = stage1_key(c)
-        if key not in stage1:
-            stage1[key] = predict_precompute(mc, sub(c), parts=PARTS[:2])["peak_bytes"]
-        return stage1[key]
+        return stage1_part(sub(c), PARTS[:2])
 
     def pre(c: Candidate) -> int:
-        key = (c.method, c.depth, *stage1_key(c))
-        if key not in stage1:
-            stage1[key] = predict_precompute(mc, sub(c), parts=PARTS[2:])["peak_bytes"]
-        c.precompute_peak = max(front(c), stage1[key])
+        c.precompute_peak = stage1_peak(sub(c))
         return c.precompute_peak
 
     gen_cache: dict = {}
