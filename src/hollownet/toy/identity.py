@@ -18,10 +18,13 @@ colour must sit where the subject has it. Pixels of a subject colour anywhere el
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from hollownet.toy import world as W
 from hollownet.toy.evaluator import subject_colours
@@ -108,8 +111,6 @@ def identity_rate(scores) -> float:
 
 def _blob(colours, background: str, rng) -> Image.Image:
     """A blob in the subject's two colours: an ellipse or a random polygon, split in halves, nested, or two side by side."""
-    from PIL import ImageDraw, ImageFilter
-
     s = W.SUPERSAMPLE
     img = Image.new("RGB", (W.SIZE * s, W.SIZE * s), W.BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
@@ -141,9 +142,6 @@ def separation_cases(name: str, n: int = 12, seed: int = 0) -> dict[str, list[Im
     """Renders the metric must call the subject (``subject``) or not (every other key), all on the
     unseen backgrounds: blobs in its colours, its shape in world colours, its colours swapped, half of
     it (one colour part only), and the other subjects."""
-    import dataclasses
-    import random
-
     rng = random.Random(f"identity-{name}-{seed}")
     subject = W.SUBJECTS[name]
     bgs = [W.UNSEEN_BACKGROUNDS[i % len(W.UNSEEN_BACKGROUNDS)] for i in range(n)]
