@@ -21,7 +21,9 @@ from hollownet.app import add_app_parser, cmd_app
 from hollownet.errors import HollownetError
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS, OPTIMIZERS, PRECISIONS,
-                                SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults)
+                                SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
+                                DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
+                                DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
 # memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", help="what to steer away from, e.g. \"blurry, low quality\"")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
-    g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
     g.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
                    help="weights of the U-Net, text encoder and VAE decoder, as train's: fp32, bf16, fp16, or int8 / nf4 "
@@ -222,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generated", required=True, help="output folder of 'hollownet generate' (has manifest.json)")
     e.add_argument("--reference", required=True, help="folder of the subject's real photos")
     e.add_argument("--prompt", help="use this prompt for every image instead of the manifest's")
-    e.add_argument("--identifier", default="sks", help="subject token removed from prompts for CLIP-T (default sks)")
-    e.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
-    e.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    e.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="subject token removed from prompts for CLIP-T (default %(default)s)")
+    e.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (folder or hub id; default %(default)s)")
+    e.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (folder or hub id; default %(default)s)")
     e.add_argument("--model", help="toy: score a run of the bundled toy model with the toy's own metrics (identity, "
                                    "background followed, ...) instead of DINO / CLIP, offline")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -274,10 +276,10 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
     b.add_argument("--gen-steps", type=int, help=f"denoising steps per image ({_by_model('gen_steps')})")
     b.add_argument("--guidance", type=float, help=f"classifier-free guidance ({_by_model('guidance')})")
-    b.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm")
-    b.add_argument("--identifier", default="sks", help="subject token in the prompts (default sks)")
-    b.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
-    b.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    b.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER)
+    b.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="subject token in the prompts (default %(default)s)")
+    b.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (folder or hub id; default %(default)s)")
+    b.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (folder or hub id; default %(default)s)")
     b.add_argument("--keep", choices=("weights", "all", "results"), default="weights",
                    help="after a cell: weights = delete the pre-compute store (default), all = keep everything, "
                         "results = keep only result.json")
@@ -332,7 +334,7 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", dest="lora_format", choices=("diffusers", "kohya", "both"), default="both",
+    p.add_argument("--format", dest="lora_format", choices=LORA_FORMATS, default=DEFAULT_LORA_FORMAT,
                    help="LoRA file(s) to write: diffusers = pytorch_lora_weights.safetensors (diffusers' load_lora_weights), "
                         "kohya = pytorch_lora_weights_kohya.safetensors (ComfyUI, Forge, AUTOMATIC1111); default both")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from hollownet.errors import HollownetError
-from hollownet.settings import Modes, expand_lora_targets, model_defaults
+from hollownet.settings import DEFAULT_LORA_FORMAT, Modes, expand_lora_targets, model_defaults
 
 
 def _resolve_model_defaults(request, names) -> None:
@@ -52,7 +52,7 @@ class TrainRequest:
     device: str | None = None  # None: the best this machine has (devices.default_device: cuda, mps, cpu)
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
-    lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
+    lora_format: str = DEFAULT_LORA_FORMAT  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
 
     def __post_init__(self):
         _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))

@@ -146,6 +146,15 @@ class Modes:
                 "grad_checkpointing": self.checkpointing, "optimizer": self.optimizer}
 
 
+#: Defaults shared by several commands (written once: the CLI, the dataclasses and the app read them here).
+DEFAULT_IDENTIFIER = "sks"  # the rare token of instance prompts ("a photo of sks dog")
+SCHEDULERS = ("dpm", "ddim", "default")  # generation: DPM-Solver++, DDIM, or the model's own
+DEFAULT_SCHEDULER = "dpm"
+LORA_FORMATS = ("diffusers", "kohya", "both")  # the LoRA file(s) a run writes (stages/formats.py)
+DEFAULT_LORA_FORMAT = "both"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # the DreamBooth paper's DINO
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
 METHODS = ("hollow", "lora", "full")  # Hollowed Net; the paper's baselines: LoRA on the whole U-Net, full fine-tuning
 
 

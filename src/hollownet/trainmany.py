@@ -21,11 +21,11 @@ from pathlib import Path
 
 from hollownet.errors import HollownetError
 from hollownet.executor import EXECUTORS, Executor, Job, JobKilled, describe, die_with_parent, job_memory
+from hollownet.photos import IMAGE_EXTENSIONS
 from hollownet.requests import PlanRequest
 from hollownet.settings import Modes
 
 LOG_NAME = "train-many.log"
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def add_executor_flags(p: argparse.ArgumentParser) -> None:
@@ -106,7 +106,7 @@ def train_job(argv: list[str], output: str) -> dict:
 def _memory(ns: argparse.Namespace) -> int | None:
     """The planner's prediction for a job's settings (train's defaults for the flags it leaves unset)."""
     images = Path(ns.images)
-    photos = sum(p.suffix.lower() in PHOTO_SUFFIXES for p in images.iterdir()) if images.is_dir() else 4
+    photos = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in images.iterdir()) if images.is_dir() else 4
     modes, rest = Modes.split(vars(ns))
     names = {f.name for f in fields(PlanRequest)}  # a flag left unset (None): the request's model default
     return job_memory(PlanRequest(**{k: v for k, v in rest.items() if k in names and v is not None}, modes=modes,

@@ -50,7 +50,8 @@ from hollownet.loading import load_unet, model_fingerprint, release_memory, reso
 from hollownet.memory import planner
 from hollownet.memory.planner import PlanRequest
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.settings import Modes, expand_lora_targets, model_defaults, torch_dtype
+from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
+                                DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
 from hollownet.stages.store import save_json
 from hollownet.toy import is_toy
@@ -86,14 +87,14 @@ class BenchConfig:
     prompts: int | None = None  # the first N evaluation prompts of each subject (default all)
     gen_steps: int | None = None
     guidance: float | None = None
-    scheduler: str = "dpm"
-    identifier: str = "sks"
-    dino_model: object = "facebook/dino-vits16"  # id / folder, or a built metrics.DinoExtractor
-    clip_model: object = "openai/clip-vit-base-patch32"  # id / folder, or a built metrics.ClipExtractor
+    scheduler: str = DEFAULT_SCHEDULER
+    identifier: str = DEFAULT_IDENTIFIER
+    dino_model: object = DEFAULT_DINO_MODEL  # id / folder, or a built metrics.DinoExtractor
+    clip_model: object = DEFAULT_CLIP_MODEL  # id / folder, or a built metrics.ClipExtractor
     keep: str = "weights"  # weights | all | results
     summarize_only: bool = False
     device: str | None = None  # None: the best this machine has (devices.default_device)
-    lora_format: str = "both"  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
+    lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
 
     def __post_init__(self):
         defaults = model_defaults(self.model)
@@ -430,7 +431,7 @@ def _now() -> str:
 
 
 def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
-                    images_per_prompt: int, steps: int, guidance: float = 7.5, scheduler: str = "dpm",
+                    images_per_prompt: int, steps: int, guidance: float, scheduler: str = DEFAULT_SCHEDULER,
                     resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
     """``images_per_prompt`` images per prompt into ``output`` with one ``manifest.json``; the pipeline loads once.

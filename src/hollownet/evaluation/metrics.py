@@ -38,12 +38,10 @@ from PIL import Image, ImageOps
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
 
 from hollownet.errors import HollownetError
+from hollownet.photos import IMAGE_EXTENSIONS
+from hollownet.settings import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER
 
-DEFAULT_DINO_MODEL = "facebook/dino-vits16"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_IDENTIFIER = "sks"
 SCALE_NOTE = "raw cosine"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAMES = ("manifest.json", "manifest.csv")
 METRICS = ("dino", "clip_i", "clip_t")  # the bench table's columns (DinoClipScorer)
 

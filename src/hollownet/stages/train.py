@@ -32,9 +32,8 @@ from hollownet.loading import model_fingerprint, release_memory, resolve_model_d
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
-from hollownet.settings import DEFAULT_RANK, SD_DEFAULTS, Modes
+from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
-from hollownet.stages.formats import LORA_FORMATS
 from hollownet.stages.store import Store, save_torch
 
 
@@ -59,7 +58,7 @@ class TrainConfig:
     resume: bool = True  # continue from the newest valid checkpoint with the same settings; False: start over
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
-    lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
+    lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
 
     def __post_init__(self):
         self.modes.check_method(self.method)
