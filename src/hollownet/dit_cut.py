@@ -37,6 +37,18 @@ SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
 
+def dead_targets(model: nn.Module) -> set[str]:
+    """Modules whose LoRA could never change the output: a ``context_pre_only`` block (SD3's last) drops its
+    text stream, so its text queries (``attn.add_q_proj``) reach nothing; diffusers' script trains them anyway."""
+    return {f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(model.transformer_blocks) if b.context_pre_only}
+
+
+def suffix_lora_targets(model: nn.Module, k: int, targets: tuple[str, ...] = SD3_LORA_TARGETS) -> list[str]:
+    """Full names of the live modules ``targets`` match (peft's suffix rule) in blocks ``k..``."""
+    dead = dead_targets(model)
+    return [n for n in lora_target_modules(model, prefix_modules(model, k), targets) if n not in dead]
+
+
 def cut_kind(model: nn.Module) -> str:
     """``"centre"`` where long skips carry the outer layers around a hollow, ``"prefix"`` for a plain DiT."""
     if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
@@ -69,7 +81,7 @@ class PrefixPlan:
     total_params: int
     prefix_params: int
     lora_targets: list[str]  # full names of the suffix's modules that get LoRA
-    lora_targets_total: int  # modules the targets match in the whole transformer
+    lora_targets_total: int  # live modules the targets match in the whole transformer (k = 0)
     lora_params: int = 0
 
     @property
@@ -120,11 +132,10 @@ def make_prefix_plan(model: nn.Module, k: int, *, rank: int = 0, lora_targets: t
         raise HollownetError(f"prefix k={n} freezes every block and leaves nothing to train; pick k in 0..{n - 1}")
     if not 0 <= k < n:
         raise HollownetError(f"prefix k={k} is outside 0..{n - 1} for this transformer ({n} blocks); pick k in that range")
-    frozen = prefix_modules(model, k)
-    kept = lora_target_modules(model, frozen, lora_targets)
+    kept = suffix_lora_targets(model, k, lora_targets)
     plan = PrefixPlan(k=k, num_blocks=n, total_params=sum(p.numel() for p in model.parameters()),
-                      prefix_params=_params_under(model, frozen), lora_targets=kept,
-                      lora_targets_total=len(lora_target_modules(model, [], lora_targets)))
+                      prefix_params=_params_under(model, prefix_modules(model, k)), lora_targets=kept,
+                      lora_targets_total=len(suffix_lora_targets(model, 0, lora_targets)))
     if rank:
         mods = dict(model.named_modules())
         plan.lora_params = sum(lora_size(mods[name], rank) for name in kept)
