@@ -15,7 +15,7 @@ from hollownet import dit_split as D
 from hollownet import loading
 from hollownet.dit_cut import (BUNDLED_TRANSFORMERS, check_prefix_cut, cut_kind, dead_targets, fraction_table,
                                k_for_fraction, load_transformer_config, make_prefix_plan, meta_transformer,
-                               prefix_fractions, resolve_prefix_plan, suffix_lora_targets)
+                               prefix_fractions, resolve_prefix_plan, stored_values, suffix_lora_targets)
 from hollownet.dit_lora import add_suffix_lora, load_part, lora_state_dict, save_sd3_lora
 from hollownet.errors import HollownetError
 from hollownet.tiny_sd3 import TINY_SD3, TINY_SD35M, build_tiny_sd3, tiny_transformer
@@ -49,6 +49,7 @@ def test_split_forward_equals_the_transformer_for_every_k(name, kwargs):
             assert (prefix.encoder_hidden_states is None) == (k == D.num_blocks(net))
             assert torch.equal(D.run_suffix(net, prefix, joint_attention_kwargs=kwargs), ref), k
             stored.append(prefix.hidden_states)
+            assert sum(t.numel() for t in prefix.tensors().values()) == 2 * stored_values(net, k, (8, 12), 7)
         # (a new text, not the same tokens reordered: joint attention has no text positions, order is invisible)
         other = net(**{**x, "encoder_hidden_states": inputs(9)["encoder_hidden_states"]}).sample
     # not vacuous: every block changes the stored tokens, and the text matters to the output
@@ -96,7 +97,7 @@ def test_what_the_split_cannot_follow_is_refused_in_one_line():
 
 
 def test_the_cut_rule_reads_the_architecture():
-    from diffusers import HunyuanDiT2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, HunyuanDiT2DModel, UNet2DConditionModel
 
     from hollownet.tiny import TINY_UNET
 
@@ -105,10 +106,12 @@ def test_the_cut_rule_reads_the_architecture():
         hunyuan = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, num_layers=4,
                                     cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=16,
                                     text_len=4, text_len_t5=4)
+        flux = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                      joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
     sd3 = meta_transformer(TINY_SD3)
-    assert (cut_kind(unet), cut_kind(hunyuan), cut_kind(sd3)) == ("centre", "centre", "prefix")
+    assert [cut_kind(m) for m in (unet, hunyuan, sd3, flux)] == ["centre", "centre", "prefix", "prefix"]
     check_prefix_cut(sd3)
-    for model, word in ((unet, "U-Net"), (hunyuan, "long skips")):
+    for model, word in ((unet, "U-Net"), (hunyuan, "long skips"), (flux, "not FluxTransformer2DModel")):
         with pytest.raises(HollownetError, match=word) as e:
             check_prefix_cut(model)
         one_line(e)
@@ -229,6 +232,9 @@ def test_stage2_reads_none_of_the_prefix_and_stage1_none_of_the_suffix(tiny_sd35
             assert not [n for n in reads if loading.is_under(n, other)]
             assert {n for n in state if loading.is_under(n, own)} == set(reads)  # every tensor of its own part
             assert all(p.is_meta for n, p in net.named_parameters() if loading.is_under(n, other))
+            plan = make_prefix_plan(net, k)
+            held = sum(p.numel() for p in net.parameters() if not p.is_meta)
+            assert held == (plan.total_params - plan.prefix_params if part == "suffix" else plan.prefix_params)
             if part == "suffix":
                 assert torch.equal(D.run_suffix(net, stored), ref)
             else:

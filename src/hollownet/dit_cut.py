@@ -185,13 +185,29 @@ def meta_transformer(config: dict) -> nn.Module:
         return SD3Transformer2DModel.from_config(config)
 
 
+#: SD3's text length: 77 CLIP tokens + 256 T5 tokens (the pipeline's max_sequence_length default).
+SD3_TEXT_TOKENS = 77 + 256
+
+
+def stored_values(model: nn.Module, k: int, latent_hw: tuple[int, int], text_tokens: int = SD3_TEXT_TOKENS) -> int:
+    """Values stage 1 stores per sample at cut ``k`` (:class:`dit_split.Prefix`): the image tokens, the text
+    tokens (none at ``k = N``: the last block drops them) and ``temb``. The same for every ``k < N``."""
+    cfg, width = model.config, model.inner_dim
+    patches = (latent_hw[0] // cfg.patch_size) * (latent_hw[1] // cfg.patch_size)
+    text = text_tokens * cfg.caption_projection_dim if k < num_blocks(model) else 0
+    return patches * width + text + width
+
+
 def fraction_table(model: str | Path | nn.Module, ks: list[int] | None = None, rank: int = 0) -> str:
     """Parameters and the frozen share at several prefix cuts (default: about every quarter of the blocks)."""
     net = model if isinstance(model, nn.Module) else meta_transformer(load_transformer_config(model))
     n = num_blocks(net)
     ks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1}) if ks is None else ks
     total = sum(p.numel() for p in net.parameters())
-    rows = [f"{type(net).__name__}: {n} blocks, {total / 1e6:.1f}M parameters",
+    hw = (net.config.sample_size, net.config.sample_size)
+    per_sample = stored_values(net, 0, hw) * 2 / 2**20
+    rows = [f"{type(net).__name__}: {n} blocks, {total / 1e6:.1f}M parameters; stage 1 stores {per_sample:.1f} MiB a sample "
+            f"in bf16 at its {hw[0]}x{hw[1]} latent with {SD3_TEXT_TOKENS} text tokens, whatever k",
             "   k  frozen       prefix       kept  LoRA targets kept" + ("  LoRA params" if rank else "")]
     for k in ks:
         p = make_prefix_plan(net, k, rank=rank)
