@@ -306,3 +306,20 @@ def test_the_lora_file_loads_into_a_stable_diffusion_3_pipeline(tiny_sd35m, tmp_
         assert torch.equal(pipe.transformer(**x).sample, want)  # the pipeline computes what stage 2 trained
     meta = json.loads(json.dumps(pipe.transformer.peft_config["default_0"].to_dict(), default=list))
     assert meta["r"] == 2 and meta["lora_alpha"] == 4
+
+
+def test_predicted_stage2_memory_is_the_measured_one_and_falls_with_k():
+    """The fake-tensor step counts what the same step on real tensors allocates, to the byte, for LoRA FT and
+    every cut (and with gradient checkpointing); the deeper the prefix, the smaller stage 2's peak."""
+    from hollownet.dit_memory import predict_train_step
+
+    kw = dict(latent_hw=(8, 8), batch=2, dtype=torch.float32, text_tokens=7, rank=2)
+    peaks = {}
+    for k in (None, 2, 4):  # k=2: a dual-attention block in the suffix
+        fake, real = (predict_train_step(TINY_SD35M, k, fake=f, **kw) for f in (True, False))
+        assert fake.fake and not real.fake
+        assert fake.peak_bytes == real.peak_bytes and fake.breakdown == real.breakdown, k
+        peaks[k] = fake.peak_bytes
+    assert peaks[None] > peaks[2] > peaks[4]
+    ckpt = [predict_train_step(TINY_SD35M, 2, fake=f, grad_checkpointing=True, **kw).peak_bytes for f in (True, False)]
+    assert ckpt[0] == ckpt[1] < peaks[2]
