@@ -323,3 +323,17 @@ def test_predicted_stage2_memory_is_the_measured_one_and_falls_with_k():
     assert peaks[None] > peaks[2] > peaks[4]
     ckpt = [predict_train_step(TINY_SD35M, 2, fake=f, grad_checkpointing=True, **kw).peak_bytes for f in (True, False)]
     assert ckpt[0] == ckpt[1] < peaks[2]
+
+
+def test_predicted_stage1_and_inference_memory_is_the_measured_one():
+    """The prefix pass (stage 1's transformer part) and a whole no-grad step (inference, CFG batch): fake ==
+    real to the byte; stage 1 holds only the prefix, so it grows with k."""
+    from hollownet.dit_memory import predict_forward
+
+    kw = dict(latent_hw=(8, 8), batch=2, dtype=torch.float32, text_tokens=7)
+    peaks = {}
+    for k in (1, 4, None):
+        fake, real = (predict_forward(TINY_SD35M, k, fake=f, **kw) for f in (True, False))
+        assert fake.peak_bytes == real.peak_bytes and fake.breakdown == real.breakdown, k
+        peaks[k] = fake.peak_bytes
+    assert peaks[1] < peaks[4] < peaks[None]

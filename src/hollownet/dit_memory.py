@@ -21,7 +21,7 @@ from torch._subclasses import FakeTensorMode
 
 from hollownet.builder import add_lora, init_lora
 from hollownet.dit_cut import SD3_TEXT_TOKENS, meta_transformer, suffix_lora_targets
-from hollownet.dit_split import Prefix, num_blocks, prefix_modules, run_suffix
+from hollownet.dit_split import Prefix, num_blocks, prefix_modules, run_prefix, run_suffix, suffix_modules
 from hollownet.memory.planner import materialize
 from hollownet.memory.tracker import MemoryReport, MemoryTracker
 
@@ -79,6 +79,25 @@ def predict_train_step(config: dict, k: int | None, *, latent_hw: tuple[int, int
     return tracker.report
 
 
+def predict_forward(config: dict, k: int | None, *, latent_hw: tuple[int, int], batch: int = 1,
+                    dtype: torch.dtype = torch.bfloat16, text_tokens: int = SD3_TEXT_TOKENS, fake: bool = True) -> MemoryReport:
+    """The peak of a no-grad transformer pass: stage 1's prefix at cut ``k`` (only the prefix's weights
+    exist; what it returns is what the store keeps), or with ``k=None`` one denoising step of the whole
+    transformer (inference; ``batch=2`` for classifier-free guidance). Text encoders and VAE not counted."""
+    net = meta_transformer(config)
+    with FakeTensorMode() if fake else nullcontext(), torch.no_grad():
+        materialize(net, dtype, skip=suffix_modules(net, k) if k is not None else ())
+        net.requires_grad_(False).eval()
+        inputs = _inputs(net, None, batch, latent_hw, text_tokens, dtype)
+        del inputs["target"]
+        tracker = MemoryTracker(device="cpu").add_resident(net)
+        tracker.add_resident(*inputs.values(), kind="batch")
+        with tracker, tracker.phase("forward"):
+            out = net(**inputs).sample if k is None else run_prefix(net, k, **inputs)
+        del out
+    return tracker.report
+
+
 def _tensors(inputs: dict) -> list[torch.Tensor]:
     out = []
     for v in inputs.values():
@@ -87,10 +106,13 @@ def _tensors(inputs: dict) -> list[torch.Tensor]:
 
 
 def train_table(config: dict, ks: list[int], *, latent_hw: tuple[int, int], **kw) -> list[dict]:
-    """LoRA FT and each prefix cut: predicted stage-2 peak and its breakdown, one row each."""
+    """LoRA FT and each prefix cut: predicted stage-2 peak and its breakdown, and the transformer's part of
+    stage 1 (its prefix pass; none for LoRA FT), one row each."""
+    forward_kw = {n: v for n, v in kw.items() if n in ("batch", "dtype", "text_tokens")}
     rows = []
     for k in [None, *ks]:
         report = predict_train_step(config, k, latent_hw=latent_hw, **kw)
+        stage1 = None if k is None else predict_forward(config, k, latent_hw=latent_hw, **forward_kw).peak_bytes
         rows.append(dict(method="LoRA FT" if k is None else f"prefix k={k}", k=k, peak_bytes=report.peak_bytes,
-                         peak_phase=report.peak_phase, breakdown=dict(report.breakdown)))
+                         peak_phase=report.peak_phase, breakdown=dict(report.breakdown), stage1_transformer_bytes=stage1))
     return rows
