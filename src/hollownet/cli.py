@@ -24,6 +24,7 @@ from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STA
                                 SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
                                 DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
+from hollownet.toy import is_toy
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
 # memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
@@ -408,7 +409,6 @@ def cmd_eval(args) -> int:
 def _eval_toy(args) -> int:
     from pathlib import Path
 
-    from hollownet.toy import is_toy
     from hollownet.toy.bench import score_folder  # lazy: loads torch
 
     if not is_toy(args.model):
