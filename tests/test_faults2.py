@@ -202,3 +202,221 @@ def test_diffusers_layout_text_encoder_layers_are_refused(tiny_model, tmp_path, 
     save_file(t, tmp_path / "d" / formats.DIFFUSERS_FILE)
     code, err = gen(capsys, tiny_model, tmp_path / "d", tmp_path / "gen")
     assert code == 2 and "text_encoder" in error_line(err)
+
+
+# ---- 3. damaged records, LoRA files, store shards and checkpoints ------------------------------------------
+
+LORA = formats.DIFFUSERS_FILE
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, dog_photos, tmp_path_factory):
+    """A finished 6-step run (store of one shard, checkpoints at steps 2 and 4): every fault below damages a copy."""
+    from test_faults import train_argv
+
+    from hollownet.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(train_argv(tiny_model, dog_photos, out)[3:]) == 0
+    return out
+
+
+def copy_run(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def retrain(capsys, tiny_model, dog_photos, out, *extra):
+    from test_faults import train_argv
+
+    return run(capsys, *train_argv(tiny_model, dog_photos, out, *extra)[3:])
+
+
+def warning_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+GARBAGE = b"\x00\xff{ not json \xfe"
+
+
+def test_garbage_records_are_one_line(trained, tiny_model, dog_photos, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    (out / "hollownet.json").write_bytes(GARBAGE)
+    code, err = gen(capsys, tiny_model, out, tmp_path / "gen")
+    assert code == 2
+    line = error_line(err)
+    assert "hollownet.json' is damaged" in line and "rerun 'hollownet train'" in line, line
+    code, _, err = run(capsys, "convert", out, tmp_path / "k.safetensors")
+    assert code == 2 and "hollownet.json' is damaged" in error_line(err)
+    (out / "store" / "manifest.json").write_bytes(b'{"done_shards": [0, 1')  # cut off mid-write by another tool
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)
+    assert code == 2
+    line = error_line(err)
+    assert "manifest.json' is damaged" in line and "delete the store folder" in line, line
+
+
+def test_a_damaged_app_record_does_not_stop_the_app(tmp_path):
+    from hollownet.app.jobs import Jobs
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "app-train.json").write_bytes(GARBAGE)
+    with pytest.warns(UserWarning, match="app-train.json' is damaged .*delete it"):
+        jobs = Jobs(tmp_path)
+    assert "train" not in jobs.latest
+
+
+def test_truncated_lora_is_one_line(trained, tiny_model, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    data = (out / LORA).read_bytes()
+    (out / LORA).write_bytes(data[: len(data) // 2])
+    code, err = gen(capsys, tiny_model, out, tmp_path / "gen")
+    assert code == 2
+    line = error_line(err)
+    assert LORA in line and "damaged or incomplete" in line, line
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "truncated, store without checksums"])
+def test_damaged_store_shard_is_computed_again(trained, tiny_model, dog_photos, tmp_path, capsys, damage):
+    out = copy_run(trained, tmp_path)
+    shard = out / "store" / "shard-00000.safetensors"
+    if damage == "flipped":
+        flip(shard, shard.stat().st_size - 100)  # inside the tensors: same size, same header
+    else:
+        shard.write_bytes(shard.read_bytes()[:-1000])
+    if "without" in damage:  # made before checksums were recorded: the header's own sizes still tell
+        manifest = json.loads((out / "store" / "manifest.json").read_text())
+        manifest.pop("files")
+        (out / "store" / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)
+    assert code == 0, err
+    (line,) = warning_lines(err)
+    assert "shard-00000.safetensors is damaged" in line and "computing it again" in line, line
+    assert shard.read_bytes() == (trained / "store" / shard.name).read_bytes()
+    assert (out / LORA).read_bytes() == (trained / LORA).read_bytes()
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)  # and the next rerun finds nothing wrong
+    assert code == 0 and not warning_lines(err), err
+
+
+def tensor_offset(path, member: str) -> int:
+    """Where a torch.save zip member's bytes start (torch stores them uncompressed)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    return info.header_offset + 30 + n + m
+
+
+def test_flipped_checkpoint_is_skipped_for_the_older_one(trained, tiny_model, dog_photos, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    ckpt = out / "checkpoints" / "step-000004.pt"
+    flip(ckpt, tensor_offset(ckpt, "/data/0") + 1)  # torch.load would read this without a word
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)
+    assert code == 0, err
+    (line,) = warning_lines(err)
+    assert "step-000004.pt is damaged (its checksum" in line, line
+    assert "resuming from step 2" in err
+    assert (out / LORA).read_bytes() == (trained / LORA).read_bytes()
+
+
+# ---- 4. NaN loss: the likely cause first ---------------------------------------------------------------
+
+
+def test_nan_loss_from_the_store_names_the_store(trained, tiny_model, dog_photos, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    shard = out / "store" / "shard-00000.safetensors"
+    t = load_file(shard)
+    t["noisy"][0].view(-1)[:10] = float("nan")  # damage made before the checksum was taken (bad RAM, say)
+    save_file(t, shard)
+    from hollownet.stages.store import Store
+
+    Store(out / "store").record(shard.name)
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)
+    assert code == 2
+    line = error_line(err)
+    assert "loss became nan at step 0" in line and "store" in line and "delete that folder" in line, line
+    assert "--lr" not in line
+
+
+def test_nan_loss_right_after_a_resume_names_the_checkpoint_first(trained, tiny_model, dog_photos, tmp_path, capsys):
+    from hollownet.stages.store import tensor_digest
+
+    out = copy_run(trained, tmp_path)
+    ckpt = out / "checkpoints" / "step-000004.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["params"] = [p * 1e30 for p in state["params"]]  # finite, checksum re-taken: only the loss can tell
+    state["sha256"] = tensor_digest([state["params"], state["optimizer"]])
+    torch.save(state, ckpt)
+    code, _, err = retrain(capsys, tiny_model, dog_photos, out)
+    assert code == 2
+    line = error_line(err)
+    assert "after resuming from step 4" in line and "checkpoint" in line and "--no-resume" in line, line
+    assert line.index("checkpoint") < line.index("--lr"), line
+
+
+# ---- 5. smaller ones -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lora-alpha", "nan")])
+def test_non_finite_train_numbers_are_one_line(tiny_model, dog_photos, tmp_path, capsys, flag, value):
+    from test_faults import train_argv
+
+    argv = [a for a in train_argv(tiny_model, dog_photos, tmp_path / "run")[3:]]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    line = error_line(err)
+    assert f"{flag} {float(value)} must be a finite number" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_guidance_nan_is_one_line(tiny_model, tmp_path, capsys):
+    code, err = gen(capsys, tiny_model, None, tmp_path / "gen", "--guidance", "nan")
+    assert code == 2 and "--guidance nan must be a finite number" in error_line(err)
+
+
+def test_identifier_is_the_rare_token_not_the_first_word(dog_photos, tmp_path):
+    from hollownet.errors import HollownetError
+    from hollownet.stages.precompute import photo_captions
+
+    photo = sorted(p for p in dog_photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[0]
+    shutil.copy(photo, tmp_path / photo.name)
+    caption = tmp_path / (photo.stem + ".txt")
+    caption.write_text("sks thing, asleep on a sofa")  # no 'my': still the subject
+    assert photo_captions(tmp_path, [photo.name], "a photo of my sks thing") == ["sks thing, asleep on a sofa"]
+    caption.write_text("a photo of my thing on a sofa")
+    with pytest.raises(HollownetError, match="lacks the identifier 'sks'"):
+        photo_captions(tmp_path, [photo.name], "a photo of my sks thing")
+
+
+def test_long_prompt_warns_that_it_was_cut(tiny_model, tmp_path, capsys):
+    words = " ".join(f"word{i}" for i in range(60))
+    code, _, err = run(capsys, "generate", "--model", tiny_model, "--prompt", f"a sks dog {words}", "--output",
+                       tmp_path / "gen", "--steps", 1, "--num-images", 1, "--resolution", RES, "--device", "cpu")
+    assert code == 0, err
+    cut = [line for line in warning_lines(err) if "more than the 32 the text encoder reads" in line]
+    assert len(cut) == 1 and 'cut after "word1 word2 word3" ("word4 word5 word6 word7 word8..." is ignored)' in cut[0], err
+    code, _, err = run(capsys, "generate", "--model", tiny_model, "--prompt", "a sks dog", "--output",
+                       tmp_path / "gen2", "--steps", 1, "--num-images", 1, "--resolution", RES, "--device", "cpu")
+    assert code == 0 and not any("text encoder reads" in line for line in warning_lines(err)), err
+
+
+def test_train_many_with_invalid_utf8_is_one_line(tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b'{"model": "toy", "images": "x", "prompt": "a sks dog", "output": "o1"}\n{"prompt": "caf\xe9"}\n')
+    code, _, err = run(capsys, "train-many", jobs)
+    assert code == 2
+    line = error_line(err)
+    assert "jobs.jsonl line 2 is not UTF-8" in line and "0xe9" in line, line
