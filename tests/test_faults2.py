@@ -6,8 +6,12 @@ Every file is written with safetensors (or damaged with real bytes) and every co
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -420,3 +424,110 @@ def test_train_many_with_invalid_utf8_is_one_line(tmp_path, capsys):
     assert code == 2
     line = error_line(err)
     assert "jobs.jsonl line 2 is not UTF-8" in line and "0xe9" in line, line
+
+
+# ---- 6. Ctrl-C and SIGTERM in stage 2: a checkpoint of the last step, then exit 130 / 143 ------------------
+
+
+def long_argv(tiny_model, dog_photos, out) -> list[str]:
+    from test_faults import train_argv
+
+    argv = train_argv(tiny_model, dog_photos, out)
+    argv[argv.index("--steps") + 1] = "40"
+    argv[argv.index("--checkpoint-every") + 1] = "5"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny_model, dog_photos, tmp_path_factory):
+    from hollownet.cli import main
+
+    out = tmp_path_factory.mktemp("long") / "run"
+    assert main(long_argv(tiny_model, dog_photos, out)[3:]) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_stage2_saves_a_checkpoint_and_the_rerun_resumes_exactly(tiny_model, dog_photos, long_reference,
+                                                                          tmp_path, sig):
+    from test_faults import cli_env, run_cli
+
+    out = tmp_path / "run"
+    argv = long_argv(tiny_model, dog_photos, out)
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (out / "checkpoints" / "step-000005.pt").exists():  # in the training loop
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    (line,) = [x for x in err.splitlines() if x.startswith("hollownet train: ")]
+    m = re.match(rf"hollownet train: {name}: stopped at step (\d+) of 40; the checkpoint is kept", line)
+    assert m and "Traceback" not in err, err
+    step = int(m.group(1))
+    assert 5 < step < 40 and (out / "checkpoints" / f"step-{step:06d}.pt").exists(), err
+    assert not (out / LORA).exists()
+    r = run_cli(argv)  # the same command
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step {step} " in r.stderr, r.stderr
+    assert (out / LORA).read_bytes() == (long_reference / LORA).read_bytes()
+
+
+# ---- one writer per output folder ----------------------------------------------------------------------
+
+
+def test_second_train_on_one_output_is_refused_and_a_dead_owners_lock_taken_over(tiny_model, dog_photos, long_reference,
+                                                                                   tmp_path, capsys):
+    from test_faults import cli_env
+
+    from hollownet.lock import LOCK_NAME
+
+    out = tmp_path / "run"
+    argv = long_argv(tiny_model, dog_photos, out)
+    first = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while not (out / "store" / "manifest.json").exists():
+            assert first.poll() is None and time.monotonic() - t0 < 300
+            time.sleep(0.005)
+        owner = json.loads((out / LOCK_NAME).read_text())
+        assert owner["pid"] == first.pid
+        code, _, err = run(capsys, *argv[3:])  # the same command again, while the first runs
+        assert code == 2
+        line = error_line(err)
+        assert f"is in use by another hollownet run (PID {first.pid} on " in line and "pick another --output" in line, line
+        assert first.poll() is None  # and the first run was left alone
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / LOCK_NAME).exists()  # kill -9 leaves the lock
+    code, _, err = run(capsys, *argv[3:])
+    assert code == 0, err
+    assert any(f"took over the lock of '{out}' from PID {first.pid}, which is no longer running" in x
+               for x in warning_lines(err)), err
+    assert not (out / LOCK_NAME).exists()
+    assert (out / LORA).read_bytes() == (long_reference / LORA).read_bytes()
+
+
+def test_only_dead_writers_temp_files_are_removed(tmp_path):
+    from hollownet.stages.store import remove_stale_temps, temp_name
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        files = {"live": tmp_path / f".shard-00000.safetensors.pid{live.pid}-0.tmp",
+                 "dead": tmp_path / f".shard-00001.safetensors.pid{dead.pid}-3.tmp",
+                 "old": tmp_path / ".manifest.json.tmp",  # an older version's name: its writer is gone
+                 "mine": temp_name(tmp_path / "x.safetensors")}
+        for f in files.values():
+            f.write_bytes(b"partial")
+        remove_stale_temps(tmp_path)
+        assert {k for k, f in files.items() if f.exists()} == {"live", "mine"}
+        assert temp_name(tmp_path / "a") != temp_name(tmp_path / "a")  # never shared, even within a process
+    finally:
+        live.kill()
+        live.wait()

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from hollownet.cut import load_unet_config, meta_unet
 from hollownet.errors import HollownetError
 from hollownet.families import SDXL_FAMILY, family_of_config
-from hollownet.stages.store import read_json, save_tensors
+from hollownet.stages.store import read_json, save_tensors, temp_name
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
@@ -383,7 +383,7 @@ def write_diffusers(lora: Lora, path: str | os.PathLike) -> Path:
     """A file ``StableDiffusionPipeline.load_lora_weights`` reads, written by diffusers' ``save_lora_weights``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = temp_name(path)  # a folder: diffusers writes its own file name into it
     shutil.rmtree(tmp, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora.tensors, unet_lora_adapter_metadata=adapter_metadata(lora),
                                               safe_serialization=True)

@@ -39,7 +39,7 @@ from hollownet.loading import (is_under, load_unet, model_fingerprint, predictio
 from hollownet.lowmem import layerwise as LW
 from hollownet.memory.tracker import PartMeter, parse_size
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
-from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
+from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_tensors, shard_name
 
 
 @dataclass
@@ -243,8 +243,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
-        for stale in store.root.glob(".*.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
-            stale.unlink()
+        remove_stale_temps(store.root)  # a process killed mid-write (kill -9) leaves its temp file
         for name, why in store.damaged().items():  # a truncated or flipped file: computed again, not read
             warnings.warn(f"{store.root / name} is damaged ({why}); computing it again")
             store.forget(name)

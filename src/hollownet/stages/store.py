@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +60,32 @@ def disk_error(e: BaseException, path: Path | str) -> HollownetError | None:
     return HollownetError(f"{what} writing {path}: {fix}{RESUME_HINT if code in (errno.ENOSPC, errno.EDQUOT) else ''}")
 
 
+_TEMPS = itertools.count()
+TEMP_RE = re.compile(r"\.pid(\d+)-\d+\.tmp$")
+
+
+def temp_name(path: Path) -> Path:
+    """A temp name of this writer only (PID and a counter): two writers never share one."""
+    return path.with_name(f".{path.name}.pid{os.getpid()}-{next(_TEMPS)}.tmp")
+
+
+def remove_stale_temps(folder: Path, pattern: str = ".*.tmp") -> None:
+    """Temp files whose writer is gone (kill -9 mid-write), and unnamed ones of older versions; a live
+    writer's (this process's other threads included) are left alone."""
+    from hollownet.lock import pid_alive
+
+    for p in Path(folder).glob(pattern):
+        m = TEMP_RE.search(p.name)
+        if m and (int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1)))):
+            continue
+        try:
+            p.unlink()
+        except IsADirectoryError:
+            shutil.rmtree(p, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
 
@@ -64,7 +93,7 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     it was; disk errors (ENOSPC, EDQUOT, EROFS, EACCES) become one :class:`HollownetError` line.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a bench cell that failed before making its folder
         with open(tmp, "wb") as f:

@@ -35,7 +35,7 @@ from hollownet.optimizers import make_optimizer
 from hollownet.settings import DEFAULT_RANK, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
 from hollownet.stages.formats import LORA_FORMATS
-from hollownet.stages.store import Store, save_torch, tensor_digest
+from hollownet.stages.store import Store, remove_stale_temps, save_torch, tensor_digest
 
 
 @dataclass
@@ -150,8 +150,7 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
     settings = checkpoint_settings(cfg, manifest)
-    for stale in ckpt_dir.glob(".step-*.pt.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
-        stale.unlink()
+    remove_stale_temps(ckpt_dir, ".step-*.pt*.tmp")  # a process killed mid-write (kill -9) leaves its temp file
     if cfg.resume:
         start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer, settings=settings, steps=cfg.steps)
     else:
