@@ -447,7 +447,7 @@ def long_reference(tiny_model, dog_photos, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_in_stage2_saves_a_checkpoint_and_the_rerun_resumes_exactly(tiny_model, dog_photos, long_reference,
                                                                           tmp_path, sig):
     from test_faults import cli_env, run_cli

@@ -313,7 +313,7 @@ def tensor_digest(obj) -> str:
         if isinstance(o, torch.Tensor):
             t = o.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # no copy: the buffer itself
         elif isinstance(o, dict):
             for k in sorted(o, key=str):
                 h.update(str(k).encode())
