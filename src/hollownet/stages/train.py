@@ -34,7 +34,7 @@ from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
 from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
-from hollownet.stages.store import Store, save_torch
+from hollownet.stages.store import Store, remove_stale_temps, save_torch, tensor_digest
 
 
 @dataclass
@@ -149,8 +149,7 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     ckpt_dir = out / "checkpoints"
     start, losses = 0, []
     settings = checkpoint_settings(cfg, manifest)
-    for stale in ckpt_dir.glob(".step-*.pt.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
-        stale.unlink()
+    remove_stale_temps(ckpt_dir, ".step-*.pt*.tmp")  # a process killed mid-write (kill -9) leaves its temp file
     if cfg.resume:
         start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer, settings=settings, steps=cfg.steps)
     else:
@@ -173,8 +172,8 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
             memory = tracker.report.to_dict()
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if math.isnan(loss):
-            raise HollownetError(f"loss became NaN at step {step}; lower --lr or use --precision fp32")
+        if not math.isfinite(loss):
+            raise HollownetError(nan_loss_advice(loss, step, start, batch, store.root, ckpt_dir))
         stop = on_step is not None and bool(on_step(step + 1, losses, memory)) and step + 1 < cfg.steps
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses, settings)
@@ -231,6 +230,7 @@ def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, param
     }
 
 
+RESUME_WINDOW = 5  # a non-finite loss within this many steps of a resume points at the checkpoint first
 CHECKPOINT_SETTINGS = ("method", "rank", "lora_alpha", "lora_targets", "lr", "batch", "seed", "max_grad_norm")
 CHECKPOINT_MODES = ("precision", "compute_dtype", "stream_weights", "optimizer")
 
@@ -250,9 +250,33 @@ def save_checkpoint(ckpt_dir: Path, step: int, unet, params, optimizer, losses, 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "losses": losses, "settings": settings}
+    state["sha256"] = tensor_digest([state["params"], state["optimizer"]])  # torch.load checks no checksum itself
     save_torch(ckpt_dir / f"step-{step:06d}.pt", state)
     for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
         old.unlink()
+
+
+def checkpoint_damage(state: dict) -> str | None:
+    """Why a loaded checkpoint must not be resumed (flipped bytes, non-finite values), or None."""
+    if "sha256" in state and tensor_digest([state["params"], state["optimizer"]]) != state["sha256"]:
+        return "is damaged (its checksum differs from the one written)"
+    if not all(bool(torch.isfinite(p).all()) for p in state["params"]):
+        return "holds non-finite values (NaN or inf)"
+    return None
+
+
+def nan_loss_advice(loss: float, step: int, start: int, batch: dict, store: Path, ckpt_dir: Path) -> str:
+    """The likely cause of a non-finite loss first: damaged stored samples, then a damaged checkpoint
+    (right after a resume), and only then the learning rate or precision."""
+    what = f"loss became {loss} at step {step}"
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in batch.values()):
+        return (f"{what}: the pre-compute store in '{store}' holds non-finite values, so it is damaged; "
+                "delete that folder and rerun to compute it again")
+    if start and step - start < RESUME_WINDOW:
+        return (f"{what}, {step - start + 1} step(s) after resuming from step {start}: the checkpoint in '{ckpt_dir}' "
+                f"or the store in '{store}' is likely damaged; rerun with --no-resume (or delete the store) "
+                "and, only if it happens again, lower --lr or use --precision fp32")
+    return f"{what}; lower --lr or use --precision fp32"
 
 
 def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | None = None,
@@ -267,8 +291,11 @@ def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | No
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state["step"], state["params"], state["optimizer"], state["losses"]  # noqa: B018
+            why = checkpoint_damage(state)
         except Exception as e:  # noqa: BLE001  a damaged file: try the one before it
-            warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}); trying an older one")
+            why = f"cannot be read ({type(e).__name__})"
+        if why:
+            warnings.warn(f"checkpoint {path} {why}; trying an older one")
             continue
         refuse = f"checkpoint {path} was made with other settings"
         fix = "rerun with the settings it was made with, or add --no-resume to start over (or use a new --output)"
