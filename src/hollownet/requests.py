@@ -45,6 +45,9 @@ class TrainRequest:
     store: str | None = None  # default OUTPUT/store
     lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
 
+    def __post_init__(self):
+        self.modes = self.modes.on(self.device)  # int8/nf4's compute dtype as chosen for the device, recorded
+
     def settings(self) -> dict:
         """The request as ``train.json`` records it: one flat dict, the modes' keys among the others."""
         return {**{k: v for k, v in asdict(self).items() if k != "modes"}, **asdict(self.modes)}
@@ -77,8 +80,10 @@ class PlanRequest:
     guidance: float = SD_DEFAULTS["guidance"]  # > 1: classifier-free guidance, the U-Net's batch is 2
     num_images: int = 1
     merged: bool = False  # the LoRA fused into the weights, one U-Net pass (float precisions only)
+    device: str | None = None  # the device the plan is for (int8/nf4's compute dtype); None: train's default here
 
     def __post_init__(self):
+        self.modes = self.modes.on(self.device)
         self.lora_targets = tuple(self.lora_targets)
         if self.resolution < 8 or self.resolution % 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
