@@ -330,39 +330,43 @@ def run_check(args) -> dict:
 # ------------------------------------------------------------------------------------- report
 
 
-def gib(b) -> str:
-    return "–" if b is None else f"{b / GiB:.3f}"
+def gib(b, tiny: bool = False) -> str:
+    """GiB with 3 decimals (MiB with 2 for the tiny models' few MiB)."""
+    return "–" if b is None else f"{b / 2**20:.2f}" if tiny else f"{b / GiB:.3f}"
 
 
 def summary(cell: dict) -> str:
     if "error" in cell:
         return cell["error"]
     speed = f"{cell['seconds_per_step']} s/step" if "seconds_per_step" in cell else f"{cell['seconds_per_image']} s/image"
-    return (f"planner {gib(cell.get('planner_bytes'))} GiB, tracker {gib(cell['tracker_bytes'])}, allocated "
-            f"{gib(cell['max_allocated_bytes'])}, reserved {gib(cell['max_reserved_bytes'])}; {speed}")
+    return (f"planner {cell.get('planner_bytes')} bytes, tracker {cell['tracker_bytes']}, allocated "
+            f"{cell['max_allocated_bytes']}, reserved {cell['max_reserved_bytes']}; {speed}")
 
 
 def report(result: dict) -> str:
-    env = result.get("environment", {})
+    env, tiny = result.get("environment", {}), bool(result.get("tiny"))
+    unit = "MiB = 2^20 bytes" if tiny else "GiB = 2^30 bytes"
     lines = ["# GPU check (benchmarks/gpu_check.py)", "",
              f"Device: {env.get('gpu', env.get('device'))}; torch {env.get('torch')}, CUDA {env.get('cuda', '–')}; "
              f"{'tiny random-weight models (dry run)' if result.get('tiny') else 'random weights, bundled configs'}. "
-             "GiB = 2^30 bytes; allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved of the "
+             f"{unit}; allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved of the "
              "measured step (the allocated bytes before the cell subtracted); tracker: the exact tensor bytes "
              "hollownet records.", "",
              f"Device memory outside torch's allocator (CUDA context, library handles): "
              f"{gib(env.get('outside_torch_at_start_bytes'))} GiB at the start, "
-             f"{gib(env.get('outside_torch_at_end_bytes'))} GiB at the end.", ""]
+             f"{gib(env.get('outside_torch_at_end_bytes'))} GiB at the end (– off CUDA).", ""]
     for kind, speed, unit in (("train", "seconds_per_step", "s/step"), ("generate", "seconds_per_image", "s/image")):
         lines += [f"| {kind} cell | compute | planner | tracker | allocated | reserved | {unit} |", "|---|---|---:|---:|---:|---:|---:|"]
         for key, c in result.get("cells", {}).items():
             if c["kind"] != kind:
                 continue
+            name = key.replace(f" | {kind} | ", ": ")  # no "|" inside a table cell
             if "error" in c:
-                lines.append(f"| {key} ({c['resolution']} px) | | {gib(c.get('planner_bytes'))} | {c['error']} | | | |")
+                lines.append(f"| {name} ({c['resolution']} px) | | {gib(c.get('planner_bytes'), tiny)} | {c['error']} | | | |")
                 continue
-            lines.append(f"| {key} ({c['resolution']} px, r={c['rank']}) | {c.get('compute_dtype')} | {gib(c['planner_bytes'])} | "
-                         f"{gib(c['tracker_bytes'])} | {gib(c['max_allocated_bytes'])} | {gib(c['max_reserved_bytes'])} | {c[speed]} |")
+            lines.append(f"| {name} ({c['resolution']} px, r={c['rank']}) | {c.get('compute_dtype')} | "
+                         f"{gib(c['planner_bytes'], tiny)} | {gib(c['tracker_bytes'], tiny)} | {gib(c['max_allocated_bytes'], tiny)} | "
+                         f"{gib(c['max_reserved_bytes'], tiny)} | {c[speed]} |")
         lines.append("")
     return "\n".join(lines)
 
