@@ -1,9 +1,9 @@
 """Quantized frozen weights (QLoRA-style) and low-memory optimizers for stage 2.
 
 ``Modes(precision="int8" | "nf4")`` stores every frozen Linear/Conv2d *weight* of the trained
-network quantized; biases and norms stay in the compute dtype (bf16 by default, see
-``settings.Modes.compute``) and LoRA stays fp32. Weights are dequantized on the fly, one layer at a
-time, inside a custom autograd function that saves only the quantized tensors for backward (the
+network quantized; biases and norms stay in the compute dtype (by default bf16 where the device
+has it natively, else fp32: ``devices.default_compute_dtype``) and LoRA stays fp32. Weights are
+dequantized on the fly, one layer at a time, inside a custom autograd function that saves only the quantized tensors for backward (the
 input gradient re-dequantizes), so the dequantized weight is a temporary of one layer, never part
 of the autograd graph.
 
