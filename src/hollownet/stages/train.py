@@ -61,6 +61,7 @@ class TrainConfig:
     lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
 
     def __post_init__(self):
+        self.modes = self.modes.on(self.device)
         self.modes.check_method(self.method)
         if self.rank < 1 and self.method != "full":
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
