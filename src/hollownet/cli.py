@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Personalize Stable Diffusion on your own photos with Hollowed Net: a LoRA trained "
                     "on-device in about the memory inference needs, with the photos never leaving the machine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with 'hollownet demo' (offline, tiny model, a minute on a CPU). 'hollownet COMMAND --help' for details.",
+        epilog="Start with 'hollownet demo' (offline, the bundled toy model, a few minutes on a CPU). 'hollownet COMMAND --help' for details.",
     )
     parser.add_argument("--version", action="version", version=f"hollownet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="hollownet-demo", help="folder for everything the demo writes (default ./hollownet-demo)")
     d.add_argument("--model", default="toy", help="toy (default: the bundled toy model) or a Stable Diffusion folder "
                                                   "(then the bundled dog photos at 512 px)")
-    d.add_argument("--steps", type=int, help="training steps (default 300 on the toy model, 400 otherwise)")
+    d.add_argument("--steps", type=int, help=f"training steps ({_by_model('steps')})")
 
     b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset, or the toy (the paper's table)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\

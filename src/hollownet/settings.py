@@ -198,8 +198,8 @@ def expand_lora_targets(names) -> list[str]:
 # a subject's shape (benchmarks/README.md, "the toy recipe"); SD keeps attention-only LoRA.
 SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30,
                "lora_targets": DEFAULT_LORA_TARGETS}
-TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25,
-                "lora_targets": DEFAULT_LORA_TARGETS}
+TOY_DEFAULTS = {"resolution": 64, "rank": 16, "lr": 1e-3, "batch": 4, "steps": 600, "guidance": 1.5, "gen_steps": 25,
+                "lora_targets": LORA_TARGET_GROUPS["all"]}
 DEFAULT_RANK = SD_DEFAULTS["rank"]
 
 
