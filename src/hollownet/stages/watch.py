@@ -145,18 +145,28 @@ class Watch:
             export(folder, step)
 
     def draw(self, step: int, source) -> None:
-        """One sample row: every prompt at the fixed seed, two-path as ``hollownet generate``; then the sheet."""
-        from hollownet.stages.generate import render
+        """One sample row: every prompt at the fixed seed, two-path, by ``hollownet generate``'s own ``generate``;
+        one prompt per call, so each call's peak is exactly what ``plan`` reports for generation (one image)."""
+        from PIL import Image
+
+        from hollownet.memory.tracker import PartMeter
+        from hollownet.stages.generate import generate, memory_record
+        from hollownet.stages.store import save_image
 
         folder = self.out / SAMPLES / step_name(step)
         if self.drawn(step):  # drawn before an interruption: the same images
             return
         parts, plan, resolution = source()
-        jobs = [(p, self.samples.seed, f"{i:02d}.png") for i, p in enumerate(self.samples.prompts)]
-        _, memory = render(parts, plan, jobs, folder, steps=self.samples.steps, resolution=resolution,
-                           guidance=self.samples.guidance, device=parts.device, measure=True)
-        if self.sample_memory is None or memory["peak_bytes"] > self.sample_memory["peak_bytes"]:
-            self.sample_memory = memory
+        entries = [{"file": f"{i:02d}.png", "prompt": p, "seed": self.samples.seed} for i, p in enumerate(self.samples.prompts)]
+        for e in entries:
+            meter = PartMeter(True, parts.device)
+            save = lambda _, pixels, e=e: save_image(folder / e["file"], Image.fromarray(pixels.cpu().numpy()))  # noqa: E731
+            generate(parts, plan, [(e["prompt"], e["seed"])], steps=self.samples.steps, resolution=resolution,
+                     guidance=self.samples.guidance, meter=meter, on_image=save)
+            memory = memory_record(meter)
+            if self.sample_memory is None or memory["peak_bytes"] > self.sample_memory["peak_bytes"]:
+                self.sample_memory = memory
+        save_json(folder / "manifest.json", {"images": entries})  # written last: the row is finished
         self.sheet()
 
     def sheet(self) -> Path:
