@@ -37,16 +37,17 @@ WATCHED = ["--save-every", 3, "--validate-every", 2, "--log-every", 2,
 
 @pytest.fixture(scope="module")
 def watched(tiny_model, dog_photos, tmp_path_factory):
-    """One watched run (6 steps: snapshots at 3 and 6, validation at 2, 4, 6, sample rows at 3 and 6), its stdout."""
+    """One watched run (6 steps: snapshots at 3 and 6, validation at 2, 4, 6, sample rows at 3 and 6): its folder,
+    stdout and stderr."""
+    import contextlib
+
     from hollownet.cli import main
 
     out = tmp_path_factory.mktemp("watched") / "run"
-    buf = io.StringIO()  # not a terminal, as under nohup or CI
-    import contextlib
-
-    with contextlib.redirect_stdout(buf):
+    stdout, stderr = io.StringIO(), io.StringIO()  # not terminals, as under nohup or CI
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         assert main([str(a) for a in train_args(tiny_model, dog_photos, out, *watched_args())]) == 0
-    return out, buf.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ progress lines
@@ -92,10 +93,11 @@ def test_no_progress_lines_on_a_terminal():
 
 
 def test_a_watched_run_prints_lines_for_both_stages(watched):
-    _, stdout = watched
-    pre = [line for line in stdout.splitlines() if line.startswith("pre-compute: sample")]
+    _, stdout, stderr = watched
+    assert "pre-compute: sample" not in stdout and "train (hollow): step" not in stdout  # stdout keeps the results
+    pre = [line for line in stderr.splitlines() if line.startswith("pre-compute: sample")]
     assert pre and pre[-1].startswith("pre-compute: sample 20/20,")  # 12 training + 8 held-out samples
-    train = [line for line in stdout.splitlines() if line.startswith("train (hollow): step")]
+    train = [line for line in stderr.splitlines() if line.startswith("train (hollow): step")]
     number = r"\d+\.\d{4}"
     for line, step in zip(train, (2, 4, 6)):
         assert re.fullmatch(rf"train \(hollow\): step {step}/6, loss {number} \(mean {number}\), \d+\.\d{{3}} s/step, "
@@ -110,7 +112,7 @@ def test_snapshots_are_the_lora_at_their_step(watched, tiny_model):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    out, _ = watched
+    out = watched[0]
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-0003", "step-0006"]
     for name in ("step-0003", "step-0006"):
         assert (out / "snapshots" / name / LORA).is_file() and (out / "snapshots" / name / KOHYA).is_file()
@@ -128,7 +130,7 @@ def test_snapshots_are_the_lora_at_their_step(watched, tiny_model):
 
 
 def test_generate_step_uses_a_snapshot_or_lists_them(watched, tiny_model, tmp_path, capsys):
-    out, _ = watched
+    out = watched[0]
     gen = ["generate", "--model", tiny_model, "--lora", out, "--prompt", PROMPTS[0], "--steps", 2, "--guidance", 2.0,
            "--seed", 7, "--num-images", 1, "--device", "cpu"]
     code, _, _ = run(capsys, *gen, "--step", 3, "--output", tmp_path / "g3")
@@ -147,7 +149,7 @@ def test_generate_step_uses_a_snapshot_or_lists_them(watched, tiny_model, tmp_pa
 
 
 def test_validation_loss_is_recorded_plotted_and_its_best_step_named(watched, capsys):
-    out, stdout = watched
+    out, stdout, _ = watched
     record = json.loads((out / "train.json").read_text())
     val = record["validation"]
     assert [s for s, _ in val["history"]] == [2, 4, 6] and val["samples"] == 8 and val["every"] == 2
@@ -187,7 +189,7 @@ def test_validation_samples_are_held_out_and_fixed(tiny_model, hollow_store):
 
 
 def test_sample_rows_and_sheet(watched):
-    out, _ = watched
+    out = watched[0]
     for step in ("step-0003", "step-0006"):
         entries = json.loads((out / "samples" / step / "manifest.json").read_text())["images"]
         assert [(e["prompt"], e["seed"]) for e in entries] == [(p, 7) for p in PROMPTS]
@@ -203,7 +205,7 @@ def test_sampling_changes_nothing_trained_and_stays_in_the_plan(watched, tiny_mo
     samples is rebuilt exactly); a sample step's measured peak is what `plan` reports for generation, to the byte."""
     from safetensors.torch import load_file
 
-    out, _ = watched
+    out = watched[0]
     code, _, _ = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "plain", "--steps", 6, "--checkpoint-every", 0,
                                          "--validate-every", 0))
     assert code == 0

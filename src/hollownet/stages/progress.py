@@ -1,7 +1,8 @@
 """Plain progress lines for runs nobody watches in a terminal (nohup, CI, a job runner).
 
-tqdm draws its bar only on a terminal (``disable=None``), so a redirected run printed nothing for
-minutes. :class:`ProgressLog` prints one line every N steps or S seconds instead, as kohya does:
+tqdm draws its bar on stderr, and only when stderr is a terminal (``disable=None``), so a redirected run
+printed nothing for minutes. :class:`ProgressLog` prints one line every N steps or S seconds exactly where
+the bar is not drawn, to stderr as well (stdout keeps the results: ``plan --json`` and the summary), as kohya does:
 ``train (hollow): step 40/300, loss 0.1234 (mean 0.1301), 0.21 s/step, ETA 0:00:55``.
 """
 
@@ -21,11 +22,11 @@ def _duration(seconds: float) -> str:
 
 class ProgressLog:
     """``update(done, loss)`` after each step; a line when ``every`` steps or ``seconds`` have passed since the
-    last one, and at the end. On only when ``stream`` is not a terminal (``enabled`` overrides it)."""
+    last one, and at the end. ``stream``: stderr; on only when it is not a terminal (``enabled`` overrides it)."""
 
     def __init__(self, label: str, total: int, start: int = 0, *, every: int = 0, seconds: float = LOG_SECONDS,
                  unit: str = "step", stream=None, enabled: bool | None = None, clock=time.monotonic):
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr
         if enabled is None:
             enabled = not (hasattr(self.stream, "isatty") and self.stream.isatty())
         self.enabled, self.label, self.total, self.start, self.unit = enabled, label, total, start, unit
