@@ -105,6 +105,15 @@ def test_a_watched_run_prints_lines_for_both_stages(watched):
     assert len(train) == 3
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", -1], "--save-every must be 0 (off) or a number of steps"),
+    (["--method", "full", "--sample-every", 2], "--sample-every draws with a LoRA: use --method hollow or lora"),
+])
+def test_bad_watch_flags_are_one_line(tiny_model, dog_photos, tmp_path, capsys, flags, message):
+    code, _, err = run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run", "--steps", 2, *flags))
+    assert code == 2 and message in error_line(err) and not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------------- snapshots
 
 
@@ -143,6 +152,8 @@ def test_generate_step_uses_a_snapshot_or_lists_them(watched, tiny_model, tmp_pa
     code, _, err = run(capsys, *gen, "--step", 4, "--output", tmp_path / "g4")
     assert code == 2
     assert error_line(err).endswith("has no snapshot at step 4; the snapshots there are at steps: 3, 6")
+    code, _, err = run(capsys, *gen[:3], *gen[5:], "--step", 3, "--output", tmp_path / "g5")  # no --lora
+    assert code == 2 and "--step picks a snapshot of a LoRA: give --lora OUTPUT as well" in error_line(err)
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -55,7 +55,7 @@ class ProgressLog:
         per = (now - self.t0) / max(1, done - self.start)
         parts = [f"{self.label}: {self.unit} {done}/{self.total}"]
         if self.losses:
-            window = self.losses[-max(1, self.every):]
+            window = self.losses[-max(10, self.every):]  # per-step loss is noisy (random timesteps)
             parts.append(f"loss {self.losses[-1]:.4f} (mean {sum(window) / len(window):.4f})")
         parts.append(f"{per:.3f} s/{self.unit}")
         parts.append(f"ETA {_duration(per * (self.total - done))}" if done < self.total
