@@ -148,3 +148,28 @@ def test_size_units_in_help_are_the_parsers(capsys):
         main(["plan", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "2GB (10^9 bytes), 1.5GiB or 1.5G (2^30 bytes)" in out and "examples:" in out
+
+
+def test_api_and_cli_give_the_same_run(capsys, tmp_path):
+    """``personalize(TrainRequest(...))`` and ``hollownet train`` with the same inputs record the same run: a
+    setting left unset takes the model's default (here the toy's) in one place, for both."""
+    from hollownet.requests import TrainRequest
+    from hollownet.settings import TOY_DEFAULTS
+    from hollownet.toy import world as W
+    from hollownet.workflow import personalize
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(W.subject_photos("plus", 3)):
+        im.save(photos / f"{i}.png")
+    api = personalize(TrainRequest(model="toy", images=str(photos), prompt="a sks shape", steps=2,
+                                   output=str(tmp_path / "api")))["settings"]
+    code, _, _ = run(capsys, "train", "--model", "toy", "--images", photos, "--prompt", "a sks shape", "--steps", 2,
+                     "--output", tmp_path / "cli")
+    assert code == 0
+    cli = json.loads((tmp_path / "cli" / "train.json").read_text())["settings"]
+    api = json.loads(json.dumps(api))
+    assert api.pop("output") != cli.pop("output")
+    assert api == cli
+    assert api["resolution"] == TOY_DEFAULTS["resolution"] and api["batch"] == TOY_DEFAULTS["batch"]
+    assert api["lora_targets"] == list(TOY_DEFAULTS["lora_targets"]) and api["device"] == "cpu"

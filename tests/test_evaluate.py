@@ -393,3 +393,23 @@ def test_error_unreadable_image(folders, models):
     write_manifest(gen, [("000.png", "a sks dog"), ("broken.png", "a sks dog")])
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
         ev.evaluate_folder(gen, ref, dino_model=models[0], clip_model=models[1])
+
+
+def test_eval_without_dino_clip_weights_offline_refuses_at_once(capsys, tmp_path, monkeypatch):
+    """Hub ids that are neither cached nor reachable: one line naming the fix (a local copy, or --model toy),
+    before the hub client's retries."""
+    import huggingface_hub.constants
+
+    from hollownet.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for d in ("gen", "ref"):
+        (tmp_path / d).mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "gen" / "000.png")
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "ref" / "a.png")
+    (tmp_path / "gen" / "manifest.json").write_text(json.dumps({"images": [{"file": "000.png", "prompt": "a sks dog"}]}))
+    code = main(["eval", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
+                 "--dino-model", "nobody/no-dino", "--clip-model", "nobody/no-clip"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "'nobody/no-dino' is not on this machine" in err[0] and "--model toy" in err[0]

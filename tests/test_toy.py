@@ -105,6 +105,47 @@ def test_presence_rule_tells_subjects_from_world_shapes():
     assert not any(subject_present(p, colours) for p in W.subject_photos("ring", 4))
 
 
+@pytest.mark.parametrize("name", sorted(W.SUBJECTS))
+def test_identity_metric_sees_the_subject_not_its_colours(name):
+    """The identity metric separates the subject (on unseen backgrounds, moved and resized) from blobs in its
+    colours, its shape in world colours, its colours swapped, half of it and the other subjects
+    (benchmarks/toy_identity.py: the same cases, more of them, also through the VAE)."""
+    from hollownet.toy.identity import IdentityReference, auc, identity_rate, separation_cases
+
+    ref = IdentityReference(W.subject_photos(name))
+    scores = {k: ref.scores(v) for k, v in separation_cases(name, n=6, seed=1).items()}
+    others = [x for k, v in scores.items() if k != "subject" for x in v]
+    assert auc(scores["subject"], others) > 0.99, scores
+    assert identity_rate(scores["subject"]) == 1.0, scores
+    for case in ("its shape in world colours", "its colours swapped", "half of it", "other subjects"):
+        assert identity_rate(scores[case]) == 0.0, (case, scores[case])
+    assert identity_rate(scores["blob in its colours"]) <= 1 / 6, scores["blob in its colours"]
+
+
+def test_eval_scores_a_toy_run_with_the_toy_metrics(capsys, tmp_path):
+    """``hollownet eval --model toy``: the subject drawn scores identity 1 and its background; blobs in its colours 0."""
+    from hollownet.cli import main
+    from hollownet.toy.identity import separation_cases
+
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(W.subject_photos("plus", 4)):
+        im.save(tmp_path / "photos" / f"{i}.png")
+    cases = separation_cases("plus", n=3, seed=2)
+    got = {}
+    for case in ("subject", "blob in its colours"):
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        entries = [{"file": f"{i:03d}.png", "prompt": f"a sks shape on a {bg} background"}
+                   for i, bg in enumerate(W.UNSEEN_BACKGROUNDS)]
+        for e, im in zip(entries, cases[case]):
+            im.save(folder / e["file"])
+        (folder / "manifest.json").write_text(json.dumps({"images": entries}))
+        assert main(["eval", "--model", "toy", "--generated", str(folder), "--reference", str(tmp_path / "photos"), "--json"]) == 0
+        got[case] = json.loads(capsys.readouterr().out)
+    assert got["subject"]["identity"] == 1.0 and got["subject"]["background"] == 1.0, got
+    assert got["blob in its colours"]["identity"] == 0.0 and got["blob in its colours"]["presence"] > 0.5, got
+
+
 def test_prompt_following_well_above_chance(pipe, evaluator):
     """A small sample of new captions: background, colour and shape named in the prompt are drawn (chance
     0.2, 0.2 and 0.33; 1.00 each on 100 captions at guidance 3, benchmarks/README.md)."""

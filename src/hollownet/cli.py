@@ -18,9 +18,12 @@ import sys
 import warnings
 
 from hollownet.app import add_app_parser, cmd_app
+from hollownet.errors import HollownetError
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS, OPTIMIZERS, PRECISIONS,
-                                SD_DEFAULTS, TOY_DEFAULTS, Modes, model_defaults)
+                                SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
+                                DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
+                                DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
 # memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
@@ -35,7 +38,12 @@ def _default(cls, name: str):
 
 def _by_model(key: str) -> str:
     """Help text for a default that depends on the base model (settings.model_defaults)."""
-    return f"default {SD_DEFAULTS[key]}; {TOY_DEFAULTS[key]} with --model toy"
+    say = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
+    return f"default {say(SD_DEFAULTS[key])}; {say(TOY_DEFAULTS[key])} with --model toy"
+
+
+LORA_TARGETS_HELP = ("layers that get LoRA: groups " + ", ".join(f"{g} ({','.join(v)})" for g, v in LORA_TARGET_GROUPS.items() if g != "all")
+                     + ", all; or layer-name suffixes; comma-separated (" + _by_model("lora_targets").replace("%", "%%") + ")")
 
 
 def _request(cls, args, **given):
@@ -128,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help=f"training steps ({_by_model('steps')})")
     t.add_argument("--lr", type=float, help=f"AdamW learning rate ({_by_model('lr')})")
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
-    t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
-                   help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
+    t.add_argument("--lora-targets", type=lambda s: s.split(","), default=None, help=LORA_TARGETS_HELP)
     t.add_argument("--seed", type=int, default=_default(TrainRequest, "seed"),
                    help="seed of the noise, timesteps and LoRA init (default %(default)s)")
     t.add_argument("--num-samples", type=int, help="pre-computed samples (default steps x batch: fresh noise every step)")
@@ -164,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", help="what to steer away from, e.g. \"blurry, low quality\"")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     g.add_argument("--num-images", type=int, default=4, help="how many images (default 4)")
-    g.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm", help="DPM-Solver++ (default), DDIM, or the model's own")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="DPM-Solver++ (default), DDIM, or the model's own")
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
     g.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
                    help="weights of the U-Net, text encoder and VAE decoder, as train's: fp32, bf16, fp16, or int8 / nf4 "
@@ -196,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict the memory of pre-compute, training, inference and generation (no weights, seconds)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog_plan)
     _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
-    pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None,
-                    help="module name suffixes that get LoRA (default to_q,to_k,to_v,to_out.0)")
+    pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None, help=LORA_TARGETS_HELP)
     pl.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default=_default(Modes, "optimizer"),
                     help="AdamW single-tensor (the trainer's; default), adamw-in-backward (as train's), or "
                          "adamw-foreach (torch's multi-tensor AdamW, its default on CUDA: larger step temporaries)")
@@ -220,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generated", required=True, help="output folder of 'hollownet generate' (has manifest.json)")
     e.add_argument("--reference", required=True, help="folder of the subject's real photos")
     e.add_argument("--prompt", help="use this prompt for every image instead of the manifest's")
-    e.add_argument("--identifier", default="sks", help="subject token removed from prompts for CLIP-T (default sks)")
-    e.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
-    e.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    e.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="subject token removed from prompts for CLIP-T (default %(default)s)")
+    e.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (folder or hub id; default %(default)s)")
+    e.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (folder or hub id; default %(default)s)")
+    e.add_argument("--model", help="toy: score a run of the bundled toy model with the toy's own metrics (identity, "
+                                   "background followed, ...) instead of DINO / CLIP, offline")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     e.add_argument("--device", default=None)
 
@@ -241,12 +249,13 @@ examples:
                        # the bundled toy model and novel subjects, scored by the toy evaluator (toy figures)
 
 method specs: NAME[@FRACTION][:KEY=VALUE...], NAME hollow|lora|full,
-              KEY r|alpha|lr|steps|weights|stream|opt|blocks|samples|infer
+              KEY r|alpha|targets|lr|steps|weights|stream|opt|blocks|samples|infer
   hollow               the paper's cut          hollow@0.56     the valid cut nearest 56% of U-Net params
   hollow:blocks=down_blocks.3+mid_block+up_blocks.0             a cut by name
   lora, lora:r=1       plain LoRA (rank --rank unless r=)         full:lr=5e-6    full fine-tuning
   hollow:weights=nf4:opt=in-backward   train with nf4 frozen weights, AdamW inside backward
   hollow:stream=1      streamed frozen weights (train --stream-weights); generation always uses --precision
+  lora:targets=attn+conv  LoRA on attention and resnet convs (groups attn|proj|ff|conv|all, or layer names)
   hollow:samples=100   stage 1 stores 100 samples, reused    hollow:infer=merged  generate with the LoRA fused
 Each finished cell (subject x method x seed) is kept in OUTPUT/cells/.../result.json; rerunning the
 same command skips finished cells and retries failed ones. Results: OUTPUT/summary.{md,json,png}.
@@ -269,10 +278,10 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
     b.add_argument("--gen-steps", type=int, help=f"denoising steps per image ({_by_model('gen_steps')})")
     b.add_argument("--guidance", type=float, help=f"classifier-free guidance ({_by_model('guidance')})")
-    b.add_argument("--scheduler", choices=("dpm", "ddim", "default"), default="dpm")
-    b.add_argument("--identifier", default="sks", help="subject token in the prompts (default sks)")
-    b.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO ViT (folder or hub id)")
-    b.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP model (folder or hub id)")
+    b.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER)
+    b.add_argument("--identifier", default=DEFAULT_IDENTIFIER, help="subject token in the prompts (default %(default)s)")
+    b.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (folder or hub id; default %(default)s)")
+    b.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (folder or hub id; default %(default)s)")
     b.add_argument("--keep", choices=("weights", "all", "results"), default="weights",
                    help="after a cell: weights = delete the pre-compute store (default), all = keep everything, "
                         "results = keep only result.json")
@@ -313,10 +322,10 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     a.add_argument("--model", help="--train: base model")
     a.add_argument("--images", help="--train: folder of the subject's photos")
     a.add_argument("--prompt", help='--train: instance prompt, e.g. "a photo of sks dog"')
-    a.add_argument("--steps", type=int, default=SD_DEFAULTS["steps"])
-    a.add_argument("--rank", type=int, default=SD_DEFAULTS["rank"])
-    a.add_argument("--lr", type=float, default=SD_DEFAULTS["lr"])
-    a.add_argument("--resolution", type=int, default=SD_DEFAULTS["resolution"])
+    a.add_argument("--steps", type=int, help=f"--train: training steps ({_by_model('steps')})")
+    a.add_argument("--rank", type=int, help=f"--train: LoRA rank ({_by_model('rank')})")
+    a.add_argument("--lr", type=float, help=f"--train: learning rate ({_by_model('lr')})")
+    a.add_argument("--resolution", type=int, help=f"--train: resolution ({_by_model('resolution')})")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32")
     a.add_argument("--device", default=None)
@@ -345,7 +354,7 @@ def _add_watch(t: argparse.ArgumentParser) -> None:
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", dest="lora_format", choices=("diffusers", "kohya", "both"), default="both",
+    p.add_argument("--format", dest="lora_format", choices=LORA_FORMATS, default=DEFAULT_LORA_FORMAT,
                    help="LoRA file(s) to write: diffusers = pytorch_lora_weights.safetensors (diffusers' load_lora_weights), "
                         "kohya = pytorch_lora_weights_kohya.safetensors (ComfyUI, Forge, AUTOMATIC1111); default both")
 
@@ -407,11 +416,37 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.model is not None:
+        return _eval_toy(args)
     from hollownet.evaluation.metrics import evaluate_folder, format_markdown  # lazy
 
     result = evaluate_folder(args.generated, args.reference, prompt=args.prompt, identifier=args.identifier,
                              dino_model=args.dino_model, clip_model=args.clip_model, device=_device(args.device))
     print(json.dumps(result) if args.json else format_markdown(result))
+    return 0
+
+
+def _eval_toy(args) -> int:
+    from pathlib import Path
+
+    from hollownet.toy import is_toy
+    from hollownet.toy.bench import score_folder  # lazy: loads torch
+
+    if not is_toy(args.model):
+        raise HollownetError(f"eval --model {args.model!r}: only the toy model has its own metrics; drop --model to score "
+                             "with DINO / CLIP")
+    if not (Path(args.generated) / "manifest.json").is_file():
+        raise HollownetError(f"{args.generated} has no manifest.json: pass the output folder of 'hollownet generate'")
+    r = score_folder(Path(args.generated), Path(args.reference))
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    bg = "n/a (a prompt names no background)" if r["background"] is None else f"{r['background']:.0%}"
+    print(f"toy model's metrics (not Stable Diffusion's), {r['n_generated']} images against {r['n_reference']} photos:\n"
+          f"  identity (subject recognisably drawn)  {r['identity']:.0%}   (score {r['identity_score']:.3f})\n"
+          f"  background followed                    {bg}\n"
+          f"  subject colours present                {r['presence']:.0%}\n"
+          f"  toy subject (feature cosine)           {r['toy_subject']:.3f}")
     return 0
 
 

@@ -8,10 +8,18 @@ dtype, streaming, checkpointing, optimizer, stage 1's layout -- are one ``settin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from hollownet.errors import HollownetError
-from hollownet.settings import DEFAULT_LORA_TARGETS, DEFAULT_RANK, SD_DEFAULTS, Modes
+from hollownet.settings import DEFAULT_LORA_FORMAT, Modes, expand_lora_targets, model_defaults
+
+
+def _resolve_model_defaults(request, names) -> None:
+    """Fields left None take the request's model's run defaults: the one place they are resolved."""
+    defaults = model_defaults(request.model)
+    for name in names:
+        if getattr(request, name) is None:
+            setattr(request, name, defaults[name])
 
 
 @dataclass
@@ -25,13 +33,14 @@ class TrainRequest:
     method: str = "hollow"
     hollow: float | None = None
     hollow_blocks: list[str] | None = None
-    rank: int = DEFAULT_RANK
+    # None: the model's default (settings.model_defaults), resolved on construction
+    rank: int | None = None
     lora_alpha: float | None = None
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    resolution: int = SD_DEFAULTS["resolution"]
-    steps: int = SD_DEFAULTS["steps"]
-    batch: int = SD_DEFAULTS["batch"]
-    lr: float = SD_DEFAULTS["lr"]
+    lora_targets: list[str] | None = None  # layer names or groups (settings.LORA_TARGET_GROUPS)
+    resolution: int | None = None
+    steps: int | None = None
+    batch: int | None = None
+    lr: float | None = None
     seed: int = 0
     modes: Modes = field(default_factory=Modes)  # precision, compute dtype, streaming, checkpointing, optimizer, stage 1 layout
     num_samples: int | None = None  # default steps x batch: fresh noise every step
@@ -40,10 +49,10 @@ class TrainRequest:
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 100
     resume: bool = True  # stage 2 continues from its newest matching checkpoint; False: start stage 2 over
-    device: str = "cpu"
+    device: str | None = None  # None: the best this machine has (devices.default_device: cuda, mps, cpu)
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
-    lora_format: str = "both"  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
+    lora_format: str = DEFAULT_LORA_FORMAT  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
     # watching the run (stages/watch.py): progress lines, snapshots, validation loss, sample images
     log_every: int = 0
     save_every: int = 0
@@ -53,6 +62,10 @@ class TrainRequest:
     sample_seed: int = 0
     sample_steps: int | None = None  # denoising steps of a sample (default: the model's, as generate)
     sample_guidance: float | None = None
+
+    def __post_init__(self):
+        _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))
+        self.lora_targets = expand_lora_targets(self.lora_targets)
 
     def settings(self) -> dict:
         """The request as ``train.json`` records it: one flat dict, the modes' keys among the others."""
@@ -68,33 +81,41 @@ class PlanRequest:
     hollow: float | None = None  # fraction of U-Net parameters (nearest valid cut)
     hollow_blocks: list[str] | None = None  # or the cut by name
     depth: int | None = None  # or the cut by depth (sweeps)
-    rank: int = DEFAULT_RANK
+    # None: the model's default (settings.model_defaults), resolved on construction
+    rank: int | None = None
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    resolution: int = SD_DEFAULTS["resolution"]
-    batch: int = SD_DEFAULTS["batch"]
+    lora_targets: tuple[str, ...] | None = None
+    resolution: int | None = None
+    batch: int | None = None
     modes: Modes = field(default_factory=Modes)  # as train's; the optimizer may also be adamw-foreach (CUDA's default)
     # stage 1 (defaults: PrecomputeConfig's and a typical personalization run)
     photos: int = 4  # instance photos
     class_photos: int = 0  # prior preservation: class photos (then 2 prompts, and a step trains 2 x batch samples)
-    steps: int = SD_DEFAULTS["steps"]  # num_samples = steps x batch, as hollownet train
+    steps: int | None = None  # num_samples = steps x batch, as hollownet train
     precompute_batch: int = 4  # PrecomputeConfig.batch_size: samples per U-Net (and VAE) forward in stage 1
     shard_size: int = 64
     inference_batches: tuple[int, ...] = (1, 2)  # 2 = classifier-free guidance
     # generation (hollownet generate's settings; the modes above apply to it too)
-    gen_steps: int = SD_DEFAULTS["gen_steps"]  # denoising steps (the peak repeats after the third: see planner)
-    guidance: float = SD_DEFAULTS["guidance"]  # > 1: classifier-free guidance, the U-Net's batch is 2
+    gen_steps: int | None = None  # denoising steps (the peak repeats after the third: see planner)
+    guidance: float | None = None  # > 1: classifier-free guidance, the U-Net's batch is 2
     num_images: int = 1
     merged: bool = False  # the LoRA fused into the weights, one U-Net pass (float precisions only)
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
+        _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "batch", "steps", "gen_steps", "guidance"))
+        self.lora_targets = tuple(expand_lora_targets(self.lora_targets))
         if self.resolution < 8 or self.resolution % 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
         if self.photos < 1:
             raise HollownetError(f"--photos must be at least 1 (got {self.photos})")
         if self.gen_steps < 1 or self.num_images < 1:
             raise HollownetError("--gen-steps and --num-images must be at least 1")
+
+    @classmethod
+    def from_train(cls, req: TrainRequest, *, photos: int, class_photos: int = 0, **given) -> PlanRequest:
+        """The plan of the run ``req`` asks for: every setting the two share, from ``req``."""
+        names = {f.name for f in fields(cls)} & {f.name for f in fields(req)}
+        return cls(**{n: getattr(req, n) for n in names - set(given)}, photos=photos, class_photos=class_photos, **given)
 
     @property
     def prompts(self) -> int:

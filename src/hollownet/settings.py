@@ -146,19 +146,49 @@ class Modes:
                 "grad_checkpointing": self.checkpointing, "optimizer": self.optimizer}
 
 
+#: Defaults shared by several commands (written once: the CLI, the dataclasses and the app read them here).
+DEFAULT_IDENTIFIER = "sks"  # the rare token of instance prompts ("a photo of sks dog")
+SCHEDULERS = ("dpm", "ddim", "default")  # generation: DPM-Solver++, DDIM, or the model's own
+DEFAULT_SCHEDULER = "dpm"
+LORA_FORMATS = ("diffusers", "kohya", "both")  # the LoRA file(s) a run writes (stages/formats.py)
+DEFAULT_LORA_FORMAT = "both"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # the DreamBooth paper's DINO
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
 METHODS = ("hollow", "lora", "full")  # Hollowed Net; the paper's baselines: LoRA on the whole U-Net, full fine-tuning
 
 
-# Run defaults by base model. Stable Diffusion's are the paper's (512 px, r=32 as diffusers' scripts,
-# lr 1e-4, batch 1); the toy model (64 px, 10x narrower blocks than SD) gets its own: the LoRA rank
-# scaled with the channel width, a larger learning rate and batch. ``--model toy`` picks these for any
-# flag left unset; an explicit flag always wins.
-SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30}
-TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25}
+#: Named groups of U-Net layers for ``--lora-targets`` (a group name or a layer-name suffix, comma-separated)
+#: and bench specs (``targets=attn+conv``): peft matches each name as a suffix of a module's name.
+LORA_TARGET_GROUPS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),  # attention projections, as diffusers' LoRA scripts
+    "proj": ("proj_in", "proj_out"),  # the transformer blocks' in / out projections
+    "ff": ("ff.net.0.proj", "ff.net.2"),  # the transformer blocks' feed-forward
+    "conv": ("conv1", "conv2"),  # the resnets' 3x3 convolutions
+}
+LORA_TARGET_GROUPS["all"] = tuple(n for g in ("attn", "proj", "ff", "conv") for n in LORA_TARGET_GROUPS[g])
+DEFAULT_LORA_TARGETS = LORA_TARGET_GROUPS["attn"]  # Stable Diffusion's (and the planner's configs')
 
 
+def expand_lora_targets(names) -> list[str]:
+    """``["attn", "conv1"]`` -> layer names: groups expanded, order kept, duplicates dropped."""
+    out = [n for name in names for n in LORA_TARGET_GROUPS.get(name.strip(), (name.strip(),)) if n]
+    if not out:
+        raise HollownetError("--lora-targets names no layer; e.g. attn, or attn,conv, or to_q,to_v")
+    return list(dict.fromkeys(out))
+
+
+# Run defaults by base model: THE table (a request field left None takes its model's value here:
+# TrainRequest / PlanRequest resolve it, and the CLI, app, bench and train-many only pass what was set).
+# Stable Diffusion's are the paper's (512 px, attention LoRA r=32 as diffusers' scripts, lr 1e-4,
+# batch 1). The toy model (64 px, 10x narrower blocks than SD) gets its own: a larger learning rate and
+# batch, and LoRA on every layer kind -- its attention is 32-64 channels wide, too small alone to learn
+# a subject's shape (benchmarks/README.md, "the toy recipe"); SD keeps attention-only LoRA.
+SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30,
+               "lora_targets": DEFAULT_LORA_TARGETS}
+TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25,
+                "lora_targets": DEFAULT_LORA_TARGETS}
 DEFAULT_RANK = SD_DEFAULTS["rank"]
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts  # the dataclasses' default (the Python API's): Stable Diffusion's
 
 
 # SDXL (families.SDXL) trains and generates at its native 1024 px; the rest as Stable Diffusion's.

@@ -16,15 +16,16 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from hollownet.errors import HollownetError
 from hollownet.executor import EXECUTORS, Executor, Job, JobKilled, describe, die_with_parent, job_memory
+from hollownet.photos import IMAGE_EXTENSIONS
 from hollownet.requests import PlanRequest
-from hollownet.settings import Modes, model_defaults
+from hollownet.settings import Modes
 
 LOG_NAME = "train-many.log"
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def add_executor_flags(p: argparse.ArgumentParser) -> None:
@@ -104,15 +105,12 @@ def train_job(argv: list[str], output: str) -> dict:
 
 def _memory(ns: argparse.Namespace) -> int | None:
     """The planner's prediction for a job's settings (train's defaults for the flags it leaves unset)."""
-    d = {**model_defaults(ns.model), **{k: v for k, v in vars(ns).items() if v is not None}}
     images = Path(ns.images)
-    photos = sum(p.suffix.lower() in PHOTO_SUFFIXES for p in images.iterdir()) if images.is_dir() else 4
-    modes, _ = Modes.split(d)
-    return job_memory(PlanRequest(
-        model=ns.model, method=d["method"], hollow=ns.hollow, hollow_blocks=ns.hollow_blocks, rank=d["rank"],
-        resolution=d["resolution"], batch=d["batch"], steps=d["steps"], modes=modes,
-        photos=max(1, photos), class_photos=4 if ns.class_images else 0,
-        **({"lora_targets": tuple(ns.lora_targets)} if ns.lora_targets else {})))
+    photos = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in images.iterdir()) if images.is_dir() else 4
+    modes, rest = Modes.split(vars(ns))
+    names = {f.name for f in fields(PlanRequest)}  # a flag left unset (None): the request's model default
+    return job_memory(PlanRequest(**{k: v for k, v in rest.items() if k in names and v is not None}, modes=modes,
+                                  photos=max(1, photos), class_photos=4 if ns.class_images else 0))
 
 
 def run_train_many(path: str | Path, executor: Executor, train_parser: argparse.ArgumentParser, log=print) -> dict:

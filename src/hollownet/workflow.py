@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from hollownet.checks import preflight_train
+from hollownet.devices import default_device
 from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.loading import resolve_model_dir
 from hollownet.memory.planner import load_model_configs, settle_stage1
@@ -25,6 +26,7 @@ from hollownet.stages.train import TrainConfig, run_train
 from hollownet.toy import NAME as TOY
 from hollownet.toy import world as W
 from hollownet.toy.evaluator import load_evaluator, score_images
+from hollownet.toy.identity import IdentityReference, identity_rate
 
 
 def shared_fields(cls, source, **given):
@@ -39,11 +41,8 @@ def settled_modes(req: TrainRequest) -> Modes:
     if not req.modes.stage1_unsettled:
         return req.modes
     model_dir = resolve_model_dir(req.model)
-    plan_req = PlanRequest(model=str(model_dir), method=req.method, hollow=req.hollow, hollow_blocks=req.hollow_blocks,
-                           rank=req.rank, lora_alpha=req.lora_alpha, lora_targets=tuple(req.lora_targets),
-                           resolution=req.resolution, batch=req.batch, modes=req.modes, steps=req.steps,
-                           photos=len(list_photos(req.images)),
-                           class_photos=len(list_photos(req.class_images)) if req.class_images else 0)
+    plan_req = PlanRequest.from_train(req, model=str(model_dir), photos=len(list_photos(req.images)),
+                                      class_photos=len(list_photos(req.class_images)) if req.class_images else 0)
     return settle_stage1(load_model_configs(model_dir), plan_req)[0].modes
 
 
@@ -52,6 +51,8 @@ def personalize(req: TrainRequest, on_step=None) -> dict:
 
     ``on_step``: called after each training step (``stages.train.run_train``); a true return stops there."""
     preflight_train(req)  # paths, prompt, photo count: before any model loads
+    if req.device is None:
+        req = replace(req, device=default_device())
     out = Path(req.output)
     made = not out.exists()
     try:
@@ -164,6 +165,9 @@ def plot_loss(losses: list[float], path: Path, title: str = "", validation: list
     plt.close(fig)
 
 
+DEMO_IMAGES_PER_PROMPT = 4  # x 3 unseen backgrounds on the toy model: 12 images scored
+
+
 def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -> dict:
     """Personalize a novel subject, generate it where its photos never were, show before / after.
 
@@ -189,8 +193,7 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
         prompts = ["a photo of sks dog on the beach", "a photo of sks dog in the snow"]
     print(f"personalizing with Hollowed Net: {prompt!r} ...")
     record = personalize(TrainRequest(model=model, images=str(photos_dir), prompt=prompt, output=str(out / "lora"),
-                                      resolution=d["resolution"], steps=steps or d["steps"], rank=d["rank"], lr=d["lr"],
-                                      batch=d["batch"], checkpoint_every=0))
+                                      steps=steps, checkpoint_every=0))  # the rest: the model's defaults
     print(record["summary"])
     rows: dict[str, list] = {"photos": [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir())
                                         if p.suffix.lower() in (".png", ".jpg", ".jpeg")]}
@@ -199,7 +202,8 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
         rows[label] = []
         for j, p in enumerate(prompts):
             folder = out / "images" / ("base" if lora is None else "personalized") / f"p{j}"
-            gens[label] = run_generate(GenerateConfig(model=model, lora=lora, prompt=p, output=str(folder), num_images=2,
+            gens[label] = run_generate(GenerateConfig(model=model, lora=lora, prompt=p, output=str(folder),
+                                                      num_images=DEMO_IMAGES_PER_PROMPT,
                                                       steps=d["gen_steps"], guidance=d["guidance"], seed=j * 100))
             rows[label] += [Image.open(folder / f) for f in gens[label]["images"]]
     contact_sheet(rows, out / "sheet.png", caption=f"prompts: {'; '.join(prompts)}")
@@ -208,12 +212,15 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     print(f"generation ({gens['personalized']['mode']}) peak memory {format_bytes(peak)}; sheet: {out / 'sheet.png'}")
     if model == TOY:
         ev = load_evaluator()
-        bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(2)]
+        bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(DEMO_IMAGES_PER_PROMPT)]
+        identity = IdentityReference(rows["photos"])
         scores = {k: score_images(ev, rows[k], rows["photos"], backgrounds=bgs) for k in ("base model", "personalized")}
-        result["toy_scores"] = scores
         for k, v in scores.items():
-            print(f"toy scores, {k:12s}: subject {v['toy_subject_score']:.3f}, subject present "
-                  f"{v['presence']:.0%}, background followed {v['background_followed']:.0%}")
+            v["identity_scores"] = identity.scores(rows[k])
+            v["identity"] = identity_rate(v["identity_scores"])
+            print(f"toy scores, {k:12s}: subject drawn (identity) in {v['identity']:.0%} of the images, background "
+                  f"followed {v['background_followed']:.0%}, subject colours present {v['presence']:.0%}")
+        result["toy_scores"] = scores
         print("(the toy model's figures, measured by the toy evaluator: not Stable Diffusion's)")
     save_json(out / "demo.json", json.loads(json.dumps(result, default=str)))
     return result

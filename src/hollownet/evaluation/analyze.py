@@ -36,7 +36,7 @@ from safetensors import safe_open
 from hollownet import workflow
 from hollownet.errors import HollownetError
 from hollownet.evaluation.bench import train_request
-from hollownet.settings import DEFAULT_RANK
+from hollownet.settings import model_defaults
 from hollownet.stages.export import INFO_FILE, LORA_FILE
 from hollownet.stages.store import save_json
 
@@ -384,15 +384,20 @@ class AnalyzeConfig:
     model: str | None = None
     images: str | None = None
     prompt: str | None = None
-    steps: int = 400
-    rank: int = DEFAULT_RANK
-    lr: float = 1e-4
-    resolution: int = 512
+    steps: int | None = None  # None: the model's default (settings.model_defaults)
+    rank: int | None = None
+    lr: float | None = None
+    resolution: int | None = None
     seed: int = 0
     precision: str = "fp32"
-    device: str = "cpu"
+    device: str | None = None  # None: the best this machine has
 
     def __post_init__(self):
+        if self.model:
+            defaults = model_defaults(self.model)
+            for name in ("steps", "rank", "lr", "resolution"):
+                if getattr(self, name) is None:
+                    setattr(self, name, defaults[name])
         if self.level not in LEVELS:
             raise HollownetError(f"--level {self.level!r} is not one of {', '.join(LEVELS)}")
         if self.train:

@@ -38,6 +38,7 @@ from diffusers import UNet2DConditionModel
 
 from hollownet import workflow
 from hollownet.cut import meta_unet
+from hollownet.devices import default_device
 from hollownet.errors import HollownetError
 from hollownet.evaluation.datasets import DatasetError, DatasetWarning, load_dataset
 from hollownet.evaluation.metrics import DinoClipScorer, model_label
@@ -49,7 +50,8 @@ from hollownet.loading import load_unet, model_fingerprint, release_memory, reso
 from hollownet.memory import planner
 from hollownet.memory.planner import PlanRequest
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.settings import DEFAULT_RANK, Modes, torch_dtype
+from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
+                                DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
 from hollownet.stages.store import save_json
 from hollownet.toy import is_toy
@@ -72,28 +74,34 @@ class BenchConfig:
     methods: str | list[str] = "hollow,lora"
     seeds: str | list[int] = "0"
     subjects: list[str] | None = None  # default: every subject with photos
-    steps: int = 400
-    lr: float = 1e-4
-    rank: int = DEFAULT_RANK
+    # None: the model's default (settings.model_defaults), resolved on construction
+    steps: int | None = None
+    lr: float | None = None
+    rank: int | None = None
     lora_alpha: float | None = None
-    resolution: int = 512
-    batch: int = 1
+    resolution: int | None = None
+    batch: int | None = None
     precision: str = "fp32"
     grad_checkpointing: bool = False
     images_per_prompt: int = 4
     prompts: int | None = None  # the first N evaluation prompts of each subject (default all)
-    gen_steps: int = 30
-    guidance: float = 7.5
-    scheduler: str = "dpm"
-    identifier: str = "sks"
-    dino_model: object = "facebook/dino-vits16"  # id / folder, or a built metrics.DinoExtractor
-    clip_model: object = "openai/clip-vit-base-patch32"  # id / folder, or a built metrics.ClipExtractor
+    gen_steps: int | None = None
+    guidance: float | None = None
+    scheduler: str = DEFAULT_SCHEDULER
+    identifier: str = DEFAULT_IDENTIFIER
+    dino_model: object = DEFAULT_DINO_MODEL  # id / folder, or a built metrics.DinoExtractor
+    clip_model: object = DEFAULT_CLIP_MODEL  # id / folder, or a built metrics.ClipExtractor
     keep: str = "weights"  # weights | all | results
     summarize_only: bool = False
-    device: str = "cpu"
-    lora_format: str = "both"  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
+    device: str | None = None  # None: the best this machine has (devices.default_device)
+    lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
 
     def __post_init__(self):
+        defaults = model_defaults(self.model)
+        for name in ("steps", "lr", "rank", "resolution", "batch", "gen_steps", "guidance"):
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[name])
+        self.device = self.device or default_device()
         if self.keep not in KEEP_CHOICES:
             raise HollownetError(f"--keep {self.keep!r} is not one of {', '.join(KEEP_CHOICES)}")
         for name in ("steps", "rank", "batch", "images_per_prompt", "gen_steps", "resolution"):
@@ -149,6 +157,8 @@ def _cell_config(cfg: BenchConfig, spec: MethodSpec, subject, seed: int, prompts
         "precision": cfg.precision,
         "grad_checkpointing": cfg.grad_checkpointing,
         # the low-memory options only when set, so cells finished before they existed stay valid
+        "lora_targets": (expand_lora_targets(spec.targets or model_defaults(cfg.model)["lora_targets"])
+                         if spec.name != "full" else None),
         **({"train_precision": spec.weights} if spec.weights else {}),
         **({"stream_weights": True} if spec.stream else {}),
         **({"optimizer": spec.optimizer} if spec.optimizer else {}),
@@ -284,12 +294,7 @@ def _run_cells_as_jobs(todo: list[_Cell], cfg: BenchConfig, scorer, unet_params:
         c = cell.config
         key = (cell.spec.key, len(c["photos"]))
         if key not in memory and executor.kind == "ray":  # only Ray reserves; one prediction per method, not per cell
-            memory[key] = job_memory(PlanRequest(
-                model=cfg.model, method=c["method"], hollow=c["hollow"], hollow_blocks=c["hollow_blocks"],
-                rank=c["rank"] or cfg.rank, resolution=cfg.resolution, batch=cfg.batch, steps=c["steps"],
-                modes=Modes(precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
-                            stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw")),
-                photos=len(c["photos"])))
+            memory[key] = job_memory(PlanRequest.from_train(_cell_request(cfg, cell), photos=len(c["photos"])))
     jobs = [Job(cell.label, run_cell_job, (cell, cfg, scorer, unet_params),
                 memory=memory.get((cell.spec.key, len(cell.config["photos"])))) for cell in todo]
     log(f"running {len(jobs)} cell(s) with the {executor.kind} executor"
@@ -348,7 +353,8 @@ def _cell_request(cfg: BenchConfig, cell: _Cell) -> workflow.TrainRequest:
         lora_alpha=c["lora_alpha"], steps=c["steps"], batch=cfg.batch, lr=c["lr"], seed=cell.seed,
         precision=c.get("train_precision", cfg.precision), grad_checkpointing=cfg.grad_checkpointing,
         stream_weights=c.get("stream_weights", False), optimizer=c.get("optimizer", "adamw"),
-        num_samples=c.get("num_samples"), lora_format=cfg.lora_format, track_memory=True)
+        num_samples=c.get("num_samples"), lora_format=cfg.lora_format, track_memory=True,
+        lora_targets=c["lora_targets"])
 
 
 def _run_cell(cell: _Cell, cfg: BenchConfig, scorer, unet_params: int) -> dict:
@@ -425,7 +431,7 @@ def _now() -> str:
 
 
 def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
-                    images_per_prompt: int, steps: int, guidance: float = 7.5, scheduler: str = "dpm",
+                    images_per_prompt: int, steps: int, guidance: float, scheduler: str = DEFAULT_SCHEDULER,
                     resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
     """``images_per_prompt`` images per prompt into ``output`` with one ``manifest.json``; the pipeline loads once.

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from hollownet.photos import PhotoWarning, StrPath, list_photos, load_photos, one_line, warn_from_caller
+from hollownet.settings import DEFAULT_IDENTIFIER
 from hollownet.toy import world as W
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 LIVE_CLASSES: frozenset[str] = frozenset({"dog", "cat"})
 
 #: The rare-token identifier the DreamBooth paper binds the subject to ("a sks dog").
-DEFAULT_IDENTIFIER = "sks"
 
 
 class DatasetError(ValueError):

@@ -22,23 +22,26 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import socket
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image, ImageOps
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
 
 from hollownet.errors import HollownetError
+from hollownet.photos import IMAGE_EXTENSIONS
+from hollownet.settings import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER
 
-DEFAULT_DINO_MODEL = "facebook/dino-vits16"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_IDENTIFIER = "sks"
 SCALE_NOTE = "raw cosine"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAMES = ("manifest.json", "manifest.csv")
 METRICS = ("dino", "clip_i", "clip_t")  # the bench table's columns (DinoClipScorer)
 
@@ -219,7 +222,26 @@ def _resolve_model(model: str | Path, example: str) -> str:
         raise ValueError(
             f"model folder {text!r} does not exist; pass a folder written by save_pretrained or a hub id (e.g. {example})"
         )
+    if not Path(text).exists():
+        _check_hub_reachable(text, example)
     return text
+
+
+def _check_hub_reachable(model_id: str, example: str) -> None:
+    """A hub id that is not in the local cache needs the hub: refuse at once when it cannot be reached, rather
+    than after the hub client's retries (~25 s)."""
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):  # a path: cached (else None or a sentinel)
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    if not hf_constants.HF_HUB_OFFLINE:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise ValueError(f"{model_id!r} is not on this machine and the hub cannot be reached (offline); pass a local copy "
+                     f"(a folder written by save_pretrained, e.g. of {example}), or for a run of the bundled toy model "
+                     "use 'hollownet eval --model toy' (its own metrics, offline)")
 
 
 def _load_config(model: str, expected: str, example: str):

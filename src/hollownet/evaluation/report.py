@@ -23,7 +23,7 @@ from hollownet.memory.tracker import format_bytes
 from hollownet.toy.bench import TOY_METRICS
 
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "toy_subject": "toy subject",
-                 "presence": "presence", "background": "background", "drift": "drift"}
+                 "identity": "identity", "identity_score": "identity score", "presence": "colours present", "background": "background", "drift": "drift"}
 
 
 def _stats(values) -> dict:
@@ -143,9 +143,11 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"- {n_ok} of {n_all} cells finished"
               + (f", {summary['n_failed']} failed" if summary.get("n_failed") else "")
               + (f", {len(summary['pending'])} not run yet" if summary.get("pending") else "") + ".",
-              ("- toy subject: cosine of the toy evaluator's features, generated vs subject photos (DINO-like); "
-               "presence: share of images showing the subject; background: share following the prompt's background; "
-               "drift: share of ordinary-prompt images showing the subject (lower is better). All are the toy "
+              ("- identity: share of images in which the subject is recognisably drawn (shape, both colours, their "
+               "layout: toy.identity); identity score: its best-aligned colour-mask IoU with the photos, mean; "
+               "toy subject: cosine of the toy evaluator's features, generated vs subject photos (sees colour more "
+               "than shape); colours present: share of images showing both subject colours; background: share following the prompt's background; "
+               "drift: share of ordinary-prompt images showing the subject's colours (lower is better). All are the toy "
                "model's figures, not Stable Diffusion's; mean ± sample std over finished cells (subjects × seeds)."
                if tuple(metrics) == TOY_METRICS else
                "- DINO, CLIP-I, CLIP-T: raw cosine, mean ± sample std over finished cells (subjects × seeds)."),

@@ -4,7 +4,7 @@
 
     SPEC   := NAME [ "@" FRACTION ] ( ":" KEY "=" VALUE )*
     NAME   := hollow | lora | full
-    KEY    := r | alpha | lr | steps | weights | stream | opt | blocks | samples | infer
+    KEY    := r | alpha | targets | lr | steps | weights | stream | opt | blocks | samples | infer
 
 * ``hollow``                the default cut (``--hollow`` default: the valid skip-symmetric cut nearest 39 % of
   U-Net parameters, the paper's fraction; on SD 1.x/2.x the paper's own cut)
@@ -16,6 +16,7 @@
   overriding ``--precision`` for training only (generation runs the original model at ``--precision``)
 * ``hollow:stream=1``       streamed frozen weights (``hollownet train --stream-weights``)
 * ``hollow:opt=in-backward``  AdamW applied inside backward (``--optimizer adamw-in-backward``)
+* ``lora:targets=attn+conv``  the layers that get LoRA (``--lora-targets``: groups or layer names, "+" between)
 * ``hollow:samples=100``    stage 1 stores 100 samples, reused over ``steps x batch`` (less stage-1 time)
 * ``hollow:infer=merged``   generate with the LoRA fused into one path (default: the paper's two-path)
 * options combine: ``hollow@0.56:r=8:lr=2e-4:steps=800``, ``hollow:weights=int8:opt=in-backward``
@@ -36,7 +37,7 @@ from hollownet.errors import HollownetError
 from hollownet.settings import PRECISIONS
 
 METHOD_NAMES = ("hollow", "lora", "full")
-OPTION_KEYS = ("r", "alpha", "lr", "steps", "weights", "stream", "opt", "blocks", "samples", "infer")
+OPTION_KEYS = ("r", "alpha", "targets", "lr", "steps", "weights", "stream", "opt", "blocks", "samples", "infer")
 INFER_MODES = ("two-path", "merged")
 OPTIMIZER_ALIASES = {"adamw": "adamw", "in-backward": "adamw-in-backward", "adamw-in-backward": "adamw-in-backward"}
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
@@ -53,6 +54,7 @@ class MethodSpec:
     fraction: float | None = None
     rank: int | None = None
     alpha: float | None = None
+    targets: tuple[str, ...] | None = None  # train --lora-targets (groups or layer names)
     lr: float | None = None
     steps: int | None = None
     weights: str | None = None  # stage-2 frozen-weight precision (train --precision) for this method
@@ -66,7 +68,8 @@ class MethodSpec:
     def key(self) -> str:
         """Canonical spec text, e.g. ``hollow@0.56:r=8``."""
         text = self.name + (f"@{self.fraction:g}" if self.fraction is not None else "")
-        options = (("r", self.rank), ("alpha", self.alpha), ("lr", self.lr), ("steps", self.steps),
+        options = (("r", self.rank), ("alpha", self.alpha), ("targets", "+".join(self.targets) if self.targets else None),
+                   ("lr", self.lr), ("steps", self.steps),
                    ("weights", self.weights), ("stream", 1 if self.stream else None),
                    ("opt", {"adamw-in-backward": "in-backward"}.get(self.optimizer, self.optimizer)),
                    ("blocks", "+".join(self.blocks) if self.blocks else None), ("samples", self.samples),
@@ -120,7 +123,7 @@ def parse_method(text: str) -> MethodSpec:
         target = {"r": "rank", "opt": "optimizer"}.get(key, key)
         if target in fields:
             raise _bad(spec, f"option {key!r} given twice")
-        if key in ("r", "alpha", "weights", "stream", "opt") and name == "full":
+        if key in ("r", "alpha", "targets", "weights", "stream", "opt") and name == "full":
             raise _bad(spec, f"{key}= is a LoRA option; full fine-tuning has no LoRA")
         if key in ("stream", "infer", "blocks") and name != "hollow":
             raise _bad(spec, f"{key}= is only for hollow" + (" (lora and full have one path)" if key == "infer" else ""))
@@ -130,10 +133,10 @@ def parse_method(text: str) -> MethodSpec:
                 raise _bad(spec, f"{key}={value!r} is not {say}")
             fields[target] = {"stream": word in _TRUE, "opt": OPTIMIZER_ALIASES.get(word)}.get(key, word)
             continue
-        if key == "blocks":
-            fields["blocks"] = tuple(b.strip() for b in value.split("+") if b.strip())
-            if not fields["blocks"]:
-                raise _bad(spec, "blocks= names no block")
+        if key in ("blocks", "targets"):
+            fields[key] = tuple(b.strip() for b in value.split("+") if b.strip())
+            if not fields[key]:
+                raise _bad(spec, f"{key}= names nothing")
             continue
         try:
             number = int(value) if key in ("r", "steps", "samples") else float(value)

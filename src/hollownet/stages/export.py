@@ -22,6 +22,7 @@ from torch import nn
 
 from hollownet.errors import HollownetError
 from hollownet.families import SD_FAMILY, Family
+from hollownet.settings import DEFAULT_LORA_FORMAT, LORA_FORMATS
 from hollownet.stages import formats
 from hollownet.stages.store import save_json, save_tensors
 
@@ -44,14 +45,14 @@ def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, to
 
 
 def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | None = None,
-              lora_format: str = "both", family: Family = SD_FAMILY) -> Path:
+              lora_format: str = DEFAULT_LORA_FORMAT, family: Family = SD_FAMILY) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (+ LoRA config metadata) and/or its kohya twin, and ``hollownet.json``.
 
     ``lora_format``: diffusers, kohya or both; ``family``: whose pipeline writes the file. Returns the path
     of the first file written.
     """
-    if lora_format not in formats.LORA_FORMATS:
-        raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(formats.LORA_FORMATS)}")
+    if lora_format not in LORA_FORMATS:
+        raise HollownetError(f"--format {lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = adapter or next(iter(unet.peft_config))

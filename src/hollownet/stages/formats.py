@@ -47,7 +47,6 @@ from hollownet.stages.store import save_tensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
-LORA_FORMATS = ("diffusers", "kohya", "both")
 LAYOUTS = ("diffusers", "kohya")
 SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version of SDXL
 

@@ -47,11 +47,10 @@ from hollownet.loading import release_memory, resolve_model_dir, vae_scale_facto
 from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
-from hollownet.settings import Modes, torch_dtype
+from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
 from hollownet.stages.export import lora_weight_name, read_info
 from hollownet.stages.store import save_image, save_json
 
-SCHEDULERS = ("ddim", "dpm", "default")
 GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
 # (SDXL's text-encoder part is two: "text encoder", then "text encoder 2", as in stage 1)
 MERGED_QUANTIZED = ("--merged fuses the LoRA into the weights, which int8/nf4 cannot hold: drop --merged "
@@ -71,7 +70,7 @@ class GenerateConfig:
     seed: int = 0
     num_images: int = 4
     merged: bool = False
-    scheduler: str = "dpm"
+    scheduler: str = DEFAULT_SCHEDULER
     precision: str = "fp32"  # the weights of all three models, as train's --precision (settings.Modes)
     device: str = "cpu"
     force: bool = False  # load a LoRA recorded for another base model anyway
@@ -143,7 +142,7 @@ class Parts:
     source: Callable[[str], object]  # component (unet, text_encoder[_2], vae) -> tensor source
     token_ids: Callable[[list[str], str], torch.Tensor]  # (texts, tokenizer folder) -> padded ids
     scheduler_config: dict
-    scheduler: str = "dpm"
+    scheduler: str = DEFAULT_SCHEDULER
     lora: LoraWeights | None = None
     modes: Modes = field(default_factory=Modes)
     device: str = "cpu"

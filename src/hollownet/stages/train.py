@@ -34,9 +34,8 @@ from hollownet.loading import model_fingerprint, release_memory, resolve_model_d
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
-from hollownet.settings import DEFAULT_RANK, SD_DEFAULTS, Modes
+from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
-from hollownet.stages.formats import LORA_FORMATS
 from hollownet.stages import watch as W
 from hollownet.stages.progress import ProgressLog
 from hollownet.stages.store import Store, save_json, save_torch
@@ -64,9 +63,9 @@ class TrainConfig:
     resume: bool = True  # continue from the newest valid checkpoint with the same settings; False: start over
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
-    lora_format: str = "both"  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
+    lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
     # watching the run (stages/watch.py); none of them changes what is trained
-    log_every: int = 0  # a plain line every N steps when stdout is not a terminal (0: ~20 a run; and every 30 s)
+    log_every: int = 0  # a plain line every N steps where tqdm draws no bar (stderr not a terminal; 0: ~20 a run; and every 30 s)
     save_every: int = 0  # LoRA snapshots in OUTPUT/snapshots/step-XXXX (0: none)
     validate_every: int | None = None  # held-out loss every N steps (None: with the samples, else a tenth; 0: never)
     sample_every: int = 0  # sample images in OUTPUT/samples (0: none)
