@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,36 @@ def test_resume_keeps_validation_snapshots_and_samples(watched, tiny_model, dog_
     straight = json.loads((watched[0] / "train.json").read_text())["validation"]["history"]
     assert resumed == straight  # step 2's kept from before the break, 4 and 6 recomputed: the same numbers
     assert sorted(p.name for p in (out / "samples").glob("step-*")) == ["step-0003", "step-0004", "step-0006"]
+
+
+# ----------------------------------------------------------------------------------------------------------- app
+
+
+def test_app_shows_the_growing_sheet_and_generates_from_a_snapshot(tmp_path):
+    """The app's handlers (no browser): the run's sample sheet and snapshots in the view; step 4 draws from one."""
+    from hollownet.app import handlers as h
+    from hollownet.app.jobs import DONE, Jobs
+    from hollownet.toy import world as W
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i, img in enumerate(W.subject_photos("plus", 3)):
+        img.save(folder / f"{i:02d}.png")
+    jobs = Jobs(tmp_path / "app")
+    s = {"model": "toy", "prompt": "a sks shape", "method": "hollow", "precision": "fp32", "steps": 4, "rank": 2,
+         "resolution": 64, "lr": 1e-3, "batch": 1, "seed": 0, "device": "cpu", "sample_every": 2, "save_every": 2,
+         "sample_steps": 2}
+    assert h.start_training(jobs, sorted(str(p) for p in folder.iterdir()), s).startswith("started training")
+    jobs.wait(300)
+    assert jobs.latest["train"].status == DONE, jobs.latest["train"].error
+    v = h.view(jobs)
+    assert v["snapshots"] == [h.FINAL, "step 2", "step 4"]
+    assert Image.open(v["sheet"][0]).size[1] == 2 * 132 + 24  # rows at steps 2 and 4
+    g = {"prompt": "a sks shape on a black background", "seed": 0, "steps": 2, "guidance": 1.5, "num_images": 1,
+         "path": "two-path", "lora": "step 2"}
+    assert h.start_generation(jobs, g).startswith("started generation")
+    jobs.wait(300)
+    gen = jobs.latest["generate"]
+    assert gen.status == DONE, gen.error
+    record = json.loads((Path(gen.settings["output"]) / "generate.json").read_text())
+    assert record["settings"]["lora"].endswith("lora/snapshots/step-0002")
