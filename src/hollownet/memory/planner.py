@@ -742,6 +742,7 @@ class MemoryPlan:
             lines.append(f"  generation             {g(self.generate_peak)}   {modes.precision}, {path}, "
                          f"{'CFG batch 2' if req.guidance > 1 else 'no CFG'}, each part in turn: {parts}")
             lines.append(f"  whole run              {g(self.whole_run_peak)}   the largest of pre-compute, training and generation")
+            lines.append("  (train --sample-every: each sample image is this generation, the training state freed meanwhile)")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak
             lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "

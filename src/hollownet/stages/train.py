@@ -172,7 +172,7 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     watch = make_watch(cfg, out, store, manifest, start, keys)
     info = result_info(cfg, manifest, plan, t.net.params) | {"family": family.name}
     export = lambda folder, step=None: _export(t.net.unet, folder, info | ({"step": step} if step else {}), cfg, family)  # noqa: E731
-    validate = lambda: validation_loss(t.net, watch.validation, embeds, cfg, cfg.batch, predict, loss_fn)  # noqa: E731
+    validate = lambda: validation_loss(t.net, W.load_validation(store, keys), embeds, cfg, cfg.batch, predict, loss_fn)  # noqa: E731
     per_step = cfg.batch * (2 if manifest.get("class_photo_files") else 1)  # prior preservation doubles it
     t.net.unet.train()
     memory = None
@@ -288,7 +288,7 @@ def make_watch(cfg: TrainConfig, out: Path, store: Store, manifest: dict, start:
     log = ProgressLog(f"train ({cfg.method})", cfg.steps, start, every=cfg.log_every)
     return Watch(out=out, total=cfg.steps, start=start, log=log, save_every=cfg.save_every, validate_every=validate_every,
                  sample_every=cfg.sample_every, samples=samples, rank=cfg.rank, alpha=float(cfg.lora_alpha or cfg.rank),
-                 validation=W.load_validation(store, keys) if validate_every else None)
+                 validation=W.held_out_count(store) if validate_every else 0)
 
 
 def sample_source(cfg: TrainConfig, model_dir: Path, info: dict) -> Callable:

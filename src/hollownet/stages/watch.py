@@ -97,7 +97,7 @@ class Watch:
     samples: SampleSettings | None = None
     rank: int = 0  # the LoRA's, for the sample rows' generation
     alpha: float = 0.0
-    validation: dict | None = None  # the store's held-out samples (None: none in this store)
+    validation: int = 0  # how many held-out samples the store has (0: none); read only while validating
     history: list[list] = field(default_factory=list)  # [step, validation loss]
     sample_memory: dict | None = None  # the largest sample step's measured peak (generate's record)
 
@@ -111,7 +111,7 @@ class Watch:
         a snapshot, ``source(weights)`` sets generation up; ``trainee`` is freed while a sample row is drawn."""
         t0 = time.monotonic()
         extra = ""
-        if self.validation is not None and (due(step, self.validate_every) or step == self.total):
+        if self.validation and (due(step, self.validate_every) or step == self.total):
             extra = f"validation loss {self.record_validation(step, validate()):.4f}"
         if due(step, self.save_every):
             self.snapshot(step, export)
@@ -189,9 +189,7 @@ class Watch:
         rec: dict = {"snapshots": sorted(str(p) for p in (self.out / SNAPSHOTS).glob("step-*"))}
         if self.history:
             best = min(self.history, key=lambda h: h[1])
-            rec["validation"] = {"every": self.validate_every, "samples": int(self.validation["target"].shape[0])
-                                 if self.validation is not None else None,
-                                 "history": self.history, "best_step": best[0], "best_loss": best[1]}
+            rec["validation"] = {"every": self.validate_every, "samples": self.validation, "history": self.history, "best_step": best[0], "best_loss": best[1]}
         if self.samples is not None:
             rec["samples"] = {"every": self.sample_every, "prompts": self.samples.prompts, "seed": self.samples.seed,
                               "steps": sorted(int(p.name[5:]) for p in (self.out / SAMPLES).glob("step-*")),
@@ -217,13 +215,24 @@ def validation_loss(net, batch: dict, embeds, cfg, chunk: int, predict, loss_fn)
     return total / n
 
 
-def load_validation(store, keys) -> dict | None:
+def held_out_count(store) -> int:
+    """How many held-out samples the store has (0, with a warning, for a store made before they existed)."""
+    from safetensors import safe_open
+
     from hollownet.stages.precompute import VALIDATION_FILE
 
     if not (store.root / VALIDATION_FILE).is_file():
         warnings.warn(f"the store in '{store.root}' has no held-out samples (made by an older hollownet): "
                       "no validation loss; run with a new --output for one")
-        return None
+        return 0
+    with safe_open(store.root / VALIDATION_FILE, "pt") as f:
+        return int(f.get_slice("target").get_shape()[0])
+
+
+def load_validation(store, keys) -> dict:
+    """The held-out samples, read when validating and dropped after: never resident during a training step."""
+    from hollownet.stages.precompute import VALIDATION_FILE
+
     tensors = store.tensors(VALIDATION_FILE)
     return {k: tensors[k] for k in keys}
 
