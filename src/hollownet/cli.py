@@ -346,11 +346,11 @@ def _add_watch(t: argparse.ArgumentParser) -> None:
                    help="images every N steps and at the end in OUTPUT/samples, one row per step in samples/sheet.png")
     w.add_argument("--sample-prompt", dest="sample_prompts", action="append", metavar="P",
                    help="a sample prompt (repeatable; default: the instance prompt in a context the photos do not show)")
-    w.add_argument("--sample-seed", type=int, default=0, help="the samples' noise seed, the same every row (default 0)")
-    w.add_argument("--sample-steps", type=int, help=f"the samples' denoising steps ({_by_model('gen_steps')})")
-    w.add_argument("--sample-guidance", type=float, help=f"the samples' guidance scale ({_by_model('guidance')})")
-    w.add_argument("--log-every", type=int, default=0, metavar="N", help="when stdout is not a terminal: a progress "
-                   "line every N steps (default: about 20 a run) and at least every 30 s")
+    w.add_argument("--sample-seed", type=int, default=0, metavar="S", help="the samples' noise seed, the same every row (default 0)")
+    w.add_argument("--sample-steps", type=int, metavar="N", help=f"the samples' denoising steps ({_by_model('gen_steps')})")
+    w.add_argument("--sample-guidance", type=float, metavar="G", help=f"the samples' guidance scale ({_by_model('guidance')})")
+    w.add_argument("--log-every", type=int, default=0, metavar="N", help="where no progress bar is drawn (stderr not a "
+                   "terminal: nohup, CI): a line on stderr every N steps (default: about 20 a run) and at least every 30 s")
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
