@@ -292,3 +292,30 @@ def test_app_shows_the_growing_sheet_and_generates_from_a_snapshot(tmp_path):
     assert gen.status == DONE, gen.error
     record = json.loads((Path(gen.settings["output"]) / "generate.json").read_text())
     assert record["settings"]["lora"].endswith("lora/snapshots/step-0002")
+
+
+def test_validation_peaks_below_a_training_step(tiny_model, hollow_store):
+    """The held-out loss (no grad, a training batch per forward, its samples read for it) never raises stage 2's peak."""
+    from hollownet.memory.tracker import MemoryTracker
+    from hollownet.optimizers import make_optimizer
+    from hollownet.stages import watch as W
+    from hollownet.stages.store import Store
+    from hollownet.stages.train import TrainConfig, build_model, loss_fn, predict, train_step
+
+    store = Store(hollow_store)
+    cfg = TrainConfig(model=str(tiny_model), store=str(hollow_store), output="unused", rank=2, batch=2)
+    net = build_model(tiny_model, store.manifest(), cfg)
+    optimizer = make_optimizer(net.params, "adamw", 1e-3, 1.0)
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    keys = ("noisy", "target", "timestep", "prompt_index", "weight", "hollow_out")
+    peaks = {}
+    for what in ("train", "train again", "validation"):  # the second step: AdamW's state exists
+        tracker = MemoryTracker(device="cpu").add_resident(net.unet, optimizer)
+        if what == "validation":
+            with tracker:
+                value = W.validation_loss(net, W.load_validation(store, keys), embeds, cfg, cfg.batch, predict, loss_fn)
+        else:
+            train_step(net, store.samples([0, 1], keys=keys), embeds, optimizer, cfg, tracker)
+        peaks[what] = tracker.report.peak_bytes
+    assert 0 < peaks["validation"] < peaks["train again"] and value > 0, peaks
+    assert net.unet.training  # back in train mode
