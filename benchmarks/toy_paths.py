@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("toy_subject", "presence", "background", "drift")
+from hollownet.toy.bench import TOY_METRICS as METRICS  # noqa: E402  (identity first)
 
 
 def _pixels(folder: Path) -> list[np.ndarray]:

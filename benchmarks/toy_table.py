@@ -1,14 +1,16 @@
 """The paper's table in miniature, on the bundled toy model (the toy's figures, not Stable Diffusion's).
 
-    python benchmarks/toy_table.py --reduced          # 1 subject x 2 seeds x 4 rows, ~15 min on 2 cores
-    python benchmarks/toy_table.py --main             # the methods: 5 rows x 4 subjects x 5 seeds, ~50 min
-    python benchmarks/toy_table.py --sweep            # cuts, low-memory modes, reuse: 16 rows x plus x 5 seeds, ~35 min
-    python benchmarks/toy_table.py                    # every row, 4 subjects x 5 seeds: hours; resumable
+    python benchmarks/toy_table.py --reduced          # 1 subject x 2 seeds x 4 rows
+    python benchmarks/toy_table.py --main             # the methods: 5 rows x 4 subjects x 5 seeds
+    python benchmarks/toy_table.py --sweep            # cuts, low-memory modes, reuse: 3 subjects x 5 seeds
+    python benchmarks/toy_table.py                    # every row, 4 subjects x 5 seeds: many hours; resumable
 
 It is ``hollownet bench --model toy --dataset toy`` with the rows below (rerun the same command to
-continue: finished cells are kept). Ranks are the paper's scaled to the toy's width: SD's narrowest
-attention is 320 channels, the toy's 32, so r=128 becomes r=12 and r=1 stays 1. Full fine-tuning
-uses a 10x lower learning rate than LoRA (as the paper's 5e-6 against LoRA's 1e-4 / 5e-5).
+continue: finished cells are kept), scored by the toy scorer (identity first: toy/identity.py). Every row
+uses the toy's defaults (settings.TOY_DEFAULTS: LoRA targets, rank, steps, lr, batch) unless it names
+another value, and Hollowed Net the same settings as LoRA FT, as the paper does. "High rank" is the
+default rank; r=1 is the paper's low-rank row. Full fine-tuning uses a 10x lower learning rate than
+LoRA (as the paper's 5e-6 against LoRA's 1e-4 / 5e-5).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import shutil
 import sys
 from pathlib import Path
 
-HIGH_RANK = 12
-REDUCED = ["full:lr=1e-4", f"lora:r={HIGH_RANK}", "lora:r=1", f"hollow:r={HIGH_RANK}"]
+from hollownet.settings import TOY_DEFAULTS
+
+HIGH_RANK = TOY_DEFAULTS["rank"]
+SEEN = TOY_DEFAULTS["steps"] * TOY_DEFAULTS["batch"]  # training samples one run sees
+REDUCED = [f"full:lr={TOY_DEFAULTS['lr'] / 10:g}", f"lora:r={HIGH_RANK}", "lora:r=1", f"hollow:r={HIGH_RANK}"]
 MAIN = REDUCED + [f"hollow:r={HIGH_RANK}:infer=merged"]
 BASELINES = [f"lora:r={HIGH_RANK}", f"hollow:r={HIGH_RANK}"]  # the sweep's reference rows (shared with --main)
 
@@ -41,7 +46,7 @@ def sweep_rows() -> list[str]:
         *[f"hollow:{r}:blocks={'+'.join(c)}" for c in cuts],  # the paper's "fraction of hollowed layers"
         f"hollow:{r}:weights=bf16", f"hollow:{r}:weights=int8", f"hollow:{r}:weights=nf4",
         f"hollow:{r}:stream=1", f"hollow:{r}:opt=in-backward",
-        f"hollow:{r}:samples=100", f"hollow:{r}:samples=300",  # stage-1 reuse: 100 / 300 stored for 1200 seen
+        f"hollow:{r}:samples={SEEN // 12}", f"hollow:{r}:samples={SEEN // 4}",  # stage-1 reuse: stored samples, each seen 12x / 4x
     ]
 
 

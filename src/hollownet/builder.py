@@ -14,6 +14,7 @@ initialized as peft initializes it on a loaded model (the same random draws for 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,15 @@ def lora_outside(unet: nn.Module, skip: list[str], targets) -> list[str]:
     return names
 
 
-def add_lora(unet: nn.Module, targets: list[str], rank: int, alpha: float | None = None) -> None:
-    """peft LoRA on exactly ``targets`` (full module names), its tensors on meta until :func:`init_lora`."""
+def add_lora(unet: nn.Module, targets: list[str], rank: int, alpha: float | None = None,
+             rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
+    """peft LoRA on exactly ``targets`` (full module names), its tensors on meta until :func:`init_lora`;
+    ``rank_pattern`` / ``alpha_pattern``: full module names whose rank / alpha differ (a foreign LoRA's)."""
+    # peft reads pattern keys as regexes matched at a name's end: escaped full names match their module only
+    escape = lambda p: {re.escape(k): v for k, v in (p or {}).items()}  # noqa: E731
     with init_empty_weights():
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian"))
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian",
+                                    rank_pattern=escape(rank_pattern), alpha_pattern=escape(alpha_pattern)))
 
 
 def init_lora(unet: nn.Module, dtype: torch.dtype, device) -> list[nn.Parameter]:

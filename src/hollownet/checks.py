@@ -6,6 +6,7 @@ is a ``warnings.warn`` (one ``warning: ...`` line in the CLI).
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -27,6 +28,33 @@ FEW_PHOTOS, MANY_PHOTOS = 3, 20
 def has_rare_identifier(prompt: str) -> bool:
     words = re.findall(r"<[^<>\s]+>|[A-Za-z0-9_]+", prompt)
     return any(w.startswith("<") or w.lower() in RARE_IDENTIFIERS for w in words)
+
+
+# words of ordinary captions; the identifier of a prompt with no rare token is its first word not in here
+COMMON_WORDS = frozenset("a an the photo photograph picture image portrait close up closeup of my our your his her their "
+                         "this that these those in on at with and by for to from".split())
+
+
+def prompt_identifier(prompt: str) -> str | None:
+    """The word the instance prompt teaches: its first rare identifier (``sks``, ``<new1>``...), else its first
+    word that is not an ordinary caption word; None for an empty prompt."""
+    words = re.findall(r"<[^<>\s]+>|[A-Za-z0-9_]+", prompt)
+    rare = [w for w in words if w.startswith("<") or w.lower() in RARE_IDENTIFIERS]
+    if rare:
+        return rare[0]
+    return next((w for w in words if w.lower() not in COMMON_WORDS), None)
+
+
+def caption_words(caption: str) -> list[str]:
+    return re.findall(r"<[^<>\s]+>|[A-Za-z0-9_]+", caption)
+
+
+def check_number(value, flag: str, example: str, positive: bool = False) -> None:
+    """A float flag that must be finite (NaN would train or draw nothing, silently); ``positive``: also > 0."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise HollownetError(f"{flag} {value} must be a finite number{' above 0' if positive else ''}, e.g. {example}")
 
 
 def check_instance_prompt(prompt: str) -> None:
@@ -99,6 +127,9 @@ def preflight_train(req) -> None:
     check_photo_folder(req.images)
     if req.class_images:
         check_photo_folder(req.class_images, "--class-images")
+    check_number(req.lr, "--lr", "1e-4", positive=True)
+    check_number(req.lora_alpha, "--lora-alpha", "the rank", positive=True)
+    check_number(req.prior_loss_weight, "--prior-loss-weight", "1.0")
     check_writable(req.output)
     check_instance_prompt(req.prompt)
 
@@ -108,6 +139,7 @@ def preflight_generate(cfg) -> None:
     check_resolution(cfg.resolution)
     if cfg.lora is not None and not Path(cfg.lora).expanduser().exists():
         raise HollownetError(f"--lora '{cfg.lora}' not found: pass the --output folder of 'hollownet train'")
+    check_number(cfg.guidance, "--guidance", "7.5")
     check_writable(cfg.output)
     check_generate_prompt(cfg.prompt)
 

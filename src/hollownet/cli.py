@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -24,6 +25,7 @@ from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STA
                                 SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
                                 DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
+from hollownet.toy import is_toy
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
 # memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
@@ -375,9 +377,19 @@ def _device(name: str | None, precision: str | None = None) -> str:
 
 
 def cmd_train(args) -> int:
+    from hollownet.signals import exit_code  # lazy
+    from hollownet.stages.train import TrainingStopped  # lazy
     from hollownet.workflow import personalize  # lazy
 
-    record = personalize(_request(TrainRequest, args, device=_device(args.device, args.precision)))
+    stops = getattr(args, "stops", None)  # Ctrl-C / SIGTERM in stage 2: a checkpoint of the last step, then stop
+    try:
+        record = personalize(_request(TrainRequest, args, device=_device(args.device, args.precision)),
+                             on_step=stops.on_step if stops else None)
+    except TrainingStopped as e:
+        if stops is None or stops.signum is None:
+            raise
+        print(f"hollownet train: {signal.Signals(stops.signum).name}: {e}", file=sys.stderr)
+        return exit_code(stops.signum)
     print(record["summary"])
     return 0
 
@@ -429,7 +441,6 @@ def cmd_eval(args) -> int:
 def _eval_toy(args) -> int:
     from pathlib import Path
 
-    from hollownet.toy import is_toy
     from hollownet.toy.bench import score_folder  # lazy: loads torch
 
     if not is_toy(args.model):
@@ -554,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     from hollownet.photos import PhotoError  # lazy
     from hollownet.stages.store import disk_error  # lazy
 
-    with warnings.catch_warnings():
+    from hollownet.signals import Stops, exit_code  # lazy
+
+    args.stops = Stops()
+    with warnings.catch_warnings(), args.stops.installed():
         if not verbose:
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -575,9 +589,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"hollownet {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted): 130 / 143
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"hollownet {args.command}: interrupted ({signal.Signals(signum).name}); finished work is kept, "
+                  "rerun the same command to resume", file=sys.stderr)
+            return exit_code(signum)
 
 
 if __name__ == "__main__":

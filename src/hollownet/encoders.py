@@ -7,6 +7,7 @@ which runs the models layer by layer but samples the posterior here) and the pla
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +21,25 @@ def prompt_ids(model_dir: Path, prompts: list[str], tokenizer: str = "tokenizer"
     from transformers import AutoTokenizer  # lazily, like every model library here: it takes seconds to import
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / tokenizer)
+    warn_cut_prompts(tokenizer, prompts)
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def warn_cut_prompts(tokenizer, prompts: list[str]) -> None:
+    """One warning per prompt the text encoder cannot read whole: the pipelines cut it without a word."""
+    limit = tokenizer.model_max_length
+    fits = lambda words: len(tokenizer(" ".join(words)).input_ids) <= limit  # noqa: E731
+    for prompt, ids in zip(prompts, tokenizer(prompts, truncation=False).input_ids):
+        if len(ids) <= limit:
+            continue
+        words, lo, hi = prompt.split(), 0, len(prompt.split())
+        while lo < hi:  # the most whole words that fit
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(words[:mid]) else (lo, mid - 1)
+        warnings.warn(f'prompt "{prompt[:60]}{"..." if len(prompt) > 60 else ""}" is {len(ids)} tokens, more than the '
+                      f"{limit} the text encoder reads: it is cut after \"{' '.join(words[max(0, lo - 3):lo])}\" "
+                      f"(\"{' '.join(words[lo:lo + 5])}...\" is ignored); shorten it")
 
 
 def embed(encoder: nn.Module, ids: torch.Tensor, device, meter: PartMeter) -> torch.Tensor:

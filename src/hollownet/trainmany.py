@@ -120,6 +120,10 @@ def run_train_many(path: str | Path, executor: Executor, train_parser: argparse.
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise HollownetError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise HollownetError(f"{path.name} line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                             "save the file as UTF-8") from None
     jobs, skipped, outputs, plans = [], [], set(), {}
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):

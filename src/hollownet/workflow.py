@@ -14,6 +14,7 @@ from hollownet.checks import preflight_train
 from hollownet.devices import default_device
 from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.loading import resolve_model_dir
+from hollownet.lock import output_lock
 from hollownet.memory.planner import load_model_configs, settle_stage1
 from hollownet.memory.tracker import format_bytes
 from hollownet.requests import PlanRequest, TrainRequest
@@ -56,7 +57,8 @@ def personalize(req: TrainRequest, on_step=None) -> dict:
     out = Path(req.output)
     made = not out.exists()
     try:
-        return _personalize(req, out, on_step)
+        with output_lock(out):  # one run per output folder: a second is refused, naming the first
+            return _personalize(req, out, on_step)
     except BaseException:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty folder behind

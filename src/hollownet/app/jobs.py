@@ -10,11 +10,11 @@ lost: stage 1 and stage 2 resume from their store and checkpoints (``TrainReques
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from hollownet.evaluation.datasets import DatasetError
 from hollownet.photos import PhotoError
 from hollownet.errors import HollownetError
 from hollownet.stages.generate import GenerateConfig, run_generate
-from hollownet.stages.store import disk_error, save_json
+from hollownet.stages.store import disk_error, read_json, save_json
 from hollownet.stages.train import TrainingStopped
 from hollownet.settings import Modes
 from hollownet.workflow import TrainRequest, personalize
@@ -101,7 +101,7 @@ class Job:
 
     @classmethod
     def load(cls, path: Path) -> Job:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "delete it: the app then forgets that job (its files are kept)")
         job = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         if job.status == RUNNING:  # the server that ran it is gone: its work is on disk, resumable
             job.status, job.error = INTERRUPTED, "the app stopped while this ran; finished work is kept: resume to continue"
@@ -135,7 +135,10 @@ class Jobs:
         for kind in KINDS:  # a restarted server re-attaches to the newest run on disk
             found = sorted(self.workdir.glob(f"runs/*/app-{kind}.json"), key=lambda p: p.stat().st_mtime)
             if found:
-                self.latest[kind] = Job.load(found[-1])
+                try:
+                    self.latest[kind] = Job.load(found[-1])
+                except HollownetError as e:  # a damaged record must not stop the server: that job is forgotten
+                    warnings.warn(str(e))
 
     def running(self) -> Job | None:
         return next((j for j in self.latest.values() if j.running), None)

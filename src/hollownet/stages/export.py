@@ -24,11 +24,13 @@ from hollownet.errors import HollownetError
 from hollownet.families import SD_FAMILY, Family
 from hollownet.settings import DEFAULT_LORA_FORMAT, LORA_FORMATS
 from hollownet.stages import formats
-from hollownet.stages.store import save_json, save_tensors
+from hollownet.stages.store import read_json, save_json, save_tensors
 
 LORA_FILE = formats.DIFFUSERS_FILE
 INFO_FILE = "hollownet.json"
 ADAPTER = "default"
+INFO_FIX = ("rerun 'hollownet train' with the same --output to write it again, or copy it from a backup "
+            "(without it a hollow LoRA cannot run two-path)")
 
 
 def lora_state_dict(unet: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
@@ -88,7 +90,7 @@ def read_info(lora_dir: str | Path) -> dict:
     path = Path(lora_dir) / INFO_FILE
     if not any((Path(lora_dir) / f).exists() for f in (LORA_FILE, formats.KOHYA_FILE)):
         raise HollownetError(f"no {LORA_FILE} (or {formats.KOHYA_FILE}) in '{lora_dir}'; pass the --output folder of 'hollownet train'")
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, INFO_FIX) if path.exists() else {}
 
 
 def lora_weight_name(lora_dir: str | Path) -> str:

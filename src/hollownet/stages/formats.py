@@ -43,12 +43,15 @@ from safetensors import SafetensorError, safe_open
 from hollownet.cut import load_unet_config, meta_unet
 from hollownet.errors import HollownetError
 from hollownet.families import SDXL_FAMILY, family_of_config
-from hollownet.stages.store import save_tensors
+from hollownet.stages.store import read_json, save_tensors, temp_name
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
 LAYOUTS = ("diffusers", "kohya")
 SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version of SDXL
+# text-encoder layers are refused, never dropped: without them the LoRA would draw something else, silently
+UNET_ONLY = ("hollownet reads U-Net LoRAs only and will not drop text-encoder layers silently: use a LoRA trained "
+             "without them (kohya: --network_train_unet_only)")
 
 
 @dataclass
@@ -246,7 +249,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     (SDXL's SAI names: :func:`from_kohya_sdxl`)."""
     others = sorted({k.split(".")[0] for k in tensors if not k.startswith("lora_unet_")})
     if others:
-        raise HollownetError(f"kohya LoRA has layers outside the U-Net (e.g. {others[0]}); hollownet converts U-Net LoRAs only")
+        raise HollownetError(f"kohya LoRA has layers outside the U-Net (e.g. {others[0]}); {UNET_ONLY}")
     names = {k.split(".")[0] for k in tensors}
     bad = sorted(k for k in tensors if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha"))
     if bad:
@@ -278,7 +281,7 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
     """A diffusers/peft LoRA file's U-Net part; alphas from its ``lora_adapter_metadata``, else rank."""
     others = sorted({k.split(".")[0] for k in tensors if not k.startswith("unet.")})
     if others:
-        raise HollownetError(f"LoRA has layers outside the U-Net (prefix '{others[0]}.'); hollownet converts U-Net LoRAs only")
+        raise HollownetError(f"LoRA has layers outside the U-Net (prefix '{others[0]}.'); {UNET_ONLY}")
     peft = {k.removeprefix("unet."): v for k, v in convert_unet_state_dict_to_peft(dict(tensors)).items()}
     bad = sorted(k for k in peft if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if bad:
@@ -349,11 +352,21 @@ def read_lora(path: str | os.PathLike) -> tuple[Lora, str]:
         with safe_open(f, framework="pt") as sf:
             metadata = sf.metadata() or {}
             tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-    except (SafetensorError, OSError) as e:
-        raise HollownetError(f"cannot read '{f}' as safetensors ({e})") from None
+    except (SafetensorError, OSError) as e:  # e.g. a truncated file
+        raise HollownetError(f"cannot read LoRA '{f}' as safetensors ({str(e).splitlines()[0][:160]}): the file is "
+                             "damaged or incomplete; copy or export it again") from None
+    check_finite(tensors, f)
     layout = detect_layout(tensors)
     lora = from_kohya(tensors, metadata) if layout == "kohya" else from_diffusers(tensors, metadata)
     return lora, layout
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    """Refuse NaN / inf in any tensor (alphas included): such a LoRA draws black or noise images, silently."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HollownetError(f"LoRA '{path}' holds non-finite values (NaN or inf) in '{key}': the file is damaged "
+                                 "or its training diverged; export or train it again, or use another file")
 
 
 def write_kohya(lora: Lora, path: str | os.PathLike, metadata: dict[str, str] | None = None, unet_config=None) -> Path:
@@ -369,7 +382,7 @@ def write_diffusers(lora: Lora, path: str | os.PathLike) -> Path:
     """A file ``StableDiffusionPipeline.load_lora_weights`` reads, written by diffusers' ``save_lora_weights``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = temp_name(path)  # a folder: diffusers writes its own file name into it
     shutil.rmtree(tmp, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora.tensors, unet_lora_adapter_metadata=adapter_metadata(lora),
                                               safe_serialization=True)
@@ -404,7 +417,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     info = {}
     src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
     if (src_dir / "hollownet.json").exists():
-        info = json.loads((src_dir / "hollownet.json").read_text())
+        info = read_json(src_dir / "hollownet.json", "restore it, or convert the LoRA file alone (pass its path)")
     if to == "kohya":
         version = info.get("base_model_version") or lora.metadata.get("ss_base_model_version")
         meta = kohya_metadata(lora, base_model_version=version,

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from torch import nn
@@ -48,7 +47,8 @@ from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
 from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
-from hollownet.stages.export import lora_weight_name, read_info
+from hollownet.stages.export import read_info
+from hollownet.stages.formats import lora_file, read_lora
 from hollownet.stages.store import save_image, save_json
 
 GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
@@ -110,24 +110,25 @@ def check_generation_modes(modes: Modes, merged: bool) -> None:
 
 @dataclass
 class LoraWeights:
-    """A LoRA for the U-Net: peft's module names, rank and alpha, and its tensors (None: fake, shapes only)."""
+    """A LoRA for the U-Net: peft's module names, rank and alpha, and its tensors (None: fake, shapes only).
+    ``rank_pattern`` / ``alpha_pattern``: the modules whose rank / alpha differ from ``rank`` / ``alpha``."""
 
     targets: list[str]
     rank: int
     alpha: float
     state: dict[str, torch.Tensor] | None = None  # peft keys ``<module>.lora_A.weight`` ...
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def read(cls, lora_dir: str | Path, info: dict) -> LoraWeights:
-        """The diffusers file, else the kohya one (diffusers' own reader converts it)."""
-        state, alphas = StableDiffusionPipeline.lora_state_dict(lora_dir, weight_name=lora_weight_name(lora_dir))
-        state = convert_unet_state_dict_to_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
-        targets = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A" in k})
-        if not targets:
+        """The diffusers file, else the kohya one, by hollownet's one LoRA reader (``formats.read_lora``): every
+        module's own alpha and rank; non-finite values and text-encoder layers refused in one line."""
+        lora, _ = read_lora(lora_file(lora_dir))
+        if not lora.modules():
             raise HollownetError(f"the LoRA in '{lora_dir}' has no U-Net layers")
-        rank = int(info.get("rank") or state[f"{targets[0]}.lora_A.weight"].shape[0])
-        alpha = info.get("lora_alpha") or (next(iter(alphas.values())) if alphas else None) or rank
-        return cls(targets, rank, float(alpha), state)
+        rank, alpha, rank_pattern, alpha_pattern = lora.common()
+        return cls(sorted(lora.modules()), rank, float(alpha), dict(lora.tensors), rank_pattern, alpha_pattern)
 
 
 @dataclass
@@ -234,7 +235,7 @@ class Parts:
         stay in the file, read while the unit runs (:attr:`streamer`; the split forward walks them all)."""
         unet = meta_unet(_config(self.unet_config))
         if self.lora is not None:
-            add_lora(unet, self.lora.targets, self.lora.rank, self.lora.alpha)
+            add_lora(unet, self.lora.targets, self.lora.rank, self.lora.alpha, self.lora.rank_pattern, self.lora.alpha_pattern)
         unet.requires_grad_(False).eval()
         self.streamer = self.every_unit = None
         if self.modes.stream_weights:

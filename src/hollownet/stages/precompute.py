@@ -20,6 +20,7 @@ import hashlib
 import math
 import shutil
 import time
+import warnings
 from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from hollownet import encoders as E
 from hollownet import unet_split as H
 from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
+from hollownet.checks import caption_words, prompt_identifier
 from hollownet.families import Family, SampleConditioning, added_cond_kwargs, detect_family
 from hollownet.photos import load_photos, photo_sizes
 from hollownet.errors import HollownetError
@@ -38,7 +40,7 @@ from hollownet.lowmem import layerwise as LW
 from hollownet.memory.tracker import PartMeter, parse_size
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
 from hollownet.stages.progress import LoggedBar, ProgressLog
-from hollownet.stages.store import FORMAT, Store, save_tensors, shard_name
+from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_tensors, shard_name
 
 
 @dataclass
@@ -180,7 +182,7 @@ def photo_captions(folder: str | Path, names: list[str], prompt: str) -> list[st
     A caption must keep the identifier the instance prompt teaches (its first rare word): a photo
     captioned without it would train the base model's plain words instead, silently.
     """
-    identifier = next((w for w in prompt.split() if w not in ("a", "an", "the", "photo", "of")), None)
+    identifier = prompt_identifier(prompt)
     out = []
     for name in names:
         txt = Path(folder).expanduser() / (Path(name).stem + ".txt")
@@ -190,7 +192,7 @@ def photo_captions(folder: str | Path, names: list[str], prompt: str) -> list[st
         caption = " ".join(txt.read_text(encoding="utf-8", errors="replace").split())
         if not caption:
             raise HollownetError(f"caption file {txt} is empty: write the photo's prompt in it or delete it")
-        if identifier and identifier not in caption.split():
+        if identifier and identifier not in caption_words(caption):
             raise HollownetError(f"caption {txt.name} ({caption!r}) lacks the identifier {identifier!r} of --prompt; "
                                  "add it (e.g. 'a photo of sks dog on a sofa')")
         out.append(caption)
@@ -267,8 +269,10 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         return_freed_memory_promptly()  # layer after layer is loaded and freed
     if store.exists():
         store.check_identity(identity)
-        for stale in store.root.glob(".*.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
-            stale.unlink()
+        remove_stale_temps(store.root)  # a process killed mid-write (kill -9) leaves its temp file
+        for name, why in store.damaged().items():  # a truncated or flipped file: computed again, not read
+            warnings.warn(f"{store.root / name} is damaged ({why}); computing it again")
+            store.forget(name)
     else:
         table = sample_table(len(names), len(class_names), cfg, scheduler.config.num_train_timesteps, photo_prompts)
         store.write_manifest({**identity, "family": family.name, "photo_files": names, "class_photo_files": class_names,
@@ -318,6 +322,7 @@ def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, 
         else:
             tensors = embed_prompts(model_dir, prompts, dtype, cfg.device, meter, family)
         save_tensors(store.root / "prompts.safetensors", tensors)
+        store.record("prompts.safetensors")
     if not (store.root / "latents.safetensors").exists():
         if cfg.layer_major:
             latents, stats = LW.encode_photos(model_dir, pixels, cfg.seed, family.vae_dtype(dtype), cfg.device,
@@ -328,6 +333,7 @@ def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, 
             latents = encode_photos(model_dir, pixels, cfg.seed, family.vae_dtype(dtype), cfg.device, cfg.batch_size, meter)
         time_ids = family.photo_time_ids(sizes, cfg.resolution)
         save_tensors(store.root / "latents.safetensors", {"latents": latents, **({"time_ids": time_ids} if time_ids is not None else {})})
+        store.record("latents.safetensors")
     photos = store.tensors("latents.safetensors")
     return SampleConditioning(family, store.tensors("prompts.safetensors"), photos.get("time_ids")), photos["latents"]
 
@@ -385,6 +391,7 @@ def save_part(store: Store, shard, tensors: dict[str, torch.Tensor]) -> None:
     """A finished shard, written atomically and marked done; or the held-out samples' file."""
     if shard == VALIDATION:
         save_tensors(store.root / VALIDATION_FILE, tensors)
+        store.record(VALIDATION_FILE)  # size + SHA-256, checked on resume as the shards are
         return
     save_tensors(store.root / shard_name(shard), tensors)
     store.mark_done(shard)

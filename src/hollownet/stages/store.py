@@ -16,8 +16,12 @@ new file, never half of one. The manifest lists finished shards; a rerun compute
 from __future__ import annotations
 
 import errno
+import hashlib
+import itertools
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -56,6 +60,32 @@ def disk_error(e: BaseException, path: Path | str) -> HollownetError | None:
     return HollownetError(f"{what} writing {path}: {fix}{RESUME_HINT if code in (errno.ENOSPC, errno.EDQUOT) else ''}")
 
 
+_TEMPS = itertools.count()
+TEMP_RE = re.compile(r"\.pid(\d+)-\d+\.tmp$")
+
+
+def temp_name(path: Path) -> Path:
+    """A temp name of this writer only (PID and a counter): two writers never share one."""
+    return path.with_name(f".{path.name}.pid{os.getpid()}-{next(_TEMPS)}.tmp")
+
+
+def remove_stale_temps(folder: Path, pattern: str = ".*.tmp") -> None:
+    """Temp files whose writer is gone (kill -9 mid-write), and unnamed ones of older versions; a live
+    writer's (this process's other threads included) are left alone."""
+    from hollownet.lock import pid_alive
+
+    for p in Path(folder).glob(pattern):
+        m = TEMP_RE.search(p.name)
+        if m and (int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1)))):
+            continue
+        try:
+            p.unlink()
+        except IsADirectoryError:
+            shutil.rmtree(p, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
 
@@ -63,7 +93,7 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     it was; disk errors (ENOSPC, EDQUOT, EROFS, EACCES) become one :class:`HollownetError` line.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a bench cell that failed before making its folder
         with open(tmp, "wb") as f:
@@ -126,6 +156,22 @@ def save_json(path: Path, obj: dict) -> None:
     write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
+def read_json(path: Path | str, fix: str) -> dict:
+    """A JSON record hollownet wrote (a manifest, hollownet.json, train.json...). A damaged one (garbage,
+    truncated, not UTF-8) is one line naming the file and ``fix``, never a JSONDecodeError traceback."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise HollownetError(f"cannot read '{path}' ({e.strerror or e}); {fix}") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise HollownetError(f"'{path}' is damaged (not valid JSON: {why}); {fix}") from None
+    if not isinstance(data, dict):
+        raise HollownetError(f"'{path}' is damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
+
+
 def save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -179,7 +225,7 @@ class Store:
     def manifest(self) -> dict:
         if not self.exists():
             raise HollownetError(f"no pre-compute store at '{self.root}' (manifest.json missing); run stage 1 first")
-        return json.loads(self.manifest_path.read_text())
+        return read_json(self.manifest_path, f"delete the store folder '{self.root}' and rerun to compute it again")
 
     def write_manifest(self, manifest: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -202,6 +248,35 @@ class Store:
     def mark_done(self, shard: int) -> None:
         m = self.manifest()
         m["done_shards"] = sorted(set(m.get("done_shards", [])) | {shard})
+        m.setdefault("files", {})[shard_name(shard)] = file_record(self.root / shard_name(shard))
+        self.write_manifest(m)
+
+    def record(self, name: str) -> None:
+        """Note a finished file's size and SHA-256 in the manifest, for :meth:`damaged` to check on resume."""
+        m = self.manifest()
+        m.setdefault("files", {})[name] = file_record(self.root / name)
+        self.write_manifest(m)
+
+    def damaged(self) -> dict[str, str]:
+        """Finished files that are not what was written: name -> why (size, checksum, or for a store made
+        before checksums were recorded, a safetensors header that does not fit the file's length)."""
+        m = self.manifest()
+        names = [shard_name(i) for i in sorted(self.done_shards())]
+        names += [n for n in ("prompts.safetensors", "latents.safetensors", "validation.safetensors")  # the held-out samples
+                  if (self.root / n).exists()]
+        bad = {}
+        for name in names:
+            why = file_damage(self.root / name, (m.get("files") or {}).get(name))
+            if why:
+                bad[name] = why
+        return bad
+
+    def forget(self, name: str) -> None:
+        """Delete a damaged file and its record, so the resumed run computes it again."""
+        m = self.manifest()
+        m["done_shards"] = [i for i in m.get("done_shards", []) if shard_name(i) != name]
+        (m.get("files") or {}).pop(name, None)
+        (self.root / name).unlink(missing_ok=True)
         self.write_manifest(m)
 
     def is_complete(self) -> bool:
@@ -228,6 +303,64 @@ class Store:
         if i not in self._open:
             self._open[i] = safe_open(self.root / shard_name(i), framework="pt")
         return self._open[i]
+
+
+def tensor_digest(obj) -> str:
+    """SHA-256 of every tensor in ``obj`` (nested dicts / lists / tuples), in order: a checksum a torch.save
+    file can carry inside itself (torch.load verifies none)."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # no copy: the buffer itself
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                h.update(str(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_damage(path: Path, record: dict | None) -> str | None:
+    """Why ``path`` is not the file that was written, or None."""
+    size = path.stat().st_size
+    if record:
+        if size != record["bytes"]:
+            return f"{size} bytes, {record['bytes']} written"
+        return None if sha256_file(path) == record["sha256"] else "its checksum differs from the one written"
+    return safetensors_damage(path, size)
+
+
+def safetensors_damage(path: Path, size: int) -> str | None:
+    """A cheap check without a record: the header parses and its tensors end exactly at the file's end."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return "its header is cut off"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, OSError):
+        return "its header is not valid safetensors"
+    return None if 8 + n + end == size else f"{size} bytes, its header says {8 + n + end}"
 
 
 def _short(v) -> str:

@@ -38,7 +38,7 @@ from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, 
 from hollownet.stages.export import save_lora
 from hollownet.stages import watch as W
 from hollownet.stages.progress import ProgressLog
-from hollownet.stages.store import Store, save_json, save_torch
+from hollownet.stages.store import Store, remove_stale_temps, save_json, save_torch, tensor_digest
 from hollownet.stages.watch import Watch, validation_loss
 
 
@@ -183,8 +183,8 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
         loss, memory = tracked_step(t, batch, embeds, cfg, step - start < cfg.track_memory_steps, memory)
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if math.isnan(loss):
-            raise HollownetError(f"loss became NaN at step {step}; lower --lr or use --precision fp32")
+        if not math.isfinite(loss):
+            raise HollownetError(nan_loss_advice(loss, step, start, batch, store.root, t.ckpt_dir))
         stop = on_step is not None and bool(on_step(step + 1, losses, memory)) and step + 1 < cfg.steps
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             save_checkpoint(t.ckpt_dir, step + 1, t.net.unet, t.net.params, t.optimizer, losses, t.settings)
@@ -210,8 +210,7 @@ def _network_and_optimizer(model_dir: Path, manifest: dict, cfg: TrainConfig):
 
 def _start(cfg: TrainConfig, t: Trainee) -> tuple[int, list[float]]:
     """Resume from the newest matching checkpoint, or (``--no-resume``) delete every old one: (step, losses)."""
-    for stale in t.ckpt_dir.glob(".step-*.pt.tmp"):  # a process killed mid-write (kill -9) leaves its temp file
-        stale.unlink()
+    remove_stale_temps(t.ckpt_dir, ".step-*.pt*.tmp")  # a process killed mid-write (kill -9) leaves its temp file
     if cfg.resume:
         return load_checkpoint(t.ckpt_dir, t.net.unet, t.net.params, t.optimizer, settings=t.settings, steps=cfg.steps)
     for old in t.ckpt_dir.glob("step-*.pt"):  # starting over: an old run's checkpoints must never be resumed
@@ -260,15 +259,13 @@ class Trainee:
             save_checkpoint(self.ckpt_dir, self.step, self.net.unet, self.net.params, self.optimizer, self.losses, self.settings)
         self.net = self.optimizer = None
         release_memory()
-        try:
-            work()
-        finally:
-            self.net, self.optimizer = self.make()
-            load_checkpoint(self.ckpt_dir, self.net.unet, self.net.params, self.optimizer, settings=self.settings,
-                            steps=self.steps, quiet=True)
-            self.net.unet.train()
-            if made and not self.keep:
-                path.unlink(missing_ok=True)
+        work()  # if it fails (or a second Ctrl-C stops it), the checkpoint stays: a rerun resumes from it
+        self.net, self.optimizer = self.make()
+        load_checkpoint(self.ckpt_dir, self.net.unet, self.net.params, self.optimizer, settings=self.settings,
+                        steps=self.steps, quiet=True)
+        self.net.unet.train()
+        if made and not self.keep:
+            path.unlink(missing_ok=True)
 
 
 def make_watch(cfg: TrainConfig, out: Path, store: Store, manifest: dict, start: int, keys) -> Watch:
@@ -341,6 +338,7 @@ def result_info(cfg: TrainConfig, manifest: dict, plan: HollowPlan | None, param
     }
 
 
+RESUME_WINDOW = 5  # a non-finite loss within this many steps of a resume points at the checkpoint first
 CHECKPOINT_SETTINGS = ("method", "rank", "lora_alpha", "lora_targets", "lr", "batch", "seed", "max_grad_norm")
 CHECKPOINT_MODES = ("precision", "compute_dtype", "stream_weights", "optimizer")
 
@@ -360,9 +358,33 @@ def save_checkpoint(ckpt_dir: Path, step: int, unet, params, optimizer, losses, 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "losses": losses, "settings": settings}
+    state["sha256"] = tensor_digest([state["params"], state["optimizer"]])  # torch.load checks no checksum itself
     save_torch(ckpt_dir / f"step-{step:06d}.pt", state)
     for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
         old.unlink()
+
+
+def checkpoint_damage(state: dict) -> str | None:
+    """Why a loaded checkpoint must not be resumed (flipped bytes, non-finite values), or None."""
+    if "sha256" in state and tensor_digest([state["params"], state["optimizer"]]) != state["sha256"]:
+        return "is damaged (its checksum differs from the one written)"
+    if not all(bool(torch.isfinite(p).all()) for p in state["params"]):
+        return "holds non-finite values (NaN or inf)"
+    return None
+
+
+def nan_loss_advice(loss: float, step: int, start: int, batch: dict, store: Path, ckpt_dir: Path) -> str:
+    """The likely cause of a non-finite loss first: damaged stored samples, then a damaged checkpoint
+    (right after a resume), and only then the learning rate or precision."""
+    what = f"loss became {loss} at step {step}"
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in batch.values()):
+        return (f"{what}: the pre-compute store in '{store}' holds non-finite values, so it is damaged; "
+                "delete that folder and rerun to compute it again")
+    if start and step - start < RESUME_WINDOW:
+        return (f"{what}, {step - start + 1} step(s) after resuming from step {start}: the checkpoint in '{ckpt_dir}' "
+                f"or the store in '{store}' is likely damaged; rerun with --no-resume (or delete the store) "
+                "and, only if it happens again, lower --lr or use --precision fp32")
+    return f"{what}; lower --lr or use --precision fp32"
 
 
 def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | None = None,
@@ -377,8 +399,11 @@ def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | No
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state["step"], state["params"], state["optimizer"], state["losses"]  # noqa: B018
+            why = checkpoint_damage(state)
         except Exception as e:  # noqa: BLE001  a damaged file: try the one before it
-            warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}); trying an older one")
+            why = f"cannot be read ({type(e).__name__})"
+        if why:
+            warnings.warn(f"checkpoint {path} {why}; trying an older one")
             continue
         refuse = f"checkpoint {path} was made with other settings"
         fix = "rerun with the settings it was made with, or add --no-resume to start over (or use a new --output)"
