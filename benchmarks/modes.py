@@ -27,6 +27,9 @@ or ``adamw-in-backward`` (per-parameter AdamW step inside backward, gradients fr
     python benchmarks/modes.py                       # (a), (b), (c); writes benchmarks/results/modes.json
     python benchmarks/modes.py --skip-time --skip-error   # (a) only, about a minute
     python benchmarks/modes.py --measure-real "hollow streamed fp32 + in-backward" --output results/real_stream.json
+    python benchmarks/modes.py --skip-fake --skip-error --random-weights sd21 --profile \
+        --modes "hollow fp32 + ckpt;hollow int8 (bf16 compute, dequantize) + ckpt;hollow int8 (bf16 compute) + ckpt;hollow int8 (fp32 compute) + ckpt"
+        # (c) without a weights folder (random SD 2.1 weights made in memory), with seconds per op family
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from hollownet import unet_split as H  # noqa: E402
 from hollownet.memory.planner import make_train_batch, predict_step, train_batch_shapes  # noqa: E402
 from hollownet.cut import load_unet_config, make_plan, meta_unet  # noqa: E402
 from hollownet.loading import return_freed_memory_promptly  # noqa: E402
+from hollownet.lowmem import quant  # noqa: E402
 from hollownet.lowmem.quant import frozen_weight_bytes, relative_error  # noqa: E402
+from hollownet.lowmem.stream import RandomSource  # noqa: E402
 from hollownet.optimizers import make_optimizer  # noqa: E402
 from hollownet.settings import Modes  # noqa: E402
 from hollownet.stages.train import TrainConfig, build_model, train_step  # noqa: E402
@@ -66,6 +71,11 @@ MODES: dict[str, dict] = {
     "hollow int8 + ckpt": dict(precision="int8", grad_checkpointing=True),
     "hollow int8 + ckpt + in-backward": dict(precision="int8", grad_checkpointing=True, optimizer=IB),
     "hollow int8 (fp32 compute) + ckpt + in-backward": dict(precision="int8", compute_dtype="fp32", grad_checkpointing=True, optimizer=IB),
+    # int8 in bf16 through torch's int8 kernel on a CPU (quant.int8_kernel) and, as before it, dequantized per call
+    "hollow int8 (bf16 compute) + ckpt": dict(precision="int8", compute_dtype="bf16", grad_checkpointing=True),
+    "hollow int8 (bf16 compute, dequantize) + ckpt": dict(precision="int8", compute_dtype="bf16", grad_checkpointing=True,
+                                                          int8_kernel=False),
+    "hollow int8 (fp32 compute) + ckpt": dict(precision="int8", compute_dtype="fp32", grad_checkpointing=True),
     "hollow nf4 + ckpt": dict(precision="nf4", grad_checkpointing=True),
     "hollow nf4 + ckpt + in-backward": dict(precision="nf4", grad_checkpointing=True, optimizer=IB),
     "hollow nf4 (fp32 compute) + ckpt + in-backward": dict(precision="nf4", compute_dtype="fp32", grad_checkpointing=True, optimizer=IB),
@@ -79,7 +89,7 @@ TARGETS = {"hollow int8 + ckpt + in-backward": 1.0 * GiB, "hollow nf4 + ckpt + i
 
 
 def _config(settings: dict, rank: int, **kw) -> TrainConfig:
-    modes, rest = Modes.split(settings)
+    modes, rest = Modes.split({k: v for k, v in settings.items() if k != "int8_kernel"})
     return TrainConfig(**{"model": "-", "store": "-", "output": "-", "rank": rank, **rest, **kw}, modes=modes)
 
 
@@ -164,10 +174,24 @@ def output_errors(model_dir: Path, resolution: int, batch: int = 2, seed: int = 
 # ----------------------------------------------------------------------------- (c) step time
 
 
-def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, steps: int, batch: int = 1, _ratios=True) -> dict:
+def _network(model_dir: Path | str, config: dict, manifest: dict, cfg: TrainConfig):
+    """The trained network from the folder's weights, or (a bundled config's name) from random ones."""
+    if Path(model_dir).is_dir():
+        return build_model(Path(model_dir), manifest, cfg)
+    return cfg.network(config, RandomSource.for_module(meta_unet(config)), manifest["hollow_blocks"] if cfg.method == "hollow" else None)
+
+
+def _unet_config(model_dir: Path | str) -> dict:
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(model_dir / "unet")
+    return UNet2DConditionModel.load_config(Path(model_dir) / "unet") if Path(model_dir).is_dir() else load_unet_config(str(model_dir))
+
+
+def step_times(model_dir: Path | str, modes: dict, *, rank: int, resolution: int, steps: int, batch: int = 1, _ratios=True,
+               profile: bool = False) -> dict:
+    """Seconds per step of each mode (``model_dir``: a weights folder, or a bundled config for random weights);
+    ``profile``: and the timed steps' CPU time per op family (torch.profiler, :func:`op_families`)."""
+    config = _unet_config(model_dir)
     plan0 = make_plan(meta_unet(config))
     manifest = {"hollow_blocks": plan0.hollow_blocks}
     text_dim = config["cross_attention_dim"]
@@ -176,23 +200,35 @@ def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, step
         cfg = _config(settings, rank, model=str(model_dir), lr=1e-5)
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        net = build_model(model_dir, manifest, cfg)
+        net = _network(model_dir, config, manifest, cfg)
         unet, plan, params = net
         build_s = time.perf_counter() - t0
         optimizer = _optimizer(net, cfg)
         b, embeds = synthetic_batch(config, plan, resolution, batch, net.dtype, 77, text_dim)
         unet.train()
-        times = []
-        for i in range(steps + 1):  # the first is a warm-up (AdamW state, allocator)
-            t0 = time.perf_counter()
-            train_step(net, b, embeds, optimizer, cfg)
-            if i:
-                times.append(time.perf_counter() - t0)
-        out[label] = dict(seconds=[round(s, 3) for s in times], median_seconds=round(statistics.median(times), 3),
-                          build_seconds=round(build_s, 1))
-        print(f"  {label:<40} {out[label]['median_seconds']:8.2f} s/step", flush=True)
+        times, kernel, quant._HAS_INT8_KERNEL = [], quant._HAS_INT8_KERNEL, settings.get("int8_kernel", quant._HAS_INT8_KERNEL)
+        try:
+            for i in range(steps + 1):  # the first is a warm-up (AdamW state, allocator)
+                t0 = time.perf_counter()
+                train_step(net, b, embeds, optimizer, cfg)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            if profile:  # one more step, profiled (not among the timed ones: the profiler adds its overhead)
+                cpu0 = time.process_time()  # this process's CPU seconds: less sensitive to a loaded machine than wall time
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    train_step(net, b, embeds, optimizer, cfg)
+                cpu = time.process_time() - cpu0
+        finally:
+            quant._HAS_INT8_KERNEL = kernel
+        out[label] = dict(seconds=[round(s, 3) for s in times], build_seconds=round(build_s, 1),
+                          median_seconds=round(statistics.median(times), 3) if times else None)
+        if profile:
+            out[label].update(profiled_step_cpu_seconds=round(cpu, 2), **op_families(prof))
+            print(f"  {label:<40} profiled step {cpu:.2f} CPU s: {out[label]['op_families_seconds']}", flush=True)
+        if times:
+            print(f"  {label:<40} {out[label]['median_seconds']:8.2f} s/step", flush=True)
         del net, unet, optimizer, params
-    if not _ratios:
+    if not _ratios or steps == 0:
         return out
     # The baseline once more at the end: how much the machine's speed drifted during the run.
     first = next(iter(modes))
@@ -203,6 +239,28 @@ def step_times(model_dir: Path, modes: dict, *, rank: int, resolution: int, step
     for v in out.values():
         v["ratio_to_lora_ft"] = round(v["median_seconds"] / base, 3)
     return out
+
+
+FAMILIES = (("int8 kernel", ("_weight_int8pack_mm",)), ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")),
+            ("convolution", ("conv", "_conv", "mkldnn_conv", "slow_conv", "_slow_conv", "thnn_conv")),
+            ("attention", ("scaled_dot_product", "_scaled_dot_product", "_softmax", "softmax")),
+            ("dequantize / casts / copies", ("to", "_to_copy", "copy_", "mul_", "index_select", "clone", "contiguous")),
+            ("norms", ("group_norm", "native_group_norm", "layer_norm", "native_layer_norm")),
+            ("elementwise", ("add", "add_", "mul", "silu", "gelu", "div", "sub", "addcmul_", "addcdiv_", "lerp_", "sqrt")))
+
+
+def op_families(prof) -> dict:
+    """Self CPU seconds of a profiled step per op family (aten op names; prefixes for the convolution
+    variants), and the ten costliest ops by name."""
+    out: dict[str, float] = {}
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for e in ops:
+        name = e.key.split("::")[-1]
+        fam = next((f for f, names in FAMILIES if any(name == n or (f == "convolution" and name.startswith(n))
+                                                      or name.startswith(n + "_backward") for n in names)), "other")
+        out[fam] = out.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    return dict(op_families_seconds={k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])},
+                top_ops_seconds={e.key: round(e.self_cpu_time_total / 1e6, 2) for e in ops[:10]})
 
 
 # ------------------------------------------------------------------- (d) real measurement
@@ -295,6 +353,26 @@ def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> 
 # ------------------------------------------------------------------------------------ main
 
 
+def time_section(args, modes: dict, model_dir: Path, tiny_dir: Path) -> dict:
+    """(c): on --random-weights' config, else --model-dir's weights, else the tiny model's."""
+    tdir = model_dir if (model_dir / "model_index.json").exists() else tiny_dir
+    if tdir == tiny_dir and not args.random_weights and not (tiny_dir / "model_index.json").exists():
+        from hollownet.tiny import build_tiny_model  # here: only without a model, as (b) does
+
+        build_tiny_model(tiny_dir)
+    res = args.time_resolution if tdir == model_dir or args.random_weights else 64
+    tdir = args.random_weights or tdir
+    name = f"{tdir} random weights" if args.random_weights else tdir.name
+    print(f"(c) step time on {name}, {res} px, r={args.time_rank}, median of {args.time_steps} steps")
+    out = dict(model=name, resolution=res, rank=args.time_rank,
+               modes=step_times(tdir, modes, rank=args.time_rank, resolution=res, steps=args.time_steps, profile=args.profile))
+    for k, v in out["modes"].items():
+        if "ratio_to_lora_ft" in v:  # not with --time-steps 0 (profiled steps only)
+            print(f"  {k:<40} x{v['ratio_to_lora_ft']:.2f} (to the first mode)")
+    return out
+
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sd21", help="bundled config for (a)")
@@ -308,6 +386,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-steps", type=int, default=2)
     ap.add_argument("--time-rank", type=int, default=128)
     ap.add_argument("--error-resolution", type=int, default=64)
+    ap.add_argument("--random-weights", metavar="CONFIG", help="(c) on a bundled config (sd21) with random weights made in "
+                    "memory (lowmem.stream.RandomSource) instead of --model-dir's folder")
+    ap.add_argument("--profile", action="store_true", help="(c) with CPU seconds per op family (torch.profiler)")
     ap.add_argument("--skip-fake", action="store_true")
     ap.add_argument("--skip-stage1", action="store_true")
     ap.add_argument("--skip-error", action="store_true")
@@ -378,13 +459,7 @@ def main(argv=None) -> dict:
             print(f"  {m}: " + ", ".join(f"{p} {v['relative_error']:.2e}" for p, v in e.items()))
         result["output_error"] = errs
     if not args.skip_time:
-        tdir = model_dir if (model_dir / "model_index.json").exists() else tiny_dir
-        res = args.time_resolution if tdir == model_dir else 64
-        print(f"(c) step time on {tdir.name}, {res} px, r={args.time_rank}, median of {args.time_steps} steps")
-        result["step_time"] = dict(model=tdir.name, resolution=res, rank=args.time_rank,
-                                   modes=step_times(tdir, modes, rank=args.time_rank, resolution=res, steps=args.time_steps))
-        for k, v in result["step_time"]["modes"].items():
-            print(f"  {k:<40} x{v['ratio_to_lora_ft']:.2f}")
+        result["step_time"] = time_section(args, modes, model_dir, tiny_dir)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.output}")

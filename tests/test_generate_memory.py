@@ -9,6 +9,7 @@ import pytest
 
 from hollownet import cli
 from hollownet.cli import main
+from hollownet.devices import default_compute_dtype
 from hollownet.memory.planner import plan_memory
 from hollownet.requests import PlanRequest
 from hollownet.stages.train import TrainConfig, run_train
@@ -29,14 +30,18 @@ def lora(tiny_model, hollow_store, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("flags", [[], ["--precision", "nf4"], ["--stream-weights"], ["--merged"]],
-                         ids=["fp32", "nf4", "stream", "merged"])
+@pytest.mark.parametrize("flags", [[], ["--precision", "nf4"], ["--stream-weights"], ["--merged"],
+                                   ["--precision", "int8", "--compute-dtype", "bf16"]],
+                         ids=["fp32", "nf4", "stream", "merged", "int8-bf16"])  # int8-bf16: torch's int8 kernel on a CPU
 def test_generate_peak_equals_its_plan(tiny_model, lora, tmp_path, capsys, flags):
     """4 denoising steps (the planner runs 3: the peak repeats), 2 images (the first's latents wait for the decoder)."""
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(tiny_model), "--lora", str(lora), "--prompt", "a sks dog on the beach",
                  "--output", str(out), "--steps", "4", "--num-images", "2", "--device", "cpu", *flags]) == 0
-    measured = json.loads((out / "generate.json").read_text())["memory"]
+    record = json.loads((out / "generate.json").read_text())
+    measured = record["memory"]
+    if "nf4" in flags:  # no --compute-dtype: the device's, recorded
+        assert record["modes"]["compute_dtype"] == default_compute_dtype("cpu")
     assert set(measured["parts"]) == {"text encoder", "U-Net", "VAE decoder"}
     capsys.readouterr()
     plan_args = ["--model", str(tiny_model), "--rank", str(RANK), "--resolution", str(RES), "--gen-steps", "4",

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from hollownet.cli import main
+from hollownet.devices import default_compute_dtype
 from hollownet.errors import HollownetError
 from hollownet.memory import planner
 from hollownet.memory.planner import (
@@ -106,8 +107,9 @@ def test_lora_with_gradient_checkpointing_equals_the_measured_peak(tiny_model, d
 
 
 @pytest.mark.parametrize("flags, budget", [(["--precision", "nf4", "--grad-checkpointing", "--optimizer", "adamw-in-backward"], None),
-                                           (["--stream-weights", "--optimizer", "adamw-in-backward"], "256KiB")],
-                         ids=["nf4", "stream"])
+                                           (["--stream-weights", "--optimizer", "adamw-in-backward"], "256KiB"),
+                                           (["--precision", "int8", "--compute-dtype", "bf16", "--grad-checkpointing"], None)],
+                         ids=["nf4", "stream", "int8-bf16"])  # int8-bf16: torch's int8 kernel on a CPU
 def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys, monkeypatch, flags, budget):
     """``hollownet train`` in a low-memory mode (stage 2 quantized or streamed) against ``hollownet plan`` with
     the same flags: both stages' peaks to the byte, and stage 1's default layout decided alike. The tiny
@@ -127,6 +129,9 @@ def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["stage1"]["layer_major"] == (budget is not None) and d["stage1"]["precision"] == d["compute_dtype"]
+    # the compute dtype as chosen for the device (no --compute-dtype: devices.default_compute_dtype), recorded
+    compute = "bf16" if "bf16" in flags else default_compute_dtype("cpu") if "nf4" in flags else None
+    assert record["settings"]["compute_dtype"] == compute and d["compute_dtype"] == (compute or "fp32")
     # layer-major's peak names its layer ("U-Net encoder + hollow: down_blocks.0.resnets.0"), sample-major's the part
     assert (": " in pre["peak_phase"]) == (budget is not None), pre["peak_phase"]
     if budget is None:

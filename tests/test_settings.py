@@ -2,13 +2,30 @@
 
 import pytest
 
+from hollownet import devices
 from hollownet.errors import HollownetError
 from hollownet.settings import LOW_MEMORY_STAGE1_BUDGET, PRECISIONS, Modes
 
 
-def test_compute_dtype_follows_the_precision():
-    assert [Modes(precision=p).compute for p in PRECISIONS] == ["fp32", "bf16", "fp16", "bf16", "bf16"]
-    assert Modes(precision="nf4", compute_dtype="fp32").compute == "fp32"
+def cpu_has_native_bf16() -> bool:
+    """From the kernel's own CPU flags, not torch's: AVX512-BF16 or AMX (bf16 tiles)."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo to check torch's answer against")
+    flags = set(next((line for line in info.read_text().splitlines() if line.startswith("flags")), "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_compute_dtype_follows_the_precision_and_the_device():
+    quantized = "bf16" if cpu_has_native_bf16() else "fp32"  # emulated bf16 was 8x slower than fp32 on an AVX2 CPU
+    assert devices.default_compute_dtype("cpu") == quantized
+    assert [Modes(precision=p).on("cpu").compute for p in PRECISIONS] == ["fp32", "bf16", "fp16", quantized, quantized]
+    assert Modes(precision="int8").on("cpu").compute_dtype == quantized  # filled in: records and checkpoints carry it
+    assert Modes(precision="fp32").on("cpu").compute_dtype is None
+    assert Modes(precision="nf4", compute_dtype="fp32").on("cpu").compute == "fp32"  # asked for wins
+    assert Modes(precision="nf4", compute_dtype="bf16").on("cpu").compute == "bf16"
     with pytest.raises(HollownetError, match="int8|nf4 only"):
         Modes(precision="bf16", compute_dtype="fp32")
 

@@ -21,8 +21,8 @@ import warnings
 from hollownet.app import add_app_parser, cmd_app
 from hollownet.errors import HollownetError
 from hollownet.requests import PlanRequest, TrainRequest
-from hollownet.settings import (ALL_OPTIMIZERS, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS, OPTIMIZERS, PRECISIONS,
-                                SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
+from hollownet.settings import (ALL_OPTIMIZERS, COMPUTE_DTYPE_HELP, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS,
+                                OPTIMIZERS, PRECISIONS, SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
                                 DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
 from hollownet.toy import is_toy
@@ -69,7 +69,8 @@ examples:
 
 Stage 1 (pre-compute) writes OUTPUT/store and stage 2 OUTPUT/checkpoints; rerun with the same
 settings, both resume by themselves (after a crash, Ctrl-C or a full disk).
-With --precision int8|nf4 stage 1 runs the original weights in the compute dtype (bf16 by default).
+With --precision int8|nf4 stage 1 runs the original weights in the compute dtype (by default bf16
+where the device has it natively, else fp32; train.json records which).
 'hollownet plan' with the same flags predicts the peak memory of both stages before you start.
 Stage 2 writes OUTPUT/pytorch_lora_weights.safetensors (loadable with diffusers'
 load_lora_weights), OUTPUT/pytorch_lora_weights_kohya.safetensors (ComfyUI, Forge, AUTOMATIC1111;
@@ -101,10 +102,10 @@ def _add_model_and_cut(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--batch", type=int, help=f"samples per step ({_by_model('batch')})")
     p.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
                    help="storage of the frozen weights: fp32, bf16, fp16, or int8 / nf4 quantized (QLoRA-style, "
-                        "computed in bf16; --method hollow or lora). LoRA always trains in fp32 (default fp32)")
+                        "computed in --compute-dtype; --method hollow or lora). LoRA always trains in fp32 (default fp32)")
     p.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
                    help="with --precision int8|nf4: dtype the weights are dequantized to and activations use "
-                        "(default bf16; fp32 on CPUs without fast bf16 is faster but takes more memory)")
+                        f"(default: {COMPUTE_DTYPE_HELP}; recorded in train.json)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     p.add_argument("--stream-weights", action="store_true",
                    help="--method hollow: keep the kept layers' frozen weights in the checkpoint file on disk and read "
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Personalize Stable Diffusion on your own photos with Hollowed Net: a LoRA trained "
                     "on-device in about the memory inference needs, with the photos never leaving the machine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with 'hollownet demo' (offline, tiny model, a minute on a CPU). 'hollownet COMMAND --help' for details.",
+        epilog="Start with 'hollownet demo' (offline, the bundled toy model, a few minutes on a CPU). 'hollownet COMMAND --help' for details.",
     )
     parser.add_argument("--version", action="version", version=f"hollownet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -177,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", action="store_true", help="single path with the LoRA fused into the weights")
     g.add_argument("--precision", choices=PRECISIONS, default=_default(Modes, "precision"),
                    help="weights of the U-Net, text encoder and VAE decoder, as train's: fp32, bf16, fp16, or int8 / nf4 "
-                        "quantized (computed in bf16; the LoRA stays unmerged in fp32; not with --merged). Default fp32")
+                        "quantized (computed in --compute-dtype; the LoRA stays unmerged in fp32; not with --merged). Default fp32")
     g.add_argument("--compute-dtype", choices=FLOAT_PRECISIONS,
-                   help="with --precision int8|nf4: dtype the weights are dequantized to and activations use (default bf16)")
+                   help="with --precision int8|nf4: dtype the weights are dequantized to and activations use "
+                        f"(default: {COMPUTE_DTYPE_HELP}; recorded in generate.json)")
     g.add_argument("--stream-weights", action="store_true",
                    help="as train's: the U-Net's blocks read from disk only while they run (all but the mid block; "
                         "text encoder and VAE decoder resident in --precision; slower; not with --merged)")
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-images", type=int, default=_default(PlanRequest, "num_images"),
                     help="generation: images in one run (default %(default)s)")
     pl.add_argument("--merged", action="store_true", help="generation: the LoRA fused, one U-Net pass (default two-path)")
+    pl.add_argument("--device", default=None, help="the device the plan is for: with int8|nf4 it picks the compute dtype "
+                                                   "(default: train's default device here)")
     pl.add_argument("--budget", metavar="SIZE",
                     help=f"which settings (cut, precision, checkpointing) fit in SIZE, {SIZE_HELP}; "
                          "ignores --method, --hollow, --precision, --grad-checkpointing, --stream-weights, --optimizer "
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="hollownet-demo", help="folder for everything the demo writes (default ./hollownet-demo)")
     d.add_argument("--model", default="toy", help="toy (default: the bundled toy model) or a Stable Diffusion folder "
                                                   "(then the bundled dog photos at 512 px)")
-    d.add_argument("--steps", type=int, help="training steps (default 300 on the toy model, 400 otherwise)")
+    d.add_argument("--steps", type=int, help=f"training steps ({_by_model('steps')})")
 
     b = sub.add_parser("bench", help="benchmark methods on a DreamBooth / CustomConcept101 dataset, or the toy (the paper's table)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
@@ -402,7 +406,7 @@ def cmd_generate(args) -> int:
         resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
         compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
-        device=_device(args.device, Modes(precision=args.precision, compute_dtype=args.compute_dtype).compute), force=args.force,
+        device=_device(args.device, args.compute_dtype or args.precision), force=args.force,
         step=args.step,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")

@@ -66,6 +66,7 @@ class TrainRequest:
     def __post_init__(self):
         _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))
         self.lora_targets = expand_lora_targets(self.lora_targets)
+        self.modes = self.modes.on(self.device)  # int8/nf4's compute dtype as chosen for the device, recorded
 
     def settings(self) -> dict:
         """The request as ``train.json`` records it: one flat dict, the modes' keys among the others."""
@@ -100,10 +101,12 @@ class PlanRequest:
     guidance: float | None = None  # > 1: classifier-free guidance, the U-Net's batch is 2
     num_images: int = 1
     merged: bool = False  # the LoRA fused into the weights, one U-Net pass (float precisions only)
+    device: str | None = None  # the device the plan is for (int8/nf4's compute dtype); None: train's default here
 
     def __post_init__(self):
         _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "batch", "steps", "gen_steps", "guidance"))
         self.lora_targets = tuple(expand_lora_targets(self.lora_targets))
+        self.modes = self.modes.on(self.device)
         if self.resolution < 8 or self.resolution % 8:
             raise HollownetError(f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE's downscale factor)")
         if self.photos < 1:

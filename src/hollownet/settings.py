@@ -11,9 +11,10 @@ stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`, unless sample-m
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from hollownet.devices import default_compute_dtype
 from hollownet.errors import HollownetError
 from hollownet.toy import is_toy
 
@@ -26,7 +27,10 @@ PRECISIONS = (*FLOAT_PRECISIONS, *QUANTIZED_PRECISIONS)
 #: (``hollownet plan`` offers it to predict that; ``hollownet train`` offers the first two).
 OPTIMIZERS = ("adamw", "adamw-in-backward")
 ALL_OPTIMIZERS = (*OPTIMIZERS, "adamw-foreach")
-DEFAULT_QUANTIZED_COMPUTE = "bf16"  # QLoRA's choice; fp32 is faster on CPUs without native bf16, but larger
+# int8/nf4's compute dtype when none is asked for is the device's (devices.default_compute_dtype): QLoRA's
+# bf16 where the hardware has it, fp32 where bf16 would be emulated (8x slower on an AVX2 CPU); --help says so.
+COMPUTE_DTYPE_HELP = ("bf16 where the device computes it natively (CUDA Ampere+, CPUs with AMX or AVX512-BF16, "
+                      "MPS on macOS 14+), else fp32")
 # Layer-major stage 1 peaks at about its budget; 700 MiB keeps it under the nf4 / streamed stage 2
 # of SD 2.x at 512 px, r=128 (0.70-0.72 GiB, benchmarks/modes.py).
 LOW_MEMORY_STAGE1_BUDGET = "700MiB"
@@ -48,7 +52,7 @@ class Modes:
 
     ``precision``: the frozen weights of stage 2 (fp32 | bf16 | fp16, or int8 | nf4 quantized);
     LoRA, its gradients and AdamW state are fp32 whatever it is. ``compute_dtype``: the float dtype
-    activations and dequantized weights use (only with int8 | nf4; default bf16). ``stream_weights``:
+    activations and dequantized weights use (only with int8 | nf4; default: the device's, :meth:`on`). ``stream_weights``:
     the kept units' frozen weights are read from the checkpoint file only while they run (needs
     per-unit gradient checkpointing, so :attr:`checkpointing` is on). ``layer_major`` /
     ``memory_budget``: stage 1's layout; ``None`` = decided by the mode (:attr:`stage1`).
@@ -97,13 +101,21 @@ class Modes:
     def quantized(self) -> bool:
         return self.precision in QUANTIZED_PRECISIONS
 
+    def on(self, device: str | None) -> Modes:
+        """These modes as run on ``device`` (None: the default device here), the compute dtype of int8/nf4
+        filled in when not asked for (``devices.default_compute_dtype``): requests and configs that know
+        their device call this once, so records, checkpoints and the planner all see the chosen value."""
+        if not self.quantized or self.compute_dtype is not None:
+            return self
+        return replace(self, compute_dtype=default_compute_dtype(device))
+
     @property
     def compute(self) -> str:
         """The float dtype (name) of activations and of the (dequantized) frozen weights; stage 1 runs the
-        original weights in it."""
+        original weights in it. int8/nf4 not yet placed on a device (:meth:`on`): the default device's."""
         if self.compute_dtype is not None:
             return self.compute_dtype
-        return DEFAULT_QUANTIZED_COMPUTE if self.quantized else self.precision
+        return default_compute_dtype(None) if self.quantized else self.precision
 
     @property
     def low_memory(self) -> bool:
@@ -186,8 +198,8 @@ def expand_lora_targets(names) -> list[str]:
 # a subject's shape (benchmarks/README.md, "the toy recipe"); SD keeps attention-only LoRA.
 SD_DEFAULTS = {"resolution": 512, "rank": 32, "lr": 1e-4, "batch": 1, "steps": 400, "guidance": 7.5, "gen_steps": 30,
                "lora_targets": DEFAULT_LORA_TARGETS}
-TOY_DEFAULTS = {"resolution": 64, "rank": 8, "lr": 1e-3, "batch": 4, "steps": 300, "guidance": 1.5, "gen_steps": 25,
-                "lora_targets": DEFAULT_LORA_TARGETS}
+TOY_DEFAULTS = {"resolution": 64, "rank": 16, "lr": 1e-3, "batch": 4, "steps": 600, "guidance": 1.5, "gen_steps": 25,
+                "lora_targets": LORA_TARGET_GROUPS["all"]}
 DEFAULT_RANK = SD_DEFAULTS["rank"]
 
 

@@ -23,13 +23,15 @@ for the step time against resident weights.
 
 ``builder.build_unet`` reads the frozen weights from a tensor *source*: :class:`SafetensorsSource`
 for a real model, or :class:`FakeSource` (shapes only) inside a ``FakeTensorMode``, so the planner
-runs exactly the trainer's construction on SD 2.x without its weights.
+runs exactly the trainer's construction on SD 2.x without its weights; :class:`RandomSource` makes the
+real tensors the fake source stands for, random (benchmarks on an architecture without a weights file).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -137,6 +139,24 @@ class FakeSource:
         shape, dt = self.shapes[name]
         out = torch.empty(shape, dtype=self.file_dtype if dt.is_floating_point else dt)
         return _cast(out, dtype, device)
+
+
+class RandomSource(FakeSource):
+    """Random weights of a module's shapes (uniform, std 0.02, seeded by name), as real tensors: each made
+    in fp32 on the CPU (a file's dtype there) and cast / moved as ``SafetensorsSource.read`` does, so the
+    device sees the same allocations as from a file. Filled in place from nothing (no source tensor: on the
+    CPU the tracker would count one it sees as an input)."""
+
+    def loading(self):
+        return nullcontext()
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        shape, dt = self.shapes[name]
+        if not dt.is_floating_point:
+            return torch.zeros(shape, dtype=dt).to(device)
+        out = torch.empty(shape, dtype=self.file_dtype)
+        out.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+        return out.to(device, dtype) if dtype is not None and dtype != out.dtype else out.to(device)
 
 
 def state_tensors(module: nn.Module):

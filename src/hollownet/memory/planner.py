@@ -1014,7 +1014,7 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     def gen_peak(c: Candidate, precision: str) -> int:
         key = (c.method, c.depth, precision)
         if key not in gen_cache:
-            gen_modes = Modes(precision=precision, compute_dtype=req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None)
+            gen_modes = Modes(precision=precision, compute_dtype=req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None).on(req.device)
             gen_cache[key] = predict_generate(mc, replace(sub(c), modes=gen_modes), gen_modes)["peak_bytes"]
         return gen_cache[key]
 

@@ -74,7 +74,7 @@ class GenerateConfig:
     precision: str = "fp32"  # the weights of all three models, as train's --precision (settings.Modes)
     device: str = "cpu"
     force: bool = False  # load a LoRA recorded for another base model anyway
-    compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default bf16)
+    compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default: the device's)
     stream_weights: bool = False
     step: int | None = None  # the LoRA's snapshot at this step (OUTPUT/snapshots/step-XXXX) instead of the final one
 
@@ -93,7 +93,7 @@ class GenerateConfig:
 
     @property
     def modes(self) -> Modes:
-        return Modes(precision=self.precision, compute_dtype=self.compute_dtype, stream_weights=self.stream_weights)
+        return Modes(precision=self.precision, compute_dtype=self.compute_dtype, stream_weights=self.stream_weights).on(self.device)
 
 
 def check_generation_modes(modes: Modes, merged: bool) -> None:
@@ -169,7 +169,7 @@ class Parts:
                    source=lambda c: SafetensorsSource(*sources[c]),
                    token_ids=lambda prompts, tokenizer: prompt_ids(model_dir, prompts, tokenizer),
                    scheduler_config=read(model_dir / "scheduler" / "scheduler_config.json"),
-                   scheduler=scheduler, lora=lora, modes=modes, device=device,
+                   scheduler=scheduler, lora=lora, modes=modes.on(device), device=device,
                    pipeline_config=read(index) if index.is_file() else {})
 
     @property

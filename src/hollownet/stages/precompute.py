@@ -76,7 +76,7 @@ class PrecomputeConfig:
         if modes is not None:
             if (self.precision, self.layer_major, self.memory_budget) != ("fp32", False, None):
                 raise HollownetError("give stage 1 either modes or precision / layer_major / memory_budget, not both")
-            self.precision = modes.compute  # stage 1 runs the original, float weights
+            self.precision = modes.on(self.device).compute  # stage 1 runs the original, float weights
             self.layer_major, self.memory_budget = modes.stage1
         if self.method not in METHODS:
             raise HollownetError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")

@@ -75,6 +75,7 @@ class TrainConfig:
     sample_guidance: float = SD_DEFAULTS["guidance"]
 
     def __post_init__(self):
+        self.modes = self.modes.on(self.device)
         self.modes.check_method(self.method)
         for flag in ("log_every", "save_every", "validate_every", "sample_every"):
             if (getattr(self, flag) or 0) < 0:
