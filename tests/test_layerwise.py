@@ -346,7 +346,10 @@ def test_predicted_peak_equals_the_measured_one(tiny_model, dog_photos, tmp_path
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_model / "vae")).eval()
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(tiny_model / "text_encoder")).eval()
-    pred = LW.predict_peak(unet, make_plan(unet), vae=vae, text=text, resolution=RES, num_samples=40,
+    from hollownet.stages.precompute import validation_count
+
+    # the stage runs its 40 training samples and the held-out ones (stage 2's validation loss) together
+    pred = LW.predict_peak(unet, make_plan(unet), vae=vae, text=text, resolution=RES, num_samples=40 + validation_count(40, 20),
                            photos=len(load_photos(dog_photos, RES)[1]), budget=budget,
                            prompt_tokens=len(torch.unique(ids)) - 1)
     assert pred["summary"]["parts"] == measured["parts"]

@@ -159,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     _add_format(t)
+    _add_watch(t)
 
     g = sub.add_parser("generate", help="generate images with a trained LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_GENERATE)
     g.add_argument("--model", required=True, help="the base model the LoRA was trained on")
     g.add_argument("--lora", help="output folder of 'hollownet train' (omit for the base model)")
+    g.add_argument("--step", type=int, help="with --lora: its snapshot at this step (train --save-every) instead of the final LoRA")
     g.add_argument("--prompt", required=True, help='what to draw, with the identifier, e.g. "a sks dog on the beach"')
     g.add_argument("--output", required=True, help="folder for PNGs, manifest.json and generate.json")
     g.add_argument("--steps", type=int, help=f"denoising steps ({_by_model('gen_steps')})")
@@ -339,6 +341,24 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     return parser
 
 
+def _add_watch(t: argparse.ArgumentParser) -> None:
+    """train's flags for watching a run (stages/watch.py)."""
+    w = t.add_argument_group("watching the run")
+    w.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="a LoRA snapshot every N steps in OUTPUT/snapshots/step-XXXX (generate --step XXXX uses one)")
+    w.add_argument("--validate-every", type=int, metavar="N", help="loss on held-out samples every N steps (default: "
+                   "with --sample-every, else a tenth of the steps; 0: never); the lowest is named at the end")
+    w.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="images every N steps and at the end in OUTPUT/samples, one row per step in samples/sheet.png")
+    w.add_argument("--sample-prompt", dest="sample_prompts", action="append", metavar="P",
+                   help="a sample prompt (repeatable; default: the instance prompt in a context the photos do not show)")
+    w.add_argument("--sample-seed", type=int, default=0, metavar="S", help="the samples' noise seed, the same every row (default 0)")
+    w.add_argument("--sample-steps", type=int, metavar="N", help=f"the samples' denoising steps ({_by_model('gen_steps')})")
+    w.add_argument("--sample-guidance", type=float, metavar="G", help=f"the samples' guidance scale ({_by_model('guidance')})")
+    w.add_argument("--log-every", type=int, default=0, metavar="N", help="where no progress bar is drawn (stderr not a "
+                   "terminal: nohup, CI): a line on stderr every N steps (default: about 20 a run) and at least every 30 s")
+
+
 def _add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="lora_format", choices=LORA_FORMATS, default=DEFAULT_LORA_FORMAT,
                    help="LoRA file(s) to write: diffusers = pytorch_lora_weights.safetensors (diffusers' load_lora_weights), "
@@ -387,6 +407,7 @@ def cmd_generate(args) -> int:
         num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
         compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
         device=_device(args.device, args.compute_dtype or args.precision), force=args.force,
+        step=args.step,
     ))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0

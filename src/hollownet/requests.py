@@ -53,6 +53,15 @@ class TrainRequest:
     track_memory: bool = True
     store: str | None = None  # default OUTPUT/store
     lora_format: str = DEFAULT_LORA_FORMAT  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
+    # watching the run (stages/watch.py): progress lines, snapshots, validation loss, sample images
+    log_every: int = 0
+    save_every: int = 0
+    validate_every: int | None = None  # None: with the samples, else a tenth of the steps; 0: never
+    sample_every: int = 0
+    sample_prompts: list[str] | None = None
+    sample_seed: int = 0
+    sample_steps: int | None = None  # denoising steps of a sample (default: the model's, as generate)
+    sample_guidance: float | None = None
 
     def __post_init__(self):
         _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))

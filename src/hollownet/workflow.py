@@ -69,8 +69,10 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
     # made first: bad stage-2 settings fail before stage 1 spends any time
+    d = model_defaults(req.model)  # samples are drawn as generate draws with the model's defaults
     train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), lora_targets=list(req.lora_targets),
-                              track_memory_steps=2 if req.track_memory else 0)
+                              track_memory_steps=2 if req.track_memory else 0,
+                              sample_steps=req.sample_steps or d["gen_steps"], sample_guidance=req.sample_guidance or d["guidance"])
     pre = run_precompute(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),
                                        num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
     res = run_train(train_cfg, on_step=on_step)
@@ -84,12 +86,14 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
                     "resumed_from_step": res.start_step},
         "memory": {"precompute": pre.memory, "train": res.memory},
         "loss": loss_summary(res.losses),
+        **res.watch,  # snapshots, validation, samples
         "outputs": {"lora": str(out / lora_files(req.lora_format)[0]), "lora_files": [str(out / f) for f in lora_files(req.lora_format)],
                     "store": store},
     }
     record["summary"] = summarize(record)
     save_json(out / "train.json", record)
-    plot_loss(res.losses, out / "loss.png", title=f"{req.method} — {req.prompt}")
+    plot_loss(res.losses, out / "loss.png", title=f"{req.method} — {req.prompt}",
+              validation=(record.get("validation") or {}).get("history"))
     return record
 
 
@@ -124,13 +128,21 @@ def summarize(record: dict) -> str:
     loss = record["loss"]
     if loss["history"]:
         lines.append(f"loss (mean of {loss['window']} steps) {loss['first_mean']:.4f} at the start -> {loss['last_mean']:.4f} at the end")
+    val = record.get("validation")
+    if val:
+        lines.append(f"validation loss lowest at step {val['best_step']} ({val['best_loss']:.4f}; "
+                     f"{val['history'][-1][1]:.4f} at the end)" + (", snapshot there" if any(
+                         s.endswith(f"step-{val['best_step']:04d}") for s in record.get("snapshots", [])) else ""))
+    if record.get("samples"):
+        lines.append(f"samples: {record['samples']['sheet']}")
     files = record["outputs"].get("lora_files") or [record["outputs"]["lora"]]
     lines.append(f"LoRA: {', '.join(files)}")
     return "\n".join(lines)
 
 
-def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
-    """Raw loss and its running mean: what a person looks at to see whether training worked."""
+def plot_loss(losses: list[float], path: Path, title: str = "", validation: list | None = None) -> None:
+    """Raw loss and its running mean, and the held-out loss (``[step, loss]``) beside them: what a person looks
+    at to see whether training worked, and where it stopped getting better."""
     if not losses:
         return
     import matplotlib
@@ -144,6 +156,8 @@ def plot_loss(losses: list[float], path: Path, title: str = "") -> None:
     ax.plot(losses, alpha=0.35, label="loss")
     if k > 1:
         ax.plot(smooth, label=f"running mean of {k}")
+    if validation:  # step s's loss is plotted at index s - 1, as the training loss of step s
+        ax.plot([s - 1 for s, _ in validation], [v for _, v in validation], "o-", ms=3, label="validation (held out)")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE")
     ax.set_title(title[:80], fontsize=9)

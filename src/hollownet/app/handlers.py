@@ -22,6 +22,7 @@ from hollownet.settings import model_defaults
 from hollownet.toy import NAME as TOY
 
 FEW, MANY = 3, 6  # the 3-6 photos the app asks for
+FINAL = "final LoRA"  # step 4's LoRA choice besides the snapshots
 
 
 class Collected:
@@ -153,7 +154,8 @@ def start_training(jobs: Jobs, photos: list[str], s: dict) -> str:
     folder = jobs.new_run_folder()
     settings = {**s, "model": s["model"] or TOY, "images": str(folder / "photos"), "output": str(folder / "lora"),
                 "steps": int(s["steps"]), "rank": int(s["rank"]), "resolution": int(s["resolution"]),
-                "batch": int(s["batch"]), "seed": int(s["seed"]), "lr": float(s["lr"])}
+                "batch": int(s["batch"]), "seed": int(s["seed"]), "lr": float(s["lr"]),
+                **{k: int(s.get(k) or 0) for k in ("sample_every", "save_every")}}  # 0: none
     if jobs.refusal():  # refused before any folder is made
         return f"error: {jobs.refusal()}"
     stage_photos(photos, folder / "photos")
@@ -186,6 +188,8 @@ def start_generation(jobs: Jobs, g: dict) -> str:
                 "output": str(folder / "images" / f"{n:03d}"), "steps": int(g["steps"]), "guidance": float(g["guidance"]),
                 "seed": int(g["seed"]), "num_images": int(g["num_images"]), "merged": g["path"] == "merged",
                 "device": last.settings.get("device", "cpu")}
+    if str(g.get("lora") or FINAL) != FINAL:  # a snapshot, "step N" (train's --save-every)
+        settings["step"] = int(str(g["lora"]).split()[-1])
     with Collected() as c:
         check_generate_prompt(settings["prompt"])
     return _start(jobs, "generate", folder, settings, generate_work, c.lines)
@@ -220,6 +224,7 @@ def view(jobs: Jobs) -> dict:
         gen = None  # a generation of an older run
     active = jobs.running() or (gen if gen and train and gen.started > train.started else train)
     v = {"status": active.one_line() if active else "no run yet", "running": bool(jobs.running()),
+         "sheet": None, "snapshots": [FINAL],
          "step": train.step if train else 0, "total": train.total if train else 0,
          "losses": list(train.losses) if train else [], "memory": memory_text(train, gen),
          "photos": [], "gallery": [], "lora_files": [], "images_zip": None, "folder": train.folder if train else None,
@@ -233,6 +238,10 @@ def view(jobs: Jobs) -> dict:
             warnings.simplefilter("ignore")
             v["photos"] = [str(p) for p in list_photos(folder / "photos")]
     v["gallery"] = [str(p) for p in sorted((folder / "images").glob("*/*.png"))]
+    sheet = folder / "lora" / "samples" / "sheet.png"  # grows a row per sample step while it trains
+    v["sheet"] = (str(sheet), sheet.stat().st_mtime_ns) if sheet.is_file() else None
+    v["snapshots"] = [FINAL] + [f"step {int(p.name[5:])}" for p in sorted((folder / "lora" / "snapshots").glob("step-*"))
+                                if (p / "hollownet.json").is_file()]
     if train.status == DONE:
         v["lora_files"] = [f for f in (train.result or {}).get("lora_files", []) if Path(f).is_file()]
     if v["gallery"] and not jobs.running():

@@ -45,7 +45,7 @@ def one_line_error(exc: BaseException) -> str | None:
 def train_request(settings: dict) -> TrainRequest:
     """The app's ONE place that builds a TrainRequest: the basic fields, and the modes (precision, ...)."""
     keys = ("model", "images", "prompt", "output", "steps", "rank", "resolution", "lr", "batch", "seed", "device",
-            "method")
+            "method", "sample_every", "save_every", "sample_steps")
     modes, _ = Modes.split(settings)
     return TrainRequest(**{k: settings[k] for k in keys if k in settings}, modes=modes, resume=True)
 
@@ -233,7 +233,7 @@ def train_work(job: Job) -> dict:
 
 def generate_config(settings: dict) -> GenerateConfig:
     keys = ("model", "lora", "prompt", "output", "steps", "guidance", "seed", "num_images", "merged", "device",
-            "negative_prompt")
+            "negative_prompt", "step")
     return GenerateConfig(**{k: settings[k] for k in keys if k in settings})
 
 

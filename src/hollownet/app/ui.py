@@ -23,7 +23,8 @@ from hollownet.toy import NAME as TOY  # noqa: E402
 
 # system fonts only: the default theme fetches Google Fonts, which an offline machine cannot reach
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-SETTINGS = ("model", "prompt", "method", "precision", "steps", "rank", "resolution", "lr", "batch", "seed", "device")
+SETTINGS = ("model", "prompt", "method", "precision", "steps", "rank", "resolution", "lr", "batch", "seed", "device",
+            "sample_every", "save_every")
 CSS = "#progress progress {width: 100%; height: 18px}"
 
 
@@ -89,10 +90,16 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                 train_btn = gr.Button("Train", variant="primary", elem_id="train")
                 stop_btn = gr.Button("Stop", elem_id="stop")
                 resume_btn = gr.Button("Resume", elem_id="resume")
+                sample_every = gr.Number(value=100, label="sample images every N steps (0: none)", precision=0,
+                                         elem_id="sample-every")
+                save_every = gr.Number(value=100, label="LoRA snapshot every N steps (0: none)", precision=0,
+                                       elem_id="save-every")
             status = gr.Textbox(label="status", elem_id="status", interactive=False)
             progress = gr.HTML(progress_html(0, 0, False))
             loss = gr.LinePlot(loss_frame([]), x="step", y="loss", label="loss", height=220, elem_id="loss")
             memory = gr.Markdown(elem_id="memory")
+            sheet = gr.Image(label="samples: a row per step, a column per prompt", type="filepath", interactive=False,
+                             elem_id="sample-sheet")
         with gr.Group(elem_id="step4"):
             gr.Markdown("## 4. Generate and download")
             with gr.Row():
@@ -102,6 +109,8 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                 guidance = gr.Number(value=d["guidance"], label="guidance")
                 num_images = gr.Number(value=2, label="images", precision=0)
                 path = gr.Radio(["two-path", "merged"], value="two-path", label="inference")
+                lora_choice = gr.Dropdown([h.FINAL], value=h.FINAL, label="LoRA", elem_id="lora-choice",
+                                          info="the final one, or a snapshot made while training")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="generated", columns=6, fit_columns=False, object_fit="contain", height=200,
                                  elem_id="gallery")
@@ -110,8 +119,8 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
                                      elem_id="lora-files")
                 images_file = gr.File(label="images (zip)", interactive=False, elem_id="images-zip")
 
-        inputs = [model, prompt, method, precision, steps, rank, resolution, lr, batch, seed, dev]
-        page = [status, progress, loss, memory, gallery, lora_files, images_file]
+        inputs = [model, prompt, method, precision, steps, rank, resolution, lr, batch, seed, dev, sample_every, save_every]
+        page = [status, progress, loss, memory, gallery, lora_files, images_file, sheet, lora_choice]
 
         def on_model(name):
             dd = h.defaults_for(name)
@@ -138,8 +147,8 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
         stop_btn.click(lambda: h.stop(jobs), None, message)
         resume_btn.click(lambda: h.resume_training(jobs), None, message)
         gen_btn.click(lambda *g: h.start_generation(jobs, dict(zip(("prompt", "seed", "steps", "guidance", "num_images",
-                                                                       "path"), g))),
-                      [gen_prompt, gen_seed, gen_steps, guidance, num_images, path], message)
+                                                                       "path", "lora"), g))),
+                      [gen_prompt, gen_seed, gen_steps, guidance, num_images, path, lora_choice], message)
 
         shown = gr.State({})
 
@@ -148,8 +157,10 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
             new = {"status": v["status"] + ("\n" + "\n".join(v["notes"]) if v["notes"] else ""),
                    "progress": progress_html(v["step"], v["total"], v["running"]), "loss": tuple(v["losses"]),
                    "memory": v["memory"], "gallery": tuple(v["gallery"]), "lora": tuple(v["lora_files"]),
-                   "zip": v["images_zip"]}
-            make = {"loss": lambda x: loss_frame(list(x)), "gallery": list, "lora": lambda x: list(x) or None}
+                   "zip": v["images_zip"], "sheet": v["sheet"], "snapshots": tuple(v["snapshots"])}
+            make = {"loss": lambda x: loss_frame(list(x)), "gallery": list, "lora": lambda x: list(x) or None,
+                    "sheet": lambda x: x[0] if x else None,  # (path, mtime): a new row redraws it
+                    "snapshots": lambda x: gr.update(choices=list(x))}
             out = [gr.skip() if last.get(k) == val else make.get(k, lambda x: x)(val) for k, val in new.items()]
             return [*out, new]
 

@@ -81,7 +81,7 @@ from hollownet import encoders as E
 from hollownet.lowmem.layerwise import predict_peak
 from hollownet.lowmem.sdxl_text import build as build_text_encoder, predict_peak as predict_sdxl_text
 from hollownet.memory.tracker import PartMeter
-from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table
+from hollownet.stages.precompute import budget_bytes, kept_up_modules, make_shard, sample_table, validation_count
 from hollownet.builder import lora_outside
 from hollownet.stages import generate as G
 
@@ -569,7 +569,8 @@ def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tu
             text = CLIPTextModel(CLIPTextConfig(**mc.text_encoder)).requires_grad_(False).eval()
     sdxl_text = text is not None and mc.text_encoder_2 is not None  # both encoders: lowmem/sdxl_text.py's own loop
     pred = predict_peak(unet, plan, vae=vae, text=None if sdxl_text else text, resolution=req.resolution,
-                        num_samples=pcfg.num_samples, photos=req.photos + req.class_photos, prompts=req.prompts,
+                        num_samples=pcfg.num_samples + validation_count(pcfg.num_samples, pcfg.shard_size),
+                        photos=req.photos + req.class_photos, prompts=req.prompts,
                         budget=budget, batch_size=pcfg.batch_size, dtype=dtype,
                         vae_dtype=family_of_config(mc.unet).vae_dtype(dtype))
     if sdxl_text:
@@ -741,6 +742,7 @@ class MemoryPlan:
             lines.append(f"  generation             {g(self.generate_peak)}   {modes.precision}, {path}, "
                          f"{'CFG batch 2' if req.guidance > 1 else 'no CFG'}, each part in turn: {parts}")
             lines.append(f"  whole run              {g(self.whole_run_peak)}   the largest of pre-compute, training and generation")
+            lines.append("  (train --sample-every: each sample image is this generation, the training state freed meanwhile)")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak
             lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "

@@ -76,8 +76,15 @@ class GenerateConfig:
     force: bool = False  # load a LoRA recorded for another base model anyway
     compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default: the device's)
     stream_weights: bool = False
+    step: int | None = None  # the LoRA's snapshot at this step (OUTPUT/snapshots/step-XXXX) instead of the final one
 
     def __post_init__(self):
+        if self.step is not None:
+            if not self.lora:
+                raise HollownetError("--step picks a snapshot of a LoRA: give --lora OUTPUT as well")
+            from hollownet.stages.watch import snapshot_dir  # noqa: PLC0415  (watch imports this module)
+
+            self.lora = str(snapshot_dir(self.lora, self.step))
         if self.scheduler not in SCHEDULERS:
             raise HollownetError(f"--scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.steps < 1 or self.num_images < 1:

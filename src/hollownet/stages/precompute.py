@@ -39,6 +39,7 @@ from hollownet.loading import (is_under, load_unet, model_fingerprint, predictio
 from hollownet.lowmem import layerwise as LW
 from hollownet.memory.tracker import PartMeter, parse_size
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
+from hollownet.stages.progress import LoggedBar, ProgressLog
 from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_tensors, shard_name
 
 
@@ -144,6 +145,31 @@ def sample_table(n_instance: int, n_class: int, cfg: PrecomputeConfig, num_train
         entry["noise_seed"] = cfg.seed * 1_000_003 + i
         table.append(entry)
     return table
+
+
+VALIDATION = "validation"  # the held-out samples' pseudo-shard (stage 2's validation loss)
+VALIDATION_FILE = "validation.safetensors"
+VALIDATION_SAMPLES = 8
+VALIDATION_SEED_BASE = 1 << 40  # training noise seeds are seed * 1_000_003 + i: far below it
+
+
+def validation_count(num_samples: int, shard_size: int) -> int:
+    """Held-out samples: no more than the first shard holds, so stage 1's measured (and planned) peak is unchanged."""
+    return min(VALIDATION_SAMPLES, num_samples, shard_size)
+
+
+def validation_table(n_instance: int, cfg: PrecomputeConfig, num_train_timesteps: int,
+                     photo_prompts: list[int] | None = None) -> list[dict]:
+    """The fixed held-out samples: the instance photos in turn, timesteps spread evenly over the schedule, noise
+    seeds from a range training never draws from. A function of the store's identity: the same after any resume."""
+    n = validation_count(cfg.num_samples, cfg.shard_size)
+    rows = []
+    for k in range(n):
+        j = k % n_instance
+        rows.append(dict(latent=j, prompt=photo_prompts[j] if photo_prompts else 0, weight=1.0,
+                         timestep=int((k + 0.5) * num_train_timesteps / n),
+                         noise_seed=VALIDATION_SEED_BASE + cfg.seed * 1_000_003 + k))
+    return rows
 
 
 def sample_noise(seed: int, shape) -> torch.Tensor:
@@ -256,6 +282,8 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     table, size = manifest["samples"], manifest["shard_size"]
     done = store.done_shards()
     todo = {i: table[i * size : (i + 1) * size] for i in range(manifest["num_shards"]) if i not in done}
+    if not (store.root / VALIDATION_FILE).exists():  # also for a store made before validation existed
+        todo[VALIDATION] = validation_table(len(names), cfg, scheduler.config.num_train_timesteps, photo_prompts)
     info: dict = {"memory_budget": budget, "resumed_shards": len(done)}  # layer-major runs report it
     scratch = store.root / LW.SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)  # an interrupted layer-major run's activations: never reused
@@ -263,8 +291,10 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
         sizes = photo_sizes(cfg.images) + (photo_sizes(cfg.class_images) if cfg.class_images else [])
         cond, latents = _prompts_and_latents(cfg, model_dir, family, store, prompts, torch.cat([pixels, class_pixels]),
                                              sizes, dtype, budget, meter, scratch, info)
-        with tqdm(total=len(table), initial=len(table) - sum(map(len, todo.values())), desc="pre-compute",
-                  unit="sample", disable=None) as bar:
+        total = len(table) + validation_count(cfg.num_samples, size)
+        with tqdm(total=total, initial=total - sum(map(len, todo.values())), desc="pre-compute",
+                  unit="sample", disable=None) as tq:
+            bar = LoggedBar(tq, ProgressLog("pre-compute", total, total - sum(map(len, todo.values())), unit="sample"))
             if cfg.layer_major and plan is not None and todo:
                 _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype, budget, meter,
                                   scratch, info, bar)
@@ -318,8 +348,7 @@ def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond: SampleC
     for shard, rows in todo.items():
         with meter.measure("U-Net encoder + hollow", *([unet] if unet is not None else [])):
             tensors = make_shard(rows, latents, cond.embeds, scheduler, unet, plan, dtype, cfg, bar, cond)
-        save_tensors(store.root / shard_name(shard), tensors)
-        store.mark_done(shard)
+        save_part(store, shard, tensors)
     del unet
     release_memory()
 
@@ -352,11 +381,20 @@ def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond: SampleCo
         for shard, rows, a, b in spans:  # each shard written atomically, then marked done
             tensors = make_shard(rows, latents, cond.embeds, scheduler, None, plan, dtype, cfg, bar, cond)
             tensors["hollow_out"] = arrays.read(out, a, b).clone()
-            save_tensors(store.root / shard_name(shard), tensors)
-            store.mark_done(shard)
+            save_part(store, shard, tensors)
     finally:
         arrays.close()
         layer_bar.close()
+
+
+def save_part(store: Store, shard, tensors: dict[str, torch.Tensor]) -> None:
+    """A finished shard, written atomically and marked done; or the held-out samples' file."""
+    if shard == VALIDATION:
+        save_tensors(store.root / VALIDATION_FILE, tensors)
+        store.record(VALIDATION_FILE)  # size + SHA-256, checked on resume as the shards are
+        return
+    save_tensors(store.root / shard_name(shard), tensors)
+    store.mark_done(shard)
 
 
 def kept_up_modules(unet, plan: HollowPlan) -> list[str]:

@@ -262,7 +262,8 @@ class Store:
         before checksums were recorded, a safetensors header that does not fit the file's length)."""
         m = self.manifest()
         names = [shard_name(i) for i in sorted(self.done_shards())]
-        names += [n for n in ("prompts.safetensors", "latents.safetensors") if (self.root / n).exists()]
+        names += [n for n in ("prompts.safetensors", "latents.safetensors", "validation.safetensors")  # the held-out samples
+                  if (self.root / n).exists()]
         bad = {}
         for name in names:
             why = file_damage(self.root / name, (m.get("files") or {}).get(name))

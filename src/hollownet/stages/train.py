@@ -12,9 +12,11 @@ runs are ``cfg.modes`` (``settings.Modes``: every rule between them is there).
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,10 @@ from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
 from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
-from hollownet.stages.store import Store, remove_stale_temps, save_torch, tensor_digest
+from hollownet.stages import watch as W
+from hollownet.stages.progress import ProgressLog
+from hollownet.stages.store import Store, remove_stale_temps, save_json, save_torch, tensor_digest
+from hollownet.stages.watch import Watch, validation_loss
 
 
 @dataclass
@@ -59,10 +64,24 @@ class TrainConfig:
     track_memory_steps: int = 2  # exact live-bytes tracking of the first steps (the peak repeats after)
     device: str = "cpu"
     lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file layout(s) written: diffusers | kohya | both (formats.py)
+    # watching the run (stages/watch.py); none of them changes what is trained
+    log_every: int = 0  # a plain line every N steps where tqdm draws no bar (stderr not a terminal; 0: ~20 a run; and every 30 s)
+    save_every: int = 0  # LoRA snapshots in OUTPUT/snapshots/step-XXXX (0: none)
+    validate_every: int | None = None  # held-out loss every N steps (None: with the samples, else a tenth; 0: never)
+    sample_every: int = 0  # sample images in OUTPUT/samples (0: none)
+    sample_prompts: list[str] | None = None  # None: the instance prompt in an unseen context (watch.default_sample_prompts)
+    sample_seed: int = 0
+    sample_steps: int = SD_DEFAULTS["gen_steps"]
+    sample_guidance: float = SD_DEFAULTS["guidance"]
 
     def __post_init__(self):
         self.modes = self.modes.on(self.device)
         self.modes.check_method(self.method)
+        for flag in ("log_every", "save_every", "validate_every", "sample_every"):
+            if (getattr(self, flag) or 0) < 0:
+                raise HollownetError(f"--{flag.replace('_', '-')} must be 0 (off) or a number of steps")
+        if self.sample_every and self.method == "full":
+            raise HollownetError("--sample-every draws with a LoRA: use --method hollow or lora, or drop --sample-every")
         if self.rank < 1 and self.method != "full":
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
         if self.steps < 1 or self.batch < 1:
@@ -85,6 +104,7 @@ class TrainResult:
     memory: dict | None = None
     start_step: int = 0  # > 0: resumed from a checkpoint at this step
     train_seconds: float = 0.0  # the steps this run made (not loading, not the resumed ones)
+    watch: dict = field(default_factory=dict)  # snapshots, validation loss, samples (watch.Watch.record)
 
 
 def build_model(model_dir: Path, manifest: dict, cfg: TrainConfig) -> Network:
@@ -142,55 +162,143 @@ def run_train(cfg: TrainConfig, on_step=None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     if cfg.modes.low_memory:
         return_freed_memory_promptly()  # before the layer-by-layer quantizing / reading starts
-    net = build_model(model_dir, manifest, cfg)
-    unet, plan, params = net
-    embeds = store.tensors("prompts.safetensors")["embeds"]
-    optimizer = make_optimizer(params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
     out = Path(cfg.output)
-    ckpt_dir = out / "checkpoints"
-    start, losses = 0, []
-    settings = checkpoint_settings(cfg, manifest)
-    remove_stale_temps(ckpt_dir, ".step-*.pt*.tmp")  # a process killed mid-write (kill -9) leaves its temp file
-    if cfg.resume:
-        start, losses = load_checkpoint(ckpt_dir, unet, params, optimizer, settings=settings, steps=cfg.steps)
-    else:
-        for old in ckpt_dir.glob("step-*.pt"):  # starting over: an old run's checkpoints must never be resumed
-            old.unlink()
+    t = Trainee(make=lambda: _network_and_optimizer(model_dir, manifest, cfg), ckpt_dir=out / "checkpoints",
+                settings=checkpoint_settings(cfg, manifest), steps=cfg.steps, keep=bool(cfg.checkpoint_every))
+    t.net, t.optimizer = t.make()
+    plan = t.net.plan
+    embeds = store.tensors("prompts.safetensors")["embeds"]
+    start, losses = _start(cfg, t)
+    keys = ("noisy", "target", "timestep", "prompt_index", "weight") + family.sample_keys + (("hollow_out",) if plan else ())
+    watch = make_watch(cfg, out, store, manifest, start, keys)
+    info = result_info(cfg, manifest, plan, t.net.params) | {"family": family.name}
+    export = lambda folder, step=None: _export(t.net.unet, folder, info | ({"step": step} if step else {}), cfg, family)  # noqa: E731
+    validate = lambda: validation_loss(t.net, W.load_validation(store, keys), embeds, cfg, cfg.batch, predict, loss_fn)  # noqa: E731
     per_step = cfg.batch * (2 if manifest.get("class_photo_files") else 1)  # prior preservation doubles it
-    unet.train()
+    t.net.unet.train()
     memory = None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train ({cfg.method})", unit="step", disable=None)
     t_loop = time.perf_counter()
     for step in bar:
-        batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]),
-                              keys=("noisy", "target", "timestep", "prompt_index", "weight") + family.sample_keys
-                              + (("hollow_out",) if plan else ()))
-        tracker = None
-        if step - start < cfg.track_memory_steps:
-            tracker = MemoryTracker(device=cfg.device).add_resident(unet, optimizer)
-        loss = train_step(net, batch, embeds, optimizer, cfg, tracker)
-        if tracker is not None and (memory is None or tracker.report.peak_bytes >= memory["peak_bytes"]):
-            memory = tracker.report.to_dict()
+        batch = store.samples(batch_indices(step, per_step, manifest["num_samples"]), keys=keys)
+        loss, memory = tracked_step(t, batch, embeds, cfg, step - start < cfg.track_memory_steps, memory)
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
         if not math.isfinite(loss):
-            raise HollownetError(nan_loss_advice(loss, step, start, batch, store.root, ckpt_dir))
+            raise HollownetError(nan_loss_advice(loss, step, start, batch, store.root, t.ckpt_dir))
         stop = on_step is not None and bool(on_step(step + 1, losses, memory)) and step + 1 < cfg.steps
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
-            save_checkpoint(ckpt_dir, step + 1, unet, params, optimizer, losses, settings)
+            save_checkpoint(t.ckpt_dir, step + 1, t.net.unet, t.net.params, t.optimizer, losses, t.settings)
         if stop:
             raise TrainingStopped(f"stopped at step {step + 1} of {cfg.steps}; the checkpoint is kept: resume to continue")
+        t.step, t.losses = step + 1, losses
+        watch.after_step(step + 1, loss, t, export, validate, sample_source(cfg, model_dir, info))
     bar.close()
     train_seconds = time.perf_counter() - t_loop
-    info = result_info(cfg, manifest, plan, params) | {"family": family.name}
-    if cfg.method == "full":
-        unet.save_pretrained(out / "unet")
-    else:
-        save_lora(unet, out, info, lora_format=cfg.lora_format, family=family)
-    del net, unet, optimizer
+    export(out)
+    weights = watch.final_weights(t)
+    t.net = t.optimizer = export = validate = None
     release_memory()
+    watch.finish(weights, sample_source(cfg, model_dir, info))
     return TrainResult(output=out, losses=losses, seconds=time.perf_counter() - t0, plan=plan, memory=memory,
-                       start_step=start, train_seconds=train_seconds)
+                       start_step=start, train_seconds=train_seconds, watch=watch.record())
+
+
+def _network_and_optimizer(model_dir: Path, manifest: dict, cfg: TrainConfig):
+    net = build_model(model_dir, manifest, cfg)
+    return net, make_optimizer(net.params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
+
+
+def _start(cfg: TrainConfig, t: Trainee) -> tuple[int, list[float]]:
+    """Resume from the newest matching checkpoint, or (``--no-resume``) delete every old one: (step, losses)."""
+    remove_stale_temps(t.ckpt_dir, ".step-*.pt*.tmp")  # a process killed mid-write (kill -9) leaves its temp file
+    if cfg.resume:
+        return load_checkpoint(t.ckpt_dir, t.net.unet, t.net.params, t.optimizer, settings=t.settings, steps=cfg.steps)
+    for old in t.ckpt_dir.glob("step-*.pt"):  # starting over: an old run's checkpoints must never be resumed
+        old.unlink()
+    return 0, []
+
+
+def tracked_step(t: Trainee, batch, embeds, cfg: TrainConfig, track: bool, memory: dict | None):
+    """One step; ``track``: measured exactly, the largest report so far kept. Returns (loss, memory)."""
+    tracker = MemoryTracker(device=cfg.device).add_resident(t.net.unet, t.optimizer) if track else None
+    loss = train_step(t.net, batch, embeds, t.optimizer, cfg, tracker)
+    if tracker is not None and (memory is None or tracker.report.peak_bytes >= memory["peak_bytes"]):
+        memory = tracker.report.to_dict()
+    return loss, memory
+
+
+def _export(unet, folder: Path, info: dict, cfg: TrainConfig, family) -> None:
+    """The result's files in ``folder``: the LoRA (``--format``), or the fine-tuned ``unet/`` (``--method full``)."""
+    if cfg.method == "full":
+        unet.save_pretrained(Path(folder) / "unet")
+        if "step" in info:  # a snapshot: its last file marks it finished
+            save_json(Path(folder) / "hollownet.json", info)
+    else:
+        save_lora(unet, folder, info, lora_format=cfg.lora_format, family=family)
+
+
+@dataclass
+class Trainee:
+    """What stage 2 holds: its network and optimizer. :meth:`while_freed` runs work with both dropped: saved to a
+    checkpoint first and rebuilt from it after, so the run goes on exactly as without the break."""
+
+    make: Callable  # () -> (network, optimizer), as at the start
+    ckpt_dir: Path
+    settings: dict
+    steps: int
+    keep: bool  # keep the checkpoint made for the break (False: --checkpoint-every 0)
+    net: Network | None = None
+    optimizer: object = None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def while_freed(self, work: Callable[[], None]) -> None:
+        path = self.ckpt_dir / f"step-{self.step:06d}.pt"
+        made = not path.is_file()
+        if made:
+            save_checkpoint(self.ckpt_dir, self.step, self.net.unet, self.net.params, self.optimizer, self.losses, self.settings)
+        self.net = self.optimizer = None
+        release_memory()
+        work()  # if it fails (or a second Ctrl-C stops it), the checkpoint stays: a rerun resumes from it
+        self.net, self.optimizer = self.make()
+        load_checkpoint(self.ckpt_dir, self.net.unet, self.net.params, self.optimizer, settings=self.settings,
+                        steps=self.steps, quiet=True)
+        self.net.unet.train()
+        if made and not self.keep:
+            path.unlink(missing_ok=True)
+
+
+def make_watch(cfg: TrainConfig, out: Path, store: Store, manifest: dict, start: int, keys) -> Watch:
+    """The run's watchers (stages/watch.py) from its settings; ``--no-resume`` forgets an old run's samples and snapshots."""
+    if not cfg.resume:
+        for old in (W.SNAPSHOTS, W.SAMPLES):
+            shutil.rmtree(out / old, ignore_errors=True)
+        (out / W.VALIDATION_JSON).unlink(missing_ok=True)
+    samples = None
+    if cfg.sample_every:
+        prompts = cfg.sample_prompts or W.default_sample_prompts(cfg.model, manifest["prompts"][0])
+        samples = W.SampleSettings(prompts=list(prompts), seed=cfg.sample_seed, steps=cfg.sample_steps,
+                                   guidance=cfg.sample_guidance)
+    validate_every = cfg.validate_every
+    if validate_every is None:
+        validate_every = cfg.sample_every or max(1, cfg.steps // 10)
+    log = ProgressLog(f"train ({cfg.method})", cfg.steps, start, every=cfg.log_every)
+    return Watch(out=out, total=cfg.steps, start=start, log=log, save_every=cfg.save_every, validate_every=validate_every,
+                 sample_every=cfg.sample_every, samples=samples, rank=cfg.rank, alpha=float(cfg.lora_alpha or cfg.rank),
+                 validation=W.held_out_count(store) if validate_every else 0)
+
+
+def sample_source(cfg: TrainConfig, model_dir: Path, info: dict) -> Callable:
+    """``source(weights)`` -> (parts, plan, resolution): generation's own set-up (``generate.prepare``) for a LoRA in memory."""
+    from hollownet.stages.generate import Parts, prepare
+
+    def source(weights):
+        parts = Parts.real(model_dir, weights, W.generation_modes(cfg.modes), cfg.device, "dpm")
+        plan, resolution = prepare(parts, info, lora=True, merged=False, resolution=None)
+        return parts, plan, resolution
+
+    return source
 
 
 def train_step(net: Network, batch, embeds, optimizer, cfg: TrainConfig, tracker=None) -> float:
@@ -281,7 +389,7 @@ def nan_loss_advice(loss: float, step: int, start: int, batch: dict, store: Path
 
 
 def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | None = None,
-                    steps: int | None = None) -> tuple[int, list[float]]:
+                    steps: int | None = None, quiet: bool = False) -> tuple[int, list[float]]:
     """Restore the newest checkpoint that loads; (0, []) when there is none.
 
     Checkpoints are written atomically, so a half-written one is never named ``step-*.pt``; one
@@ -316,6 +424,7 @@ def load_checkpoint(ckpt_dir: Path, unet, params, optimizer, settings: dict | No
             for p, saved_p in zip(params, state["params"]):
                 p.copy_(saved_p)
         optimizer.load_state_dict(state["optimizer"])
-        print(f"resuming from step {state['step']} ({path}); --no-resume starts over", file=sys.stderr)
+        if not quiet:  # quiet: the run's own break (watch.py's samples), not a resume
+            print(f"resuming from step {state['step']} ({path}); --no-resume starts over", file=sys.stderr)
         return state["step"], list(state["losses"])
     return 0, []
