@@ -158,51 +158,37 @@ def test_prompt_following_well_above_chance(pipe, evaluator):
     assert acc["background"] >= 0.75 and acc["colour"] >= 0.75 and acc["shape"] >= 0.66, acc
 
 
-TEST_STEPS = 300  # the demo's default is 600: half of it, to keep the suite's time (the lift is already clear)
-
-
 @pytest.fixture(scope="module")
 def personalized(tmp_path_factory):
-    """``hollownet demo`` itself (Hollowed Net on 'plus', TEST_STEPS steps) and one LoRA FT run with the same
-    settings on the demo's photos, prompts and seeds, shared by the tests below."""
-    from hollownet.stages.generate import GenerateConfig, run_generate
-    from hollownet.settings import TOY_DEFAULTS as D
-    from hollownet.workflow import DEMO_IMAGES_PER_PROMPT, DEMO_STORED_SAMPLES, TrainRequest, personalize, run_demo
+    """``hollownet demo`` itself, at its defaults (Hollowed Net on 'plus'), shared by the tests below, and a
+    2-step LoRA FT run on its photos for the memory comparison (a LoRA FT run's peak does not depend on its steps)."""
+    from hollownet.workflow import TrainRequest, personalize, run_demo
 
     root = tmp_path_factory.mktemp("toy-demo")
-    demo = run_demo(root / "demo", steps=TEST_STEPS)
+    demo = run_demo(root / "demo")
     photos = root / "demo" / "photos"
     read = lambda folder: [Image.open(f).convert("RGB") for f in sorted(folder.glob("*.png"))]  # noqa: E731
     out = {"photos": photos, "demo": demo, "demo_dir": root / "demo", "hollow_record": demo["train"]}
     for method, folder in (("base", "base"), ("hollow", "personalized")):
         out[method] = [im for j in range(len(W.evaluation_prompts())) for im in read(root / "demo" / "images" / folder / f"p{j}")]
-    out["lora_record"] = personalize(TrainRequest(
-        model="toy", images=str(photos), prompt=W.INSTANCE_PROMPT, output=str(root / "lora"), method="lora",
-        steps=TEST_STEPS, num_samples=DEMO_STORED_SAMPLES, checkpoint_every=0))
-    out["lora"] = []
-    for j, prompt in enumerate(W.evaluation_prompts()):  # as the demo generates its rows
-        gen = run_generate(GenerateConfig(model="toy", lora=str(root / "lora"), prompt=prompt, output=str(root / "gen" / str(j)),
-                                          num_images=DEMO_IMAGES_PER_PROMPT, steps=D["gen_steps"], guidance=D["guidance"],
-                                          seed=j * 100))
-        out["lora"] += [Image.open(root / "gen" / str(j) / f).convert("RGB") for f in gen["images"]]
+    out["lora_record"] = personalize(TrainRequest(model="toy", images=str(photos), prompt=W.INSTANCE_PROMPT,
+                                                  output=str(root / "lora"), method="lora", steps=2, checkpoint_every=0))
     return out
 
 
 def test_personalization_draws_the_novel_subject(personalized, evaluator):
     """The subject itself (its shape, colours and their layout: toy.identity) is drawn on backgrounds its photos
-    never showed, by Hollowed Net and LoRA FT alike; the base model never draws it."""
+    never showed by the demo's Hollowed Net run; the base model never draws it."""
     from hollownet.toy.identity import IdentityReference, identity_rate
     from hollownet.workflow import DEMO_IMAGES_PER_PROMPT
 
     photos = [Image.open(p).convert("RGB") for p in sorted(personalized["photos"].iterdir())]
     ref = IdentityReference(photos)
     bgs = [bg for bg in W.UNSEEN_BACKGROUNDS for _ in range(DEMO_IMAGES_PER_PROMPT)]
-    s = {m: score_images(evaluator, personalized[m], photos, backgrounds=bgs) for m in ("base", "hollow", "lora")}
-    identity = {m: identity_rate(ref.scores(personalized[m])) for m in ("base", "hollow", "lora")}
+    s = {m: score_images(evaluator, personalized[m], photos, backgrounds=bgs) for m in ("base", "hollow")}
+    identity = {m: identity_rate(ref.scores(personalized[m])) for m in ("base", "hollow")}
     assert identity["base"] <= 0.1 and s["base"]["presence"] == 0.0, (identity, s)  # it never drew it
-    for m in ("hollow", "lora"):
-        assert identity[m] >= 0.5, (m, identity, s)
-        assert s[m]["background_followed"] >= 0.5, (m, s)
+    assert identity["hollow"] >= 0.5 and s["hollow"]["background_followed"] >= 0.5, (identity, s)
     # the demo's own scores are these (the same images, the same metrics)
     demo = personalized["demo"]["toy_scores"]
     assert demo["personalized"]["identity"] == identity["hollow"] and demo["base model"]["identity"] == identity["base"]

@@ -168,9 +168,6 @@ def plot_loss(losses: list[float], path: Path, title: str = "", validation: list
 
 
 DEMO_IMAGES_PER_PROMPT = 4  # x 3 unseen backgrounds on the toy model: 12 images scored
-# Stage-1 reuse on the toy demo: 300 stored samples (60 per photo), each seen 8x over 600 steps x 4 (stage 1's
-# time falls 8x; see docs/toy.md for what it costs)
-DEMO_STORED_SAMPLES = 300
 
 
 def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -> dict:
@@ -198,8 +195,7 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
         prompts = ["a photo of sks dog on the beach", "a photo of sks dog in the snow"]
     print(f"personalizing with Hollowed Net: {prompt!r} ...")
     record = personalize(TrainRequest(model=model, images=str(photos_dir), prompt=prompt, output=str(out / "lora"),
-                                      steps=steps, num_samples=DEMO_STORED_SAMPLES if model == TOY else None,
-                                      checkpoint_every=0))  # the rest: the model's defaults
+                                      steps=steps, checkpoint_every=0))  # the rest: the model's defaults
     print(record["summary"])
     rows: dict[str, list] = {"photos": [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir())
                                         if p.suffix.lower() in (".png", ".jpg", ".jpeg")]}
