@@ -564,9 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
     _fill_model_defaults(args)
-    from hollownet.errors import HollownetError  # lazy
-    from hollownet.evaluation.datasets import DatasetError  # lazy
-    from hollownet.photos import PhotoError  # lazy
     from hollownet.stages.store import disk_error  # lazy
 
     from hollownet.signals import Stops, exit_code  # lazy
@@ -579,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning  # restored by catch_warnings
         try:
             return COMMANDS[args.command](args)
-        except (HollownetError, PhotoError, DatasetError) as e:
+        except HollownetError as e:  # every user-facing error (photos, datasets, evaluation inputs too)
             print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # a write outside store.write_bytes (a folder made on a full / read-only disk)
@@ -587,11 +584,6 @@ def main(argv: list[str] | None = None) -> int:
             if mapped is None:
                 raise
             print(f"hollownet {args.command}: error: {mapped}", file=sys.stderr)
-            return 2
-        except ValueError as e:  # the evaluation module's input errors
-            if args.command != "eval":
-                raise
-            print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted): 130 / 143
             signum = getattr(e, "signum", signal.SIGINT)

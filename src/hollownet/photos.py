@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hollownet.errors import HollownetError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "PhotoError",
@@ -40,7 +42,7 @@ _ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
 _RESAMPLE = Image.Resampling.LANCZOS
 
 
-class PhotoError(ValueError):
+class PhotoError(HollownetError):
     """A photo folder or photo file cannot be used; the message says which and how to fix it."""
 
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from hollownet.errors import HollownetError
 from hollownet.photos import PhotoWarning, StrPath, list_photos, load_photos, one_line, warn_from_caller
 from hollownet.settings import DEFAULT_IDENTIFIER
 from hollownet.toy import world as W
@@ -47,7 +48,7 @@ LIVE_CLASSES: frozenset[str] = frozenset({"dog", "cat"})
 #: The rare-token identifier the DreamBooth paper binds the subject to ("a sks dog").
 
 
-class DatasetError(ValueError):
+class DatasetError(HollownetError):
     """A benchmark folder cannot be read; the message says which and how to fix it."""
 
 

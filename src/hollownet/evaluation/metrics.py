@@ -71,7 +71,7 @@ __all__ = [
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[N, D] x [M, D] -> [N, M] cosine similarities (inputs need not be normalized)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected [N, D] and [M, D] features, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise HollownetError(f"expected [N, D] and [M, D] features, got {tuple(a.shape)} and {tuple(b.shape)}")
     # float64 so the mean over many pairs does not drift.
     a = F.normalize(a.double(), dim=-1)
     b = F.normalize(b.double(), dim=-1)
@@ -81,14 +81,14 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine over all N*M pairs (a_i, b_j): the DINO / CLIP-I score."""
     if len(a) == 0 or len(b) == 0:
-        raise ValueError("mean_pairwise_cosine needs at least one feature on each side")
+        raise HollownetError("mean_pairwise_cosine needs at least one feature on each side")
     return float(cosine_matrix(a, b).mean())
 
 
 def mean_matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine of row-aligned pairs (a_i, b_i): the CLIP-T score with b_i = text of image i."""
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
-        raise ValueError(f"expected two non-empty [N, D] features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise HollownetError(f"expected two non-empty [N, D] features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
 
 
@@ -117,7 +117,7 @@ def load_image(path: str | Path) -> Image.Image:
             # Phone photos store rotation in EXIF; without this the subject is sideways.
             return ImageOps.exif_transpose(im).convert("RGB")
     except OSError as e:  # includes PIL.UnidentifiedImageError
-        raise ValueError(f"cannot read image {path} ({_first_line(e)}); replace or remove the file") from None
+        raise HollownetError(f"cannot read image {path} ({_first_line(e)}); replace or remove the file") from None
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -134,16 +134,16 @@ def read_manifest(folder: str | Path) -> list[dict[str, str]] | None:
         try:
             data = json.loads(json_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{json_path} is not valid JSON ({e}); regenerate it with `hollownet generate`") from None
+            raise HollownetError(f"{json_path} is not valid JSON ({e}); regenerate it with `hollownet generate`") from None
         entries = data.get("images") if isinstance(data, dict) else data
         if not isinstance(entries, list):
-            raise ValueError(f'{json_path} has no "images" list; expected {{"images": [{{"file": ..., "prompt": ...}}]}}')
+            raise HollownetError(f'{json_path} has no "images" list; expected {{"images": [{{"file": ..., "prompt": ...}}]}}')
         source = json_path
     elif csv_path.is_file():
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "file" not in reader.fieldnames:
-                raise ValueError(f"{csv_path} needs a header row with columns file,prompt")
+                raise HollownetError(f"{csv_path} needs a header row with columns file,prompt")
             entries = list(reader)
         source = csv_path
     else:
@@ -151,7 +151,7 @@ def read_manifest(folder: str | Path) -> list[dict[str, str]] | None:
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not e.get("file"):
-            raise ValueError(f'{source} entry {i} has no "file"; every entry needs a file and a prompt')
+            raise HollownetError(f'{source} entry {i} has no "file"; every entry needs a file and a prompt')
         out.append({"file": str(e["file"]), "prompt": "" if e.get("prompt") is None else str(e["prompt"])})
     return out
 
@@ -161,7 +161,7 @@ def _generated_entries(generated_dir: Path, prompt: str | None) -> list[tuple[Pa
     manifest = read_manifest(generated_dir)
     if manifest is None:
         if prompt is None:
-            raise ValueError(
+            raise HollownetError(
                 f"{generated_dir} has no manifest.json or manifest.csv; "
                 "generate it with `hollownet generate` or pass the prompt explicitly (prompt=... / --prompt)"
             )
@@ -173,17 +173,17 @@ def _generated_entries(generated_dir: Path, prompt: str | None) -> list[tuple[Pa
         missing = [e["file"] for e in manifest if not (generated_dir / e["file"]).is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            raise ValueError(
+            raise HollownetError(
                 f"manifest in {generated_dir} names {len(missing)} missing file(s): {shown}; "
                 "regenerate the images or fix the manifest"
             )
         unprompted = [e["file"] for (_, pr), e in zip(entries, manifest) if not pr.strip()]
         if unprompted:
-            raise ValueError(
+            raise HollownetError(
                 f"manifest in {generated_dir} has no prompt for {unprompted[0]}; add prompts or pass prompt=... / --prompt"
             )
     if not entries:
-        raise ValueError(
+        raise HollownetError(
             f"{generated_dir} contains no generated images ({', '.join(IMAGE_EXTENSIONS)}); run `hollownet generate` first"
         )
     return entries
@@ -191,10 +191,10 @@ def _generated_entries(generated_dir: Path, prompt: str | None) -> list[tuple[Pa
 
 def _reference_paths(reference_dir: Path) -> list[Path]:
     if not reference_dir.is_dir():
-        raise ValueError(f"reference folder {reference_dir} does not exist; pass the folder of real subject photos")
+        raise HollownetError(f"reference folder {reference_dir} does not exist; pass the folder of real subject photos")
     paths = list_images(reference_dir)
     if not paths:
-        raise ValueError(
+        raise HollownetError(
             f"reference folder {reference_dir} contains no photos ({', '.join(IMAGE_EXTENSIONS)}); "
             "pass the folder of real subject photos used for training"
         )
@@ -219,7 +219,7 @@ def _resolve_model(model: str | Path, example: str) -> str:
         text = str(Path(text).expanduser())
     # A missing absolute/explicitly relative path would otherwise surface as a confusing hub repo-id error.
     if (isinstance(model, Path) or text.startswith(("/", "./", "../"))) and not Path(text).exists():
-        raise ValueError(
+        raise HollownetError(
             f"model folder {text!r} does not exist; pass a folder written by save_pretrained or a hub id (e.g. {example})"
         )
     if not Path(text).exists():
@@ -239,7 +239,7 @@ def _check_hub_reachable(model_id: str, example: str) -> None:
             return
         except OSError:
             pass
-    raise ValueError(f"{model_id!r} is not on this machine and the hub cannot be reached (offline); pass a local copy "
+    raise HollownetError(f"{model_id!r} is not on this machine and the hub cannot be reached (offline); pass a local copy "
                      f"(a folder written by save_pretrained, e.g. of {example}), or for a run of the bundled toy model "
                      "use 'hollownet eval --model toy' (its own metrics, offline)")
 
@@ -249,7 +249,7 @@ def _load_config(model: str, expected: str, example: str):
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(
+        raise HollownetError(
             f"could not load a model config from {model!r} ({_first_line(e)}); pass a folder written by "
             f"save_pretrained or a cached hub id of a {expected} model (e.g. {example})"
         ) from None
@@ -259,14 +259,14 @@ def _load_config(model: str, expected: str, example: str):
 def _check_type(model: str | Path, config, allowed: tuple[str, ...], expected: str, example: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in allowed:
-        raise ValueError(f"{model!r} is a {model_type!r} model, expected a {expected} model (e.g. {example})")
+        raise HollownetError(f"{model!r} is a {model_type!r} model, expected a {expected} model (e.g. {example})")
 
 
 def _load_processor(model: str | Path):
     try:
         return AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError) as e:
-        raise ValueError(
+        raise HollownetError(
             f"{model!r} has no usable image processor ({_first_line(e)}); save one next to the weights "
             "with image_processor.save_pretrained(path)"
         ) from None
@@ -277,13 +277,13 @@ def _load_tokenizer(model: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{model!r} has no usable tokenizer ({_first_line(e)}); {fix}") from None
+        raise HollownetError(f"{model!r} has no usable tokenizer ({_first_line(e)}); {fix}") from None
     # transformers 5 silently builds an empty-vocab tokenizer when the files are missing;
     # every word would then map to the unknown token and CLIP-T would be meaningless.
     ids = tokenizer("a photo of a dog")["input_ids"]
     inner = [i for i in ids if i not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)]
     if not inner or tokenizer.unk_token_id in inner:
-        raise ValueError(f"{model!r} has no usable tokenizer (its vocabulary is empty or missing); {fix}")
+        raise HollownetError(f"{model!r} has no usable tokenizer (its vocabulary is empty or missing); {fix}")
     return tokenizer
 
 
@@ -308,7 +308,7 @@ class _Extractor:
 
     def __init__(self, model, processor, model_id: str, device: str | torch.device, batch_size: int):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise HollownetError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.processor = processor
@@ -406,7 +406,7 @@ def evaluate_folder(
     """
     generated_dir, reference_dir = Path(generated_dir), Path(reference_dir)
     if not generated_dir.is_dir():
-        raise ValueError(f"generated folder {generated_dir} does not exist; run `hollownet generate` first")
+        raise HollownetError(f"generated folder {generated_dir} does not exist; run `hollownet generate` first")
     # Validate all inputs before loading any model: those errors are cheap to find.
     entries = _generated_entries(generated_dir, prompt)
     ref_paths = _reference_paths(reference_dir)
