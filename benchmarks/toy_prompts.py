@@ -36,7 +36,7 @@ def main() -> None:
     from hollownet.toy import model_dir
     from hollownet.toy import world as W
     from hollownet.toy.evaluator import classify, load_evaluator
-    from hollownet.workflow import contact_sheet
+    from hollownet.sheets import contact_sheet
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir(), dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)

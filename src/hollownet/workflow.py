@@ -19,6 +19,7 @@ from hollownet.memory.planner import load_model_configs, settle_stage1
 from hollownet.memory.tracker import format_bytes
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import Modes, model_defaults
+from hollownet.sheets import contact_sheet
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
@@ -226,21 +227,3 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
         print("(the toy model's figures, measured by the toy evaluator: not Stable Diffusion's)")
     save_json(out / "demo.json", json.loads(json.dumps(result, default=str)))
     return result
-
-
-def contact_sheet(rows: dict[str, list], path: Path, caption: str = "", cell: int = 128) -> None:
-    """One labelled row of images per entry (upscaled to ``cell`` px, nearest: a 64 px image stays crisp)."""
-    from PIL import Image, ImageDraw
-
-    label_w, pad = 110, 4
-    cols = max(len(v) for v in rows.values())
-    sheet = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad) + 24), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, (label, images) in enumerate(rows.items()):
-        y = r * (cell + pad)
-        draw.text((6, y + cell // 2 - 6), label, fill=(0, 0, 0))
-        for c, img in enumerate(images):
-            sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + pad), y))
-    draw.text((6, len(rows) * (cell + pad) + 4), caption[:160], fill=(60, 60, 60))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)

@@ -96,3 +96,21 @@ def read_info(lora_dir: str | Path) -> dict:
 def lora_weight_name(lora_dir: str | Path) -> str:
     """The file in a LoRA folder that ``load_lora_weights`` should read: the diffusers one, else the kohya one."""
     return formats.lora_file(lora_dir).name
+
+
+# --save-every snapshots (stages/watch.py writes them; generate --step reads them)
+SNAPSHOTS = "snapshots"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:04d}"
+
+
+def snapshot_dir(lora: str | Path, step: int) -> Path:
+    """``hollownet generate --lora OUT --step N``: the snapshot folder, or one line listing those there are."""
+    folder = Path(lora) / SNAPSHOTS / step_name(step)
+    if folder.is_dir():
+        return folder
+    have = sorted(p.name for p in (Path(lora) / SNAPSHOTS).glob("step-*") if p.is_dir())
+    listed = ", ".join(str(int(n[5:])) for n in have) if have else "none (train with --save-every N to make them)"
+    raise HollownetError(f"'{lora}' has no snapshot at step {step}; the snapshots there are at steps: {listed}")

@@ -47,7 +47,7 @@ from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
 from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
-from hollownet.stages.export import read_info
+from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
 from hollownet.stages.store import save_image, save_json
 
@@ -82,8 +82,6 @@ class GenerateConfig:
         if self.step is not None:
             if not self.lora:
                 raise HollownetError("--step picks a snapshot of a LoRA: give --lora OUTPUT as well")
-            from hollownet.stages.watch import snapshot_dir  # noqa: PLC0415  (watch imports this module)
-
             self.lora = str(snapshot_dir(self.lora, self.step))
         if self.scheduler not in SCHEDULERS:
             raise HollownetError(f"--scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from hollownet.errors import HollownetError
+from hollownet.lock import pid_alive
 
 FORMAT = "hollownet-store/1"
 IDENTITY_KEYS = ("model_fingerprint", "method", "hollow_blocks", "resolution", "dtype", "seed", "num_samples", "photos", "prompts", "prediction_type")
@@ -72,8 +73,6 @@ def temp_name(path: Path) -> Path:
 def remove_stale_temps(folder: Path, pattern: str = ".*.tmp") -> None:
     """Temp files whose writer is gone (kill -9 mid-write), and unnamed ones of older versions; a live
     writer's (this process's other threads included) are left alone."""
-    from hollownet.lock import pid_alive
-
     for p in Path(folder).glob(pattern):
         m = TEMP_RE.search(p.name)
         if m and (int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1)))):

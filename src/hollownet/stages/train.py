@@ -34,8 +34,9 @@ from hollownet.loading import model_fingerprint, release_memory, resolve_model_d
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
-from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, LORA_FORMATS, SD_DEFAULTS, Modes
+from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, DEFAULT_SCHEDULER, LORA_FORMATS, SD_DEFAULTS, Modes
 from hollownet.stages.export import save_lora
+from hollownet.stages.generate import Parts, prepare
 from hollownet.stages import watch as W
 from hollownet.stages.progress import ProgressLog
 from hollownet.stages.store import Store, remove_stale_temps, save_json, save_torch, tensor_digest
@@ -291,10 +292,8 @@ def make_watch(cfg: TrainConfig, out: Path, store: Store, manifest: dict, start:
 
 def sample_source(cfg: TrainConfig, model_dir: Path, info: dict) -> Callable:
     """``source(weights)`` -> (parts, plan, resolution): generation's own set-up (``generate.prepare``) for a LoRA in memory."""
-    from hollownet.stages.generate import Parts, prepare
-
     def source(weights):
-        parts = Parts.real(model_dir, weights, W.generation_modes(cfg.modes), cfg.device, "dpm")
+        parts = Parts.real(model_dir, weights, W.generation_modes(cfg.modes), cfg.device, DEFAULT_SCHEDULER)
         plan, resolution = prepare(parts, info, lora=True, merged=False, resolution=None)
         return parts, plan, resolution
 

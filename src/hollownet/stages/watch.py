@@ -23,17 +23,19 @@ from pathlib import Path
 import torch
 
 from hollownet.errors import HollownetError
+from hollownet.memory.tracker import PartMeter
 from hollownet.settings import Modes
-from hollownet.stages.store import save_json
+from hollownet.sheets import contact_sheet
+from hollownet.stages.export import SNAPSHOTS, lora_state_dict, snapshot_dir, step_name
+from hollownet.stages.generate import LoraWeights, generate, memory_record
+from hollownet.stages.precompute import VALIDATION_FILE
+from hollownet.stages.store import save_image, save_json
+from hollownet.toy import NAME as TOY
+from hollownet.toy import world as W
 
-SNAPSHOTS = "snapshots"
 SAMPLES = "samples"
 SHEET = "sheet.png"
 VALIDATION_JSON = "validation.json"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:04d}"
 
 
 def due(step: int, every: int | None) -> bool:
@@ -42,8 +44,6 @@ def due(step: int, every: int | None) -> bool:
 
 def default_sample_prompts(model: str, prompt: str) -> list[str]:
     """The instance prompt where the photos never put it: the toy's unseen backgrounds, else SD's beach."""
-    from hollownet.toy import NAME as TOY
-    from hollownet.toy import world as W
 
     if str(model) == TOY:
         return [f"{prompt} on a {bg} background" for bg in W.UNSEEN_BACKGROUNDS]
@@ -61,22 +61,10 @@ class SampleSettings:
     scheduler: str = "dpm"
 
 
-def snapshot_dir(lora: str | Path, step: int) -> Path:
-    """``hollownet generate --lora OUT --step N``: the snapshot folder, or one line listing those there are."""
-    folder = Path(lora) / SNAPSHOTS / step_name(step)
-    if folder.is_dir():
-        return folder
-    have = sorted(p.name for p in (Path(lora) / SNAPSHOTS).glob("step-*") if p.is_dir())
-    listed = ", ".join(str(int(n[5:])) for n in have) if have else "none (train with --save-every N to make them)"
-    raise HollownetError(f"'{lora}' has no snapshot at step {step}; the snapshots there are at steps: {listed}")
-
-
 def lora_weights_of(unet, rank: int, alpha: float):
     """The LoRA on ``unet`` as generation reads it from a file (``generate.LoraWeights``), copied out of the model."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    from hollownet.stages.export import lora_state_dict
-    from hollownet.stages.generate import LoraWeights
 
     state = convert_unet_state_dict_to_peft({k: v.detach().float().cpu().clone() for k, v in lora_state_dict(unet).items()})
     targets = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A" in k})
@@ -149,9 +137,6 @@ class Watch:
         one prompt per call, so each call's peak is exactly what ``plan`` reports for generation (one image)."""
         from PIL import Image
 
-        from hollownet.memory.tracker import PartMeter
-        from hollownet.stages.generate import generate, memory_record
-        from hollownet.stages.store import save_image
 
         folder = self.out / SAMPLES / step_name(step)
         if self.drawn(step):  # drawn before an interruption: the same images
@@ -173,7 +158,6 @@ class Watch:
         """The contact sheet of every row drawn so far: rows = steps, columns = prompts."""
         from PIL import Image
 
-        from hollownet.workflow import contact_sheet
 
         rows = {}
         for folder in sorted((self.out / SAMPLES).glob("step-*")):
@@ -219,7 +203,6 @@ def held_out_count(store) -> int:
     """How many held-out samples the store has (0, with a warning, for a store made before they existed)."""
     from safetensors import safe_open
 
-    from hollownet.stages.precompute import VALIDATION_FILE
 
     if not (store.root / VALIDATION_FILE).is_file():
         warnings.warn(f"the store in '{store.root}' has no held-out samples (made by an older hollownet): "
@@ -231,7 +214,6 @@ def held_out_count(store) -> int:
 
 def load_validation(store, keys) -> dict:
     """The held-out samples, read when validating and dropped after: never resident during a training step."""
-    from hollownet.stages.precompute import VALIDATION_FILE
 
     tensors = store.tensors(VALIDATION_FILE)
     return {k: tensors[k] for k in keys}
