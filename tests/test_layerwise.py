@@ -46,7 +46,9 @@ def assert_same_store(a, b, atol=1e-5):
             assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, (f, k)
             torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=atol, msg=f"{f}:{k}")
     ma, mb = Store(a).manifest(), Store(b).manifest()
-    assert {k: v for k, v in ma.items()} == {k: v for k, v in mb.items()}
+    # the files' checksums differ where the tensors differ by rounding (compared above, to atol); their names not
+    assert {k: v for k, v in ma.items() if k != "files"} == {k: v for k, v in mb.items() if k != "files"}
+    assert ma["files"].keys() == mb["files"].keys()
 
 
 def no_scratch(root):

@@ -431,7 +431,7 @@ def _now() -> str:
 
 
 def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
-                    images_per_prompt: int, steps: int, guidance: float, scheduler: str = DEFAULT_SCHEDULER,
+                    images_per_prompt: int, steps: int, guidance: float | None = None, scheduler: str = DEFAULT_SCHEDULER,
                     resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
     """``images_per_prompt`` images per prompt into ``output`` with one ``manifest.json``; the pipeline loads once.
@@ -439,8 +439,9 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
     hollow: the paper's two-path inference (as ``hollownet generate``); lora: the LoRA on the U-Net;
     full: the fine-tuned U-Net in ``train_dir/unet``; ``merged``: hollow's LoRA fused, one path. Image ``i`` of
     prompt ``p`` uses the noise seed ``seed * 1_000_003 + p * 1_009 + i``, so all methods of a cell see the same
-    starting noise.
+    starting noise. ``guidance`` None: the model's default.
     """
+    guidance = model_defaults(model)["guidance"] if guidance is None else guidance
     train_dir, full = Path(train_dir), method == "full"
     pipe, info = load_pipeline(model, None if full else str(train_dir), precision, device, scheduler,
                                unet=train_dir / "unet" if full else None)
