@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 from hollownet.toy import world as W
-from hollownet.toy.evaluator import subject_colours
+from hollownet.toy.evaluator import _border_colour, subject_colours
 
 IDENTITY_THRESHOLD = 0.6
 SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)  # generated subject size / photo subject size
@@ -37,11 +37,6 @@ _WORLD_PALETTE = np.array([*W.COLOURS.values(), *W.BACKGROUNDS.values()], np.flo
 
 def _array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((W.SIZE, W.SIZE), Image.BICUBIC), np.float32)
-
-
-def _border_colour(arr: np.ndarray, inset: int = 3) -> np.ndarray:
-    a = arr[inset:-inset, inset:-inset]  # the VAE's outermost pixels are its least exact
-    return np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
 
 
 def colour_masks(image: Image.Image, colours: np.ndarray) -> np.ndarray:
