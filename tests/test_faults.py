@@ -23,7 +23,12 @@ PAGE = 4096
 
 def cli_env() -> dict:
     src = str(Path(__file__).resolve().parents[1] / "src")
+    import torch
+
     env = dict(os.environ)
+    # the child computes with as many threads as this process (a module's one_thread fixture included): the
+    # resume-exactly tests compare its bytes with a run made here, and a float sum's order follows the thread count
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if env.pop("PYTHONDONTWRITEBYTECODE", None):  # compile the libraries once, not per process (kept out of the venv)
         env.setdefault("PYTHONPYCACHEPREFIX", str(Path(os.environ.get("TMPDIR", "/tmp")) / "hollownet-test-pycache"))
