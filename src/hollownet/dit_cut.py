@@ -27,6 +27,7 @@ from hollownet.cut import lora_size, lora_target_modules
 from hollownet.dit_split import check_supported, num_blocks, prefix_modules
 from hollownet.errors import HollownetError
 from hollownet.loading import is_under
+from hollownet.settings import SD3_LORA_TARGETS  # its home: the CLI reads it without torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: SD3 / SD3.5 transformers from their published configs (sources in each file's ``_note``).

@@ -29,7 +29,7 @@ from hollownet.errors import HollownetError
 from hollownet.lowmem import layerwise as LW
 from hollownet.lowmem import sdxl_text
 from hollownet.memory.tracker import PartMeter
-from hollownet.settings import SD_DEFAULTS, SDXL_DEFAULTS, is_sdxl_unet
+from hollownet.settings import SD3_DEFAULTS, SD_DEFAULTS, SDXL_DEFAULTS, is_sd3_folder, is_sdxl_unet
 
 #: Per-sample U-Net inputs besides latents, timestep and text (diffusers' ``added_cond_kwargs``), as stored.
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -58,6 +58,8 @@ class Family:
     name: str = "sd"
     pipeline: str = "StableDiffusionPipeline"
     default_resolution: int = SD_DEFAULTS["resolution"]
+    #: the denoiser's folder and kind: ``unet`` (a centre cut, ``cut.py``) or ``transformer`` (a prefix cut, ``dit_cut.py``)
+    backbone: str = "unet"
     #: (folder, tokenizer folder, measured part, pooled projection?) of each text encoder, in the order they run
     encoders: tuple[tuple[str, str, str, bool], ...] = (("text_encoder", "tokenizer", "text encoder", False),)
 
@@ -227,6 +229,61 @@ class SDXL(Family):
         return {"text_embeds": pooled, "time_ids": row.to(pooled.device).expand(pooled.shape[0], 6).contiguous()}
 
 
+@dataclass(frozen=True)
+class SD3(Family):
+    """SD3 / SD3.5 (``StableDiffusion3Pipeline``): two CLIP text encoders with projections, T5 left out
+    (``text_encoder_3=None``: its slot is zeros, as the pipeline makes it), an MMDiT denoiser trained with the
+    rectified-flow objective (``flow.py``). Stage 1 and 2 are ``stages/dit.py``; generation is the stock pipeline."""
+
+    name: str = "sd3"
+    pipeline: str = "StableDiffusion3Pipeline"
+    default_resolution: int = SD3_DEFAULTS["resolution"]
+    encoders: tuple[tuple[str, str, str, bool], ...] = (("text_encoder", "tokenizer", "text encoder", True),
+                                                        ("text_encoder_2", "tokenizer_2", "text encoder 2", True))
+    backbone: str = "transformer"
+    #: the T5 slot's length: ``StableDiffusion3Pipeline.__call__``'s ``max_sequence_length`` default, which
+    #: ``hollownet generate`` (the stock pipeline) uses, so training sees the same number of (zero) T5 tokens
+    max_sequence_length: int = 256
+
+    def check_folder(self, model_dir: Path) -> None:
+        """Refuse, in one line, what this family does not run yet: a T5 encoder, a transformer not SD3's."""
+        if (Path(model_dir) / "text_encoder_3").is_dir():
+            raise HollownetError(f"'{model_dir}' has a T5 text encoder (text_encoder_3/), which hollownet does not support "
+                                 "for SD3 yet: use a copy saved without it (StableDiffusion3Pipeline with text_encoder_3=None)")
+        missing = [name for name in ("transformer", "vae", "scheduler", *self.text_encoders,
+                                     *(t for _, t, _, _ in self.encoders)) if not (Path(model_dir) / name).is_dir()]
+        if missing:
+            raise HollownetError(f"'{model_dir}' has an SD3 transformer but no {', '.join(missing)}/: point --model at a "
+                                 "folder saved by StableDiffusion3Pipeline.save_pretrained")
+
+    def encode_prompts(self, model_dir, prompts, dtype, device, meter):
+        """``{"embeds": [P, L + 256, D], "pooled_projections": [P, D1 + D2]}``, as
+        ``StableDiffusion3Pipeline.encode_prompt`` (clip_skip None, no T5) computes them: each CLIP encoder's
+        penultimate state, concatenated, zero-padded to the transformer's ``joint_attention_dim``, then the T5
+        slot's zeros; both pooled projections concatenated."""
+        from transformers import CLIPTextModelWithProjection  # lazily: see pipeline_class
+
+        self.check_folder(model_dir)
+        states, pooled = [], []
+        for folder, tokenizer, part, _ in self.encoders:
+            encoder = CLIPTextModelWithProjection.from_pretrained(model_dir / folder, dtype=dtype).to(device).eval()
+            hidden, proj = E.embed_penultimate(encoder, E.prompt_ids(model_dir, prompts, tokenizer), device, meter, part=part)
+            if proj is None:
+                raise HollownetError(f"'{model_dir / folder}' gives no pooled projection: SD3 needs a "
+                                     "CLIPTextModelWithProjection there")
+            states.append(hidden.to(dtype))  # the pipeline casts each to the first encoder's dtype
+            pooled.append(proj)
+            del encoder
+        width = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["joint_attention_dim"]
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        t5 = torch.zeros(clip.shape[0], self.max_sequence_length, width, dtype=clip.dtype)
+        return {"embeds": torch.cat([clip, t5], dim=-2).float(), "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def encode_prompts_layer_major(self, *args, **kwargs):
+        raise HollownetError("layer-major pre-compute is not supported for SD3 yet: drop --layer-major / --memory-budget")
+
+
 @dataclass
 class SampleConditioning:
     """What stage 1 knows about every sample's conditioning: the family, the prompt tensors
@@ -252,8 +309,8 @@ class SampleConditioning:
         return self.family.sample_inputs(self.prompts, prompt_index, time_ids)
 
 
-SD_FAMILY, SDXL_FAMILY = Family(), SDXL()
-FAMILIES = {f.name: f for f in (SD_FAMILY, SDXL_FAMILY)}
+SD_FAMILY, SDXL_FAMILY, SD3_FAMILY = Family(), SDXL(), SD3()
+FAMILIES = {f.name: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY)}
 
 
 def family_of_config(unet_config) -> Family:
@@ -261,9 +318,22 @@ def family_of_config(unet_config) -> Family:
     return SDXL_FAMILY if is_sdxl_unet(dict(unet_config)) else SD_FAMILY
 
 
+def folder_family(model_dir: Path) -> Family:
+    """The family of any diffusers folder hollownet runs: SD3's for an SD3 transformer (checked:
+    :meth:`SD3.check_folder`), else the U-Net's (:func:`detect_family`)."""
+    if is_sd3_folder(model_dir):
+        SD3_FAMILY.check_folder(Path(model_dir))
+        return SD3_FAMILY
+    return detect_family(model_dir)
+
+
 def detect_family(model_dir: Path) -> Family:
     """The family of a diffusers model folder, from its U-Net config; an SDXL U-Net without SDXL's second
-    text encoder is refused (its conditioning could not be made)."""
+    text encoder is refused (its conditioning could not be made). The U-Net stages call it: an SD3 folder is
+    refused in one line (``hollownet train`` / ``generate`` take it: :func:`folder_family`)."""
+    if is_sd3_folder(model_dir):
+        raise HollownetError(f"'{model_dir}' is an SD3 / SD3.5 folder (a transformer, no U-Net): this step runs U-Nets "
+                             "only; 'hollownet train' and 'hollownet generate' take SD3 folders")
     unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
     family = family_of_config(unet)
     missing = [name for name in family.text_encoders if not (Path(model_dir) / name).is_dir()]

@@ -49,8 +49,15 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     raise HollownetError(f"model '{model}' is neither an existing folder nor a hub id (owner/name)")
 
 
+def denoiser(model_dir: Path) -> str:
+    """The denoiser's folder: ``unet``, or ``transformer`` in an SD3 / SD3.5 folder."""
+    return "transformer" if not (model_dir / "unet").exists() and (model_dir / "transformer").is_dir() else "unet"
+
+
 def check_layout(path: Path) -> None:
     missing = [name for name in LAYOUT if not (path / name).exists()]
+    if denoiser(path) == "transformer":  # SD3: transformer/ for unet/ (families.SD3.check_folder checks the rest)
+        missing = [name for name in missing if name != "unet"]
     if missing:
         raise HollownetError(
             f"'{path}' is not a diffusers model folder (missing {', '.join(missing)}); "
@@ -78,9 +85,10 @@ def weight_files(model_dir: Path, component: str = "unet") -> dict[str, Path]:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Cheap identity of a U-Net checkpoint: config, tensor headers and a sample of the bytes."""
-    h = hashlib.sha256((model_dir / "unet" / "config.json").read_bytes())
-    for f in sorted(set(weight_files(model_dir).values())):
+    """Cheap identity of a U-Net (or SD3 transformer) checkpoint: config, tensor headers and a sample of the bytes."""
+    component = denoiser(model_dir)
+    h = hashlib.sha256((model_dir / component / "config.json").read_bytes())
+    for f in sorted(set(weight_files(model_dir, component).values())):
         size = f.stat().st_size
         h.update(str(size).encode())
         with open(f, "rb") as fh:

@@ -207,6 +207,23 @@ DEFAULT_RANK = SD_DEFAULTS["rank"]
 SDXL_DEFAULTS = {**SD_DEFAULTS, "resolution": 1024}
 
 
+#: diffusers' ``train_dreambooth_lora_sd3.py`` default LoRA layers: both streams' attention projections of every
+#: joint block (``attn``; SD3.5 Medium's image-only ``attn2`` is not among them, as there). Written here, not in
+#: ``dit_cut``, because the CLI's defaults are read without importing torch.
+SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# SD3 / SD3.5 (families.SD3): 1024 px, diffusers' SD3 DreamBooth LoRA script's rank 4 and lr 1e-4 (its batch is 4:
+# kept at 1 here as for SD), and StableDiffusion3Pipeline's 28 steps at guidance 7.0.
+SD3_DEFAULTS = {**SD_DEFAULTS, "resolution": 1024, "rank": 4, "guidance": 7.0, "gen_steps": 28,
+                "lora_targets": SD3_LORA_TARGETS}
+
+
+def is_sd3_folder(model) -> bool:
+    """A diffusers folder whose denoiser is an SD3 / SD3.5 transformer (``transformer/`` in place of ``unet/``)."""
+    config = Path(str(model)).expanduser() / "transformer" / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "SD3Transformer2DModel"
+
+
 def is_sdxl_unet(unet_config: dict) -> bool:
     """SDXL's U-Net, by its ``text_time`` added embedding (pooled text + size / crop micro-conditioning)."""
     return unet_config.get("addition_embed_type") == "text_time"
@@ -218,4 +235,6 @@ def model_defaults(model) -> dict:
     config = Path(str(model)).expanduser() / "unet" / "config.json"
     if str(model) == "sdxl" or (config.is_file() and is_sdxl_unet(json.loads(config.read_text()))):
         return dict(SDXL_DEFAULTS)
+    if is_sd3_folder(model):
+        return dict(SD3_DEFAULTS)
     return dict(SD_DEFAULTS)

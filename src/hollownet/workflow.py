@@ -13,6 +13,7 @@ from pathlib import Path
 from hollownet.checks import preflight_train
 from hollownet.devices import default_device
 from hollownet.photos import demo_photos_dir, list_photos
+from hollownet.families import folder_family
 from hollownet.loading import resolve_model_dir
 from hollownet.lock import output_lock
 from hollownet.memory.planner import load_model_configs, settle_stage1
@@ -20,6 +21,7 @@ from hollownet.memory.tracker import format_bytes
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import Modes, model_defaults
 from hollownet.sheets import contact_sheet
+from hollownet.stages.dit import check_settings as check_dit_settings, run_dit_precompute, run_dit_train
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
@@ -66,17 +68,28 @@ def personalize(req: TrainRequest, on_step=None) -> dict:
         raise
 
 
+def stage_functions(req: TrainRequest):
+    """``(stage 1, stage 2)`` for the request's model, by its family's backbone: a U-Net's centre cut
+    (``precompute.py``, ``train.py``) or a transformer's prefix cut (``stages/dit.py``, its settings checked here,
+    before anything runs)."""
+    if folder_family(resolve_model_dir(req.model)).backbone == "transformer":
+        check_dit_settings(req)
+        return run_dit_precompute, run_dit_train
+    return run_precompute, run_train
+
+
 def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
+    stage1, stage2 = stage_functions(req)
     # made first: bad stage-2 settings fail before stage 1 spends any time
     d = model_defaults(req.model)  # samples are drawn as generate draws with the model's defaults
     train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), lora_targets=list(req.lora_targets),
                               track_memory_steps=2 if req.track_memory else 0,
                               sample_steps=req.sample_steps or d["gen_steps"], sample_guidance=req.sample_guidance or d["guidance"])
-    pre = run_precompute(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),
-                                       num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
-    res = run_train(train_cfg, on_step=on_step)
+    pre = stage1(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),
+                               num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
+    res = stage2(train_cfg, on_step=on_step)
     record = {
         "command": "train",
         "settings": req.settings(),
@@ -88,7 +101,8 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
         "memory": {"precompute": pre.memory, "train": res.memory},
         "loss": loss_summary(res.losses),
         **res.watch,  # snapshots, validation, samples
-        "outputs": {"lora": str(out / lora_files(req.lora_format)[0]), "lora_files": [str(out / f) for f in lora_files(req.lora_format)],
+        "outputs": {"lora": str(out / lora_files(req.lora_format)[0]),
+                    "lora_files": [str(out / f) for f in lora_files(req.lora_format) if (out / f).is_file()],
                     "store": store},
     }
     record["summary"] = summarize(record)
@@ -113,7 +127,11 @@ def loss_summary(losses: list[float]) -> dict:
 def summarize(record: dict) -> str:
     mem = record["memory"]
     lines = []
-    if record["plan"]:
+    if record["plan"] and record["plan"].get("kind") == "prefix":  # a transformer's prefix cut (stages/dit.py)
+        p = record["plan"]
+        lines.append(f"froze the prefix k={p['k']} of {p['num_blocks']} blocks ({p['fraction']:.0%} of transformer params); "
+                     f"trained {p['lora_params'] / 1e6:.2f}M LoRA params on {p['lora_targets_kept']} layers")
+    elif record["plan"]:
         p = record["plan"]
         lines.append(f"hollowed {', '.join(p['hollow_blocks'])} ({p['fraction']:.0%} of U-Net params); "
                      f"trained {p['lora_params'] / 1e6:.2f}M LoRA params")

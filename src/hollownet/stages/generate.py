@@ -41,12 +41,13 @@ from hollownet.checks import check_lora_matches, preflight_generate
 from hollownet.cut import HollowPlan, make_plan, meta_unet, plan_for_blocks
 from hollownet.encoders import prompt_ids
 from hollownet.errors import HollownetError
-from hollownet.families import Family, detect_family, family_of_config
+from hollownet.families import Family, detect_family, family_of_config, folder_family
 from hollownet.loading import release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
 from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
+from hollownet.stages.dit_generate import run_dit_generate
 from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
 from hollownet.stages.store import save_image, save_json
@@ -554,6 +555,9 @@ def memory_record(meter: PartMeter) -> dict:
 def run_generate(cfg: GenerateConfig) -> dict:
     """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
     preflight_generate(cfg)  # paths and resolution: before any model loads
+    model_dir = resolve_model_dir(cfg.model)
+    if folder_family(model_dir).backbone == "transformer":  # SD3: the stock pipeline, one path (stages/dit_generate.py)
+        return run_dit_generate(cfg, model_dir)
     t0 = time.perf_counter()
     parts, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force,
                                 modes=cfg.modes)
