@@ -127,6 +127,7 @@ def test_train_then_generate_through_the_cli_changes_the_images(tiny_sd3, dog_ph
     (("--precision", "nf4"), "--precision nf4 is not supported for SD3"),
     (("--class-prompt", "a photo of dog", "--class-images", "PHOTOS"), "prior preservation"),
     (("--resolution", 72), "beyond this transformer's position table"),
+    (("--hollow-blocks", "transformer_blocks.1"), "is not a prefix of an SD3 transformer"),
 ])
 def test_unsupported_sd3_training_settings_are_refused_in_one_line(tiny_sd3, dog_photos, tmp_path, capsys, flags, says):
     flags = [str(dog_photos) if f == "PHOTOS" else f for f in flags]
@@ -147,3 +148,25 @@ def test_an_sd3_folder_with_t5_or_given_to_a_u_net_stage_is_refused_in_one_line(
     with pytest.raises(HollownetError, match="SD3 / SD3.5 folder"):
         run_precompute(PrecomputeConfig(model=str(tiny_sd3), images=str(dog_photos), prompt="a photo of sks dog",
                                         output=str(tmp_path / "store"), resolution=RES, num_samples=1))
+
+
+def test_a_stopped_sd3_run_resumes_to_the_same_lora(tiny_sd3, dog_photos, tmp_path):
+    """Stopped after step 2 of 4 (a checkpoint is kept, as Ctrl-C does), then rerun: the same losses and LoRA as
+    the run that was never stopped (both from one store)."""
+    from hollownet.requests import TrainRequest
+    from hollownet.stages.train import TrainingStopped
+    from hollownet.workflow import personalize
+
+    def request(name):
+        return TrainRequest(model=str(tiny_sd3), images=str(dog_photos), prompt="a photo of sks dog", output=str(tmp_path / name),
+                            store=str(tmp_path / "store"), resolution=RES, rank=2, lr=1e-2, steps=4, device="cpu",
+                            lora_format="diffusers", track_memory=False)
+
+    whole = personalize(request("whole"))
+    with pytest.raises(TrainingStopped):
+        personalize(request("stopped"), on_step=lambda step, losses, memory: step == 2)
+    resumed = personalize(request("stopped"))
+    assert resumed["timings"]["resumed_from_step"] == 2
+    assert resumed["loss"]["history"] == whole["loss"]["history"]
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("whole", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
