@@ -587,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted): 130 / 143
             signum = getattr(e, "signum", signal.SIGINT)
-            print(f"hollownet {args.command}: interrupted ({signal.Signals(signum).name}); finished work is kept, "
-                  "rerun the same command to resume", file=sys.stderr)
+            kept = getattr(e, "kept", None) or "finished work is kept, rerun the same command to resume"  # generate's: exact
+            print(f"hollownet {args.command}: interrupted ({signal.Signals(signum).name}); {kept}", file=sys.stderr)
             return exit_code(signum)
 
 
