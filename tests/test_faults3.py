@@ -107,3 +107,47 @@ def test_generate_with_other_settings_starts_over(tiny_model, tmp_path, capsys):
     assert code == 0, err
     assert f"warning: {out / PARTIAL} holds an unfinished run with other settings: starting over" in err, err
     assert (out / "000.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ---- a finished train, asked again ---------------------------------------------------------------------------
+
+
+def short_train(model, photos, out, *extra) -> list[str]:
+    from test_faults import train_argv
+
+    argv = train_argv(model, photos, out, *extra)
+    argv[argv.index("--steps") + 1] = "2"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, dog_photos, tmp_path_factory):
+    from hollownet.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(short_train(tiny_model, dog_photos, out)[3:]) == 0
+    return out
+
+
+def test_finished_train_asked_again_is_already_done_and_other_settings_refused(finished, tiny_model, dog_photos, capsys):
+    from hollownet.stages.formats import DIFFUSERS_FILE
+
+    files = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+    t0 = time.perf_counter()
+    code, out, err = run(capsys, *short_train(tiny_model, dog_photos, finished)[3:])
+    seconds = time.perf_counter() - t0
+    assert code == 0 and "Traceback" not in err, err
+    assert out.strip() == (f"already done: {finished / DIFFUSERS_FILE} (a finished run with these settings; "
+                           "--no-resume trains it again)"), out
+    assert "stage" not in err and "resuming" not in err, err  # no model loaded, no step trained
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == files
+    print(f"already done in {seconds:.2f} s")
+
+    code, _, err = run(capsys, *short_train(tiny_model, dog_photos, finished, "--rank", "4", "--lr", "2e-3")[3:])
+    assert code == 2
+    from conftest import error_line
+
+    line = error_line(err)
+    assert line == (f"hollownet train: error: '{finished}' holds a finished run with other settings (--lr 0.001 there, "
+                    "0.002 now; --rank 2 there, 4 now): pick a new --output, or pass --no-resume to train over it"), line
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == files
