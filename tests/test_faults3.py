@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -151,3 +152,50 @@ def test_finished_train_asked_again_is_already_done_and_other_settings_refused(f
     assert line == (f"hollownet train: error: '{finished}' holds a finished run with other settings (--lr 0.001 there, "
                     "0.002 now; --rank 2 there, 4 now): pick a new --output, or pass --no-resume to train over it"), line
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == files
+
+
+# ---- short model names, and paths refused before torch loads --------------------------------------------------
+
+
+@pytest.mark.parametrize("name,hub", [("sd21", "stabilityai/stable-diffusion-2-1"), ("SD-2", "stabilityai/stable-diffusion-2-1"),
+                                      ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                                      ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+                                      ("sd2.1-base", "stabilityai/stable-diffusion-2-1-base")])
+def test_a_short_model_name_is_answered_with_its_hub_id(name, hub, dog_photos, tmp_path, capsys):
+    from conftest import error_line
+
+    for argv in (["train", "--model", name, "--images", dog_photos, "--prompt", "a sks dog", "--output", tmp_path / "o"],
+                 ["generate", "--model", name, "--prompt", "a sks dog", "--output", tmp_path / "g"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2
+        line = error_line(err)
+        assert f"--model '{name}' is not a folder here; for that model pass its hub id, --model {hub}" in line, line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "g").exists()
+
+
+def test_paths_are_refused_before_torch_is_imported(tiny_model, dog_photos, tmp_path):
+    """In a fresh process: each wrong path is one line and exit 2, and torch was never imported (seconds saved)."""
+    from test_faults import cli_env
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    train = ["train", "--model", tiny_model, "--images", dog_photos, "--prompt", "a sks dog", "--output", tmp_path / "o"]
+    cases = {
+        "model folder '{d}/nope' does not exist": ["train", "--model", tmp_path / "nope", *train[3:]],
+        "--images folder '{d}/none' not found": [*train[:3], "--images", tmp_path / "none", *train[5:]],
+        "--output '{d}/file.txt/run' is inside '{d}/file.txt', which is a file": [*train[:-1], a_file / "run"],
+        "--output '{d}/file.txt' is an existing file, not a folder": ["generate", "--model", tiny_model, "--prompt", "x",
+                                                                       "--output", a_file],
+        "--lora '{d}/nolora' not found": ["generate", "--model", tiny_model, "--prompt", "x", "--output", tmp_path / "g",
+                                          "--lora", tmp_path / "nolora"],
+    }
+    script = ("import sys; from hollownet.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    for said, argv in cases.items():
+        r = subprocess.run([sys.executable, "-c", script, *map(str, argv)], env=cli_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert said.format(d=tmp_path) in line and line.startswith(f"hollownet {argv[0]}: error: "), line
+        assert r.stdout.strip() == "no torch", said
+    assert not (tmp_path / "o").exists() and not (tmp_path / "g").exists()
