@@ -83,6 +83,64 @@ def test_memory_plan_and_budget_suggestion():
     assert h.plan_table({**TOY, "resolution": 60}, 4).startswith("error: --resolution 60 must be a positive multiple of 8")
 
 
+def test_numbers_beyond_what_one_request_may_ask_are_refused_in_one_line(tmp_path):
+    """steps = 1e9 once OOM-killed the whole app server (issue 25): each handler refuses it before any work."""
+    big = {**TOY, "steps": 1e9, "rank": 0, "batch": None}
+    want = ("error: out of range: steps 1000000000.0 (a whole number from 1 to 20,000); rank 0 (a whole number from 1 "
+            "to 1,024); batch (empty) (a whole number from 1 to 64)")
+    assert h.plan_table(big, 4) == want
+    assert h.suggest(big, 4, "1GiB")[0] == want
+    jobs = Jobs(tmp_path)
+    assert h.start_training(jobs, photos(tmp_path / "p"), big) == want
+    assert h.start_training(jobs, photos(tmp_path / "p"), {**TOY, "resolution": 8192}) == (
+        "error: out of range: resolution 8192 (a whole number from 8 to 2,048)")
+    g = {"prompt": "a sks shape", "seed": 0, "steps": 30, "guidance": 1.5, "num_images": 100000, "path": "two-path"}
+    assert h.start_generation(jobs, g) == "error: out of range: images 100000 (a whole number from 1 to 16)"
+    assert h.start_generation(jobs, {**g, "num_images": 2.5, "steps": float("nan")}) == (
+        "error: out of range: steps nan (a whole number from 1 to 500); images 2.5 (a whole number from 1 to 16)")
+    assert not (tmp_path / "runs").exists() and jobs.running() is None
+
+
+def test_app_on_the_network_warns_and_a_second_app_on_one_workdir_is_refused(tmp_path, capsys):
+    """A real ``hollownet app`` holds its workdir; a second one there is refused in one line naming it (it would
+    mark the first's live run interrupted and train the same folder), after the warning --host 0.0.0.0 earns."""
+    import subprocess
+    import sys
+
+    from conftest import error_line, run
+    from test_faults import cli_env
+
+    from hollownet.lock import LOCK_NAME
+
+    pytest.importorskip("gradio")
+    work = tmp_path / "work"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = subprocess.Popen([sys.executable, "-m", "hollownet.cli", "app", "--workdir", str(work), "--port", str(port),
+                              "--device", "cpu"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: first.poll() is not None or (work / LOCK_NAME).exists(), 120, "the first app's lock")
+        assert first.poll() is None, first.communicate()[1]
+        code, _, err = run(capsys, "app", "--workdir", work, "--host", "0.0.0.0", "--port", port + 1)
+        assert code == 2
+        assert [x for x in err.splitlines() if x.startswith("warning: ")] == [
+            "warning: --host 0.0.0.0 makes the app reachable by anyone on your network, who can then see your photos and "
+            "runs and use this machine: add --password (with $HOLLOWNET_APP_PASSWORD set), or use --host 127.0.0.1"]
+        line = error_line(err)
+        assert f"'{work}' is in use by another hollownet run (PID {first.pid} on " in line, line
+        assert line.endswith("wait for it to finish or pick another --workdir"), line
+        assert first.poll() is None  # the first app was left alone
+        code, _, err = run(capsys, "app", "--workdir", work, "--password")
+        assert code == 2 and error_line(err) == ("hollownet app: error: --password reads the password from "
+                                                 "$HOLLOWNET_APP_PASSWORD, which is empty: e.g. "
+                                                 "HOLLOWNET_APP_PASSWORD=... hollownet app --password")
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert not (work / LOCK_NAME).exists()  # released by the first app on its way out
+
+
 def test_one_job_at_a_time_and_state_on_disk(tmp_path):
     jobs = Jobs(tmp_path)
     release = threading.Event()

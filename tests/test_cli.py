@@ -70,6 +70,9 @@ def test_store_from_another_model_is_refused_and_kept(capsys, tiny_model, tiny_m
     run(capsys, *train_args(tiny_model, dog_photos, tmp_path / "run"))
     manifest = (tmp_path / "run" / "store" / "manifest.json").read_text()
     code, _, err = run(capsys, *train_args(tiny_model_v, dog_photos, tmp_path / "run"))
+    assert code == 2 and f"holds a finished run with other settings (--model {tiny_model} there" in error_line(err)
+    (tmp_path / "run" / "train.json").unlink()  # as if unfinished: the store itself refuses
+    code, _, err = run(capsys, *train_args(tiny_model_v, dog_photos, tmp_path / "run"))
     assert code == 2 and "different model_fingerprint" in error_line(err)
     assert (tmp_path / "run" / "store" / "manifest.json").read_text() == manifest  # nothing lost
 

@@ -12,13 +12,12 @@ import warnings
 from pathlib import Path
 
 from hollownet.cut import meta_unet
+from hollownet.paths import check_input_folder, check_model_path  # noqa: F401  (check_model_path: the app's)
 from hollownet.photos import list_photos
 from hollownet.errors import HollownetError
 from hollownet.loading import model_fingerprint
-from hollownet.singlefile import SUFFIXES
 from hollownet.stages.formats import lora_file, read_lora
 from hollownet.stages.store import check_writable
-from hollownet.toy import NAME as TOY
 
 # identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too
 RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "olis", "shs", "zkz", "tok")
@@ -73,11 +72,7 @@ def check_generate_prompt(prompt: str) -> None:
 
 def check_photo_folder(folder: str | Path, flag: str = "--images") -> None:
     """The folder exists and has photos (load_photos says what is wrong); warn about odd counts."""
-    path = Path(folder).expanduser()
-    if not path.exists():
-        raise HollownetError(f"{flag} folder '{folder}' not found: check the path")
-    if not path.is_dir():
-        raise HollownetError(f"{flag} '{folder}' is a file: pass the folder that holds the photos")
+    path = check_input_folder(folder, flag)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stray files: load_photos warns about them once, later
         n = len(list_photos(path))
@@ -97,27 +92,6 @@ def check_resolution(resolution: int | None, flag: str = "--resolution") -> None
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
         raise HollownetError(f"{flag} {resolution} must be a positive multiple of 8 (the VAE's downscale factor), "
                              "e.g. 512")
-
-
-def check_model_path(model: str) -> None:
-    """A local-looking --model that does not exist is a mistyped path, not a hub id."""
-    text = str(model)
-    if text == TOY:  # the bundled toy model
-        return
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir() and path.suffix.lower() not in SUFFIXES:
-            raise HollownetError(f"--model '{model}' is a file but not a .safetensors / .ckpt checkpoint: pass a "
-                                 "diffusers model folder or a single-file SD checkpoint")
-        return
-    looks_local = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
-    first = Path(text.split("/")[0]).expanduser()
-    if looks_local or (text.count("/") == 1 and first.is_dir()):
-        nearest = path
-        while not nearest.exists() and nearest.parent != nearest:
-            nearest = nearest.parent
-        raise HollownetError(f"model folder '{model}' does not exist (nearest existing folder: '{nearest}'); "
-                             "check the path")
 
 
 def preflight_train(req) -> None:

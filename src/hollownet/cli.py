@@ -20,6 +20,7 @@ import warnings
 
 from hollownet.app import add_app_parser, cmd_app
 from hollownet.errors import HollownetError
+from hollownet.paths import preflight_paths
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import (ALL_OPTIMIZERS, COMPUTE_DTYPE_HELP, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS,
                                 OPTIMIZERS, PRECISIONS, SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
@@ -558,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        preflight_paths(args.command, args)  # before torch is imported (seconds): a mistyped path is refused at once
+    except HollownetError as e:
+        print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     verbose = getattr(args, "verbose", False)
     if not verbose:
@@ -587,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted): 130 / 143
             signum = getattr(e, "signum", signal.SIGINT)
-            print(f"hollownet {args.command}: interrupted ({signal.Signals(signum).name}); finished work is kept, "
-                  "rerun the same command to resume", file=sys.stderr)
+            kept = getattr(e, "kept", None) or "finished work is kept, rerun the same command to resume"  # generate's: exact
+            print(f"hollownet {args.command}: interrupted ({signal.Signals(signum).name}); {kept}", file=sys.stderr)
             return exit_code(signum)
 
 

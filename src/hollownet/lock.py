@@ -62,8 +62,9 @@ def _read(path: Path) -> dict | None:
     return owner if isinstance(owner, dict) else {}
 
 
-def acquire(folder: str | Path) -> Path:
-    """Take ``folder``'s lock (made with the folder if need be); refuse in one line while another run holds it."""
+def acquire(folder: str | Path, flag: str = "--output") -> Path:
+    """Take ``folder``'s lock (made with the folder if need be); refuse in one line while another run holds it
+    (``flag``: the option that names the folder, in the refusal)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
@@ -80,14 +81,14 @@ def acquire(folder: str | Path) -> Path:
                                      f"since {owner.get('since')}): wait for it, or delete {path} if that run is gone")
             if owner_alive(owner) and owner.get("pid") != me["pid"]:
                 raise HollownetError(f"'{folder}' is in use by another hollownet run (PID {owner['pid']} on {owner.get('host')}, "
-                                     f"since {owner.get('since')}): wait for it to finish or pick another --output")
+                                     f"since {owner.get('since')}): wait for it to finish or pick another {flag}")
             warnings.warn(f"took over the lock of '{folder}' from PID {owner.get('pid')}, which is no longer running")
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return path
-    raise HollownetError(f"could not take the lock {path}: another run keeps taking it; pick another --output")
+    raise HollownetError(f"could not take the lock {path}: another run keeps taking it; pick another {flag}")
 
 
 def release(path: Path) -> None:
@@ -98,8 +99,8 @@ def release(path: Path) -> None:
 
 
 @contextmanager
-def output_lock(folder: str | Path):
-    path = acquire(folder)
+def output_lock(folder: str | Path, flag: str = "--output"):
+    path = acquire(folder, flag)
     try:
         yield path
     finally:

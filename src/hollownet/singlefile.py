@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from hollownet.errors import HollownetError
+from hollownet.paths import CHECKPOINT_SUFFIXES
 
-SUFFIXES = (".safetensors", ".ckpt")
+SUFFIXES = CHECKPOINT_SUFFIXES
 CONFIG_DIR = Path(__file__).parent / "configs"
 BPE_FILE = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 KINDS = {"v1": "sd15", "v2": "sd21", "xl_base": "sdxl"}

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from hollownet.errors import HollownetError
 from hollownet.executor import EXECUTORS, Executor, Job, JobKilled, describe, die_with_parent, job_memory
-from hollownet.photos import IMAGE_EXTENSIONS
 from hollownet.requests import PlanRequest
 from hollownet.settings import Modes
 
@@ -105,6 +104,8 @@ def train_job(argv: list[str], output: str) -> dict:
 
 def _memory(ns: argparse.Namespace) -> int | None:
     """The planner's prediction for a job's settings (train's defaults for the flags it leaves unset)."""
+    from hollownet.photos import IMAGE_EXTENSIONS  # lazy: photos.py imports torch, and the CLI imports this module
+
     images = Path(ns.images)
     photos = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in images.iterdir()) if images.is_dir() else 4
     modes, rest = Modes.split(vars(ns))

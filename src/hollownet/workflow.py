@@ -12,12 +12,13 @@ from pathlib import Path
 
 from hollownet.checks import preflight_train
 from hollownet.devices import default_device
-from hollownet.photos import demo_photos_dir, list_photos
+from hollownet.errors import HollownetError
 from hollownet.families import folder_family
 from hollownet.loading import resolve_model_dir
 from hollownet.lock import output_lock
 from hollownet.memory.planner import load_model_configs, settle_stage1
 from hollownet.memory.tracker import format_bytes
+from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import Modes, model_defaults
 from hollownet.sheets import contact_sheet
@@ -25,7 +26,7 @@ from hollownet.stages.dit import check_settings as check_dit_settings, run_dit_p
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
-from hollownet.stages.store import atomic_write, save_json
+from hollownet.stages.store import atomic_write, read_json, save_json
 from hollownet.stages.train import TrainConfig, run_train
 from hollownet.toy import NAME as TOY
 from hollownet.toy import world as W
@@ -78,7 +79,44 @@ def stage_functions(req: TrainRequest):
     return run_precompute, run_train
 
 
+# settings that do not change the LoRA: a finished run asked again with other values of these is still done
+RUNTIME_SETTINGS = ("device", "resume", "track_memory", "log_every")
+# settings a finished run can be continued with (more --steps; watching it: stage 2's resume decides)
+CONTINUABLE_SETTINGS = ("steps", "num_samples", "checkpoint_every", "lora_format", "save_every", "validate_every",
+                        "sample_every", "sample_prompts", "sample_seed", "sample_steps", "sample_guidance")
+
+
+def finished_run(req: TrainRequest, out: Path) -> dict | None:
+    """The record of the finished run in ``out`` if ``req`` asks for exactly that run again (then nothing is
+    loaded: it is done); None if ``out`` holds no finished run, ``--no-resume`` asks to train over it, or ``req``
+    continues it (:data:`CONTINUABLE_SETTINGS`). A finished run with other settings is refused in one line naming
+    them (before any model loads; stage 2 would refuse its checkpoints later)."""
+    record_path = out / "train.json"
+    if not req.resume or not record_path.is_file():
+        return None
+    record = read_json(record_path, "delete it (or pass --no-resume) to train again")
+    if not all(Path(f).is_file() for f in (record.get("outputs") or {}).get("lora_files") or [None]):
+        return None  # its LoRA was deleted: trained again
+    normal = lambda d: {k: v for k, v in json.loads(json.dumps(d, default=str)).items()  # noqa: E731
+                        if k not in RUNTIME_SETTINGS}
+    had, want = normal(record.get("settings") or {}), normal(req.settings())
+    changed = [k for k in sorted(had.keys() | want.keys()) if had.get(k) != want.get(k)]
+    if changed and all(k in CONTINUABLE_SETTINGS for k in changed):
+        return None  # e.g. more --steps: stage 2 resumes from the run's checkpoint
+    changed = [k for k in changed if k not in CONTINUABLE_SETTINGS]
+    if changed:
+        said = "; ".join(f"--{k.replace('_', '-')} {had.get(k)} there, {want.get(k)} now" for k in changed[:3])
+        raise HollownetError(f"'{out}' holds a finished run with other settings ({said}{'; ...' if len(changed) > 3 else ''}): "
+                             "pick a new --output, or pass --no-resume to train over it")
+    lora = record["outputs"].get("lora") or record["outputs"]["lora_files"][0]
+    return {**record, "already_done": True,
+            "summary": f"already done: {lora} (a finished run with these settings; --no-resume trains it again)"}
+
+
 def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
+    done = finished_run(req, out)
+    if done is not None:
+        return done
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
     stage1, stage2 = stage_functions(req)

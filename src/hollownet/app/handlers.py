@@ -7,11 +7,13 @@ traceback; warnings are the CLI's ``warning: ...`` lines, collected with the sam
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 import zipfile
 from pathlib import Path
 
+from hollownet.errors import HollownetError
 from hollownet.settings import Modes
 from hollownet.app.jobs import DONE, Job, Jobs, generate_work, one_line_error, train_request, train_work
 from hollownet.checks import check_generate_prompt, check_photo_folder, preflight_train
@@ -23,6 +25,28 @@ from hollownet.toy import NAME as TOY
 
 FEW, MANY = 3, 6  # the 3-6 photos the app asks for
 FINAL = "final LoRA"  # step 4's LoRA choice besides the snapshots
+# what one request may ask (a server shared by a browser must not be OOM-killed by a typo: steps = 1e9 was);
+# the CLI takes any value, checked against the planner
+BOUNDS = {"steps": (1, 20_000), "rank": (1, 1024), "resolution": (8, 2048), "batch": (1, 64),
+          "sample_every": (0, 20_000), "save_every": (0, 20_000), "seed": (0, 2**32 - 1),
+          "gen_steps": (1, 500), "num_images": (1, 16)}
+LABELS = {"gen_steps": "steps", "num_images": "images"}  # the page's labels where they differ from the names
+
+
+def bounded(values: dict, names: tuple[str, ...]) -> dict[str, int]:
+    """The whole numbers ``names`` of ``values`` (as the page sends them: floats, None when empty), each within
+    :data:`BOUNDS`; every one that is not, refused in one line."""
+    out, bad = {}, []
+    for name in names:
+        v, (lo, hi), label = values.get(name), BOUNDS[name], LABELS.get(name, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and lo <= v <= hi
+        if ok:
+            out[name] = int(v)
+        else:
+            bad.append(f"{label} {'(empty)' if v is None else v} (a whole number from {lo} to {hi:,})")
+    if bad:
+        raise HollownetError(f"out of range: {'; '.join(bad)}")
+    return out
 
 
 class Collected:
@@ -104,8 +128,9 @@ def check_photos(paths: list[str], resolution: int, folder: Path) -> tuple[list[
 
 
 def plan_request(s: dict, photos: int) -> PlanRequest:
-    return PlanRequest(model=s["model"] or TOY, method=s["method"], rank=int(s["rank"]), resolution=int(s["resolution"]),
-                       batch=int(s["batch"]), modes=Modes(precision=s["precision"]), steps=int(s["steps"]), photos=max(1, photos))
+    n = bounded(s, ("steps", "rank", "resolution", "batch"))
+    return PlanRequest(model=s["model"] or TOY, method=s["method"], rank=n["rank"], resolution=n["resolution"],
+                       batch=n["batch"], modes=Modes(precision=s["precision"]), steps=n["steps"], photos=max(1, photos))
 
 
 def plan_table(s: dict, photos: int) -> str:
@@ -151,11 +176,14 @@ def start_training(jobs: Jobs, photos: list[str], s: dict) -> str:
     """Copy the photos into a new run folder and start stage 1 + 2 there; a one-line answer."""
     if not photos:
         return "error: drop 3-6 photos of the subject first"
+    try:
+        n = bounded({**s, **{k: s.get(k) or 0 for k in ("sample_every", "save_every")}},  # empty: 0, none
+                    ("steps", "rank", "resolution", "batch", "seed", "sample_every", "save_every"))
+    except HollownetError as e:
+        return f"error: {e}"
     folder = jobs.new_run_folder()
     settings = {**s, "model": s["model"] or TOY, "images": str(folder / "photos"), "output": str(folder / "lora"),
-                "steps": int(s["steps"]), "rank": int(s["rank"]), "resolution": int(s["resolution"]),
-                "batch": int(s["batch"]), "seed": int(s["seed"]), "lr": float(s["lr"]),
-                **{k: int(s.get(k) or 0) for k in ("sample_every", "save_every")}}  # 0: none
+                **n, "lr": float(s["lr"]) if s.get("lr") is not None else None}
     if jobs.refusal():  # refused before any folder is made
         return f"error: {jobs.refusal()}"
     stage_photos(photos, folder / "photos")
@@ -179,14 +207,18 @@ def resume_training(jobs: Jobs) -> str:
 
 
 def start_generation(jobs: Jobs, g: dict) -> str:
+    try:
+        b = bounded({**g, "gen_steps": g.get("steps")}, ("gen_steps", "seed", "num_images"))
+    except HollownetError as e:
+        return f"error: {e}"
     last = jobs.latest.get("train")
     if last is None or last.status != DONE:
         return "error: train a LoRA first (or wait for the training to finish)"
     folder = Path(last.folder)
     n = len(list((folder / "images").glob("*"))) if (folder / "images").exists() else 0
     settings = {"model": last.settings["model"], "lora": last.settings["output"], "prompt": g["prompt"],
-                "output": str(folder / "images" / f"{n:03d}"), "steps": int(g["steps"]), "guidance": float(g["guidance"]),
-                "seed": int(g["seed"]), "num_images": int(g["num_images"]), "merged": g["path"] == "merged",
+                "output": str(folder / "images" / f"{n:03d}"), "steps": b["gen_steps"], "guidance": float(g["guidance"]),
+                "seed": b["seed"], "num_images": b["num_images"], "merged": g["path"] == "merged",
                 "device": last.settings.get("device", "cpu")}
     if str(g.get("lora") or FINAL) != FINAL:  # a snapshot, "step N" (train's --save-every)
         settings["step"] = int(str(g["lora"]).split()[-1])

@@ -180,10 +180,10 @@ def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
 
 
 def launch(workdir: str | Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           device: str | None = None, block: bool = True):
+           device: str | None = None, block: bool = True, auth: tuple[str, str] | None = None):
     demo = build(workdir, device)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=not block,
                 allowed_paths=[str(Path(workdir).resolve())], theme=THEME, css=CSS, ssr_mode=False, quiet=not block,
-                footer_links=[])
+                footer_links=[], auth=auth)
     return demo

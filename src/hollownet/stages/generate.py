@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +35,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,8 +54,9 @@ from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
 from hollownet.stages.dit_generate import run_dit_generate
 from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
-from hollownet.stages.store import save_image, save_json
+from hollownet.stages.store import save_image, save_json, save_tensors
 
+PARTIAL = ".partial"  # OUTPUT/.partial: an interrupted run's progress (class Progress)
 GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
 # (SDXL's text-encoder part is two: "text encoder", then "text encoder 2", as in stage 1)
 MERGED_QUANTIZED = ("--merged fuses the LoRA into the weights, which int8/nf4 cannot hold: drop --merged "
@@ -466,26 +471,34 @@ def decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def generate(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int]], *, steps: int, resolution: int,
              guidance: float, negative_prompt: str | None = None, meter: PartMeter | None = None,
              on_image: Callable[[int, torch.Tensor], None] | None = None, batched: bool = True, bar: bool = False,
-             run_steps: int | None = None) -> None:
+             run_steps: int | None = None, denoised: dict[int, torch.Tensor] | None = None,
+             on_latents: Callable[[int, torch.Tensor], None] | None = None) -> None:
     """Every ``(prompt, noise seed)`` job, part by part (see the module docstring): ``on_image(i, pixels)`` per
     image (``run_steps``: of the ``steps``, run only the first). ``meter``: each part's exact peak over all images (the parts never overlap: the run's peak is the
-    largest part's). Run by ``hollownet generate`` on the model's files and by the planner on fake parts."""
+    largest part's). Run by ``hollownet generate`` on the model's files and by the planner on fake parts.
+    ``denoised``: latents of jobs denoised before (an interrupted run's), not denoised again (no job left: no text
+    encoder, no U-Net); ``on_latents(i, latents)``: each job's latents as soon as they are denoised."""
     meter = meter or PartMeter(False)
     guided = guidance > 1.0
-    conds = encode_prompts(parts, [p for p, _ in jobs], negative_prompt, guided, resolution, meter)
-    side = resolution // parts.vae_scale_factor
-    shape = (1, parts.unet_config["in_channels"], side, side)
-    unet = parts.unet()
-    forward = unet_call(unet, plan, batched, parts.streamer, parts.every_unit)
-    template = parts.fresh_scheduler(steps)
-    latents = []
-    with parts.running(), torch.no_grad(), meter.measure("U-Net", unet, [t for c in conds.values() for t in c.tensors()]):
-        for prompt, seed in tqdm(jobs, desc="denoise", unit="image", disable=not bar or None):
-            latents.append(denoise(forward, restart(template), conds[prompt], seed, shape=shape,
-                                   guidance=guidance, device=parts.device, dtype=parts.dtype, run_steps=run_steps))
-    del unet, forward, conds
-    parts.streamer = None
-    release_memory()
+    latents = [None if denoised is None else denoised.get(i) for i in range(len(jobs))]
+    todo = [i for i, x in enumerate(latents) if x is None]
+    if todo:
+        conds = encode_prompts(parts, [jobs[i][0] for i in todo], negative_prompt, guided, resolution, meter)
+        side = resolution // parts.vae_scale_factor
+        shape = (1, parts.unet_config["in_channels"], side, side)
+        unet = parts.unet()
+        forward = unet_call(unet, plan, batched, parts.streamer, parts.every_unit)
+        template = parts.fresh_scheduler(steps)
+        with parts.running(), torch.no_grad(), meter.measure("U-Net", unet, [t for c in conds.values() for t in c.tensors()]):
+            for i in tqdm(todo, desc="denoise", unit="image", disable=not bar or None):
+                prompt, seed = jobs[i]
+                latents[i] = denoise(forward, restart(template), conds[prompt], seed, shape=shape,
+                                     guidance=guidance, device=parts.device, dtype=parts.dtype, run_steps=run_steps)
+                if on_latents is not None:
+                    on_latents(i, latents[i])
+        del unet, forward, conds
+        parts.streamer = None
+        release_memory()
     vae = parts.vae_decoder()
     with parts.running(), torch.no_grad(), meter.measure("VAE decoder", vae, latents):
         for i in range(len(latents)):
@@ -530,21 +543,90 @@ def prepare(parts: Parts, info: dict, *, lora: bool, merged: bool, resolution: i
 
 
 def render(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out: Path, *, steps: int, resolution: int,
-           guidance: float, negative_prompt: str | None = None, device: str = "cpu", measure: bool = False):
-    """One PNG per ``(prompt, noise seed, file name)`` job in ``out``, and ``manifest.json`` (file, prompt, seed: what
-    ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``: the exact peak of the whole run if ``measure``
-    (every image; per part in ``parts``)."""
+           guidance: float, negative_prompt: str | None = None, device: str = "cpu", measure: bool = False,
+           progress: Progress | None = None):
+    """One PNG per ``(prompt, noise seed, file name)`` job in ``out``, each written as soon as it is decoded, and
+    ``manifest.json`` (file, prompt, seed: what ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``:
+    the exact peak of the whole run if ``measure`` (every image; per part in ``parts``). ``progress``: an interrupted
+    run's finished images are skipped and its denoised latents decoded, and this run's are recorded as they finish."""
     out.mkdir(parents=True, exist_ok=True)
     entries = [{"file": name, "prompt": prompt, "seed": seed} for prompt, seed, name in jobs]
+    todo = [i for i in range(len(jobs)) if progress is None or entries[i]["file"] not in progress.written]
 
-    def save(i, pixels):
-        save_image(out / entries[i]["file"], Image.fromarray(pixels.cpu().numpy()))
+    def save(k, pixels):
+        save_image(out / entries[todo[k]]["file"], Image.fromarray(pixels.cpu().numpy()))
+        if progress is not None:
+            progress.image_written(entries[todo[k]]["file"])
 
     meter = PartMeter(measure, parts.device)
-    generate(parts, plan, [(p, s) for p, s, _ in jobs], steps=steps, resolution=resolution, guidance=guidance,
-             negative_prompt=negative_prompt, meter=meter, on_image=save, bar=True)
+    if todo:
+        kept = {k: progress.latents[entries[i]["file"]] for k, i in enumerate(todo)
+                if progress is not None and entries[i]["file"] in progress.latents}
+        generate(parts, plan, [jobs[i][:2] for i in todo], steps=steps, resolution=resolution, guidance=guidance,
+                 negative_prompt=negative_prompt, meter=meter, on_image=save, bar=True, denoised=kept,
+                 on_latents=(lambda k, x: progress.denoised(entries[todo[k]]["file"], x)) if progress else None)
     save_json(out / "manifest.json", {"images": entries})
     return entries, (memory_record(meter) if measure else None)
+
+
+class Progress:
+    """What an unfinished ``hollownet generate`` keeps in ``OUTPUT/.partial`` so that a rerun of the same command
+    redoes nothing finished: its settings and the PNGs written so far (``state.json``), and each image's latents as
+    soon as they are denoised (``NNN.png.safetensors``, kilobytes; the U-Net part denoises every image before the
+    VAE decoder part decodes any, see the module docstring). A rerun with other settings starts over (a warning
+    says so); a finished run removes the folder."""
+
+    def __init__(self, out: Path, settings: dict, files: list[str]):
+        self.out, self.dir, self.files = out, out / PARTIAL, files
+        self.settings = json.loads(json.dumps(settings, default=str))
+        self.written: list[str] = []  # PNGs finished, by an earlier run of these settings or this one
+        self.latents: dict[str, torch.Tensor] = {}  # denoised, not yet written
+        self.resumed = (0, 0)  # (images, latents) found from an earlier run
+        state = self.dir / "state.json"
+        if self.dir.exists():
+            try:
+                old = json.loads(state.read_bytes().decode("utf-8"))
+            except (OSError, ValueError):
+                old = None
+            if isinstance(old, dict) and old.get("settings") == self.settings:
+                self.written = [f for f in old.get("written", []) if f in files and (out / f).is_file()]
+                for f in files:
+                    if f not in self.written and (self.dir / f"{f}.safetensors").is_file():
+                        try:
+                            self.latents[f] = load_file(self.dir / f"{f}.safetensors")["latents"]
+                        except Exception:  # a damaged file (a crash mid-write): that image is denoised again
+                            pass
+                self.resumed = (len(self.written), len(self.latents))
+            else:
+                warnings.warn(f"{self.dir} holds an unfinished run with other settings: starting over")
+                shutil.rmtree(self.dir)
+        self.save()
+
+    def save(self) -> None:
+        save_json(self.dir / "state.json", {"settings": self.settings, "written": self.written})
+
+    def denoised(self, file: str, latents: torch.Tensor) -> None:
+        save_tensors(self.dir / f"{file}.safetensors", {"latents": latents.detach().cpu().contiguous()})
+        self.latents[file] = latents
+
+    def image_written(self, file: str) -> None:
+        self.written.append(file)
+        self.latents.pop(file, None)
+        self.save()
+        (self.dir / f"{file}.safetensors").unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kept(self) -> str:
+        """What an interruption leaves, in words: the images written, the latents kept, what a rerun does."""
+        n, done, more = len(self.files), len(self.written), len(self.latents)
+        said = f"{done} of {n} images written to {self.out}" + (f" ({', '.join(self.written)})" if done else "")
+        if more:
+            said += f"; {more} more denoised, kept in {self.dir}"
+        if done or more:
+            return said + f": rerun the same command to finish the other {n - done} without redoing those"
+        return said + "; rerun the same command to start again"
 
 
 def memory_record(meter: PartMeter) -> dict:
@@ -565,8 +647,18 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
-    entries, memory = render(parts, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
-                             guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, device=cfg.device, measure=True)
+    progress = Progress(Path(cfg.output), resume_settings(cfg), [name for _, _, name in jobs])
+    if any(progress.resumed):
+        print(f"resuming: {progress.resumed[0]} of {cfg.num_images} images already written, {progress.resumed[1]} more "
+              f"already denoised (an interrupted run's, kept in {progress.dir})", file=sys.stderr)
+    try:
+        entries, memory = render(parts, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
+                                 guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, device=cfg.device,
+                                 measure=True, progress=progress)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the record made whole (the signal may have cut its write)
+        progress.save()
+        e.kept = progress.kept()  # and the CLI says what was kept
+        raise
     record = {
         "settings": asdict(cfg),
         "modes": {"precision": cfg.modes.precision, "compute_dtype": cfg.modes.compute, "stream_weights": cfg.stream_weights},
@@ -580,4 +672,15 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "images": [e["file"] for e in entries],
     }
     save_json(Path(cfg.output) / "generate.json", json.loads(json.dumps(record, default=str)))
+    progress.finish()
     return record
+
+
+def resume_settings(cfg: GenerateConfig) -> dict:
+    """What makes an interrupted run's images this run's: every setting (``--force`` aside) and the LoRA file's
+    size and time (a retrained LoRA makes other images)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "force"}
+    if cfg.lora:
+        stat = lora_file(cfg.lora).stat()
+        settings["lora_file"] = [str(lora_file(cfg.lora)), stat.st_size, stat.st_mtime_ns]
+    return settings
