@@ -104,6 +104,19 @@ def _ignore_packages(graph):
     return {m: {t for t in ts if not (t.startswith(m + ".") or m.startswith(t + "."))} for m, ts in graph.items()}
 
 
+# The ground floor: what each of these modules may import of hollownet (the rest of the package builds on them).
+GROUND = {
+    "hollownet.errors": set(),
+    "hollownet.files": {"hollownet.errors"},  # the file-writing library (atomic writes, JSON, temp files)
+    "hollownet.peft_internals": set(),  # peft's internals, in one place
+}
+
+
+def test_ground_floor_imports_nothing_above():
+    graph, _ = scan()
+    assert {m: sorted(graph[m] - allowed) for m, allowed in GROUND.items() if graph[m] - allowed} == {}
+
+
 def test_no_import_cycles():
     graph, _ = scan()
     assert cycles(_ignore_packages(graph)) == []

@@ -17,7 +17,7 @@ from hollownet.errors import HollownetError
 from hollownet.loading import model_fingerprint
 from hollownet.singlefile import SUFFIXES
 from hollownet.stages.formats import lora_file, read_lora
-from hollownet.stages.store import check_writable
+from hollownet.files import check_writable
 from hollownet.toy import NAME as TOY
 
 # identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too

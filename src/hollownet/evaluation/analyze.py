@@ -38,7 +38,7 @@ from hollownet.errors import HollownetError
 from hollownet.evaluation.bench import train_request
 from hollownet.settings import model_defaults
 from hollownet.stages.export import INFO_FILE, LORA_FILE
-from hollownet.stages.store import save_json
+from hollownet.files import save_json
 
 LEVELS = ("block", "unit", "layer")
 FORMAT = "hollownet-significance/1"

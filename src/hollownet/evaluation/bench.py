@@ -53,7 +53,7 @@ from hollownet.memory.tracker import MemoryTracker
 from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
-from hollownet.stages.store import save_json
+from hollownet.files import save_json
 from hollownet.toy import is_toy
 from hollownet.toy.bench import ToyScorer
 

@@ -64,7 +64,7 @@ from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.loading import vae_scale_factor, weight_files
 from hollownet.memory.tracker import MemoryTracker, PartMeter, format_bytes
-from hollownet.stages.store import disk_error
+from hollownet.files import disk_error
 from hollownet.unet_split import Step, mid_steps, seq
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
@@ -596,7 +596,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
 
 def _reserve(path: Path) -> None:
     """Allocate a spill file's blocks now: on a full disk a memmap would otherwise die of SIGBUS at
-    its first write; reserved, it fails here with ENOSPC (one line, see store.disk_error)."""
+    its first write; reserved, it fails here with ENOSPC (one line, see files.disk_error)."""
     if not hasattr(os, "posix_fallocate"):
         return
     fd = os.open(path, os.O_RDWR)

@@ -43,7 +43,7 @@ from hollownet.cut import load_unet_config, meta_unet
 from hollownet.errors import HollownetError
 from hollownet.families import SDXL_FAMILY, family_of_config
 from hollownet.peft_internals import pattern_key
-from hollownet.stages.store import read_json, save_tensors, temp_name
+from hollownet.files import read_json, save_tensors, temp_name
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses

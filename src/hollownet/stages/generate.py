@@ -50,7 +50,7 @@ from hollownet.peft_internals import (ADAPTER, BASE, adapter_names, adapters_dis
 from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
 from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
-from hollownet.stages.store import save_image, save_json
+from hollownet.files import save_image, save_json
 
 GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
 # (SDXL's text-encoder part is two: "text encoder", then "text encoder 2", as in stage 1)

@@ -32,6 +32,7 @@ from hollownet import unet_split as H
 from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
 from hollownet.checks import caption_words, prompt_identifier
 from hollownet.families import Family, SampleConditioning, added_cond_kwargs, detect_family
+from hollownet.files import remove_stale_temps, save_tensors
 from hollownet.photos import load_photos, photo_sizes
 from hollownet.errors import HollownetError
 from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
@@ -40,7 +41,7 @@ from hollownet.lowmem import layerwise as LW
 from hollownet.memory.tracker import PartMeter, parse_size
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
 from hollownet.stages.progress import LoggedBar, ProgressLog
-from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_tensors, shard_name
+from hollownet.stages.store import FORMAT, Store, shard_name
 
 
 @dataclass
