@@ -430,7 +430,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
+def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,  # wide: one keyword per generate flag
                     images_per_prompt: int, steps: int, guidance: float | None = None, scheduler: str = DEFAULT_SCHEDULER,
                     resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
