@@ -37,8 +37,8 @@ from peft.utils.integrations import init_empty_weights
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-__all__ = ["LoraLayer", "init_empty_weights", "lora_modules", "lora_parts", "make_lora_tensors", "set_weight",
-           "cached_lora_layers", "adapters_disabled", "adapter_names", "merge_all", "pattern_key"]
+__all__ = ["ADAPTER", "BASE", "LoraLayer", "init_empty_weights", "lora_modules", "lora_parts", "make_lora_tensors",
+           "set_weight", "cached_lora_layers", "adapters_disabled", "adapter_names", "merge_all", "pattern_key"]
 
 ADAPTER = "default"  # the adapter name diffusers' ``add_adapter`` gives a LoRA without one
 BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
