@@ -128,3 +128,12 @@ def test_pattern_key_is_a_suffix_rule():
     assert P.pattern_key(["to_q", "attn1.to_q"], "down.attn1.to_q") == "to_q"  # the first match wins
     assert P.pattern_key(["attn1\\.to_q"], "down.attn1.to_q") == "attn1\\.to_q"
     assert P.pattern_key(["to_q"], "down.xto_q") == "down.xto_q", CHANGED + "get_pattern_key no longer matches at a dot"
+
+
+def test_tensor_names_in_a_wrapped_model():
+    # stream.file_key strips ".base_layer."; builder, quant and stream tell LoRA's tensors by "lora_" in the name
+    names = set(tiny().state_dict())
+    assert {"lin.base_layer.weight", "lin.base_layer.bias", "lin.lora_A.default.weight", "lin.lora_B.default.weight",
+            "conv.base_layer.weight", "conv.lora_A.default.weight", "conv.lora_B.default.weight"} <= names, \
+        CHANGED + f"a wrapped model's tensor names: {sorted(names)}"
+    assert all(("lora_" in n) != (".base_layer." in n) for n in names), CHANGED + "tensors neither LoRA's nor the base layer's"

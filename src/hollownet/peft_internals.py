@@ -21,6 +21,10 @@ each item below on a tiny LoRA layer and fails naming it when a peft release cha
 - ``get_pattern_key`` (``peft.utils.other``): the ``rank_pattern`` / ``alpha_pattern`` key a module
   name matches, peft's rule exactly.
 
+Not moved here, but checked by the same test: peft's tensor names in a wrapped model (``<layer>.base_layer.weight``,
+``<layer>.lora_A.<adapter>.weight``), which ``lowmem/stream.file_key`` and the ``"lora_" in name`` filters (builder,
+quant, stream) read as plain strings.
+
 Also here, though not peft's: the list of a model's LoRA layers cached in the model's ``__dict__``
 (a walk over every module costs more than a small model's step; ``__dict__``, not an attribute, so
 ``nn.Module.__setattr__`` does not register a list of modules as submodules).
