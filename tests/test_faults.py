@@ -208,7 +208,7 @@ def test_read_only_output_is_refused_in_one_line(tiny_model, dog_photos, tmpfs, 
 
 def test_write_bytes_maps_every_disk_error(tmpfs):
     from hollownet.errors import HollownetError
-    from hollownet.stages.store import save_json, save_tensors
+    from hollownet.files import save_json, save_tensors
 
     import torch
 

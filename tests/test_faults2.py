@@ -352,7 +352,7 @@ def test_nan_loss_from_the_store_names_the_store(trained, tiny_model, dog_photos
 
 
 def test_nan_loss_right_after_a_resume_names_the_checkpoint_first(trained, tiny_model, dog_photos, tmp_path, capsys):
-    from hollownet.stages.store import tensor_digest
+    from hollownet.files import tensor_digest
 
     out = copy_run(trained, tmp_path)
     ckpt = out / "checkpoints" / "step-000004.pt"
@@ -513,7 +513,7 @@ def test_second_train_on_one_output_is_refused_and_a_dead_owners_lock_taken_over
 
 
 def test_only_dead_writers_temp_files_are_removed(tmp_path):
-    from hollownet.stages.store import remove_stale_temps, temp_name
+    from hollownet.files import remove_stale_temps, temp_name
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

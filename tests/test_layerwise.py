@@ -130,7 +130,7 @@ def test_vae_encoder_layerwise_equals_encoder(tiny_model):
     arrays = LW.Arrays(5)
     arrays.adopt("pixels", pixels)
     weights = LW.FileWeights(skeleton, weight_files(tiny_model, "vae"), torch.float32)
-    LW.run_layers(layers, arrays, weights, keep={out}, batch_size=2)
+    LW.run_layers(layers, arrays, weights, LW.RunOptions(batch_size=2), keep={out})
     torch.testing.assert_close(arrays.read(out, 0, 5), moments, rtol=1e-5, atol=1e-5)
     assert weights.read_keys and not any(k.startswith(("decoder.", "post_quant_conv.")) for k in weights.read_keys)
     # the whole part, noise included, is precompute.encode_photos's math
@@ -166,8 +166,8 @@ def test_unet_layerwise_equals_hollow_output_for_every_cut(tiny_model, tmp_path)
         arrays = LW.Arrays(n, tmp_path / f"scratch-{depth}", budget)
         arrays.write("noisy", 0, n, x)
         arrays.write("timestep", 0, n, t)
-        out, _ = LW.run_unet_hollow(skeleton, plan, arrays, weights, embeds, prompt_index, dtype=torch.float32,
-                                    budget=budget, batch_size=2)
+        out, _ = LW.run_unet_hollow(skeleton, plan, arrays, weights, embeds, prompt_index,
+                                    LW.RunOptions(budget=budget, batch_size=2), dtype=torch.float32)
         got = arrays.read(out, 0, n).clone()
         arrays.close()
         assert not (tmp_path / f"scratch-{depth}").exists()
@@ -245,8 +245,8 @@ def test_fake_and_real_layer_major_measurements_agree(tiny_model, tmp_path):
             arrays.write("noisy", 0, n, args[0])
             arrays.write("timestep", 0, n, args[1])
             pi = torch.zeros(n, dtype=torch.long)
-            _, stats = LW.run_unet_hollow(skeleton, plan, arrays, weights, args[2], pi, dtype=torch.float32, meter=meter,
-                                          budget=budget, batch_size=4)
+            _, stats = LW.run_unet_hollow(skeleton, plan, arrays, weights, args[2], pi,
+                                          LW.RunOptions(meter=meter, budget=budget, batch_size=4), dtype=torch.float32)
             arrays.close()
         parts.append((meter.summary()["parts"], [(s.name, s.chunk, s.work_per_sample) for s in stats], dict(arrays.spilled)))
     assert parts[0] == parts[1]
@@ -407,8 +407,8 @@ def test_layer_major_follows_added_embeddings_and_encoder_hid_proj(tmp_path):
         arrays = LW.Arrays(n, tmp_path / "scratch", None)
         arrays.write("noisy", 0, n, x)
         arrays.write("timestep", 0, n, t)
-        out, _ = LW.run_unet_hollow(skeleton, plan, arrays, weights, embeds, prompt_index, dtype=torch.float32,
-                                    batch_size=2, cond=cond)
+        out, _ = LW.run_unet_hollow(skeleton, plan, arrays, weights, embeds, prompt_index, LW.RunOptions(batch_size=2),
+                                    dtype=torch.float32, cond=cond)
         got = arrays.read(out, 0, n).clone()
         arrays.close()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"depth {plan.depth}")

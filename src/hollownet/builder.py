@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan, lora_target_modules, meta_unet, plan_for_blocks, unit_modules
@@ -28,6 +26,7 @@ from hollownet.errors import HollownetError
 from hollownet.loading import is_under
 from hollownet.lowmem.quant import quantizable, quantize_model
 from hollownet.lowmem.stream import StreamedWeights, file_key, kept_units, state_tensors
+from hollownet.peft_internals import init_empty_weights, lora_modules, make_lora_tensors
 from hollownet.settings import DEFAULT_RANK, Modes, torch_dtype
 
 
@@ -109,15 +108,8 @@ def init_lora(unet: nn.Module, dtype: torch.dtype, device) -> list[nn.Parameter]
     layer, in module order, the A and B layers' own init, then A ~ N(0, 1/r), B = 0, rounded to the
     frozen weights' compute ``dtype`` (peft casts to it). B = 0: the network starts as the base model.
     Returns the LoRA parameters, the only ones trained."""
-    for mod in unet.modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        for part in (mod.lora_A["default"], mod.lora_B["default"]):
-            for k, p in part._parameters.items():
-                if p is not None:  # bias=None
-                    part._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device=device))
-            part.reset_parameters()
-        mod.reset_lora_parameters("default", "gaussian")
+    for _, mod in lora_modules(unet):
+        make_lora_tensors(mod, device)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     with torch.no_grad():
         for p in params:

@@ -17,7 +17,7 @@ from hollownet.photos import list_photos
 from hollownet.errors import HollownetError
 from hollownet.loading import model_fingerprint
 from hollownet.stages.formats import lora_file, read_lora
-from hollownet.stages.store import check_writable
+from hollownet.files import check_writable
 
 # identifiers kohya / diffusers DreamBooth users know; any <token> (Custom Diffusion's <new1>) counts too
 RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "olis", "shs", "zkz", "tok")

@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
     _fill_model_defaults(args)
-    from hollownet.stages.store import disk_error  # lazy
+    from hollownet.files import disk_error  # lazy
 
     from hollownet.signals import Stops, exit_code  # lazy
 
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         except HollownetError as e:  # every user-facing error (photos, datasets, evaluation inputs too)
             print(f"hollownet {args.command}: error: {e}", file=sys.stderr)
             return 2
-        except OSError as e:  # a write outside store.write_bytes (a folder made on a full / read-only disk)
+        except OSError as e:  # a write outside files.write_bytes (a folder made on a full / read-only disk)
             mapped = disk_error(e, e.filename or "the output")
             if mapped is None:
                 raise

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hollownet.errors import HollownetError
+from hollownet.files import pid_alive
 
 LOCK_NAME = ".hollownet.lock"
 
@@ -27,16 +28,6 @@ def process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def owner_alive(owner: dict) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from hollownet.stages.store import save_image
+from hollownet.files import save_image
 
 
 def contact_sheet(rows: dict[str, list], path: Path, caption: str = "", cell: int = 128) -> None:
@@ -22,4 +22,4 @@ def contact_sheet(rows: dict[str, list], path: Path, caption: str = "", cell: in
             sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + pad), y))
     draw.text((6, len(rows) * (cell + pad) + 4), caption[:160], fill=(60, 60, 60))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(Path(path), sheet)  # the one write path (store.write_bytes): atomic, disk errors in one line
+    save_image(Path(path), sheet)  # the one write path (files.write_bytes): atomic, disk errors in one line

@@ -26,7 +26,7 @@ from hollownet.stages.dit import check_settings as check_dit_settings, run_dit_p
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
 from hollownet.stages.generate import GenerateConfig, run_generate
 from hollownet.stages.precompute import PrecomputeConfig, run_precompute
-from hollownet.stages.store import atomic_write, read_json, save_json
+from hollownet.files import atomic_write, read_json, save_json
 from hollownet.stages.train import TrainConfig, run_train
 from hollownet.toy import NAME as TOY
 from hollownet.toy import world as W
@@ -220,7 +220,7 @@ def plot_loss(losses: list[float], path: Path, title: str = "", validation: list
     ax.set_title(title[:80], fontsize=9)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # the one write path (store.write_bytes)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # the one write path (files.write_bytes)
     plt.close(fig)
 
 

@@ -22,7 +22,7 @@ from hollownet.evaluation.datasets import DatasetError
 from hollownet.photos import PhotoError
 from hollownet.errors import HollownetError
 from hollownet.stages.generate import GenerateConfig, run_generate
-from hollownet.stages.store import disk_error, read_json, save_json
+from hollownet.files import disk_error, read_json, save_json
 from hollownet.stages.train import TrainingStopped
 from hollownet.settings import Modes
 from hollownet.workflow import TrainRequest, personalize

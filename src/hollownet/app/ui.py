@@ -39,7 +39,7 @@ def loss_frame(losses: list) -> pd.DataFrame:
     return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": [float(x) for x in losses]})
 
 
-def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:
+def build(workdir: str | Path, device: str | None = None) -> gr.Blocks:  # wide: one gr.Blocks tree, its nesting the page
     jobs = Jobs(workdir)
     uploads = Path(workdir) / "uploads"
     device = resolve_device(device)  # checked before the page is built

@@ -38,7 +38,7 @@ from hollownet.errors import HollownetError
 from hollownet.evaluation.bench import train_request
 from hollownet.settings import model_defaults
 from hollownet.stages.export import INFO_FILE, LORA_FILE
-from hollownet.stages.store import save_json
+from hollownet.files import save_json
 
 LEVELS = ("block", "unit", "layer")
 FORMAT = "hollownet-significance/1"
@@ -98,19 +98,9 @@ def _pattern_value(name: str, pattern: dict, default):
     return default
 
 
-def load_lora(path: str | Path) -> LoraFile:
-    """Read a LoRA folder (``hollownet train`` output) or a ``.safetensors`` file; U-Net layers only."""
-    weights = _weights_path(path)
-    folder = weights.parent
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise HollownetError(f"cannot read '{weights}' as safetensors ({type(e).__name__}); is it a LoRA file?") from None
-    info_path = folder / INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() and weights.name == LORA_FILE else {}
-
+def _factors(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict[str, float], int]:
+    """A LoRA file's tensors by U-Net module: (down factors, up factors, per-layer alphas, how many
+    text-encoder tensors were skipped), whatever the key layout (diffusers, peft, kohya)."""
     downs: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
@@ -134,6 +124,23 @@ def load_lora(path: str | Path) -> LoraFile:
         else:
             if name.endswith(".alpha") and tensor.numel() == 1:
                 alphas[name[: -len(".alpha")]] = float(tensor)
+    return downs, ups, alphas, skipped
+
+
+def load_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA folder (``hollownet train`` output) or a ``.safetensors`` file; U-Net layers only."""
+    weights = _weights_path(path)
+    folder = weights.parent
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise HollownetError(f"cannot read '{weights}' as safetensors ({type(e).__name__}); is it a LoRA file?") from None
+    info_path = folder / INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() and weights.name == LORA_FILE else {}
+
+    downs, ups, alphas, skipped = _factors(tensors)
     if not downs:
         raise HollownetError(
             f"'{weights}' holds no U-Net LoRA layers (expected diffusers keys like "

@@ -53,7 +53,7 @@ from hollownet.memory.tracker import MemoryTracker
 from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
-from hollownet.stages.store import save_json
+from hollownet.files import save_json
 from hollownet.toy import is_toy
 from hollownet.toy.bench import ToyScorer
 
@@ -430,7 +430,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,
+def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,  # wide: one keyword per generate flag
                     images_per_prompt: int, steps: int, guidance: float | None = None, scheduler: str = DEFAULT_SCHEDULER,
                     resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
@@ -448,8 +448,7 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
     plan, resolution = prepare(pipe, info, lora=not full, merged=merged, resolution=resolution)
     jobs = [(prompt, seed * 1_000_003 + p * 1_009 + i, f"p{p:02d}-{i:02d}.png")
             for p, prompt in enumerate(prompts) for i in range(images_per_prompt)]
-    entries, _ = render(pipe, plan, jobs, Path(output), steps=steps, resolution=resolution, guidance=guidance,
-                        device=device)
+    entries, _ = render(pipe, plan, jobs, Path(output), steps=steps, resolution=resolution, guidance=guidance)
     return {"images": entries, "mode": "two-path" if plan is not None else ("merged" if merged else method)}
 
 

@@ -310,16 +310,7 @@ def load_dreambooth_dataset(
             f"with no photo folder: {', '.join(missing)}.",
             DatasetWarning,
         )
-    unlisted = sorted(
-        p.name for p in base.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in classes
-    )
-    if unlisted:
-        _warn(
-            f"DreamBooth benchmark at {base}: ignoring folders not listed in {DREAMBOOTH_FILE}: "
-            f"{', '.join(unlisted)}.",
-            DatasetWarning,
-        )
+    _warn_unlisted(base, classes)
     if not subjects:
         raise DatasetError(
             f"No subject of {DREAMBOOTH_FILE} has photos in {base}: each subject needs a "
@@ -334,6 +325,20 @@ def load_dreambooth_dataset(
         live_prompt_templates=tuple(live_templates),
         classes=dict(classes),
     )
+
+
+def _warn_unlisted(base: Path, classes: dict[str, str]) -> None:
+    """One :class:`DatasetWarning` naming the folders of ``base`` that ``prompts_and_classes.txt`` does not list."""
+    unlisted = sorted(
+        p.name for p in base.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+    )
+    if unlisted:
+        _warn(
+            f"DreamBooth benchmark at {base}: ignoring folders not listed in {DREAMBOOTH_FILE}: "
+            f"{', '.join(unlisted)}.",
+            DatasetWarning,
+        )
 
 
 def _resolve(base: Path, relative: str, fallbacks: Sequence[Path]) -> Path | None:
@@ -352,6 +357,78 @@ def _fill_customconcept(template: str, identifier: str, class_noun: str) -> str 
         return template.format(f"{identifier} {class_noun}")
     except (IndexError, KeyError, ValueError):
         return None  # e.g. a multi-concept template with {0} and {1}
+
+
+def _customconcept_index(base: Path) -> tuple[Path, list]:
+    """``dataset.json``'s path and its list of entries."""
+    index = base / CUSTOMCONCEPT101_FILE
+    if not index.is_file():
+        raise DatasetError(
+            f"{base} is not a CustomConcept101 folder: {CUSTOMCONCEPT101_FILE} is missing. "
+            f"Point at the folder that holds dataset.json and prompts/."
+        )
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"Cannot parse {index}: {one_line(exc)}. Is it valid JSON?") from None
+    if isinstance(entries, dict):  # tolerate {"concepts": [...]}-style wrappers
+        lists = [v for v in entries.values() if isinstance(v, list)]
+        entries = lists[0] if len(lists) == 1 else None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{index} must hold a JSON list of concept objects.")
+    return index, entries
+
+
+def _customconcept_subject(base: Path, number: int, entry, identifier: str) -> BenchmarkSubject | tuple[str, str]:
+    """Entry ``number`` of ``dataset.json`` as a subject, or ``(who, why)`` it is skipped."""
+    if not isinstance(entry, dict):
+        return (f"entry {number}", "multi-concept or not an object")
+    data_dir = str(entry.get("instance_data_dir") or "").strip()
+    if not data_dir:
+        return (f"entry {number}", "no instance_data_dir")
+    name = Path(data_dir).name
+    folder = _resolve(base, data_dir, [base / "benchmark_dataset" / name, base / name])
+    photos = _subject_photos(folder) if folder is not None and folder.is_dir() else []
+    if not photos:
+        return (name, "no photos")
+    instance_template = str(entry.get("instance_prompt") or "")
+    noun = str(entry.get("class_prompt") or "").strip()
+    if not noun and "<new1>" in instance_template:
+        noun = instance_template.split("<new1>", 1)[1].strip()
+    if not noun:
+        return (name, "no class_prompt")
+    prompt_name = str(entry.get("prompt_filename") or "").strip()
+    prompt_file = (
+        _resolve(base, prompt_name, [base / "prompts" / Path(prompt_name).name])
+        if prompt_name else None
+    )
+    if prompt_file is None or not prompt_file.is_file():
+        return (name, f"no prompt file {prompt_name or '-'}")
+    try:
+        lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"Cannot read {prompt_file}: {one_line(exc)}.") from None
+    prompts = [
+        filled for line in lines if line.strip()
+        if (filled := _fill_customconcept(line.strip(), identifier, noun)) is not None
+    ]
+    if not prompts:
+        return (name, f"no usable prompt in {prompt_file.name}")
+    if "<new1>" in instance_template:
+        instance_prompt = instance_template.replace("<new1>", identifier)
+        class_prompt = f"a photo of {noun}"
+    else:
+        instance_prompt, class_prompt = _training_prompts(identifier, noun)
+    return BenchmarkSubject(
+        name=name,
+        class_noun=noun,
+        is_live=_is_live(noun) or name.startswith("pet_"),
+        photo_paths=tuple(photos),
+        prompts=tuple(prompts),
+        identifier=identifier,
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+    )
 
 
 def load_customconcept101_dataset(
@@ -384,86 +461,19 @@ def load_customconcept101_dataset(
     it is live if the class noun is in :data:`LIVE_CLASSES` or the folder starts with ``pet_``.
     """
     base = _check_root(root, CUSTOMCONCEPT101_FILE)
-    index = base / CUSTOMCONCEPT101_FILE
-    if not index.is_file():
-        raise DatasetError(
-            f"{base} is not a CustomConcept101 folder: {CUSTOMCONCEPT101_FILE} is missing. "
-            f"Point at the folder that holds dataset.json and prompts/."
-        )
-    try:
-        entries = json.loads(index.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"Cannot parse {index}: {one_line(exc)}. Is it valid JSON?") from None
-    if isinstance(entries, dict):  # tolerate {"concepts": [...]}-style wrappers
-        lists = [v for v in entries.values() if isinstance(v, list)]
-        entries = lists[0] if len(lists) == 1 else None
-    if not isinstance(entries, list):
-        raise DatasetError(f"{index} must hold a JSON list of concept objects.")
-
+    index, entries = _customconcept_index(base)
     subjects: list[BenchmarkSubject] = []
     skipped: list[tuple[str, str]] = []
     seen: set[str] = set()
     for number, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            skipped.append((f"entry {number}", "multi-concept or not an object"))
-            continue
-        data_dir = str(entry.get("instance_data_dir") or "").strip()
-        if not data_dir:
-            skipped.append((f"entry {number}", "no instance_data_dir"))
-            continue
-        name = Path(data_dir).name
-        folder = _resolve(base, data_dir, [base / "benchmark_dataset" / name, base / name])
-        photos = _subject_photos(folder) if folder is not None and folder.is_dir() else []
-        if not photos:
-            skipped.append((name, "no photos"))
-            continue
-        instance_template = str(entry.get("instance_prompt") or "")
-        noun = str(entry.get("class_prompt") or "").strip()
-        if not noun and "<new1>" in instance_template:
-            noun = instance_template.split("<new1>", 1)[1].strip()
-        if not noun:
-            skipped.append((name, "no class_prompt"))
-            continue
-        prompt_name = str(entry.get("prompt_filename") or "").strip()
-        prompt_file = (
-            _resolve(base, prompt_name, [base / "prompts" / Path(prompt_name).name])
-            if prompt_name else None
-        )
-        if prompt_file is None or not prompt_file.is_file():
-            skipped.append((name, f"no prompt file {prompt_name or '-'}"))
-            continue
-        try:
-            lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"Cannot read {prompt_file}: {one_line(exc)}.") from None
-        prompts = [
-            filled for line in lines if line.strip()
-            if (filled := _fill_customconcept(line.strip(), identifier, noun)) is not None
-        ]
-        if not prompts:
-            skipped.append((name, f"no usable prompt in {prompt_file.name}"))
-            continue
-        if name in seen:
-            skipped.append((name, "listed twice"))
-            continue
-        seen.add(name)
-        if "<new1>" in instance_template:
-            instance_prompt = instance_template.replace("<new1>", identifier)
-            class_prompt = f"a photo of {noun}"
+        subject = _customconcept_subject(base, number, entry, identifier)
+        if isinstance(subject, tuple):
+            skipped.append(subject)
+        elif subject.name in seen:
+            skipped.append((subject.name, "listed twice"))
         else:
-            instance_prompt, class_prompt = _training_prompts(identifier, noun)
-        subjects.append(
-            BenchmarkSubject(
-                name=name,
-                class_noun=noun,
-                is_live=_is_live(noun) or name.startswith("pet_"),
-                photo_paths=tuple(photos),
-                prompts=tuple(prompts),
-                identifier=identifier,
-                instance_prompt=instance_prompt,
-                class_prompt=class_prompt,
-            )
-        )
+            seen.add(subject.name)
+            subjects.append(subject)
     if skipped:
         _warn(
             f"CustomConcept101 benchmark at {base}: skipping {len(skipped)} of {len(entries)} "

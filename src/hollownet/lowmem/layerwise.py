@@ -62,9 +62,9 @@ from torch._subclasses import FakeTensorMode
 from hollownet import encoders as E
 from hollownet import unet_split as H
 from hollownet.errors import HollownetError
+from hollownet.files import disk_error
 from hollownet.loading import vae_scale_factor, weight_files
 from hollownet.memory.tracker import MemoryTracker, PartMeter, format_bytes
-from hollownet.stages.store import disk_error
 from hollownet.unet_split import Step, mid_steps, seq
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the
@@ -321,14 +321,26 @@ class LayerStat:
     one_sample_bytes: int | None = None  # weights + arrays in RAM + constants + one sample's chunk (budget set)
 
 
-def run_layers(layers: list[Step], arrays: Arrays, weights: Weights, *, keep=(), meter=None, part: str = "",
-               budget: int | None = None, batch_size: int = 4, device="cpu", constants=(), bar=None) -> list[LayerStat]:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a part runs layer by layer: on ``device``, measured into ``meter`` (None: not measured), in
+    chunks of ``batch_size`` samples or, with a ``budget`` (bytes), of what fits it; ``bar`` ticks once a layer."""
+
+    device: str | torch.device = "cpu"
+    meter: PartMeter | None = None
+    budget: int | None = None
+    batch_size: int = 4
+    bar: object = None  # tqdm-like: .update(1)
+
+
+def run_layers(layers: list[Step], arrays: Arrays, weights: Weights, opts: RunOptions = RunOptions(), *, keep=(),
+               part: str = "", constants=()) -> list[LayerStat]:
     """Run ``layers`` in order over all ``arrays.n`` samples (see the module docstring).
 
     ``keep``: arrays not to free after their last reader (the outputs). ``constants``: tensors held
     for the whole part (prompt embeddings...): counted as residents of every layer's measurement.
     """
-    meter = meter or PartMeter(False)
+    meter, budget, bar = opts.meter or PartMeter(False), opts.budget, opts.bar
     last = {name: i for i, layer in enumerate(layers) for name in layer.inputs}
     stats = []
     with torch.no_grad():
@@ -336,7 +348,7 @@ def run_layers(layers: list[Step], arrays: Arrays, weights: Weights, *, keep=(),
             mods = weights.load(layer.modules, layer.rows)
             try:
                 with meter.measure(f"{part}: {layer.name}" if part else layer.name, *mods, *arrays.ram_tensors(), *constants):
-                    stat = _run_layer(layer, mods, arrays, budget, batch_size, device, constants)
+                    stat = _run_layer(layer, mods, arrays, budget, opts.batch_size, opts.device, constants)
                     for name in dict.fromkeys(layer.inputs):
                         if last[name] == i and name not in keep:
                             arrays.free(name)
@@ -454,37 +466,35 @@ def _clone_out(t: torch.Tensor) -> torch.Tensor:
     return t.clone()  # a RAM view or a memmap slice: the arrays are freed after this
 
 
-def run_text_encoder(model: nn.Module, ids: torch.Tensor | None, weights: Weights, *, device="cpu", meter=None,
-                     budget: int | None = None, batch_size: int = 4, scratch=None, simulate=False, bar=None, prepared=None):
+def run_text_encoder(model: nn.Module, ids: torch.Tensor | None, weights: Weights, opts: RunOptions = RunOptions(), *,
+                     scratch=None, simulate=False, prepared=None):
     """``model(ids)[0].float().cpu()`` layer by layer (``model`` built on meta). Returns (embeds, stats).
 
     ``prepared``: ``text_encoder_layers(model, ids)``'s result, made beforehand (under
     ``FakeTensorMode`` the token ids must be real to find the used rows; pass their fake copy here).
     """
     layers, remapped, out = prepared if prepared is not None else text_encoder_layers(model, ids)
-    arrays = Arrays(remapped.shape[0], scratch, budget, simulate=simulate)
+    arrays = Arrays(remapped.shape[0], scratch, opts.budget, simulate=simulate)
     try:
         arrays.adopt("ids", remapped)
-        stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="text encoder", budget=budget,
-                           batch_size=batch_size, device=device, bar=bar)
+        stats = run_layers(layers, arrays, weights, opts, keep={out}, part="text encoder")
         embeds = _clone_out(arrays.read(out, 0, arrays.n).float().cpu())
     finally:
         arrays.close()
     return embeds, stats
 
 
-def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: Weights, *, dtype, device="cpu",
-                    meter=None, budget: int | None = None, batch_size: int = 4, scratch=None, simulate=False, bar=None):
+def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: Weights, opts: RunOptions = RunOptions(), *,
+                    dtype, scratch=None, simulate=False):
     """Scaled latents, one seeded posterior sample per photo, drawn chunk by chunk of ``batch_size``
     photos as the sample-major stage 1 draws them (``encoders``). Returns (latents, stats)."""
     layers, out = vae_encoder_layers(vae, dtype)
-    arrays = Arrays(pixels.shape[0], scratch, budget, simulate=simulate)
+    arrays, batch_size = Arrays(pixels.shape[0], scratch, opts.budget, simulate=simulate), opts.batch_size
     try:
         arrays.adopt("pixels", pixels)
-        stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="VAE encoder", budget=budget,
-                           batch_size=batch_size, device=device, bar=bar)
+        stats = run_layers(layers, arrays, weights, opts, keep={out}, part="VAE encoder")
         g = torch.Generator().manual_seed(seed)
-        with (meter or PartMeter(False)).measure("VAE encoder: posterior sample", *arrays.ram_tensors()):
+        with (opts.meter or PartMeter(False)).measure("VAE encoder: posterior sample", *arrays.ram_tensors()):
             samples = [E.posterior_sample(arrays.read(out, a, min(arrays.n, a + batch_size)), g)
                        for a in range(0, arrays.n, batch_size)]
     finally:
@@ -493,8 +503,8 @@ def run_vae_encoder(vae: nn.Module, pixels: torch.Tensor, seed: int, weights: We
 
 
 def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, embeds: torch.Tensor,
-                    prompt_index: torch.Tensor, *, dtype, device="cpu", meter=None, budget: int | None = None,
-                    batch_size: int = 4, constants=(), bar=None, cond: dict | None = None) -> tuple[str, list[LayerStat]]:
+                    prompt_index: torch.Tensor, opts: RunOptions = RunOptions(), *, dtype, constants=(),
+                    cond: dict | None = None) -> tuple[str, list[LayerStat]]:
     """The hollow's output for every sample of ``arrays`` (which holds ``noisy`` and ``timestep``):
     ``unet_split.hollow_steps`` step by step. ``cond``: the rest of the U-Net's conditioning, as
     ``unet_split.make_context`` takes it (e.g. ``added_cond_kwargs``), every tensor one row per sample.
@@ -503,12 +513,11 @@ def run_unet_hollow(unet: nn.Module, plan, arrays: Arrays, weights: Weights, emb
 
     def conditioning(rows):
         c = per_sample.rows(rows)
-        return replace(c, text=embeds[c.text].to(dtype)).map(lambda t: t.to(device))
+        return replace(c, text=embeds[c.text].to(dtype)).map(lambda t: t.to(opts.device))
 
     layers = H.hollow_steps(unet, plan, conditioning, arrays.shape("noisy")[2:], dtype, arrays.shape)
     out = layers[-1].output
-    stats = run_layers(layers, arrays, weights, keep={out}, meter=meter, part="U-Net encoder + hollow", budget=budget,
-                       batch_size=batch_size, device=device, bar=bar,
+    stats = run_layers(layers, arrays, weights, opts, keep={out}, part="U-Net encoder + hollow",
                        constants=(embeds, prompt_index, *per_sample.tensors(), *constants))
     return out, stats
 
@@ -525,7 +534,7 @@ def embed_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *, 
         model = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
     model.requires_grad_(False).eval()
     weights = FileWeights(model, weight_files(model_dir, "text_encoder"), dtype, device)
-    return run_text_encoder(model, ids, weights, device=device, meter=meter, budget=budget, batch_size=batch_size, scratch=scratch)
+    return run_text_encoder(model, ids, weights, RunOptions(device, meter, budget, batch_size), scratch=scratch)
 
 
 def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, device, batch_size: int, meter, *, budget=None, scratch=None):
@@ -536,14 +545,14 @@ def encode_photos(model_dir: Path, pixels: torch.Tensor, seed: int, dtype, devic
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae"))
     vae.requires_grad_(False).eval()
     weights = FileWeights(vae, weight_files(model_dir, "vae"), dtype, device)
-    return run_vae_encoder(vae, pixels, seed, weights, dtype=dtype, device=device, meter=meter, budget=budget,
-                           batch_size=batch_size, scratch=scratch)
+    return run_vae_encoder(vae, pixels, seed, weights, RunOptions(device, meter, budget, batch_size), dtype=dtype,
+                           scratch=scratch)
 
 
 # ------------------------------------------------------------------------------ prediction
 
 
-def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: nn.Module | None = None,
+def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: nn.Module | None = None,  # wide: a plan request's fields, as the planner passes them
                  resolution: int, num_samples: int, photos: int, prompts: int = 1, budget: int | None = None, batch_size: int = 4,
                  dtype=torch.float32, vae_dtype=None, device="cpu", prompt_tokens: int = 8) -> dict:
     """Layer-major stage 1's peak without weights: the loop ``run_precompute(layer_major=True)``
@@ -560,7 +569,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     h = resolution // vae_scale_factor(dict(vae.config) if vae is not None else None)
     text_dim = text.config.hidden_size if text is not None else (unet.config.encoder_hid_dim or unet.config.cross_attention_dim)
     text_len = text.config.max_position_embeddings if text is not None else 77
-    common = dict(meter=meter, budget=budget, batch_size=batch_size, device=device)
+    opts = RunOptions(device, meter, budget, batch_size)
     prepared = None
     if text is not None:  # the used token rows need real ids: made before entering fake mode
         ids = torch.zeros(prompts, text_len, dtype=torch.long)
@@ -569,13 +578,13 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
     with FakeTensorMode() as mode:
         if text is not None:
             layers, remapped, name = prepared
-            _, stats["text encoder"] = run_text_encoder(text, None, EmptyWeights(text, dtype, device), simulate=True,
-                                                        prepared=(layers, mode.from_tensor(remapped), name), **common)
+            _, stats["text encoder"] = run_text_encoder(text, None, EmptyWeights(text, dtype, device), opts, simulate=True,
+                                                        prepared=(layers, mode.from_tensor(remapped), name))
         if vae is not None:
             pixels = torch.empty(photos, vae.config.in_channels, resolution, resolution)
             vae_dtype = vae_dtype or dtype
-            _, stats["VAE encoder"] = run_vae_encoder(vae, pixels, 0, EmptyWeights(vae, vae_dtype, device), dtype=vae_dtype,
-                                                      simulate=True, **common)
+            _, stats["VAE encoder"] = run_vae_encoder(vae, pixels, 0, EmptyWeights(vae, vae_dtype, device), opts,
+                                                      dtype=vae_dtype, simulate=True)
             del pixels
         if plan is None:  # no hollow (a baseline, or only the text encoder / VAE asked for): no U-Net part
             return {"summary": meter.summary(always=True), "stats": stats, "unet_spilled_bytes": 0}
@@ -588,7 +597,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
         # added / class conditioning, where the U-Net has it: fp32 whatever the run's dtype, as the store keeps it
         cond = H.example_cond(unet, num_samples, (h, h), torch.float32)
         _, stats["U-Net encoder + hollow"] = run_unet_hollow(unet, plan, arrays, EmptyWeights(unet, dtype, device), embeds,
-                                                             prompt_index, dtype=dtype, constants=(latents,), cond=cond, **common)
+                                                             prompt_index, opts, dtype=dtype, constants=(latents,), cond=cond)
         spilled = sum(arrays.spilled.values())
         arrays.close()
     return {"summary": meter.summary(always=True), "stats": stats, "unet_spilled_bytes": spilled}
@@ -596,7 +605,7 @@ def predict_peak(unet: nn.Module, plan, *, vae: nn.Module | None = None, text: n
 
 def _reserve(path: Path) -> None:
     """Allocate a spill file's blocks now: on a full disk a memmap would otherwise die of SIGBUS at
-    its first write; reserved, it fails here with ENOSPC (one line, see store.disk_error)."""
+    its first write; reserved, it fails here with ENOSPC (one line, see files.disk_error)."""
     if not hasattr(os, "posix_fallocate"):
         return
     fd = os.open(path, os.O_RDWR)

@@ -70,15 +70,14 @@ def _renamed(step: Step, penultimate: str) -> Step:
     return replace(step, inputs=[PENULTIMATE if i == penultimate else i for i in step.inputs])
 
 
-def run(model: nn.Module, remapped: torch.Tensor, steps: list[Step], weights, *, part: str, device="cpu", meter=None,
-        budget=None, batch_size: int = 4, scratch=None, simulate: bool = False) -> tuple[dict[str, torch.Tensor], list]:
+def run(remapped: torch.Tensor, steps: list[Step], weights, opts: LW.RunOptions, *, part: str, scratch=None,
+        simulate: bool = False) -> tuple[dict[str, torch.Tensor], list]:
     """The steps over every prompt; ``{"penultimate": [P, L, D], "pooled": [P, Dp] (encoder 2)}`` fp32 on the CPU, and the stats."""
-    arrays = LW.Arrays(remapped.shape[0], scratch, budget, simulate=simulate)
+    arrays = LW.Arrays(remapped.shape[0], scratch, opts.budget, simulate=simulate)
     outs = [o for o in (PENULTIMATE, POOLED) if any(s.output == o for s in steps)]
     try:
         arrays.adopt("ids", remapped)
-        stats = LW.run_layers(steps, arrays, weights, keep=set(outs), meter=meter, part=part, budget=budget,
-                              batch_size=batch_size, device=device)
+        stats = LW.run_layers(steps, arrays, weights, opts, keep=set(outs), part=part)
         got = {o: arrays.read(o, 0, arrays.n).float().cpu().clone() for o in outs}
     finally:
         arrays.close()
@@ -94,8 +93,8 @@ def encode_prompts(model_dir: Path, prompts: list[str], dtype, device, meter, *,
         ids = E.prompt_ids(model_dir, prompts, tokenizer)
         steps, remapped = layers(model, ids, has_pool)
         weights = LW.FileWeights(model, weight_files(model_dir, folder), dtype, device)
-        got, stats[part] = run(model, remapped, steps, weights, part=part, device=device, meter=meter, budget=budget,
-                               batch_size=batch_size, scratch=None if scratch is None else Path(scratch) / folder)
+        got, stats[part] = run(remapped, steps, weights, LW.RunOptions(device, meter, budget, batch_size), part=part,
+                               scratch=None if scratch is None else Path(scratch) / folder)
         states.append(got[PENULTIMATE])
         pooled = got.get(POOLED, pooled)
     return {"embeds": torch.cat(states, dim=-1), "text_embeds": pooled}, stats
@@ -115,6 +114,6 @@ def predict_peak(configs: tuple[dict, dict], *, prompts: int, meter, budget=None
         mode = FakeTensorMode()
         steps, remapped = layers(model, ids, has_pool, convert=mode.from_tensor)
         with mode:
-            _, stats[part] = run(model, remapped, steps, LW.EmptyWeights(model, dtype, device), part=part, device=device,
-                                 meter=meter, budget=budget, batch_size=batch_size, simulate=True)
+            _, stats[part] = run(remapped, steps, LW.EmptyWeights(model, dtype, device),
+                                 LW.RunOptions(device, meter, budget, batch_size), part=part, simulate=True)
     return stats

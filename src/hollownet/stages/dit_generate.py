@@ -20,7 +20,7 @@ from hollownet.loading import model_fingerprint, vae_scale_factor
 from hollownet.settings import FLOAT_PRECISIONS, torch_dtype
 from hollownet.stages.export import read_info
 from hollownet.stages.formats import DIFFUSERS_FILE
-from hollownet.stages.store import save_image, save_json
+from hollownet.files import save_image, save_json
 
 
 def check_settings(cfg) -> None:

@@ -24,7 +24,7 @@ from hollownet.errors import HollownetError
 from hollownet.families import SD_FAMILY, Family
 from hollownet.settings import DEFAULT_LORA_FORMAT, LORA_FORMATS
 from hollownet.stages import formats
-from hollownet.stages.store import read_json, save_json, save_tensors
+from hollownet.files import read_json, save_json, save_tensors
 
 LORA_FILE = formats.DIFFUSERS_FILE
 INFO_FILE = "hollownet.json"
@@ -63,7 +63,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, info: dict, adapter: str | N
     version = formats.base_model_version(unet.config)
     info = {**info, "base_model_version": version, "lora_files": []}
     if lora_format in ("diffusers", "both"):
-        # diffusers' own writer, with its metadata, through the one atomic write path (store.write_bytes):
+        # diffusers' own writer, with its metadata, through the one atomic write path (files.write_bytes):
         # a crash or a full disk never leaves half a LoRA file.
         def save_function(weights, filename):
             packed = {f"unet.{k}": v for k, v in metadata.items()}  # as diffusers' own writer packs it

@@ -37,13 +37,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from hollownet.cut import load_unet_config, meta_unet
 from hollownet.errors import HollownetError
 from hollownet.families import SDXL_FAMILY, family_of_config
-from hollownet.stages.store import read_json, save_tensors, temp_name
+from hollownet.peft_internals import pattern_key
+from hollownet.files import read_json, save_tensors, temp_name
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' own SDXL training script uses
@@ -98,7 +98,7 @@ def from_peft_model(unet, adapter: str | None = None) -> Lora:
 
 def peft_alpha(default: float, pattern: dict[str, float], module: str) -> float:
     """peft's rule: the first ``alpha_pattern`` key matching the end of the module name, else ``lora_alpha``."""
-    key = get_pattern_key(list(pattern), module)
+    key = pattern_key(list(pattern), module)
     return float(pattern.get(key, default))
 
 

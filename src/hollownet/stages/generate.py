@@ -33,7 +33,6 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
-from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -50,11 +49,13 @@ from hollownet.loading import release_memory, resolve_model_dir, vae_scale_facto
 from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
+from hollownet.peft_internals import (ADAPTER, BASE, adapter_names, adapters_disabled, cached_lora_layers, lora_modules,
+                                      lora_parts, merge_all, set_weight)
 from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
 from hollownet.stages.dit_generate import run_dit_generate
 from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
-from hollownet.stages.store import save_image, save_json, save_tensors
+from hollownet.files import save_image, save_json, save_tensors
 
 PARTIAL = ".partial"  # OUTPUT/.partial: an interrupted run's progress (class Progress)
 GENERATION_PARTS = ("text encoder", "U-Net", "VAE decoder")  # in the order they run; never two at once
@@ -250,9 +251,7 @@ class Parts:
             with self.running():
                 set_lora(unet, self.lora, self.device)
                 if self.merged:
-                    for mod in unet.modules():
-                        if isinstance(mod, LoraLayer):
-                            mod.merge()
+                    merge_all(unet)
         return unet
 
     def fresh_scheduler(self, steps: int):
@@ -276,11 +275,8 @@ def _config(cfg: dict) -> dict:
 
 def set_lora(unet: nn.Module, lora: LoraWeights, device) -> None:
     """LoRA's tensors in fp32 on ``device``: the file's values, or (fake parts) empty tensors of their shapes."""
-    for name, mod in unet.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        for part in ("lora_A", "lora_B"):
-            layer = getattr(mod, part)["default"]
+    for name, mod in lora_modules(unet):
+        for part, layer in zip(("lora_A", "lora_B"), lora_parts(mod)):
             key = f"{name}.{part}.weight"
             if lora.state is not None and key not in lora.state:
                 raise HollownetError(f"the LoRA file lacks '{key}'; is it complete?")
@@ -289,7 +285,7 @@ def set_lora(unet: nn.Module, lora: LoraWeights, device) -> None:
                 torch.empty(shape, dtype=torch.float32, device=device)
             if tuple(value.shape) != tuple(shape):
                 raise HollownetError(f"the LoRA tensor '{key}' has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
-            layer._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+            set_weight(layer, value)
 
 
 # ------------------------------------------------------------------------------------ the U-Net call
@@ -297,24 +293,15 @@ def set_lora(unet: nn.Module, lora: LoraWeights, device) -> None:
 
 def lora_layers(unet) -> list:
     """The U-Net's LoRA layers, found once (a walk over every module costs more than a small model's step)."""
-    if "_lora_layers" not in unet.__dict__:
-        unet.__dict__["_lora_layers"] = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-    return unet.__dict__["_lora_layers"]
+    return cached_lora_layers(unet)
 
 
 @contextmanager
 def lora_off(unet):
-    """The original U-Net: adapters disabled inside, re-enabled after. The flag peft's forward reads
-    (``disable_adapters``), set directly: ``unet.disable_adapters()`` walks every module twice per call
-    and toggles ``requires_grad``, a quarter of a toy two-path step."""
-    layers = lora_layers(unet)
-    for m in layers:
-        m._disable_adapters = True
-    try:
+    """The original U-Net: adapters disabled inside, re-enabled after (by peft's flag, set directly:
+    ``unet.disable_adapters()`` costs a quarter of a toy two-path step; see ``peft_internals``)."""
+    with adapters_disabled(lora_layers(unet)):
         yield
-    finally:
-        for m in layers:
-            m._disable_adapters = False
 
 
 def one_pass(unet, plan: HollowPlan, sample, timestep, text, added_cond_kwargs=None, unit_weights=None) -> torch.Tensor:
@@ -339,17 +326,8 @@ def two_path_forward(unet, plan: HollowPlan, sample, timestep, text, added_cond_
 def mixed_lora(unet, n_off: int, n_on: int):
     """Inside, every LoRA layer applies its delta to the last ``n_on`` samples of a batch only (the first
     ``n_off`` get the base layer alone): peft's mixed-adapter batches, its adapter name ``__base__`` = none."""
-    names = ["__base__"] * n_off + ["default"] * n_on
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in lora_layers(unet)]
-    try:
+    with adapter_names(lora_layers(unet), [BASE] * n_off + [ADAPTER] * n_on):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _rows(ctx: H.Context, rows: slice) -> H.Context:
@@ -543,7 +521,7 @@ def prepare(parts: Parts, info: dict, *, lora: bool, merged: bool, resolution: i
 
 
 def render(parts: Parts, plan: HollowPlan | None, jobs: list[tuple[str, int, str]], out: Path, *, steps: int, resolution: int,
-           guidance: float, negative_prompt: str | None = None, device: str = "cpu", measure: bool = False,
+           guidance: float, negative_prompt: str | None = None, measure: bool = False,
            progress: Progress | None = None):
     """One PNG per ``(prompt, noise seed, file name)`` job in ``out``, each written as soon as it is decoded, and
     ``manifest.json`` (file, prompt, seed: what ``hollownet eval`` reads). Returns ``(entries, memory)``; ``memory``:
@@ -653,7 +631,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
               f"already denoised (an interrupted run's, kept in {progress.dir})", file=sys.stderr)
     try:
         entries, memory = render(parts, plan, jobs, Path(cfg.output), steps=cfg.steps, resolution=resolution,
-                                 guidance=cfg.guidance, negative_prompt=cfg.negative_prompt, device=cfg.device,
+                                 guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
                                  measure=True, progress=progress)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the record made whole (the signal may have cut its write)
         progress.save()

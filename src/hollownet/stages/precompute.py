@@ -32,6 +32,7 @@ from hollownet import unet_split as H
 from hollownet.cut import HollowPlan, meta_unet, resolve_plan, unit_modules
 from hollownet.checks import caption_words, prompt_identifier
 from hollownet.families import Family, SampleConditioning, added_cond_kwargs, detect_family
+from hollownet.files import remove_stale_temps, save_tensors
 from hollownet.photos import load_photos, photo_sizes
 from hollownet.errors import HollownetError
 from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
@@ -40,7 +41,7 @@ from hollownet.lowmem import layerwise as LW
 from hollownet.memory.tracker import PartMeter, parse_size
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
 from hollownet.stages.progress import LoggedBar, ProgressLog
-from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_tensors, shard_name
+from hollownet.stages.store import FORMAT, Store, shard_name
 
 
 @dataclass
@@ -287,20 +288,19 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
     info: dict = {"memory_budget": budget, "resumed_shards": len(done)}  # layer-major runs report it
     scratch = store.root / LW.SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)  # an interrupted layer-major run's activations: never reused
+    run = _Stage1(cfg, model_dir, family, store, dtype, budget, meter, scratch, info)
     try:
         sizes = photo_sizes(cfg.images) + (photo_sizes(cfg.class_images) if cfg.class_images else [])
-        cond, latents = _prompts_and_latents(cfg, model_dir, family, store, prompts, torch.cat([pixels, class_pixels]),
-                                             sizes, dtype, budget, meter, scratch, info)
+        cond, latents = _prompts_and_latents(run, prompts, torch.cat([pixels, class_pixels]), sizes)
         total = len(table) + validation_count(cfg.num_samples, size)
         with tqdm(total=total, initial=total - sum(map(len, todo.values())), desc="pre-compute",
                   unit="sample", disable=None) as tq:
             bar = LoggedBar(tq, ProgressLog("pre-compute", total, total - sum(map(len, todo.values())), unit="sample"))
             if cfg.layer_major and plan is not None and todo:
-                _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype, budget, meter,
-                                  scratch, info, bar)
+                _unet_layer_major(run, todo, plan, latents, cond, scheduler, bar)
             else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
-                _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond, scheduler, dtype,
-                                   PartMeter(False) if cfg.layer_major else meter, bar)
+                _unet_sample_major(run, todo, plan, latents, cond, scheduler, bar,
+                                   PartMeter(False) if cfg.layer_major else meter)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
@@ -311,9 +311,26 @@ def _stats(stats) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, dtype, budget, meter, scratch, info):
+@dataclass
+class _Stage1:
+    """What the parts of one stage-1 run share."""
+
+    cfg: PrecomputeConfig
+    model_dir: Path
+    family: Family
+    store: Store
+    dtype: torch.dtype
+    budget: int | None  # bytes, layer-major only
+    meter: PartMeter
+    scratch: Path  # layer-major activations, deleted after the run
+    info: dict  # what a layer-major run reports: its budget, resumed shards, per-part layer stats
+
+
+def _prompts_and_latents(run: _Stage1, prompts, pixels, sizes):
     """The prompt tensors (with the photos' time ids: a :class:`SampleConditioning`) and the photos' latents,
     computed (sample- or layer-major) unless stored."""
+    cfg, model_dir, family, store, dtype, meter = run.cfg, run.model_dir, run.family, run.store, run.dtype, run.meter
+    budget, scratch, info = run.budget, run.scratch, run.info
     if not (store.root / "prompts.safetensors").exists():
         if cfg.layer_major:
             tensors, stats = family.encode_prompts_layer_major(model_dir, prompts, dtype, cfg.device, meter, budget=budget,
@@ -338,9 +355,10 @@ def _prompts_and_latents(cfg, model_dir, family, store, prompts, pixels, sizes, 
     return SampleConditioning(family, store.tensors("prompts.safetensors"), photos.get("time_ids")), photos["latents"]
 
 
-def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond: SampleConditioning, scheduler, dtype, meter,
-                       bar) -> None:
-    """The unfinished shards one by one, the U-Net's encoder + hollow loaded whole (none for a baseline)."""
+def _unet_sample_major(run: _Stage1, todo, plan, latents, cond: SampleConditioning, scheduler, bar, meter) -> None:
+    """The unfinished shards one by one, the U-Net's encoder + hollow loaded whole (none for a baseline),
+    measured into ``meter``."""
+    cfg, model_dir, store, dtype = run.cfg, run.model_dir, run.store, run.dtype
     unet = None
     if plan is not None and todo:
         skip = kept_up_modules(_skeleton(model_dir), plan)
@@ -353,11 +371,12 @@ def _unet_sample_major(cfg, model_dir, store, todo, plan, latents, cond: SampleC
     release_memory()
 
 
-def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond: SampleConditioning, scheduler, dtype, budget,
-                      meter, scratch, info, bar) -> None:
+def _unet_layer_major(run: _Stage1, todo, plan, latents, cond: SampleConditioning, scheduler, bar) -> None:
     """The unfinished shards' samples through the U-Net's encoder + hollow one layer at a time
     (``layerwise.py``) into scratch arrays, then the shards written (each atomically, marked done one
     by one). An interruption before that leaves no shard written; the rerun recomputes those samples."""
+    cfg, model_dir, store, dtype, budget, meter = run.cfg, run.model_dir, run.store, run.dtype, run.budget, run.meter
+    scratch, info = run.scratch, run.info
     spans, rows_all = [], []  # shard -> its rows' span in the arrays
     for shard, rows in todo.items():
         spans.append((shard, rows, len(rows_all), len(rows_all) + len(rows)))
@@ -373,9 +392,9 @@ def _unet_layer_major(cfg, model_dir, store, todo, plan, latents, cond: SampleCo
         prompt_index = torch.tensor([r["prompt"] for r in rows_all], dtype=torch.long)
         unet = _skeleton(model_dir).requires_grad_(False).eval()
         weights = LW.FileWeights(unet, weight_files(model_dir), dtype, cfg.device)
-        out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, cond.embeds, prompt_index, dtype=dtype,
-                                        device=cfg.device, meter=meter, budget=budget, batch_size=cfg.batch_size,
-                                        constants=(latents,), bar=layer_bar, cond=cond.unet_cond(rows_all))
+        out, stats = LW.run_unet_hollow(unet, plan, arrays, weights, cond.embeds, prompt_index,
+                                        LW.RunOptions(cfg.device, meter, budget, cfg.batch_size, layer_bar), dtype=dtype,
+                                        constants=(latents,), cond=cond.unet_cond(rows_all))
         info["U-Net encoder + hollow"] = _stats(stats)
         info["spilled_bytes"] = sum(arrays.spilled.values())
         for shard, rows, a, b in spans:  # each shard written atomically, then marked done

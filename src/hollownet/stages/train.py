@@ -30,6 +30,7 @@ from hollownet.builder import Network, build_unet
 from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan
 from hollownet.errors import HollownetError
 from hollownet.families import FAMILIES, added_cond_kwargs, detect_family
+from hollownet.files import remove_stale_temps, save_json, save_torch, tensor_digest
 from hollownet.loading import model_fingerprint, release_memory, resolve_model_dir, return_freed_memory_promptly
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
@@ -39,7 +40,7 @@ from hollownet.stages.export import save_lora
 from hollownet.stages.generate import Parts, prepare
 from hollownet.stages import watch as W
 from hollownet.stages.progress import ProgressLog
-from hollownet.stages.store import Store, remove_stale_temps, save_json, save_torch, tensor_digest
+from hollownet.stages.store import Store
 from hollownet.stages.watch import Watch, validation_loss
 
 

@@ -29,7 +29,7 @@ from hollownet.sheets import contact_sheet
 from hollownet.stages.export import SNAPSHOTS, lora_state_dict, snapshot_dir, step_name
 from hollownet.stages.generate import LoraWeights, generate, memory_record
 from hollownet.stages.precompute import VALIDATION_FILE
-from hollownet.stages.store import save_image, save_json
+from hollownet.files import save_image, save_json
 from hollownet.toy import NAME as TOY
 from hollownet.toy import world as W
 
