@@ -25,7 +25,7 @@ from hollownet.memory.planner import (
     plan_memory,
 )
 from hollownet.cut import make_plan, meta_unet
-from hollownet.memory.tracker import parse_size
+from hollownet.memory.sizes import parse_size
 from hollownet.settings import Modes
 
 RES = 64

@@ -16,7 +16,7 @@ from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.loading import resolve_model_dir
 from hollownet.lock import output_lock
 from hollownet.memory.planner import load_model_configs, settle_stage1
-from hollownet.memory.tracker import format_bytes
+from hollownet.memory.sizes import format_bytes
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import Modes, model_defaults
 from hollownet.sheets import contact_sheet

@@ -63,7 +63,8 @@ from hollownet import encoders as E
 from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.loading import vae_scale_factor, weight_files
-from hollownet.memory.tracker import MemoryTracker, PartMeter, format_bytes
+from hollownet.memory.sizes import format_bytes
+from hollownet.memory.tracker import MemoryTracker, PartMeter
 from hollownet.stages.store import disk_error
 from hollownet.unet_split import Step, mid_steps, seq
 
