@@ -413,7 +413,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from hollownet.memory.planner import fit_budget, plan_memory  # lazy
+    from hollownet.memory.budget import fit_budget  # lazy
+    from hollownet.memory.planner import plan_memory  # lazy
     from hollownet.memory.sizes import parse_size  # lazy
 
     req = _request(PlanRequest, args)
