@@ -172,105 +172,122 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     cands = candidates(mc, req)
-    with_generation = mc.knows_generation
-    if not with_generation:
+    if not mc.knows_generation:
         mc.notes.append("generation: the text encoder or VAE config is not known; the budget covers training only")
-    stage1: dict = {}
-    evaluated: list[Candidate] = []
-
-    plain_optimizer = "adamw" if req.modes.in_backward else req.modes.optimizer
-
-    layouts: dict = {}  # (method, cut, compute dtype) -> stage 1's settled (layer_major, memory_budget)
-
-    def stage1_part(r: PlanRequest, parts: tuple[str, ...]) -> int:
-        """One of stage 1's part groups for ``r`` (text encoder + VAE: the same for every cut; the U-Net part
-        per cut), cached per dtype and layout: the layout decision and the candidates' peaks share it."""
-        pcfg = r.precompute_config()
-        key = (parts, pcfg.precision, pcfg.layer_major, pcfg.memory_budget) + ((r.method, r.depth) if parts == PARTS[2:] else ())
-        if key not in stage1:
-            stage1[key] = predict_precompute(mc, r, parts=parts)["peak_bytes"]
-        return stage1[key]
-
-    def stage1_peak(r: PlanRequest) -> int:
-        return max(stage1_part(r, PARTS[:2]), stage1_part(r, PARTS[2:]))
-
-    def sub(c: Candidate) -> PlanRequest:
-        modes = replace(req.modes, precision=c.precision, grad_checkpointing=c.grad_checkpointing,
-                        stream_weights=c.stream_weights, optimizer=IB if c.in_backward else plain_optimizer,
-                        compute_dtype=req.modes.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
-        r = replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None, modes=modes)
-        if modes.stage1_unsettled:  # decided once per what sample-major stage 1 depends on
-            key = (c.method, c.depth, modes.compute)
-            if key not in layouts:
-                layouts[key] = settle_stage1(mc, r, peak=stage1_peak)[0].modes.stage1
-            r = replace(r, modes=replace(modes, layer_major=layouts[key][0], memory_budget=layouts[key][1]))
-        return r
-
-    def train(c: Candidate) -> int:
-        if c.train_peak is None:
-            c.train_peak = predict_train(mc, sub(c))[0].peak_bytes
-            evaluated.append(c)
-            if progress:
-                progress(c)
-        return c.train_peak
-
-    def front(c: Candidate) -> int:
-        """Stage 1's text encoder and VAE parts: the same for every cut (cached per dtype and layout)."""
-        return stage1_part(sub(c), PARTS[:2])
-
-    def pre(c: Candidate) -> int:
-        c.precompute_peak = stage1_peak(sub(c))
-        return c.precompute_peak
-
-    gen_cache: dict = {}
-    unet_params = sum(p.numel() for p in meta_unet(mc.unet).parameters())
-
-    def gen_peak(c: Candidate, precision: str) -> int:
-        key = (c.method, c.depth, precision)
-        if key not in gen_cache:
-            gen_modes = Modes(precision=precision, compute_dtype=req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None).on(req.device)
-            gen_cache[key] = predict_generate(mc, replace(sub(c), modes=gen_modes), gen_modes)["peak_bytes"]
-        return gen_cache[key]
-
-    def generation(c: Candidate, limit: int | None) -> int | None:
-        """The best-fidelity generation precision whose peak fits ``limit`` (None: the smallest), set on ``c``."""
-        if not with_generation:
-            return 0
-        for precision in GENERATE_PRECISIONS if limit is not None else GENERATE_PRECISIONS[-1:]:
-            if limit is not None and unet_params * _MIN_BYTES_PER_WEIGHT[precision] > limit:
-                continue  # its U-Net weights alone are over
-            peak = gen_peak(c, precision)
-            if limit is None or peak <= limit:
-                c.generate_precision, c.generate_peak = precision, peak
-                return peak
-        return None
-
+    search = _Search(mc, req, progress)
     fits: list[Candidate] = []
     for c in cands:
-        if c.lower_bound > budget or front(c) > budget or train(c) > budget or pre(c) > budget:
-            continue
-        if generation(c, budget) is None:
-            continue
-        fits.append(c)
-        if top and len(fits) >= top:
-            break
-    if not fits:
-        best, best_peak = None, None
-        bound = lambda c: max(c.lower_bound, front(c))  # noqa: E731  (stage 1's first parts are cut-independent)
-        for c in sorted(cands, key=lambda c: (bound(c), c.lower_bound)):
-            if best_peak is not None and bound(c) >= best_peak:
+        if search.fits(c, budget):
+            fits.append(c)
+            if top and len(fits) >= top:
                 break
-            peak = max(train(c), pre(c), generation(c, None))
-            if best_peak is None or peak < best_peak:
-                best, best_peak = c, peak
+    if not fits:
+        best, best_peak = search.smallest(cands)
         raise BudgetError(
             f"nothing fits in {budget / GiB:.2f} GiB ({budget:,} bytes) at LoRA r={req.rank}, {req.resolution} px, batch {req.batch}: "
             f"the smallest peak is {best_peak / GiB:.2f} GiB ({best.label().strip()}: {' '.join(best.flags()[1:])}); "
             "raise --budget or lower --resolution, --batch or --rank",
             smallest=best,
         )
-    return BudgetAnswer(budget=budget, fits=fits, evaluated=evaluated, smallest=None, top=top,
+    return BudgetAnswer(budget=budget, fits=fits, evaluated=search.evaluated, smallest=None, top=top,
                         seconds=time.perf_counter() - t0, request=req, model=mc.name)
+
+
+class _Search:
+    """``fit_budget``'s predictions for the candidates of one request, each made once: stage 1 per part group,
+    dtype and layout (the layout decided per cut and compute dtype), training per candidate, generation per cut
+    and precision. ``evaluated``: the candidates whose training step was predicted, in order."""
+
+    def __init__(self, mc: ModelConfigs, req: PlanRequest, progress=None):
+        self.mc, self.req, self.progress = mc, req, progress
+        self.plain_optimizer = "adamw" if req.modes.in_backward else req.modes.optimizer
+        self.with_generation = mc.knows_generation
+        self.unet_params = sum(p.numel() for p in meta_unet(mc.unet).parameters())
+        self.evaluated: list[Candidate] = []
+        self._stage1: dict = {}
+        self._layouts: dict = {}  # (method, cut, compute dtype) -> stage 1's settled (layer_major, memory_budget)
+        self._generation: dict = {}
+
+    def fits(self, c: Candidate, budget: int) -> bool:
+        """Every stage of ``c`` fits ``budget``, the cheapest checks first (generation's precision set on ``c``)."""
+        if c.lower_bound > budget or self.front(c) > budget or self.train(c) > budget or self.pre(c) > budget:
+            return False
+        return self.generation(c, budget) is not None
+
+    def smallest(self, cands: list[Candidate]) -> tuple[Candidate, int]:
+        """The candidate of the smallest whole-run peak, and that peak (branch and bound on the lower bound)."""
+        best, best_peak = None, None
+        bound = lambda c: max(c.lower_bound, self.front(c))  # noqa: E731  (stage 1's first parts are cut-independent)
+        for c in sorted(cands, key=lambda c: (bound(c), c.lower_bound)):
+            if best_peak is not None and bound(c) >= best_peak:
+                break
+            peak = max(self.train(c), self.pre(c), self.generation(c, None))
+            if best_peak is None or peak < best_peak:
+                best, best_peak = c, peak
+        return best, best_peak
+
+    def stage1_part(self, r: PlanRequest, parts: tuple[str, ...]) -> int:
+        """One of stage 1's part groups for ``r`` (text encoder + VAE: the same for every cut; the U-Net part
+        per cut), cached per dtype and layout: the layout decision and the candidates' peaks share it."""
+        pcfg = r.precompute_config()
+        key = (parts, pcfg.precision, pcfg.layer_major, pcfg.memory_budget) + ((r.method, r.depth) if parts == PARTS[2:] else ())
+        if key not in self._stage1:
+            self._stage1[key] = predict_precompute(self.mc, r, parts=parts)["peak_bytes"]
+        return self._stage1[key]
+
+    def stage1_peak(self, r: PlanRequest) -> int:
+        return max(self.stage1_part(r, PARTS[:2]), self.stage1_part(r, PARTS[2:]))
+
+    def request(self, c: Candidate) -> PlanRequest:
+        """The request of candidate ``c``, stage 1's layout decided (``settle_stage1``, as ``hollownet train``)."""
+        req = self.req
+        modes = replace(req.modes, precision=c.precision, grad_checkpointing=c.grad_checkpointing,
+                        stream_weights=c.stream_weights, optimizer=IB if c.in_backward else self.plain_optimizer,
+                        compute_dtype=req.modes.compute_dtype if c.precision in QUANTIZED_PRECISIONS else None)
+        r = replace(req, method=c.method, depth=c.depth, hollow=None, hollow_blocks=None, modes=modes)
+        if modes.stage1_unsettled:  # decided once per what sample-major stage 1 depends on
+            key = (c.method, c.depth, modes.compute)
+            if key not in self._layouts:
+                self._layouts[key] = settle_stage1(self.mc, r, peak=self.stage1_peak)[0].modes.stage1
+            r = replace(r, modes=replace(modes, layer_major=self._layouts[key][0], memory_budget=self._layouts[key][1]))
+        return r
+
+    def train(self, c: Candidate) -> int:
+        if c.train_peak is None:
+            c.train_peak = predict_train(self.mc, self.request(c))[0].peak_bytes
+            self.evaluated.append(c)
+            if self.progress:
+                self.progress(c)
+        return c.train_peak
+
+    def front(self, c: Candidate) -> int:
+        """Stage 1's text encoder and VAE parts: the same for every cut (cached per dtype and layout)."""
+        return self.stage1_part(self.request(c), PARTS[:2])
+
+    def pre(self, c: Candidate) -> int:
+        c.precompute_peak = self.stage1_peak(self.request(c))
+        return c.precompute_peak
+
+    def generation_peak(self, c: Candidate, precision: str) -> int:
+        key = (c.method, c.depth, precision)
+        if key not in self._generation:
+            compute = self.req.modes.compute_dtype if precision in QUANTIZED_PRECISIONS else None
+            modes = Modes(precision=precision, compute_dtype=compute).on(self.req.device)
+            self._generation[key] = predict_generate(self.mc, replace(self.request(c), modes=modes), modes)["peak_bytes"]
+        return self._generation[key]
+
+    def generation(self, c: Candidate, limit: int | None) -> int | None:
+        """The best-fidelity generation precision whose peak fits ``limit`` (None: the smallest), set on ``c``."""
+        if not self.with_generation:
+            return 0
+        for precision in GENERATE_PRECISIONS if limit is not None else GENERATE_PRECISIONS[-1:]:
+            if limit is not None and self.unet_params * _MIN_BYTES_PER_WEIGHT[precision] > limit:
+                continue  # its U-Net weights alone are over
+            peak = self.generation_peak(c, precision)
+            if limit is None or peak <= limit:
+                c.generate_precision, c.generate_peak = precision, peak
+                return peak
+        return None
 
 
 class BudgetError(HollownetError):
