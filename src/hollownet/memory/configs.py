@@ -100,7 +100,7 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
     mc.text_len = int(tok.get("model_max_length", max_pos))
     if mc.text_len > max_pos:  # tokenizers without a limit store a huge sentinel
         mc.text_len = max_pos
-    for part, cfg in (("text encoder", mc.text_encoder), ("VAE", mc.vae)):
-        if cfg is None:
+    for part, known in (("text encoder", None not in mc.text_configs.values()), ("VAE", mc.vae is not None)):
+        if not known:
             mc.notes.append(f"stage 1: no usable {part} config in '{path}'; that part is not modelled")
     return mc

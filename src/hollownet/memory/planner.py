@@ -48,7 +48,7 @@ from hollownet.memory.configs import ModelConfigs, load_model_configs
 from hollownet.memory.fake import request_cut
 from hollownet.memory.predict import param_info, predict_generate, predict_inference, predict_train
 from hollownet.memory.report import MemoryPlan
-from hollownet.memory.stage1 import predict_precompute
+from hollownet.memory.stage1 import plan_stage1
 from hollownet.requests import PlanRequest
 from hollownet.settings import LOW_MEMORY_STAGE1_BUDGET, Modes
 
@@ -68,7 +68,7 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference",
     else:
         skeleton = meta_unet(mc.unet)
         info = param_info(mc, req, request_cut(skeleton, req, rank=req.rank), None)
-    pre = predict_precompute(mc, req) if "precompute" in stages else None
+    pre = plan_stage1(mc, req) if "precompute" in stages else None
     if pre is not None and req.modes.stage1_unsettled and not pre.get("layer_major"):
         mc.notes.append(f"stage 1: sample-major, as its peak fits the {LOW_MEMORY_STAGE1_BUDGET} a low-memory run's "
                         "layer-major stage 1 would fill (--layer-major to run it layer-major anyway)")

@@ -38,6 +38,15 @@ def settle_stage1(mc: ModelConfigs, req: PlanRequest, peak=None) -> tuple[PlanRe
     return replace(req, modes=replace(req.modes, layer_major=True, memory_budget=LOW_MEMORY_STAGE1_BUDGET)), pred
 
 
+def plan_stage1(mc: ModelConfigs, req: PlanRequest) -> dict:
+    """Stage 1 as ``hollownet train`` runs it for ``req``: its layout decided first (:func:`settle_stage1`, which
+    ``workflow`` calls before stage 1 starts and passes down in ``PrecomputeConfig.modes``), then predicted."""
+    settled, sample_major = settle_stage1(mc, req)
+    if sample_major is not None and not settled.modes.layer_major:
+        return sample_major  # the decision's own prediction: this one
+    return predict_precompute(mc, settled)
+
+
 def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
     """Stage 1's peak, part by part, as ``run_precompute`` measures it (``PartMeter.summary``): stage 1's
     own steps (``encoders``, ``precompute.make_shard``) on fake weights.
@@ -46,11 +55,9 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     The U-Net part runs ``make_shard`` on the first shard, chunk by chunk, exactly as stage 1 does.
     """
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    req, sample_major = settle_stage1(mc, req)
-    if sample_major is not None and not req.modes.layer_major and parts == PARTS:
-        return sample_major  # the decision's own prediction: this one
+    if req.modes.stage1_unsettled:  # else PrecomputeConfig would take layer-major, which a run may not
+        raise ValueError("stage 1's layout is not decided: predict settle_stage1's request (plan_stage1 does)")
     pcfg = req.precompute_config()  # stage 1's own validation and defaults
     if pcfg.layer_major:
         return predict_precompute_layer_major(mc, req, parts)
@@ -58,21 +65,8 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
     meter = PartMeter(True, pcfg.device)
     n_photos = req.photos + req.class_photos
     h, w = latent_size(mc, req.resolution)
-    if mc.text_encoder is not None and mc.text_encoder_2 is not None and "text encoder" in parts:  # families.SDXL
-        for part, config, cls in (("text encoder", mc.text_encoder, CLIPTextModel),
-                                  ("text encoder 2", mc.text_encoder_2, CLIPTextModelWithProjection)):
-            with torch.device("meta"):
-                encoder = cls(CLIPTextConfig(**config))
-            with fake_mode():
-                materialize(encoder.eval(), dtype, persistent_only=False)
-                E.embed_penultimate(encoder, torch.zeros(req.prompts, mc.text_len, dtype=torch.long), pcfg.device, meter,
-                                    part=part)
-    elif mc.text_encoder is not None and "text encoder" in parts:  # precompute.embed_prompts
-        with torch.device("meta"):
-            encoder = CLIPTextModel(CLIPTextConfig(**mc.text_encoder))
-        with fake_mode():
-            materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
-            E.embed(encoder, torch.zeros(req.prompts, mc.text_len, dtype=torch.long), pcfg.device, meter)
+    if "text encoder" in parts and None not in mc.text_configs.values():  # precompute.embed_prompts
+        _predict_text(mc, req.prompts, dtype, pcfg.device, meter)
     if mc.vae is not None and "VAE encoder" in parts:  # precompute.encode_photos (no decoder, no post_quant_conv)
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(mc.vae)
@@ -100,6 +94,27 @@ def predict_precompute(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...
             make_shard(table[: pcfg.shard_size], latents, embeds, scheduler, unet, plan, dtype, pcfg,
                        cond=sample_conditioning(mc, embeds, n_photos))
     return _summary(meter)
+
+
+def _predict_text(mc: ModelConfigs, prompts: int, dtype, device, meter: PartMeter) -> None:
+    """Stage 1's text encoder part(s): the family's own ``encode_with`` (what stage 1's ``encode_prompts`` runs),
+    each encoder built as the family loads it and given fake weights when it loads."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # lazily: seconds to import
+
+    family = family_of_config(mc.unet)
+    with torch.device("meta"):
+        built = {folder: (CLIPTextModelWithProjection if family.pools(folder) else CLIPTextModel)(CLIPTextConfig(**config))
+                 for folder, config in mc.text_configs.items()}
+
+    def load(folder: str, cls):
+        encoder = built.pop(folder)  # dropped by encode_with after use, as stage 1 drops each encoder
+        if type(encoder) is not cls:
+            raise TypeError(f"{folder}: the family loads a {cls.__name__}, the planner built a {type(encoder).__name__}")
+        materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
+        return encoder
+
+    with fake_mode():
+        family.encode_with(load, lambda tokenizer: torch.zeros(prompts, mc.text_len, dtype=torch.long), device, meter)
 
 
 def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
