@@ -212,3 +212,13 @@ def test_candidates_and_lower_bounds_sd21():
     assert paper["bf16", False, False].lower_bound > paper["int8", False, False].lower_bound > paper["nf4", False, False].lower_bound
     assert paper["nf4", False, False].lower_bound > paper["fp32", True, False].lower_bound > paper["fp32", True, True].lower_bound
     assert paper["fp32", True, True].flags()[1:] == ["--precision fp32", "--stream-weights", "--optimizer adamw-in-backward"]
+
+
+def test_stage1_is_predicted_only_with_its_layout_decided():
+    """A low-memory run's stage-1 layout is ``settle_stage1``'s decision (``hollownet train`` takes it before stage 1
+    starts): predicting stage 1 without it would silently take ``PrecomputeConfig``'s layer-major default."""
+    mc = load_model_configs("sd21")
+    req = PlanRequest(model="sd21", modes=Modes(precision="nf4"))
+    assert req.modes.stage1_unsettled
+    with pytest.raises(ValueError, match="not decided"):
+        stage1.predict_precompute(mc, req)
