@@ -260,7 +260,7 @@ def sd21_parts(resolution: int, rank: int):
 
     from hollownet.builder import lora_outside
     from hollownet.cut import make_plan, meta_unet
-    from hollownet.memory.planner import load_model_configs
+    from hollownet.memory.configs import load_model_configs
     from hollownet.stages import generate as G
     from hollownet.loading import vae_scale_factor
 
@@ -289,7 +289,7 @@ def toy_parts(rank: int):
     from hollownet.builder import lora_outside
     from hollownet.cut import make_plan, meta_unet
     from hollownet.loading import vae_scale_factor
-    from hollownet.memory.planner import load_model_configs
+    from hollownet.memory.configs import load_model_configs
     from hollownet.stages import generate as G
     from hollownet.toy import model_dir
 

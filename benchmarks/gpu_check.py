@@ -7,7 +7,7 @@
 Per architecture (random weights: no download; the bundled SD 2.1 / SDXL configs), batch 1:
 
 * **training** (stage 2), LoRA FT and Hollowed Net in fp32, bf16 + gradient checkpointing, int8, nf4
-  (+ AdamW in backward) and streamed weights: the planner's prediction (``planner.predict_train``, fake
+  (+ AdamW in backward) and streamed weights: the planner's prediction (``P.predict_train``, fake
   tensors), the tracker's exact tensor bytes of the same step on the device (``MemoryTracker``, as
   ``hollownet train`` records them), ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` of
   that step (what the allocator really took: its rounding, cuBLAS workspaces), and seconds per step
@@ -53,7 +53,8 @@ from hollownet.builder import add_lora  # noqa: E402
 from hollownet.cut import meta_unet, resolve_plan  # noqa: E402
 from hollownet.loading import vae_scale_factor  # noqa: E402
 from hollownet.lowmem.stream import RandomSource  # noqa: E402
-from hollownet.memory import planner  # noqa: E402
+from hollownet.memory import predict as P  # noqa: E402
+from hollownet.memory.configs import load_model_configs  # noqa: E402
 from hollownet.memory.tracker import MemoryTracker, PartMeter  # noqa: E402
 from hollownet.optimizers import make_optimizer  # noqa: E402
 from hollownet.requests import PlanRequest  # noqa: E402
@@ -159,10 +160,10 @@ def plan_request(arch: Arch, settings: dict, device: str, **kw) -> PlanRequest:
 def predict(kind: str, req: PlanRequest) -> int:
     """The planner's peak for a cell (runs in a worker process: fake tensors, CPU only)."""
     torch.set_num_threads(1)
-    mc = planner.load_model_configs(req.model)
+    mc = load_model_configs(req.model)
     if kind == "train":
-        return planner.predict_train(mc, req)[0].peak_bytes
-    return planner.predict_generate(mc, req)["peak_bytes"]
+        return P.predict_train(mc, req)[0].peak_bytes
+    return P.predict_generate(mc, req)["peak_bytes"]
 
 
 # ------------------------------------------------------------------------------------ training
@@ -172,7 +173,7 @@ def train_cell(arch: Arch, settings: dict, device: str, steps: int) -> dict:
     """Build the network from random weights on ``device``; a warm-up step, the measured step (tracker +
     allocator), then ``steps`` timed steps: the trainer's own ``train_step``."""
     req = plan_request(arch, settings, device)
-    mc = planner.load_model_configs(arch.model)
+    mc = load_model_configs(arch.model)
     skeleton = meta_unet(mc.unet)
     plan = resolve_plan(skeleton, rank=req.rank, lora_targets=tuple(req.lora_targets)) if req.method == "hollow" else None
     cfg = replace(req.train_config(), device=device)
@@ -181,9 +182,9 @@ def train_cell(arch: Arch, settings: dict, device: str, steps: int) -> dict:
     t0 = time.perf_counter()
     net = cfg.network(mc.unet, RandomSource.for_module(skeleton), plan.hollow_blocks if plan else None)
     build_s = time.perf_counter() - t0
-    shapes = planner.train_batch_shapes(mc.unet, plan, arch.resolution, req.per_step, mc.text_len, mc.text_dim,
+    shapes = P.train_batch_shapes(mc.unet, plan, arch.resolution, req.per_step, mc.text_len, mc.text_dim,
                                         req.prompts, vae_scale_factor(mc.vae), mc.added_cond)
-    batch, embeds = planner.make_train_batch(shapes, net.dtype, torch.Generator().manual_seed(0))
+    batch, embeds = P.make_train_batch(shapes, net.dtype, torch.Generator().manual_seed(0))
     optimizer = make_optimizer(net.params, cfg.modes.optimizer, cfg.lr, cfg.max_grad_norm)
     net.unet.train()
     train_step(net, batch, embeds, optimizer, cfg)  # warm-up: AdamW's state, the allocator's pools, kernels
@@ -211,8 +212,8 @@ def train_cell(arch: Arch, settings: dict, device: str, steps: int) -> dict:
 def generation_parts(arch: Arch, req: PlanRequest, device: str):
     """The planner's generation parts for ``req`` (the same construction), made real: random weights on
     ``device`` and a random LoRA (B small, not zero: the LoRA path computes as a trained one would)."""
-    mc = planner.load_model_configs(arch.model)
-    fake, cut = planner.generation_parts(mc, req)
+    mc = load_model_configs(arch.model)
+    fake, cut = P.generation_parts(mc, req)
     sources = {k: RandomSource(fake.source(k).shapes) for k in ("unet", "vae", *mc.text_configs)}
     lora = fake.lora
     if lora is not None:
@@ -234,7 +235,7 @@ def generate_cell(arch: Arch, precision: str, merged: bool, device: str) -> dict
     reset_peaks(device)
     base = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
     meter = PartMeter(True, device)
-    G.generate(parts, cut, meter=meter, run_steps=planner.GENERATE_PREDICT_STEPS, **run)
+    G.generate(parts, cut, meter=meter, run_steps=P.GENERATE_PREDICT_STEPS, **run)
     sync(device)
     peaks = allocator_peaks(device, base)
     t0 = time.perf_counter()

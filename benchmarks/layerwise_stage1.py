@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from hollownet import encoders as E  # noqa: E402
 from hollownet.lowmem import layerwise as LW  # noqa: E402
-from hollownet.memory.tracker import PartMeter, format_bytes, parse_size  # noqa: E402
+from hollownet.memory.sizes import format_bytes, parse_size  # noqa: E402
+from hollownet.memory.tracker import PartMeter  # noqa: E402
 from hollownet.cut import CONFIG_DIR, load_unet_config, make_plan, meta_unet  # noqa: E402
 from hollownet.stages.precompute import PrecomputeConfig, kept_up_modules, make_shard, run_precompute, sample_table  # noqa: E402
 

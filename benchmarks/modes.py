@@ -9,7 +9,7 @@ or ``adamw-in-backward`` (per-parameter AdamW step inside backward, gradients fr
     on to_q/to_k/to_v/to_out.0, the paper's cut, measured with ``MemoryTracker`` under
     ``FakeTensorMode``: the trainer's own construction (``builder.build_unet`` from a
     ``FakeSource``: shapes only; quantization runs on fake tensors) and its own ``train_step``, the
-    measured step being a run's second (AdamW's state resident): the run's peak (``planner.predict_step``).
+    measured step being a run's second (AdamW's state resident): the run's peak (``memory.predict.predict_step``).
     Beside it, stage 1's predicted peak, layer-major (``layerwise.predict_peak``, another module's
     planner) at the given budgets, for the whole-run figure (max of the two stages).
 (b) **Relative output error** of the hollowed network (kept layers, stored hollow output) against
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from hollownet import unet_split as H  # noqa: E402
-from hollownet.memory.planner import make_train_batch, predict_step, train_batch_shapes  # noqa: E402
+from hollownet.memory.predict import make_train_batch, predict_step, train_batch_shapes  # noqa: E402
 from hollownet.cut import load_unet_config, make_plan, meta_unet  # noqa: E402
 from hollownet.loading import return_freed_memory_promptly  # noqa: E402
 from hollownet.lowmem import quant  # noqa: E402
@@ -106,7 +106,7 @@ def synthetic_batch(unet_config: dict, plan, resolution: int, batch: int, dtype,
 
 
 def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution: int, text_dim: int | None = None) -> dict:
-    """The measured (second) training step's peak under FakeTensorMode (``planner.predict_step``)."""
+    """The measured (second) training step's peak under FakeTensorMode (``memory.predict.predict_step``)."""
     t0 = time.perf_counter()
     r, info = predict_step(unet_config, _config(settings, rank), resolution=resolution, text_dim=text_dim)
     return dict(peak_bytes=r.peak_bytes, peak_gib=round(r.peak_bytes / GiB, 4), peak_phase=r.peak_phase,
@@ -115,7 +115,9 @@ def fake_stage2_peak(unet_config: dict, settings: dict, *, rank: int, resolution
 
 def stage1_peaks(model: str, resolution: int, budgets: list[str], samples: int, photos: int) -> dict:
     """Layer-major stage 1's predicted peak in fp32 per budget (``memplan.predict_precompute_layer_major``)."""
-    from hollownet.memory.planner import PlanRequest, load_model_configs, predict_precompute_layer_major
+    from hollownet.memory.configs import load_model_configs
+    from hollownet.memory.stage1 import predict_precompute_layer_major
+    from hollownet.requests import PlanRequest
 
     mc = load_model_configs(model)
     out = {}
@@ -305,7 +307,7 @@ class RssSampler:
 
 def measure_real(model_dir: Path, label: str, *, rank: int, resolution: int) -> dict:
     """Two real training steps on real (random) weights, the second measured with ``MemoryTracker``,
-    against ``planner.predict_step`` for the same settings; plus this process's peak RSS.
+    against ``memory.predict.predict_step`` for the same settings; plus this process's peak RSS.
 
     Run one mode per process (``--measure-real LABEL``): RSS is the process's high-water mark.
     """

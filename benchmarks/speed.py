@@ -73,7 +73,7 @@ def trained_model(mc, method: str, rank: int, precision: str, device: str):
 
 
 def store_batch(mc, plan, resolution: int, batch: int, dtype, device) -> dict:
-    from hollownet.memory.planner import hollow_out_shape, latent_size
+    from hollownet.memory.fake import hollow_out_shape, latent_size
 
     h, w = latent_size(mc, resolution)
     c = mc.unet.get("in_channels", 4)
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hollownet.memory.planner import load_model_configs
+    from hollownet.memory.configs import load_model_configs
     from hollownet.settings import Modes, torch_dtype
     from hollownet.stages.train import TrainConfig
 

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from hollownet.memory.planner import load_model_configs, predict_many
+    from hollownet.memory.configs import load_model_configs
+    from hollownet.memory.planner import predict_many
     from hollownet.cut import all_plans, default_depth, lora_size, lora_target_modules, meta_unet
 
     names = [s.strip() for s in args.settings.split(",") if s.strip()]

@@ -23,7 +23,8 @@ from hollownet.cli import build_parser, main
 from hollownet.errors import HollownetError
 from hollownet.evaluation import bench as B
 from hollownet.executor import PROCESS_OVERHEAD, Executor, Job, Outcome
-from hollownet.memory.planner import PlanRequest, plan_memory
+from hollownet.memory.planner import plan_memory
+from hollownet.requests import PlanRequest
 from hollownet.trainmany import job_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

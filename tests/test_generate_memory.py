@@ -63,7 +63,8 @@ def test_generate_peak_equals_its_plan(tiny_model, lora, tmp_path, capsys, flags
 
 def test_more_images_cost_only_their_latents(tiny_model):
     """The run's peak grows with the number of images by the latents waiting for the decoder, nothing else."""
-    from hollownet.memory.planner import load_model_configs, predict_generate
+    from hollownet.memory.configs import load_model_configs
+    from hollownet.memory.predict import predict_generate
     from hollownet.requests import PlanRequest
 
     mc = load_model_configs(str(tiny_model))

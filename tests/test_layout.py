@@ -142,8 +142,7 @@ def test_scanner_sees_cycles_and_reasons(tmp_path):
 MAX_LINES, MAX_PARAMS = 80, 10
 WIDE = {
     "cli.py:build_parser": "argparse's tree of every subcommand and flag, declared flat in one place",
-    "memory/planner.py:fit_budget": "the budget search, to be split with memory/planner.py (issue 24, another slice)",
-    "stages/generate.py:generate": "the planner calls it with these keywords (memory/planner.py, being split elsewhere)",
+    "stages/generate.py:generate": "generation and the planner (memory/predict.py) call it with these keywords; next: a settings object",
 }
 WIDE_MARK = re.compile(r"#\s*wide:\s*\S")
 

@@ -14,18 +14,14 @@ import pytest
 from hollownet.cli import main
 from hollownet.devices import default_compute_dtype
 from hollownet.errors import HollownetError
-from hollownet.memory import planner
-from hollownet.memory.planner import (
-    GiB,
-    PlanRequest,
-    candidates,
-    fit_budget,
-    hollow_out_shape,
-    load_model_configs,
-    plan_memory,
-)
+from hollownet.memory import stage1
+from hollownet.memory.budget import candidates, fit_budget
+from hollownet.memory.configs import load_model_configs
+from hollownet.memory.fake import hollow_out_shape
+from hollownet.memory.planner import plan_memory
+from hollownet.requests import PlanRequest
 from hollownet.cut import make_plan, meta_unet
-from hollownet.memory.tracker import parse_size
+from hollownet.memory.sizes import GiB, parse_size
 from hollownet.settings import Modes
 
 RES = 64
@@ -116,7 +112,7 @@ def test_low_memory_run_equals_its_plan(tiny_model, dog_photos, tmp_path, capsys
     model's sample-major stage 1 fits the default layer-major budget (700 MiB), so it runs sample-major;
     below its peak (256 KiB) both run layer-major under that budget."""
     if budget is not None:
-        monkeypatch.setattr(planner, "LOW_MEMORY_STAGE1_BUDGET", budget)
+        monkeypatch.setattr(stage1, "LOW_MEMORY_STAGE1_BUDGET", budget)
     rc = main(["train", "--model", str(tiny_model), "--images", str(dog_photos), "--prompt", "a photo of sks dog",
                "--output", str(tmp_path / "run"), "--steps", "2", "--resolution", str(RES), "--rank", str(RANK),
                "--checkpoint-every", "0", "--device", "cpu", *flags])
@@ -216,3 +212,13 @@ def test_candidates_and_lower_bounds_sd21():
     assert paper["bf16", False, False].lower_bound > paper["int8", False, False].lower_bound > paper["nf4", False, False].lower_bound
     assert paper["nf4", False, False].lower_bound > paper["fp32", True, False].lower_bound > paper["fp32", True, True].lower_bound
     assert paper["fp32", True, True].flags()[1:] == ["--precision fp32", "--stream-weights", "--optimizer adamw-in-backward"]
+
+
+def test_stage1_is_predicted_only_with_its_layout_decided():
+    """A low-memory run's stage-1 layout is ``settle_stage1``'s decision (``hollownet train`` takes it before stage 1
+    starts): predicting stage 1 without it would silently take ``PrecomputeConfig``'s layer-major default."""
+    mc = load_model_configs("sd21")
+    req = PlanRequest(model="sd21", modes=Modes(precision="nf4"))
+    assert req.modes.stage1_unsettled
+    with pytest.raises(ValueError, match="not decided"):
+        stage1.predict_precompute(mc, req)

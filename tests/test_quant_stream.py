@@ -18,7 +18,7 @@ from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.stages.export import LORA_FILE
 from hollownet.memory.tracker import MemoryTracker
-from hollownet.memory.planner import make_train_batch, predict_step, train_batch_shapes
+from hollownet.memory.predict import make_train_batch, predict_step, train_batch_shapes
 from hollownet.cut import make_plan, meta_unet
 from hollownet.lowmem.quant import (NF4_LEVELS, QuantConv2d, QuantLinear, dequantize_nf4, frozen_weight_bytes,
                                     quantize_nf4, relative_error)

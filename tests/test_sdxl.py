@@ -296,7 +296,8 @@ def test_base_model_images_are_stable_diffusion_xl_pipelines(sdxl_model, tmp_pat
 def test_generation_peak_equals_its_plan(run, sdxl_model, tmp_path, precision):
     """``hollownet plan`` predicts SDXL generation (both encoders, two-path with the added inputs, the VAE in fp32
     for fp16) to the byte, part by part: generate's own code on fake parts."""
-    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.memory.planner import plan_memory
+    from hollownet.requests import PlanRequest
     from hollownet.settings import Modes
 
     record = run_generate(GenerateConfig(model=str(sdxl_model), lora=str(run), prompt=PROMPT, output=str(tmp_path),
@@ -322,7 +323,8 @@ def test_generate_two_path_and_merged(run, sdxl_model, tmp_path, merged):
 def test_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path, method):
     """``hollownet plan`` on an SDXL folder (both text encoders, the added inputs in stage 1 and 2) against a
     real stage 1 + 2 training steps with exact memory tracking: the same bytes, part by part."""
-    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.memory.planner import plan_memory
+    from hollownet.requests import PlanRequest
     from hollownet.stages.precompute import PrecomputeConfig, run_precompute
     from hollownet.stages.train import run_train
 
@@ -342,7 +344,8 @@ def test_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path, method):
 def test_bench_inference_peak_equals_the_plan(sdxl_model):
     """The bench's measured inference peak (one U-Net step with SDXL's added inputs) is the planner's prediction."""
     from hollownet.evaluation.bench import measure_inference_peak
-    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.memory.planner import plan_memory
+    from hollownet.requests import PlanRequest
 
     measured = measure_inference_peak(sdxl_model, resolution=RES)
     plan = plan_memory(PlanRequest(model=str(sdxl_model), resolution=RES), stages=("inference",))
@@ -370,7 +373,8 @@ def test_layer_major_stage1_writes_the_same_store(run, sdxl_model, photos, tmp_p
 @pytest.mark.parametrize("layer_major", [False, True])
 def test_fp16_stage1_plan_counts_the_vae_in_fp32(sdxl_model, photos, tmp_path, layer_major):
     """An fp16 stage 1 runs SDXL's VAE in fp32 (it overflows in fp16): the plan counts it so, part by part."""
-    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.memory.planner import plan_memory
+    from hollownet.requests import PlanRequest
     from hollownet.settings import Modes
     from hollownet.stages.precompute import PrecomputeConfig, run_precompute
 
@@ -392,7 +396,8 @@ def test_fp16_stage1_plan_counts_the_vae_in_fp32(sdxl_model, photos, tmp_path, l
 def test_layer_major_plan_equals_the_measured_peaks(sdxl_model, photos, tmp_path):
     """``hollownet plan`` of a layer-major stage 1 on an SDXL folder (both encoders through lowmem/sdxl_text.py,
     the U-Net with its added inputs) against the real run, layer by layer grouped by part: the same bytes."""
-    from hollownet.memory.planner import PlanRequest, plan_memory
+    from hollownet.memory.planner import plan_memory
+    from hollownet.requests import PlanRequest
     from hollownet.settings import Modes
     from hollownet.stages.precompute import PrecomputeConfig, run_precompute
 

@@ -20,6 +20,7 @@ import warnings
 
 from hollownet.app import add_app_parser, cmd_app
 from hollownet.errors import HollownetError
+from hollownet.memory.sizes import SIZE_HELP
 from hollownet.paths import preflight_paths
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import (ALL_OPTIMIZERS, COMPUTE_DTYPE_HELP, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS,
@@ -29,8 +30,6 @@ from hollownet.settings import (ALL_OPTIMIZERS, COMPUTE_DTYPE_HELP, FLOAT_PRECIS
 from hollownet.toy import is_toy
 from hollownet.trainmany import add_executor_flags, add_train_many_parser, cmd_train_many, executor_from_args
 
-# memory.tracker.SIZE_HELP, written out: importing the tracker loads torch (tests/test_cli.py checks they agree)
-SIZE_HELP = "a size: 2GB (10^9 bytes), 1.5GiB or 1.5G (2^30 bytes), 800MiB, or a number of bytes"
 
 
 def _default(cls, name: str):
@@ -415,8 +414,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from hollownet.memory.planner import fit_budget, plan_memory  # lazy
-    from hollownet.memory.tracker import parse_size  # lazy
+    from hollownet.memory.budget import fit_budget  # lazy
+    from hollownet.memory.planner import plan_memory  # lazy
+    from hollownet.memory.sizes import parse_size  # lazy
 
     req = _request(PlanRequest, args)
     if args.budget:

@@ -22,7 +22,7 @@ from torch._subclasses import FakeTensorMode
 from hollownet.builder import add_lora, init_lora
 from hollownet.dit_cut import SD3_TEXT_TOKENS, meta_transformer, suffix_lora_targets
 from hollownet.dit_split import Prefix, num_blocks, prefix_modules, run_prefix, run_suffix, suffix_modules
-from hollownet.memory.planner import materialize
+from hollownet.memory.fake import materialize
 from hollownet.memory.tracker import MemoryReport, MemoryTracker
 
 

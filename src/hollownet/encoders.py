@@ -2,7 +2,7 @@
 
 The sample-major stage 1 (``stages/precompute.py``), the layer-major one (``lowmem/layerwise.py``,
 which runs the models layer by layer but samples the posterior here) and the planner
-(``memory/planner.py``, on fake tensors) all call these: one computation, measured one way.
+(``memory/stage1.py``, on fake tensors) all call these: one computation, measured one way.
 """
 
 from __future__ import annotations

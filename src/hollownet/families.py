@@ -83,11 +83,20 @@ class Family:
         return getattr(diffusers, self.pipeline)
 
     def encode_prompts(self, model_dir: Path, prompts: list[str], dtype, device, meter: PartMeter) -> dict[str, torch.Tensor]:
-        """``{"embeds": [P, L, D]}``: exactly what ``StableDiffusionPipeline.encode_prompt`` computes, fp32 on the CPU."""
+        """The prompt tensors of :meth:`encode_with`, from the model's files."""
+        def load(folder: str, cls) -> nn.Module:
+            return cls.from_pretrained(model_dir / folder, dtype=dtype).to(device).eval()
+
+        return self.encode_with(load, lambda tokenizer: E.prompt_ids(model_dir, prompts, tokenizer), device, meter)
+
+    def encode_with(self, load, ids, device, meter: PartMeter) -> dict[str, torch.Tensor]:
+        """``{"embeds": [P, L, D]}``: exactly what ``StableDiffusionPipeline.encode_prompt`` computes, fp32 on the CPU.
+        ``load(folder, cls)``: the encoder, loaded; ``ids(tokenizer folder)``: the prompts' token ids. Stage 1 loads
+        from files (:meth:`encode_prompts`), the planner fake weights (``memory/stage1.py``): one computation."""
         from transformers import CLIPTextModel  # lazily: see pipeline_class
 
-        encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-        embeds = E.embed(encoder, E.prompt_ids(model_dir, prompts), device, meter)
+        encoder = load("text_encoder", CLIPTextModel)
+        embeds = E.embed(encoder, ids("tokenizer"), device, meter)
         del encoder
         return {"embeds": embeds}
 
@@ -163,7 +172,7 @@ class SDXL(Family):
     def sample_keys(self) -> tuple[str, ...]:
         return ADDED_COND_KEYS
 
-    def encode_prompts(self, model_dir, prompts, dtype, device, meter):
+    def encode_with(self, load, ids, device, meter):
         """``{"embeds": [P, L, D1 + D2], "text_embeds": [P, Dp]}``, as ``StableDiffusionXLPipeline.encode_prompt``
         (clip_skip None): each encoder's penultimate hidden state, concatenated; encoder 2's pooled projection."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection  # lazily: see pipeline_class
@@ -171,14 +180,13 @@ class SDXL(Family):
         states, pooled = [], None
         for folder, tokenizer, cls in (("text_encoder", "tokenizer", CLIPTextModel),
                                        ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
-            encoder = cls.from_pretrained(model_dir / folder, dtype=dtype).to(device).eval()
-            hidden, proj = E.embed_penultimate(encoder, E.prompt_ids(model_dir, prompts, tokenizer), device, meter,
-                                               part=folder.replace("_", " "))
+            encoder = load(folder, cls)
+            hidden, proj = E.embed_penultimate(encoder, ids(tokenizer), device, meter, part=folder.replace("_", " "))
             states.append(hidden)
             pooled = proj if proj is not None else pooled
             del encoder
         if pooled is None:
-            raise HollownetError(f"'{model_dir / 'text_encoder_2'}' gives no pooled projection: SDXL needs a "
+            raise HollownetError("the model's text_encoder_2 gives no pooled projection: SDXL needs a "
                                  "CLIPTextModelWithProjection there")
         return {"embeds": torch.cat(states, dim=-1), "text_embeds": pooled}
 

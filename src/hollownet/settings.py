@@ -5,7 +5,7 @@ original, unquantized weights, so it needs a float dtype: the precision itself, 
 dtype those weights are computed in. And a run that asks for a low-memory stage 2 (quantized or
 streamed frozen weights) should not spend more memory in stage 1 than in stage 2: by default its
 stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET`, unless sample-major fits that budget
-(``memory.planner.settle_stage1`` decides, for ``hollownet train`` and ``hollownet plan`` alike).
+(``memory.stage1.settle_stage1`` decides, for ``hollownet train`` and ``hollownet plan`` alike).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class Modes:
         """``(layer_major, memory_budget)`` of stage 1: what was asked, else by the mode. A budget only
         means something layer-major; a low-memory stage 2 should not spend more in stage 1, so its
         stage 1 runs layer-major under :data:`LOW_MEMORY_STAGE1_BUDGET` (where sample-major would
-        need more: :attr:`stage1_unsettled`, and ``memory.planner.settle_stage1``)."""
+        need more: :attr:`stage1_unsettled`, and ``memory.stage1.settle_stage1``)."""
         if self.layer_major is None:
             if self.memory_budget is not None:
                 return True, self.memory_budget

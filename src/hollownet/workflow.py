@@ -16,8 +16,9 @@ from hollownet.errors import HollownetError
 from hollownet.families import folder_family
 from hollownet.loading import resolve_model_dir
 from hollownet.lock import output_lock
-from hollownet.memory.planner import load_model_configs, settle_stage1
-from hollownet.memory.tracker import format_bytes
+from hollownet.memory.configs import load_model_configs
+from hollownet.memory.sizes import format_bytes
+from hollownet.memory.stage1 import settle_stage1
 from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import Modes, model_defaults
@@ -42,7 +43,7 @@ def shared_fields(cls, source, **given):
 
 def settled_modes(req: TrainRequest) -> Modes:
     """The run's modes with stage 1's layout decided as ``hollownet plan`` decides it with the same flags
-    (``planner.settle_stage1``: a low-memory run's stage 1 is layer-major only where sample-major would need more)."""
+    (``stage1.settle_stage1``: a low-memory run's stage 1 is layer-major only where sample-major would need more)."""
     if not req.modes.stage1_unsettled:
         return req.modes
     model_dir = resolve_model_dir(req.model)

@@ -18,8 +18,10 @@ from hollownet.settings import Modes
 from hollownet.app.jobs import DONE, Job, Jobs, generate_work, one_line_error, train_request, train_work
 from hollownet.checks import check_generate_prompt, check_photo_folder, preflight_train
 from hollownet.photos import IMAGE_EXTENSIONS, PhotoError, list_photos, load_photo
-from hollownet.memory.planner import PlanRequest, fit_budget, plan_memory
-from hollownet.memory.tracker import format_bytes, parse_size
+from hollownet.memory.budget import fit_budget
+from hollownet.memory.planner import plan_memory
+from hollownet.memory.sizes import format_bytes, parse_size
+from hollownet.requests import PlanRequest
 from hollownet.settings import model_defaults
 from hollownet.toy import NAME as TOY
 

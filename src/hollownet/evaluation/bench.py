@@ -14,7 +14,7 @@ Outputs (all under ``--output``)
     output; its pre-compute store is deleted after the cell unless ``keep="all"``) and ``images/``
     (PNGs + manifest.json); ``keep="results"`` deletes both and keeps only result.json.
 ``inference_memory.json``  the inference reference for "vs inference": predicted by
-    :func:`hollownet.memory.planner.predict_inference` (fake tensors, no weights loaded), else measured
+    :func:`hollownet.memory.predict.predict_inference` (fake tensors, no weights loaded), else measured
     once with :class:`hollownet.memory.tracker.MemoryTracker` on the real model; the two agree to the
     byte on the tiny test model. Its ``source`` says which was used.
 ``summary.md`` / ``summary.json`` / ``summary.png`` / ``tradeoffs.png``  the aggregated table.
@@ -47,9 +47,10 @@ from hollownet.evaluation.specs import MethodSpec, parse_methods, parse_seeds
 from hollownet.families import added_cond_shapes
 from hollownet.executor import Executor, Job, job_memory
 from hollownet.loading import load_unet, model_fingerprint, release_memory, resolve_model_dir, vae_scale_factor
-from hollownet.memory import planner
-from hollownet.memory.planner import PlanRequest
+from hollownet.memory.configs import load_model_configs
+from hollownet.memory.predict import INFERENCE_DEFINITION, predict_inference
 from hollownet.memory.tracker import MemoryTracker
+from hollownet.requests import PlanRequest
 from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
@@ -496,13 +497,13 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
 def predict_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", batch: int = 1) -> dict:
     """The same figure from ``hollownet.memory.planner`` (fake tensors: no weights loaded, seconds for SD)."""
     model_dir = resolve_model_dir(model)
-    mc = planner.load_model_configs(model_dir)
-    req = planner.PlanRequest(model=str(model_dir), resolution=resolution, modes=Modes(precision=precision))
-    report = planner.predict_inference(mc, req, batch=batch)
+    mc = load_model_configs(model_dir)
+    req = PlanRequest(model=str(model_dir), resolution=resolution, modes=Modes(precision=precision))
+    report = predict_inference(mc, req, batch=batch)
     return {
         "peak_bytes": report.peak_bytes,
         "weights_bytes": report.breakdown.get("weights"),
-        "source": (f"predicted by hollownet.memory.planner.predict_inference: {planner.INFERENCE_DEFINITION}"
+        "source": (f"predicted by hollownet.memory.planner (memory.predict.predict_inference): {INFERENCE_DEFINITION}"
                    f" (batch {batch}, {resolution} px, {precision})"),
         "batch": batch, "resolution": resolution, "precision": precision,
     }

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from hollownet.evaluation.metrics import METRICS
-from hollownet.memory.tracker import format_bytes
+from hollownet.memory.sizes import format_bytes
 from hollownet.toy.bench import TOY_METRICS
 
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "toy_subject": "toy subject",

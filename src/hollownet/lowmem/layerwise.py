@@ -64,7 +64,8 @@ from hollownet import unet_split as H
 from hollownet.errors import HollownetError
 from hollownet.files import disk_error
 from hollownet.loading import vae_scale_factor, weight_files
-from hollownet.memory.tracker import MemoryTracker, PartMeter, format_bytes
+from hollownet.memory.sizes import format_bytes
+from hollownet.memory.tracker import MemoryTracker, PartMeter
 from hollownet.unet_split import Step, mid_steps, seq
 
 #: Share of ``memory_budget`` that activation arrays kept in RAM may take; the rest is for the

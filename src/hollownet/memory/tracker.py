@@ -155,7 +155,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 import threading
 import weakref
 from contextlib import contextmanager
@@ -172,7 +171,7 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_leaves
 
-from hollownet.errors import HollownetError
+from hollownet.memory.sizes import format_bytes  # MemoryReport.format writes sizes
 
 __all__ = [
     "KINDS",
@@ -180,7 +179,6 @@ __all__ = [
     "MemoryReport",
     "MemoryTracker",
     "PartMeter",
-    "format_bytes",
     "measure_step",
 ]
 
@@ -189,10 +187,6 @@ KINDS: tuple[str, ...] = ("weights", "inputs", "gradients", "optimizer", "activa
 
 #: Phase label for moments outside every ``tracker.phase(...)`` block.
 NO_PHASE = "(none)"
-
-_KiB = 1024
-_MiB = 1024**2
-_GiB = 1024**3
 
 # Ops that wrap a tensor made outside the dispatcher (``torch.tensor(...)``):
 # their input is brand new, not pre-existing, so it must not be auto-discovered.
@@ -208,20 +202,6 @@ _LIFT_OPS = frozenset(
 _LIFT_OVERLOADS: frozenset = frozenset(
     getattr(packet, name) for packet in _LIFT_OPS for name in packet.overloads()
 )
-
-
-def format_bytes(n: int | float | None) -> str:
-    """Human-readable binary size: ``"4000 B"``, ``"3.91 KiB"``, ``"12.50 MiB"``, ``"1.25 GiB"``."""
-    if n is None:
-        return "n/a"
-    a = abs(n)
-    if a >= _GiB:
-        return f"{n / _GiB:.2f} GiB"
-    if a >= _MiB:
-        return f"{n / _MiB:.2f} MiB"
-    if a >= _KiB:
-        return f"{n / _KiB:.2f} KiB"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -967,27 +947,3 @@ class PartMeter:
         return {"peak_bytes": top.peak_bytes, "peak_phase": name, "breakdown": top.breakdown,
                 "cuda_max_allocated": max((r.cuda_max_allocated or 0) for r in self.parts.values()) or None,
                 "parts": {k: r.peak_bytes for k, r in self.parts.items()}}
-
-
-# ------------------------------------------------------------------------------------- sizes
-
-#: The one rule for sizes everywhere (``--budget``, ``--memory-budget``, JSON): SI units are powers of
-#: 1000 (``2GB`` = 2*10^9 bytes), IEC units powers of 1024 (``1.5GiB`` = 1.5*2^30), and the one-letter
-#: forms ``K M G T`` are binary as in ``free -g`` and docker's ``2g``. A bare number counts bytes.
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-SIZE_HELP = "a size: 2GB (10^9 bytes), 1.5GiB or 1.5G (2^30 bytes), 800MiB, or a number of bytes"
-
-
-def parse_size(value, what: str = "size") -> int:
-    """Bytes in ``value``: an int, or a string such as ``"800MiB"``, ``"2GB"``, ``"0.8G"`` (see :data:`SIZE_UNITS`)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in SIZE_UNITS:
-            raise HollownetError(f"{what} {value!r} is not {SIZE_HELP}")
-        n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise HollownetError(f"{what} {value!r} must be positive")
-    return n

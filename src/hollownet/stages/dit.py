@@ -36,6 +36,7 @@ from hollownet.dit_cut import PrefixPlan, k_for_fraction, load_transformer_confi
 from hollownet.dit_lora import add_suffix_lora, load_part, save_sd3_lora
 from hollownet.errors import HollownetError
 from hollownet.families import folder_family
+from hollownet.files import remove_stale_temps, save_json, save_tensors
 from hollownet.loading import model_fingerprint, release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.memory.tracker import MemoryTracker, PartMeter
 from hollownet.optimizers import make_optimizer
@@ -44,7 +45,7 @@ from hollownet.settings import torch_dtype
 from hollownet.stages.export import INFO_FILE
 from hollownet.stages.precompute import (PrecomputeConfig, PrecomputeResult, _photo_digest, encode_photos,
                                          photo_captions, sample_noise, save_part)
-from hollownet.stages.store import FORMAT, Store, remove_stale_temps, save_json, save_tensors
+from hollownet.stages.store import FORMAT, Store
 from hollownet.stages.train import (TrainConfig, TrainingStopped, TrainResult, batch_indices, checkpoint_settings,
                                     load_checkpoint, nan_loss_advice, save_checkpoint)
 

@@ -38,7 +38,8 @@ from hollownet.errors import HollownetError
 from hollownet.loading import (is_under, load_unet, model_fingerprint, prediction_type, read_tensors, release_memory,
                                resolve_model_dir, return_freed_memory_promptly, weight_files)
 from hollownet.lowmem import layerwise as LW
-from hollownet.memory.tracker import PartMeter, parse_size
+from hollownet.memory.sizes import parse_size
+from hollownet.memory.tracker import PartMeter
 from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
 from hollownet.stages.progress import LoggedBar, ProgressLog
 from hollownet.stages.store import FORMAT, Store, shard_name
