@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random-weight SD models saved in the real diffusers layout, real photos."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One intra-op thread for the whole suite, this process and every child (CLI runs, the app, Ray workers inherit the
+# environment): the tensors are tiny, and two OpenMP threads in each of several processes spin-wait against each
+# other on a 2-core machine (test_analyze's trained-LoRA test: 5 s alone, 177 s inside the suite). Set
+# OMP_NUM_THREADS to run it otherwise. Speed is measured by benchmarks/, never here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
 RES = 64  # tiny model: 64 px photos -> 8x8 latents
