@@ -119,22 +119,51 @@ def _flags(command: str) -> dict:
     return {a.dest: a for a in sub._actions if a.dest != "help"}
 
 
-@pytest.mark.parametrize("command", ["train", "plan"])
+def _request_class(command: str):
+    """The dataclass a subcommand's flags become (its request or stage config)."""
+    if command in ("train", "plan"):
+        from hollownet.requests import PlanRequest, TrainRequest
+
+        return {"train": TrainRequest, "plan": PlanRequest}[command]
+    if command == "generate":
+        from hollownet.stages.generate import GenerateConfig
+
+        return GenerateConfig
+    if command == "bench":
+        from hollownet.evaluation.bench import BenchConfig
+
+        return BenchConfig
+    from hollownet.evaluation.analyze import AnalyzeConfig
+
+    return AnalyzeConfig
+
+
+# Flags that are not settings of the run, each with why: how to print or search, and where bench's cells run.
+CLI_ONLY = {"verbose": "the libraries' logs", "json": "how to print", "budget": "plan's search, not a run setting",
+            "top": "how many of the search's answers to print",
+            "executor": "where bench's cells run (BenchConfig is what runs: run_bench's executor argument)",
+            "address": "as --executor", "workers": "as --executor", "cpus_per_job": "as --executor"}
+# Fields the Python API offers and the CLI does not.
+API_ONLY = {"train": {"store", "track_memory"},
+            "plan": {"depth", "lora_alpha", "class_photos", "precompute_batch", "shard_size", "inference_batches"},
+            "generate": set(), "bench": set(), "analyze": set()}
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "generate", "bench", "analyze"])
 def test_flags_are_the_request_fields(command):
-    """The flags of train / plan and the request dataclasses' fields are one list: same names, same defaults."""
+    """The flags of each run command and its request / config dataclass's fields are one list: same names, same
+    defaults (a flag whose default is None leaves the field's own)."""
     import dataclasses
 
-    from hollownet.requests import PlanRequest, TrainRequest
     from hollownet.settings import Modes
 
-    cls = {"train": TrainRequest, "plan": PlanRequest}[command]
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "modes"} | {f.name: f for f in dataclasses.fields(Modes)}
+    cls = _request_class(command)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "modes"}
+    if "modes" in {f.name for f in dataclasses.fields(cls)}:
+        fields |= {f.name: f for f in dataclasses.fields(Modes)}
     flags = _flags(command)
-    cli_only = {"verbose", "budget", "top", "json"}  # how to print or search, not what to run
-    api_only = {"train": {"store", "track_memory"},  # fields the Python API offers and the CLI does not
-                "plan": {"depth", "lora_alpha", "class_photos", "precompute_batch", "shard_size", "inference_batches"}}[command]
-    assert set(flags) - cli_only <= set(fields), set(flags) - cli_only - set(fields)
-    assert set(fields) - set(flags) <= api_only, set(fields) - set(flags)
+    assert set(flags) - set(CLI_ONLY) <= set(fields), set(flags) - set(CLI_ONLY) - set(fields)
+    assert set(fields) - set(flags) <= API_ONLY[command], set(fields) - set(flags)
     for name, action in flags.items():
         if name in fields and action.default is not None and not action.required:
             f = fields[name]

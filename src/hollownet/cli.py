@@ -24,7 +24,7 @@ from hollownet.memory.sizes import SIZE_HELP
 from hollownet.paths import preflight_paths
 from hollownet.requests import PlanRequest, TrainRequest
 from hollownet.settings import (ALL_OPTIMIZERS, COMPUTE_DTYPE_HELP, FLOAT_PRECISIONS, LOW_MEMORY_STAGE1_BUDGET, METHODS,
-                                OPTIMIZERS, PRECISIONS, SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes, model_defaults,
+                                OPTIMIZERS, PRECISIONS, SD_DEFAULTS, TOY_DEFAULTS, LORA_TARGET_GROUPS, Modes,
                                 DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
                                 DEFAULT_SCHEDULER, LORA_FORMATS, SCHEDULERS)
 from hollownet.toy import is_toy
@@ -50,11 +50,13 @@ LORA_TARGETS_HELP = ("layers that get LoRA: groups " + ", ".join(f"{g} ({','.joi
 
 def _request(cls, args, **given):
     """``cls`` made from the parsed flags of the same names (a flag left unset: the field's default),
-    its ``modes`` from the modes' flags, and ``given``."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(given)
-    if "modes" in names:
+    its ``modes`` from the modes' flags, and ``given`` (every run command: tests/test_cli.py checks the
+    flags are the fields)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in given}
+    if "modes" in fields:
         given["modes"] = Modes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Modes) if hasattr(args, f.name)})
-    values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    values = {n: getattr(args, n) for n in fields if getattr(args, n, None) is not None or n in required}
     return cls(**values, **given)
 
 EPILOG_TRAIN = """\
@@ -278,7 +280,7 @@ same command skips finished cells and retries failed ones. Results: OUTPUT/summa
     b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: = rank)")
     b.add_argument("--resolution", type=int, help=f"training and generation resolution ({_by_model('resolution')})")
     b.add_argument("--batch", type=int, help=f"samples per step ({_by_model('batch')})")
-    b.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32")
+    b.add_argument("--precision", choices=FLOAT_PRECISIONS, default=_default(Modes, "precision"))
     b.add_argument("--grad-checkpointing", action="store_true")
     b.add_argument("--images-per-prompt", type=int, default=4, help="generated images per evaluation prompt (default 4)")
     b.add_argument("--prompts", type=int, help="use the first N evaluation prompts of each subject (default all)")
@@ -333,7 +335,7 @@ over the LoRA folders given. Writes OUTPUT/significance.{md,json,png}.
     a.add_argument("--lr", type=float, help=f"--train: learning rate ({_by_model('lr')})")
     a.add_argument("--resolution", type=int, help=f"--train: resolution ({_by_model('resolution')})")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32")
+    a.add_argument("--precision", choices=FLOAT_PRECISIONS, default=_default(Modes, "precision"))
     a.add_argument("--device", default=None)
     for p in (t, g, e, d, b, a):
         p.add_argument("--verbose", action="store_true", help="show the libraries' logs, progress bars and warnings")
@@ -401,14 +403,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     from hollownet.stages.generate import GenerateConfig, run_generate  # lazy
 
-    record = run_generate(GenerateConfig(
-        model=args.model, lora=args.lora, prompt=args.prompt, output=args.output, steps=args.steps,
-        resolution=args.resolution, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
-        num_images=args.num_images, merged=args.merged, scheduler=args.scheduler, precision=args.precision,
-        compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
-        device=_device(args.device, args.compute_dtype or args.precision), force=args.force,
-        step=args.step,
-    ))
+    record = run_generate(_request(GenerateConfig, args, device=_device(args.device, args.compute_dtype or args.precision)))
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0
 
@@ -473,18 +468,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _fill_model_defaults(args) -> None:
-    """Flags left unset take the base model's defaults (settings.model_defaults: SD's, or the toy model's)."""
-    if not getattr(args, "model", None) or args.command == "demo":
-        return
-    d = model_defaults(args.model)
-    if args.command == "generate":
-        d = {"steps": d["gen_steps"], "guidance": d["guidance"]}  # generate's --steps are denoising steps
-    for key, value in d.items():
-        if getattr(args, key, 0) is None:
-            setattr(args, key, value)
-
-
 def _quiet_libraries(verbose: bool = False) -> None:
     """Library chatter (deprecations, 'no LoRA keys for the text encoder', loading bars) is not for
     our users; ``--verbose`` shows it."""
@@ -512,15 +495,7 @@ def cmd_bench(args) -> int:
     from hollownet.evaluation.bench import BenchConfig, run_bench  # lazy
 
     device = _device(args.device)
-    run_bench(BenchConfig(
-        model=args.model, dataset=args.dataset, output=args.output, methods=args.methods, seeds=args.seeds,
-        subjects=args.subjects, steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=args.lora_alpha,
-        resolution=args.resolution, batch=args.batch, precision=args.precision,
-        grad_checkpointing=args.grad_checkpointing, images_per_prompt=args.images_per_prompt, prompts=args.prompts,
-        gen_steps=args.gen_steps, guidance=args.guidance, scheduler=args.scheduler, identifier=args.identifier,
-        dino_model=args.dino_model, clip_model=args.clip_model, keep=args.keep, summarize_only=args.summarize_only,
-        device=device, lora_format=args.lora_format,
-    ), executor=executor_from_args(args, device))
+    run_bench(_request(BenchConfig, args, device=device), executor=executor_from_args(args, device))
     print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
     print(f"summary: {Path(args.output) / 'summary.md'}, summary.json, summary.png")
     return 0
@@ -531,11 +506,7 @@ def cmd_analyze(args) -> int:
 
     from hollownet.evaluation.analyze import AnalyzeConfig, format_table, run_analyze  # lazy
 
-    result = run_analyze(AnalyzeConfig(
-        output=args.output, loras=args.loras, level=args.level, train=args.train, model=args.model,
-        images=args.images, prompt=args.prompt, steps=args.steps, rank=args.rank, lr=args.lr,
-        resolution=args.resolution, seed=args.seed, precision=args.precision, device=_device(args.device),
-    ))
+    result = run_analyze(_request(AnalyzeConfig, args, device=_device(args.device)))
     print(format_table(result))
     print(f"written: {Path(args.output) / 'significance.json'}, significance.png, significance.md")
     return 0
@@ -569,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
     _quiet_libraries(verbose)
-    _fill_model_defaults(args)
     from hollownet.files import disk_error  # lazy
 
     from hollownet.signals import Stops, exit_code  # lazy

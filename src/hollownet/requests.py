@@ -11,15 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from hollownet.errors import HollownetError
-from hollownet.settings import DEFAULT_LORA_FORMAT, Modes, expand_lora_targets, model_defaults
-
-
-def _resolve_model_defaults(request, names) -> None:
-    """Fields left None take the request's model's run defaults: the one place they are resolved."""
-    defaults = model_defaults(request.model)
-    for name in names:
-        if getattr(request, name) is None:
-            setattr(request, name, defaults[name])
+from hollownet.settings import DEFAULT_LORA_FORMAT, Modes, expand_lora_targets, fill_model_defaults
 
 
 @dataclass
@@ -64,7 +56,7 @@ class TrainRequest:
     sample_guidance: float | None = None
 
     def __post_init__(self):
-        _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))
+        fill_model_defaults(self, ("rank", "lora_targets", "resolution", "steps", "batch", "lr"))
         self.lora_targets = expand_lora_targets(self.lora_targets)
         self.modes = self.modes.on(self.device)  # int8/nf4's compute dtype as chosen for the device, recorded
 
@@ -104,7 +96,7 @@ class PlanRequest:
     device: str | None = None  # the device the plan is for (int8/nf4's compute dtype); None: train's default here
 
     def __post_init__(self):
-        _resolve_model_defaults(self, ("rank", "lora_targets", "resolution", "batch", "steps", "gen_steps", "guidance"))
+        fill_model_defaults(self, ("rank", "lora_targets", "resolution", "batch", "steps", "gen_steps", "guidance"))
         self.lora_targets = tuple(expand_lora_targets(self.lora_targets))
         self.modes = self.modes.on(self.device)
         if self.resolution < 8 or self.resolution % 8:

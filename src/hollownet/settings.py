@@ -230,6 +230,7 @@ def is_sdxl_unet(unet_config: dict) -> bool:
 
 
 def model_defaults(model) -> dict:
+    """The run defaults of ``model`` (a name or a folder): the toy model's, SDXL's, SD3's or Stable Diffusion's."""
     if is_toy(model):
         return dict(TOY_DEFAULTS)
     config = Path(str(model)).expanduser() / "unet" / "config.json"
@@ -238,3 +239,13 @@ def model_defaults(model) -> dict:
     if is_sd3_folder(model):
         return dict(SD3_DEFAULTS)
     return dict(SD_DEFAULTS)
+
+
+def fill_model_defaults(obj, names, **renamed) -> None:
+    """Fields of the dataclass ``obj`` left None take its model's run defaults (:func:`model_defaults` of
+    ``obj.model``): the one place requests and stage configs resolve them. ``renamed``: field -> the table's key
+    (a sample's ``sample_steps`` is the table's ``gen_steps``)."""
+    defaults = model_defaults(obj.model)
+    for name, key in [*((n, n) for n in names), *renamed.items()]:
+        if getattr(obj, name) is None:
+            setattr(obj, name, defaults[key])

@@ -21,7 +21,7 @@ from hollownet.memory.sizes import format_bytes
 from hollownet.memory.stage1 import settle_stage1
 from hollownet.photos import demo_photos_dir, list_photos
 from hollownet.requests import PlanRequest, TrainRequest
-from hollownet.settings import Modes, model_defaults
+from hollownet.settings import Modes
 from hollownet.sheets import contact_sheet
 from hollownet.stages.dit import check_settings as check_dit_settings, run_dit_precompute, run_dit_train
 from hollownet.stages.formats import DIFFUSERS_FILE, KOHYA_FILE
@@ -122,10 +122,7 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     t0 = time.perf_counter()
     stage1, stage2 = stage_functions(req)
     # made first: bad stage-2 settings fail before stage 1 spends any time
-    d = model_defaults(req.model)  # samples are drawn as generate draws with the model's defaults
-    train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), lora_targets=list(req.lora_targets),
-                              track_memory_steps=2 if req.track_memory else 0,
-                              sample_steps=req.sample_steps or d["gen_steps"], sample_guidance=req.sample_guidance or d["guidance"])
+    train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), track_memory_steps=2 if req.track_memory else 0)
     pre = stage1(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),
                                num_samples=req.num_samples or req.steps * req.batch), track_memory=req.track_memory)
     res = stage2(train_cfg, on_step=on_step)
@@ -239,7 +236,6 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
     from PIL import Image
 
     out = Path(output)
-    d = model_defaults(model)
     if model == TOY:
         photos_dir, subject = out / "photos", "plus"
         photos_dir.mkdir(parents=True, exist_ok=True)
@@ -263,8 +259,7 @@ def run_demo(output: str | Path, model: str = "toy", steps: int | None = None) -
         for j, p in enumerate(prompts):
             folder = out / "images" / ("base" if lora is None else "personalized") / f"p{j}"
             gens[label] = run_generate(GenerateConfig(model=model, lora=lora, prompt=p, output=str(folder),
-                                                      num_images=DEMO_IMAGES_PER_PROMPT,
-                                                      steps=d["gen_steps"], guidance=d["guidance"], seed=j * 100))
+                                                      num_images=DEMO_IMAGES_PER_PROMPT, seed=j * 100))
             rows[label] += [Image.open(folder / f) for f in gens[label]["images"]]
     contact_sheet(rows, out / "sheet.png", caption=f"prompts: {'; '.join(prompts)}")
     result = {"train": record, "generate": gens["personalized"], "sheet": str(out / "sheet.png")}

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from hollownet import workflow
 from hollownet.errors import HollownetError
 from hollownet.evaluation.bench import train_request
-from hollownet.settings import model_defaults
+from hollownet.settings import Modes, fill_model_defaults
 from hollownet.stages.export import INFO_FILE, LORA_FILE
 from hollownet.files import save_json
 
@@ -396,15 +396,12 @@ class AnalyzeConfig:
     lr: float | None = None
     resolution: int | None = None
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = Modes.precision
     device: str | None = None  # None: the best this machine has
 
     def __post_init__(self):
         if self.model:
-            defaults = model_defaults(self.model)
-            for name in ("steps", "rank", "lr", "resolution"):
-                if getattr(self, name) is None:
-                    setattr(self, name, defaults[name])
+            fill_model_defaults(self, ("steps", "rank", "lr", "resolution"))
         if self.level not in LEVELS:
             raise HollownetError(f"--level {self.level!r} is not one of {', '.join(LEVELS)}")
         if self.train:

@@ -52,7 +52,8 @@ from hollownet.memory.predict import INFERENCE_DEFINITION, predict_inference
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.requests import PlanRequest
 from hollownet.settings import (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DEFAULT_IDENTIFIER, DEFAULT_LORA_FORMAT,
-                                DEFAULT_SCHEDULER, Modes, expand_lora_targets, model_defaults, torch_dtype)
+                                DEFAULT_SCHEDULER, Modes, expand_lora_targets, fill_model_defaults, model_defaults,
+                                torch_dtype)
 from hollownet.stages.generate import load_pipeline, prepare, render
 from hollownet.files import save_json
 from hollownet.toy import is_toy
@@ -82,7 +83,7 @@ class BenchConfig:
     lora_alpha: float | None = None
     resolution: int | None = None
     batch: int | None = None
-    precision: str = "fp32"
+    precision: str = Modes.precision
     grad_checkpointing: bool = False
     images_per_prompt: int = 4
     prompts: int | None = None  # the first N evaluation prompts of each subject (default all)
@@ -98,10 +99,7 @@ class BenchConfig:
     lora_format: str = DEFAULT_LORA_FORMAT  # LoRA file(s) each cell writes: diffusers | kohya | both (as train --format)
 
     def __post_init__(self):
-        defaults = model_defaults(self.model)
-        for name in ("steps", "lr", "rank", "resolution", "batch", "gen_steps", "guidance"):
-            if getattr(self, name) is None:
-                setattr(self, name, defaults[name])
+        fill_model_defaults(self, ("steps", "lr", "rank", "resolution", "batch", "gen_steps", "guidance"))
         self.device = self.device or default_device()
         if self.keep not in KEEP_CHOICES:
             raise HollownetError(f"--keep {self.keep!r} is not one of {', '.join(KEEP_CHOICES)}")
@@ -433,7 +431,7 @@ def _now() -> str:
 
 def generate_images(model: str, train_dir: str | Path, method: str, prompts: list[str], output: str | Path, *,  # wide: one keyword per generate flag
                     images_per_prompt: int, steps: int, guidance: float | None = None, scheduler: str = DEFAULT_SCHEDULER,
-                    resolution: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
+                    resolution: int | None = None, precision: str = Modes.precision, device: str = "cpu", seed: int = 0,
                     merged: bool = False) -> dict:
     """``images_per_prompt`` images per prompt into ``output`` with one ``manifest.json``; the pipeline loads once.
 
@@ -458,7 +456,7 @@ def generate_images(model: str, train_dir: str | Path, method: str, prompts: lis
 # --------------------------------------------------------------------------
 
 
-def measure_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", device: str = "cpu",
+def measure_inference_peak(model: str | Path, *, resolution: int, precision: str = Modes.precision, device: str = "cpu",
                            batch: int = 1) -> dict:
     """Exact tensor-memory peak of one no-grad forward of the full U-Net (weights included).
 
@@ -494,7 +492,7 @@ def measure_inference_peak(model: str | Path, *, resolution: int, precision: str
     }
 
 
-def predict_inference_peak(model: str | Path, *, resolution: int, precision: str = "fp32", batch: int = 1) -> dict:
+def predict_inference_peak(model: str | Path, *, resolution: int, precision: str = Modes.precision, batch: int = 1) -> dict:
     """The same figure from ``hollownet.memory.planner`` (fake tensors: no weights loaded, seconds for SD)."""
     model_dir = resolve_model_dir(model)
     mc = load_model_configs(model_dir)

@@ -45,8 +45,6 @@ __all__ = [
 #: the live-subject prompt list (outfits, hats, ...) and everything else with the object list.
 LIVE_CLASSES: frozenset[str] = frozenset({"dog", "cat"})
 
-#: The rare-token identifier the DreamBooth paper binds the subject to ("a sks dog").
-
 
 class DatasetError(HollownetError):
     """A benchmark folder cannot be read; the message says which and how to fix it."""

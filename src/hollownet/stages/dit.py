@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from hollownet import dit_split as D
 from hollownet import flow
+from hollownet.cut import PAPER_FRACTION
 from hollownet.dit_cut import PrefixPlan, k_for_fraction, load_transformer_config, make_prefix_plan, meta_transformer
 from hollownet.dit_lora import add_suffix_lora, load_part, save_sd3_lora
 from hollownet.errors import HollownetError
@@ -52,7 +53,7 @@ from hollownet.stages.train import (TrainConfig, TrainingStopped, TrainResult, b
 #: The paper's hollowed share of the U-Net, used as the DiT's provisional default: the prefix ``k`` whose frozen
 #: share of the transformer's parameters is nearest it. Provisional: the toy-DiT curve (issue 26, part 2) is to
 #: choose the default; pass ``--hollow FRACTION`` or ``--hollow-blocks`` to choose the cut yourself.
-PROVISIONAL_FRACTION = 0.39
+PROVISIONAL_FRACTION = PAPER_FRACTION
 OBJECTIVE = "flow_matching"  # the store's ``prediction_type``: stage 2 refuses a store of another objective
 PREFIX_KEYS = ("hidden_states", "encoder_hidden_states", "temb")
 SAMPLE_KEYS = ("noisy", "target", "sigma", "timestep", "prompt_index", "weight", "loss_weight")

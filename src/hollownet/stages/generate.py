@@ -51,7 +51,7 @@ from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
 from hollownet.memory.tracker import PartMeter
 from hollownet.peft_internals import (ADAPTER, BASE, adapter_names, adapters_disabled, cached_lora_layers, lora_modules,
                                       lora_parts, merge_all, set_weight)
-from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, torch_dtype
+from hollownet.settings import DEFAULT_SCHEDULER, SCHEDULERS, Modes, fill_model_defaults, torch_dtype
 from hollownet.stages.dit_generate import run_dit_generate
 from hollownet.stages.export import read_info, snapshot_dir
 from hollownet.stages.formats import lora_file, read_lora
@@ -70,15 +70,15 @@ class GenerateConfig:
     lora: str | None
     prompt: str
     output: str
-    steps: int = 30
+    steps: int | None = None  # denoising steps; None: the model's (settings.model_defaults' gen_steps)
     resolution: int | None = None  # default: the training resolution
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's
     negative_prompt: str | None = None
     seed: int = 0
     num_images: int = 4
     merged: bool = False
     scheduler: str = DEFAULT_SCHEDULER
-    precision: str = "fp32"  # the weights of all three models, as train's --precision (settings.Modes)
+    precision: str = Modes.precision  # the weights of all three models, as train's --precision (settings.Modes)
     device: str = "cpu"
     force: bool = False  # load a LoRA recorded for another base model anyway
     compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default: the device's)
@@ -86,6 +86,7 @@ class GenerateConfig:
     step: int | None = None  # the LoRA's snapshot at this step (OUTPUT/snapshots/step-XXXX) instead of the final one
 
     def __post_init__(self):
+        fill_model_defaults(self, (), steps="gen_steps", guidance="guidance")
         if self.step is not None:
             if not self.lora:
                 raise HollownetError("--step picks a snapshot of a LoRA: give --lora OUTPUT as well")

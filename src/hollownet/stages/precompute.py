@@ -40,12 +40,12 @@ from hollownet.loading import (is_under, load_unet, model_fingerprint, predictio
 from hollownet.lowmem import layerwise as LW
 from hollownet.memory.sizes import parse_size
 from hollownet.memory.tracker import PartMeter
-from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, torch_dtype
+from hollownet.settings import FLOAT_PRECISIONS, METHODS, Modes, fill_model_defaults, torch_dtype
 from hollownet.stages.progress import LoggedBar, ProgressLog
 from hollownet.stages.store import FORMAT, Store, shard_name
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PrecomputeConfig:
     """What stage 1 needs. Everything here except the runtime-only fields (``device``, ``batch_size``,
     ``layer_major``, ``memory_budget``) is saved with the store."""
@@ -57,10 +57,10 @@ class PrecomputeConfig:
     method: str = "hollow"  # hollow | lora | full
     hollow: float | None = None  # fraction of U-Net parameters to hollow (nearest valid cut)
     hollow_blocks: list[str] | None = None  # or the cut, by name
-    resolution: int = 512
-    num_samples: int = 400  # training samples (= steps x batch: every step sees fresh noise)
+    resolution: int | None = None  # None: the model's default (settings.model_defaults), as TrainRequest's
+    num_samples: int  # training samples (= steps x batch: every step sees fresh noise)
     seed: int = 0
-    precision: str = "fp32"  # compute dtype of frozen weights; activations are stored in it
+    precision: str = Modes.precision  # compute dtype of frozen weights; activations are stored in it
     class_prompt: str | None = None
     class_images: str | None = None
     prior_loss_weight: float = 1.0
@@ -75,8 +75,9 @@ class PrecomputeConfig:
     modes: InitVar[Modes | None] = None
 
     def __post_init__(self, modes: Modes | None = None):
+        fill_model_defaults(self, ("resolution",))
         if modes is not None:
-            if (self.precision, self.layer_major, self.memory_budget) != ("fp32", False, None):
+            if (self.precision, self.layer_major, self.memory_budget) != (Modes.precision, False, None):
                 raise HollownetError("give stage 1 either modes or precision / layer_major / memory_budget, not both")
             self.precision = modes.on(self.device).compute  # stage 1 runs the original, float weights
             self.layer_major, self.memory_budget = modes.stage1

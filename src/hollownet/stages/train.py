@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hollownet import unet_split as H
 from hollownet.builder import Network, build_unet
-from hollownet.cut import DEFAULT_LORA_TARGETS, HollowPlan
+from hollownet.cut import HollowPlan
 from hollownet.errors import HollownetError
 from hollownet.families import FAMILIES, added_cond_kwargs, detect_family
 from hollownet.files import remove_stale_temps, save_json, save_torch, tensor_digest
@@ -35,7 +35,7 @@ from hollownet.loading import model_fingerprint, release_memory, resolve_model_d
 from hollownet.lowmem.stream import SafetensorsSource
 from hollownet.memory.tracker import MemoryTracker
 from hollownet.optimizers import make_optimizer
-from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_RANK, DEFAULT_SCHEDULER, LORA_FORMATS, SD_DEFAULTS, Modes
+from hollownet.settings import DEFAULT_LORA_FORMAT, DEFAULT_SCHEDULER, LORA_FORMATS, Modes, fill_model_defaults
 from hollownet.stages.export import save_lora
 from hollownet.stages.generate import Parts, prepare
 from hollownet.stages import watch as W
@@ -52,12 +52,13 @@ class TrainConfig:
     store: str
     output: str
     method: str = "hollow"
-    rank: int = DEFAULT_RANK
+    # None: the model's default (settings.model_defaults), resolved on construction as TrainRequest's
+    rank: int | None = None
     lora_alpha: float | None = None  # default: = rank (scale 1)
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    lr: float = SD_DEFAULTS["lr"]
-    steps: int = SD_DEFAULTS["steps"]
-    batch: int = SD_DEFAULTS["batch"]
+    lora_targets: list[str] | None = None
+    lr: float | None = None
+    steps: int | None = None
+    batch: int | None = None
     seed: int = 0
     modes: Modes = field(default_factory=Modes)  # precision, compute dtype, streaming, checkpointing, optimizer
     max_grad_norm: float = 1.0  # global norm; with adamw-in-backward: per parameter tensor (see optimizers.InBackwardAdamW)
@@ -73,10 +74,13 @@ class TrainConfig:
     sample_every: int = 0  # sample images in OUTPUT/samples (0: none)
     sample_prompts: list[str] | None = None  # None: the instance prompt in an unseen context (watch.default_sample_prompts)
     sample_seed: int = 0
-    sample_steps: int = SD_DEFAULTS["gen_steps"]
-    sample_guidance: float = SD_DEFAULTS["guidance"]
+    sample_steps: int | None = None  # None: the model's generation default (as generate)
+    sample_guidance: float | None = None
 
     def __post_init__(self):
+        fill_model_defaults(self, ("rank", "lora_targets", "lr", "steps", "batch"), sample_steps="gen_steps",
+                            sample_guidance="guidance")
+        self.lora_targets = list(self.lora_targets)
         self.modes = self.modes.on(self.device)
         self.modes.check_method(self.method)
         for flag in ("log_every", "save_every", "validate_every", "sample_every"):
@@ -86,8 +90,8 @@ class TrainConfig:
             raise HollownetError("--sample-every draws with a LoRA: use --method hollow or lora, or drop --sample-every")
         if self.rank < 1 and self.method != "full":
             raise HollownetError(f"--rank must be at least 1 (got {self.rank})")
-        if self.steps < 1 or self.batch < 1:
-            raise HollownetError("--steps and --batch must be at least 1")
+        if self.steps < 1 or self.batch < 1 or self.sample_steps < 1:
+            raise HollownetError("--steps, --batch and --sample-steps must be at least 1")
         if self.lora_format not in LORA_FORMATS:
             raise HollownetError(f"--format {self.lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
 

@@ -52,13 +52,13 @@ def default_sample_prompts(model: str, prompt: str) -> list[str]:
 
 @dataclass
 class SampleSettings:
-    """How the sample rows are drawn: as ``hollownet generate`` would with these flags."""
+    """How the sample rows are drawn: as ``hollownet generate`` would with these flags (its default scheduler:
+    ``train.sample_source``)."""
 
     prompts: list[str]
-    seed: int = 0
-    steps: int = 30  # denoising steps
-    guidance: float = 7.5
-    scheduler: str = "dpm"
+    seed: int
+    steps: int  # denoising steps
+    guidance: float
 
 
 def lora_weights_of(unet, rank: int, alpha: float):
