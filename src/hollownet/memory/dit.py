@@ -149,8 +149,15 @@ def param_info(mc: ModelConfigs, req: PlanRequest, k: int | None) -> dict:
     return {"unet_params": total, "hollow_params": frozen, "kept_params": total - frozen,
             "trainable_params": plan.lora_params, "lora_bytes_fp32": plan.lora_params * 4,
             "fraction": round(frozen / total, 4), "hollow_blocks": prefix_modules(skeleton, k) if k is not None else None,
-            "depth": None, "prefix_k": k, "num_blocks": plan.num_blocks, "cut_why": why if k is not None else None,
+            "depth": None, "prefix_k": k, "hollow_out_shape": _stored_tokens(mc, req) if k is not None else None, "num_blocks": plan.num_blocks, "cut_why": why if k is not None else None,
             "lora_targets_removed_share": round(removed, 4) if k is not None else None}
+
+
+def _stored_tokens(mc: ModelConfigs, req: PlanRequest) -> list[int]:
+    """Per sample, the shape of the image tokens stage 1 stores (beside the text tokens and ``temb``)."""
+    (h, w), _ = geometry(mc, req.resolution)
+    patch = mc.unet["patch_size"]
+    return [(h // patch) * (w // patch), mc.unet["num_attention_heads"] * mc.unet["attention_head_dim"]]
 
 
 # ------------------------------------------------------------------------------------------- stage 1
