@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  hollownet plan --model ./my-sd15 --method lora --rank 4     # a diffusers folder: its configs only\n"
         "  hollownet plan --model sd21 --rank 128 --precision nf4 --grad-checkpointing --optimizer adamw-in-backward\n"
         "  hollownet plan --model sd21 --rank 128 --stream-weights --optimizer adamw-in-backward\n"
-        "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n\n"
+        "  hollownet plan --model sd21 --budget 2GB                    # which settings fit, best fidelity first\n"
+        "  hollownet plan --model sd35m --rank 16 --hollow 0.6          # SD3.5 Medium: the prefix cut nearest 60%\n"
+        "  hollownet plan --model sd35l --method lora --precision bf16 --grad-checkpointing   # LoRA FT (a prediction)\n\n"
         "Runs the trainer's own code on fake tensors (shapes only) and counts live tensor bytes exactly as\n"
         "'hollownet train' measures them. Inference = one U-Net denoising step without gradients (batch 1,\n"
         "and 2 for classifier-free guidance); text encoder and VAE not resident. Generation = 'hollownet generate'\n"
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl = sub.add_parser("plan", help="predict the memory of pre-compute, training, inference and generation (no weights, seconds)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog_plan)
-    _add_model_and_cut(pl, "sd15, sd21, sdxl (bundled configs) or a diffusers folder (its configs only)")
+    _add_model_and_cut(pl, "sd15, sd21, sdxl, sd3m, sd35m, sd35l (bundled configs) or a diffusers folder (its configs only; "
+                           "an SD3 folder: --hollow / --hollow-blocks name its prefix cut)")
     pl.add_argument("--lora-targets", type=lambda s: s.split(","), default=None, help=LORA_TARGETS_HELP)
     pl.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default=_default(Modes, "optimizer"),
                     help="AdamW single-tensor (the trainer's; default), adamw-in-backward (as train's), or "

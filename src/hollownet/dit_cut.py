@@ -27,11 +27,11 @@ from hollownet.cut import lora_size, lora_target_modules
 from hollownet.dit_split import check_supported, num_blocks, prefix_modules
 from hollownet.errors import HollownetError
 from hollownet.loading import is_under
-from hollownet.settings import SD3_LORA_TARGETS  # its home: the CLI reads it without torch
+from hollownet.settings import SD3_LORA_TARGETS, SD3_MODELS  # their home: the CLI reads them without torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: SD3 / SD3.5 transformers from their published configs (sources in each file's ``_note``).
-BUNDLED_TRANSFORMERS = {"sd3m": "sd3m_transformer.json", "sd35m": "sd35m_transformer.json", "sd35l": "sd35l_transformer.json"}
+BUNDLED_TRANSFORMERS = {name: f"{name}_transformer.json" for name in SD3_MODELS}
 #: diffusers' ``train_dreambooth_lora_sd3.py`` default: both streams' attention projections of every joint
 #: block (``attn``; SD3.5 Medium's image-only ``attn2`` is not among them, as there).
 SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

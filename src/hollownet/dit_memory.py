@@ -9,7 +9,7 @@ never loaded) and the batch is the stored :class:`~hollownet.dit_split.Prefix`; 
 holds every weight and runs the whole transformer from the latent and the text embeddings. Frozen
 weights in ``dtype``, LoRA and its AdamW state in fp32. Counts are tensor storages: a CUDA run adds its
 context, workspaces and allocator rounding. Not yet counted: stage 1, generation, the text encoders and
-the VAE (the planner slice).
+the VAE (``memory/dit.py`` adds them: ``hollownet plan`` on SD3).
 """
 
 from __future__ import annotations

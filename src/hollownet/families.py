@@ -265,24 +265,33 @@ class SD3(Family):
                                  "folder saved by StableDiffusion3Pipeline.save_pretrained")
 
     def encode_prompts(self, model_dir, prompts, dtype, device, meter):
-        """``{"embeds": [P, L + 256, D], "pooled_projections": [P, D1 + D2]}``, as
+        """The prompt tensors of :meth:`encode_with`, from the model's files."""
+        self.check_folder(model_dir)
+
+        def load(folder: str, cls) -> nn.Module:
+            return cls.from_pretrained(model_dir / folder, dtype=dtype).to(device).eval()
+
+        width = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["joint_attention_dim"]
+        return self.encode_with(load, lambda tokenizer: E.prompt_ids(model_dir, prompts, tokenizer), device, meter,
+                                width=width, dtype=dtype)
+
+    def encode_with(self, load, ids, device, meter, *, width: int, dtype=torch.float32):
+        """``{"embeds": [P, L + 256, width], "pooled_projections": [P, D1 + D2]}``, as
         ``StableDiffusion3Pipeline.encode_prompt`` (clip_skip None, no T5) computes them: each CLIP encoder's
-        penultimate state, concatenated, zero-padded to the transformer's ``joint_attention_dim``, then the T5
-        slot's zeros; both pooled projections concatenated."""
+        penultimate state, concatenated, zero-padded to the transformer's ``joint_attention_dim`` (``width``),
+        then the T5 slot's zeros; both pooled projections concatenated. ``load`` / ``ids`` as
+        :meth:`Family.encode_with`'s: stage 1 loads from files, the planner fake weights (``memory/dit.py``)."""
         from transformers import CLIPTextModelWithProjection  # lazily: see pipeline_class
 
-        self.check_folder(model_dir)
         states, pooled = [], []
         for folder, tokenizer, part, _ in self.encoders:
-            encoder = CLIPTextModelWithProjection.from_pretrained(model_dir / folder, dtype=dtype).to(device).eval()
-            hidden, proj = E.embed_penultimate(encoder, E.prompt_ids(model_dir, prompts, tokenizer), device, meter, part=part)
+            encoder = load(folder, CLIPTextModelWithProjection)
+            hidden, proj = E.embed_penultimate(encoder, ids(tokenizer), device, meter, part=part)
             if proj is None:
-                raise HollownetError(f"'{model_dir / folder}' gives no pooled projection: SD3 needs a "
-                                     "CLIPTextModelWithProjection there")
+                raise HollownetError(f"'{folder}' gives no pooled projection: SD3 needs a CLIPTextModelWithProjection there")
             states.append(hidden.to(dtype))  # the pipeline casts each to the first encoder's dtype
             pooled.append(proj)
             del encoder
-        width = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["joint_attention_dim"]
         clip = torch.cat(states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         t5 = torch.zeros(clip.shape[0], self.max_sequence_length, width, dtype=clip.dtype)
@@ -322,8 +331,12 @@ FAMILIES = {f.name: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY)}
 
 
 def family_of_config(unet_config) -> Family:
-    """The family of a U-Net config (dict or diffusers' FrozenDict): SDXL by its ``text_time`` added embedding."""
-    return SDXL_FAMILY if is_sdxl_unet(dict(unet_config)) else SD_FAMILY
+    """The family of a denoiser's config (dict or diffusers' FrozenDict): SD3's for an SD3 transformer, SDXL's by
+    its U-Net's ``text_time`` added embedding, else SD's."""
+    config = dict(unet_config)
+    if config.get("_class_name") == "SD3Transformer2DModel":
+        return SD3_FAMILY
+    return SDXL_FAMILY if is_sdxl_unet(config) else SD_FAMILY
 
 
 def folder_family(model_dir: Path) -> Family:

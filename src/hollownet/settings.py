@@ -218,6 +218,10 @@ SD3_DEFAULTS = {**SD_DEFAULTS, "resolution": 1024, "rank": 4, "guidance": 7.0, "
                 "lora_targets": SD3_LORA_TARGETS}
 
 
+#: SD3 / SD3.5 transformers bundled by name (``hollownet plan --model sd35m``: configs only, no weights).
+SD3_MODELS = ("sd3m", "sd35m", "sd35l")
+
+
 def is_sd3_folder(model) -> bool:
     """A diffusers folder whose denoiser is an SD3 / SD3.5 transformer (``transformer/`` in place of ``unet/``)."""
     config = Path(str(model)).expanduser() / "transformer" / "config.json"
@@ -236,7 +240,7 @@ def model_defaults(model) -> dict:
     config = Path(str(model)).expanduser() / "unet" / "config.json"
     if str(model) == "sdxl" or (config.is_file() and is_sdxl_unet(json.loads(config.read_text()))):
         return dict(SDXL_DEFAULTS)
-    if is_sd3_folder(model):
+    if str(model) in SD3_MODELS or is_sd3_folder(model):
         return dict(SD3_DEFAULTS)
     return dict(SD_DEFAULTS)
 

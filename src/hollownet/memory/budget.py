@@ -169,6 +169,10 @@ def fit_budget(req: PlanRequest, budget: int, *, top: int = 5, progress=None, mo
     (once per cut and precision). If nothing fits, raises :class:`BudgetError` naming the smallest
     achievable peak (branch and bound on the same lower bound, so it is exact too).
     """
+    model = model or load_model_configs(req.model)
+    if model.family.backbone == "transformer":
+        raise HollownetError("--budget is not supported for SD3 / SD3.5 yet: plan one setting at a time (--method, "
+                             "--hollow, --precision, --grad-checkpointing)")
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
     cands = candidates(mc, req)

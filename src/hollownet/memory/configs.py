@@ -9,6 +9,7 @@ from pathlib import Path
 from hollownet.cut import BUNDLED_UNETS, CONFIG_DIR, load_unet_config
 from hollownet.errors import HollownetError
 from hollownet.families import added_cond_shapes, family_of_config
+from hollownet.settings import SD3_MODELS, is_sd3_folder
 from hollownet.singlefile import plan_model
 from hollownet.toy import NAME as TOY, model_dir as toy_model_dir
 
@@ -18,7 +19,7 @@ class ModelConfigs:
     """The configs a prediction needs: a bundled name's or a diffusers folder's. No weights."""
 
     name: str
-    unet: dict
+    unet: dict  # the denoiser's config: a U-Net's, or an SD3 transformer's (``family.backbone`` says which)
     text_encoder: dict | None = None
     text_encoder_2: dict | None = None  # SDXL's second encoder (its states are concatenated to the first's)
     vae: dict | None = None
@@ -26,6 +27,11 @@ class ModelConfigs:
     text_len: int = 77  # tokens per prompt (the tokenizer's model_max_length)
     pipeline_config: dict = field(default_factory=dict)  # model_index.json (generation: SDXL's force_zeros_for_empty_prompt)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self):
+        """The model's family (``families.py``): its text encoders, and its backbone (``unet`` or ``transformer``)."""
+        return family_of_config(self.unet)
 
     @property
     def text_configs(self) -> dict[str, dict | None]:
@@ -60,9 +66,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_model_configs(model: str | Path) -> ModelConfigs:
-    """``sd15``, ``sd21``, ``sdxl`` (bundled configs), ``toy`` (the bundled toy model), a single-file
-    checkpoint or a diffusers folder (its ``*/config.json``)."""
+    """``sd15``, ``sd21``, ``sdxl``, ``sd3m``, ``sd35m``, ``sd35l`` (bundled configs), ``toy`` (the bundled toy
+    model), a single-file checkpoint or a diffusers folder (its ``*/config.json``)."""
     name = plan_model(str(model))  # a single-file checkpoint: its converted folder, or its type's bundled configs
+    if name in SD3_MODELS or is_sd3_folder(name):
+        return _sd3_configs(name)
     if name in BUNDLED_UNETS:
         mc = ModelConfigs(
             name=name,
@@ -78,7 +86,8 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
     path = toy_model_dir() if name == TOY else Path(name).expanduser()
     if not (path / "unet" / "config.json").is_file():
         raise HollownetError(
-            f"unknown model '{name}': give sd15, sd21, sdxl or a diffusers model folder (one with unet/config.json)"
+            f"unknown model '{name}': give sd15, sd21, sdxl, {', '.join(SD3_MODELS)} or a diffusers model folder "
+            "(one with unet/config.json or an SD3 transformer/config.json)"
         )
     unet = _read_json(path / "unet" / "config.json")
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -103,4 +112,33 @@ def load_model_configs(model: str | Path) -> ModelConfigs:
     for part, known in (("text encoder", None not in mc.text_configs.values()), ("VAE", mc.vae is not None)):
         if not known:
             mc.notes.append(f"stage 1: no usable {part} config in '{path}'; that part is not modelled")
+    return mc
+
+
+def _sd3_configs(name: str) -> ModelConfigs:
+    """An SD3 / SD3.5 model's configs: bundled (its transformer's own; the two CLIP encoders, the VAE and the
+    scheduler shared by SD3 and SD3.5) or a folder's. The T5 encoder is not among them: hollownet runs SD3
+    without it (``text_encoder_3=None``), its 256 tokens zeros."""
+    if name in SD3_MODELS:
+        mc = ModelConfigs(name=name, unet=_read_json(CONFIG_DIR / f"{name}_transformer.json"),
+                          text_encoder=_read_json(CONFIG_DIR / "sd3_text_encoder.json"),
+                          text_encoder_2=_read_json(CONFIG_DIR / "sd3_text_encoder_2.json"),
+                          vae=_read_json(CONFIG_DIR / "sd3_vae.json"), scheduler=_read_json(CONFIG_DIR / "sd3_scheduler.json"))
+    else:
+        path = Path(name).expanduser()
+        mc = ModelConfigs(name=str(path), unet=_read_json(path / "transformer" / "config.json"),
+                          text_encoder=_read_json(path / "text_encoder" / "config.json"),
+                          text_encoder_2=_read_json(path / "text_encoder_2" / "config.json"),
+                          vae=_read_json(path / "vae" / "config.json"),
+                          scheduler=_read_json(path / "scheduler" / "scheduler_config.json"),
+                          pipeline_config=_read_json(path / "model_index.json") or {})
+        tok = _read_json(path / "tokenizer" / "tokenizer_config.json") or {}
+        mc.text_len = min(int(tok.get("model_max_length", 77)), int((mc.text_encoder or {}).get("max_position_embeddings", 77)))
+    missing = [part for part, config in (("text_encoder", mc.text_encoder), ("text_encoder_2", mc.text_encoder_2),
+                                         ("vae", mc.vae), ("scheduler", mc.scheduler)) if config is None]
+    if missing:
+        raise HollownetError(f"'{name}' has an SD3 transformer but no {', '.join(missing)} config: point --model at a "
+                             "folder saved by StableDiffusion3Pipeline.save_pretrained")
+    mc.notes.append("SD3 without its T5 encoder, as hollownet runs it (text_encoder_3=None: its 256 tokens are zeros); "
+                    "a run with T5-XXL holds it too (4.7B parameters)")
     return mc

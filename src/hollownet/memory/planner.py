@@ -45,6 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from hollownet.cut import meta_unet
 from hollownet.memory.configs import ModelConfigs, load_model_configs
+from hollownet.memory.dit import plan_dit
 from hollownet.memory.fake import request_cut
 from hollownet.memory.predict import param_info, predict_generate, predict_inference, predict_train
 from hollownet.memory.report import MemoryPlan
@@ -59,6 +60,8 @@ def plan_memory(req: PlanRequest, *, stages=("precompute", "train", "inference",
     text encoder or VAE config is not known)."""
     t0 = time.perf_counter()
     mc = model or load_model_configs(req.model)
+    if mc.family.backbone == "transformer":  # SD3 / SD3.5: the prefix cut's own branch
+        return plan_dit(req, mc, stages)
     req.train_config()  # validate the combination before spending time (e.g. full needs fp32)
     req.precompute_config()
     request_cut(meta_unet(mc.unet), req)  # an impossible fraction or cut fails here, in one line

@@ -25,6 +25,15 @@ class MemoryPlan:
     generate: dict | None = None  # generate.memory_record of the prediction: peak, part, breakdown, parts
 
     @property
+    def backbone(self) -> str:
+        """What the plan calls the denoiser: ``U-Net`` or ``transformer`` (SD3 / SD3.5: ``memory/dit.py``)."""
+        return "transformer" if self.model.family.backbone == "transformer" else "U-Net"
+
+    @property
+    def inference_definition(self) -> str:
+        return INFERENCE_DEFINITION.replace("U-Net", self.backbone)
+
+    @property
     def generate_peak(self) -> int:
         return self.generate["peak_bytes"] if self.generate else 0
 
@@ -56,6 +65,8 @@ class MemoryPlan:
         d = {
             "model": self.model.name,
             "method": req.method,
+            "backbone": self.backbone,
+            "prefix_k": self.info.get("prefix_k"),  # SD3: the prefix cut (blocks frozen); None for a U-Net or LoRA FT
             "hollow_blocks": self.info.get("hollow_blocks"),
             "fraction": self.info.get("fraction"),
             "depth": self.info.get("depth"),
@@ -79,7 +90,7 @@ class MemoryPlan:
             "whole_run_peak_bytes": self.whole_run_peak if self.generate else None,
             "generate_peak_part": self.generate["peak_part"] if self.generate else None,
             "generate": ({"steps": req.gen_steps, "guidance": req.guidance, "num_images": req.num_images,
-                          "path": "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass"),
+                          "path": "merged" if req.merged else ("two-path" if req.method == "hollow" and self.backbone == "U-Net" else "one pass"),
                           "precision": req.modes.precision, "compute_dtype": req.modes.compute}
                          if self.generate else None),
             "train_over_inference_bytes": self.train_peak - self.inference_peak if self.inference and self.train else None,
@@ -103,7 +114,7 @@ class MemoryPlan:
                        "layer_major": bool(self.precompute and self.precompute.get("layer_major")),
                        "memory_budget_bytes": self.precompute.get("memory_budget") if self.precompute else None},
             "largest_streamed_unit_bytes": self.info.get("largest_streamed_unit_bytes"),
-            "inference_definition": INFERENCE_DEFINITION,
+            "inference_definition": self.inference_definition,
             "notes": list(self.model.notes),
             "seconds": round(self.seconds, 2),
         }
@@ -112,10 +123,14 @@ class MemoryPlan:
     def format(self) -> str:
         req, info = self.request, self.info
         g = lambda n: f"{n / GiB:6.2f} GiB"  # noqa: E731
-        if req.method == "hollow":
+        net = self.backbone
+        if req.method == "hollow" and info.get("prefix_k") is not None:
+            what = (f"hollow, prefix cut k={info['prefix_k']} of {info['num_blocks']} blocks ({info['fraction']:.1%} of "
+                    f"transformer params frozen), LoRA r={req.rank}")
+        elif req.method == "hollow":
             what = f"hollow ({info['fraction']:.1%} of U-Net params hollowed: {', '.join(info['hollow_blocks'])}), LoRA r={req.rank}"
         elif req.method == "lora":
-            what = f"LoRA r={req.rank} on the whole U-Net"
+            what = f"LoRA r={req.rank} on the whole {net}"
         else:
             what = "full fine-tuning"
         modes = req.modes
@@ -144,16 +159,17 @@ class MemoryPlan:
             lines.append(f"  training (stage 2)     {g(self.train_peak)}   peak in {self.train.peak_phase}")
         for b, r in self.inference.items():
             label = "inference" + (f", batch {b}" if b != 1 else "")
-            what = (f"U-Net only ({modes.compute}), one denoising step, no grad"
+            what = (f"{net} only ({modes.compute}), one denoising step, no grad"
                     + (", batch 2 = classifier-free guidance" if b == 2 else ""))
             lines.append(f"  {label:<22} {g(r.peak_bytes)}   {what}")
         if self.generate:
             parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.generate["parts"].items())
-            path = "merged" if req.merged else ("two-path" if req.method == "hollow" else "one pass")
+            path = "merged" if req.merged else ("two-path" if req.method == "hollow" and self.backbone == "U-Net" else "one pass")
             lines.append(f"  generation             {g(self.generate_peak)}   {modes.precision}, {path}, "
                          f"{'CFG batch 2' if req.guidance > 1 else 'no CFG'}, each part in turn: {parts}")
             lines.append(f"  whole run              {g(self.whole_run_peak)}   the largest of pre-compute, training and generation")
-            lines.append("  (train --sample-every: each sample image is this generation, the training state freed meanwhile)")
+            if self.backbone == "U-Net":
+                lines.append("  (train --sample-every: each sample image is this generation, the training state freed meanwhile)")
         if self.train and self.inference:
             delta = self.train_peak - self.inference_peak
             lines.append(f"  training - inference   {delta / GiB:+6.2f} GiB   "
@@ -170,10 +186,10 @@ class MemoryPlan:
                     continue
                 lines.append(f"  {k:<18} {format_bytes(v):>12}  {100 * v / max(1, self.train_peak):5.1f}%")
         m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
-        lines += ["", f"parameters: U-Net {m(info['unet_params'])}"
+        lines += ["", f"parameters: {net} {m(info['unet_params'])}"
                   + (f", hollowed {m(info['hollow_params'])} (never loaded in stage 2), kept {m(info['kept_params'])}" if req.method == "hollow" else "")
                   + (f", trained {m(info['trainable_params'])}" + (f" (LoRA file {info['lora_bytes_fp32'] / 2**20:.0f} MiB fp32)" if req.method != "full" else ""))]
-        lines.append(f"inference = {INFERENCE_DEFINITION}")
+        lines.append(f"inference = {self.inference_definition}")
         lines += [f"note: {n}" for n in self.model.notes]
         lines.append(f"({self.seconds:.1f} s)")
         return "\n".join(lines)

@@ -236,12 +236,18 @@ def stored_prefix(batch: dict, k: int, device, dtype) -> D.Prefix:
                     batch["temb"].to(device, dtype), tuple(batch["noisy"].shape[-2:]))
 
 
-def predict(net, k: int, batch: dict, device, dtype=torch.float32) -> torch.Tensor:
-    """The trained transformer's output (a velocity) for a batch of store samples: the suffix on the stored prefix."""
+def predict(net, k: int | None, batch: dict, device, dtype=torch.float32) -> torch.Tensor:
+    """The trained transformer's output (a velocity) for a batch of store samples: the suffix on the stored prefix.
+    ``k=None`` is LoRA FT (LoRA on every block): the whole transformer on the samples' noisy latents and prompt
+    tensors, as diffusers' SD3 script runs it; ``hollownet plan`` predicts it, ``train`` refuses it for SD3 yet."""
+    if k is None:
+        return net(hidden_states=batch["noisy"].to(device, dtype), encoder_hidden_states=batch["embeds"].to(device, dtype),
+                   pooled_projections=batch["pooled_projections"].to(device, dtype),
+                   timestep=batch["timestep"].to(device)).sample
     return D.run_suffix(net, stored_prefix(batch, k, device, dtype))
 
 
-def batch_loss(net, k: int, batch: dict, device, dtype=torch.float32) -> torch.Tensor:
+def batch_loss(net, k: int | None, batch: dict, device, dtype=torch.float32) -> torch.Tensor:
     """The flow-matching loss of a batch (``flow.flow_loss``: diffusers' SD3 script's, per-sample weights included)."""
     pred = predict(net, k, batch, device, dtype)
     return flow.flow_loss(pred, batch["noisy"].to(device), batch["sigma"].to(device), batch["target"].to(device),
@@ -333,7 +339,7 @@ def train_step(net, k: int, batch: dict, params, optimizer, cfg: TrainConfig, tr
     phase = tracker.phase if tracker is not None else (lambda name: nullcontext())
     with tracker if tracker is not None else nullcontext():
         with phase("forward"):
-            loss = batch_loss(net, k, batch, cfg.device)
+            loss = batch_loss(net, k, batch, cfg.device, torch_dtype(cfg.modes.compute))  # fp32: all train runs yet
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
