@@ -302,6 +302,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
             else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
                 _unet_sample_major(run, todo, plan, latents, cond, scheduler, bar,
                                    PartMeter(False) if cfg.layer_major else meter)
+        store.finish()  # the progress lines folded into manifest.json: one rewrite a run
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
