@@ -48,6 +48,7 @@ from hollownet.families import Family, detect_family, family_of_config, folder_f
 from hollownet.loading import release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
+from hollownet.memory.machine import check_generate
 from hollownet.memory.tracker import PartMeter
 from hollownet.peft_internals import (ADAPTER, BASE, adapter_names, adapters_disabled, cached_lora_layers, lora_modules,
                                       lora_parts, merge_all, set_weight)
@@ -84,6 +85,7 @@ class GenerateConfig:
     compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default: the device's)
     stream_weights: bool = False
     step: int | None = None  # the LoRA's snapshot at this step (OUTPUT/snapshots/step-XXXX) instead of the final one
+    ignore_memory_check: bool = False  # run even where the planner predicts more memory than the device has
 
     def __post_init__(self):
         if self.step is not None:
@@ -622,6 +624,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     parts, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force,
                                 modes=cfg.modes)
     plan, resolution = prepare(parts, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
+    check_generate(cfg, model_dir, info, resolution)  # nothing is loaded yet: the planner against the device's memory
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
@@ -655,9 +658,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
 
 def resume_settings(cfg: GenerateConfig) -> dict:
-    """What makes an interrupted run's images this run's: every setting (``--force`` aside) and the LoRA file's
+    """What makes an interrupted run's images this run's: every setting (``--force`` and ``--ignore-memory-check`` aside) and the LoRA file's
     size and time (a retrained LoRA makes other images)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "force"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("force", "ignore_memory_check")}
     if cfg.lora:
         stat = lora_file(cfg.lora).stat()
         settings["lora_file"] = [str(lora_file(cfg.lora)), stat.st_size, stat.st_mtime_ns]
