@@ -408,6 +408,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from hollownet.memory.machine import check_generate  # lazy
     from hollownet.stages.generate import GenerateConfig, run_generate  # lazy
 
     record = run_generate(GenerateConfig(
@@ -417,7 +418,7 @@ def cmd_generate(args) -> int:
         compute_dtype=args.compute_dtype, stream_weights=args.stream_weights,
         device=_device(args.device, args.compute_dtype or args.precision), force=args.force,
         step=args.step, ignore_memory_check=args.ignore_memory_check,
-    ))
+    ), memory_check=check_generate)
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0
 

@@ -70,8 +70,8 @@ def peak_of(plan: dict, stages: tuple[str, ...]) -> tuple[int, str]:
 def check_train(req, model_dir: Path, photos: int, class_photos: int) -> None:
     """``hollownet train``'s request against the device's memory (stage 1 and stage 2)."""
     from hollownet.memory.budget import BudgetError, fit_budget  # lazy: the planner loads torch
-    from hollownet.memory.planner import plan_memory
-    from hollownet.requests import PlanRequest
+    from hollownet.memory.planner import plan_memory  # lazy: as above
+    from hollownet.requests import PlanRequest  # lazy: as above
 
     available = available_memory(req.device)
     if available is None or req.ignore_memory_check or clearly_fits(req.model, model_dir, available, req.resolution, req.batch):
@@ -93,8 +93,8 @@ def check_train(req, model_dir: Path, photos: int, class_photos: int) -> None:
 def check_generate(cfg, model_dir: Path, info: dict, resolution: int) -> None:
     """``hollownet generate``'s request against the device's memory; the precisions that fit are tried in
     order of fidelity (fp32, bf16, int8, nf4)."""
-    from hollownet.memory.planner import plan_memory
-    from hollownet.requests import PlanRequest
+    from hollownet.memory.planner import plan_memory  # lazy: the planner loads torch
+    from hollownet.requests import PlanRequest  # lazy: as above
 
     available = available_memory(cfg.device)
     if available is None or cfg.ignore_memory_check or clearly_fits(cfg.model, model_dir, available, resolution):

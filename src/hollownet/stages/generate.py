@@ -48,7 +48,6 @@ from hollownet.families import Family, detect_family, family_of_config, folder_f
 from hollownet.loading import release_memory, resolve_model_dir, vae_scale_factor
 from hollownet.lowmem import sdxl_text
 from hollownet.lowmem.stream import SafetensorsSource, StreamedWeights
-from hollownet.memory.machine import check_generate
 from hollownet.memory.tracker import PartMeter
 from hollownet.peft_internals import (ADAPTER, BASE, adapter_names, adapters_disabled, cached_lora_layers, lora_modules,
                                       lora_parts, merge_all, set_weight)
@@ -614,8 +613,11 @@ def memory_record(meter: PartMeter) -> dict:
     return {"peak_bytes": s["peak_bytes"], "peak_part": s["peak_phase"], "breakdown": s["breakdown"], "parts": s["parts"]}
 
 
-def run_generate(cfg: GenerateConfig) -> dict:
-    """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
+def run_generate(cfg: GenerateConfig, memory_check: Callable | None = None) -> dict:
+    """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``.
+
+    ``memory_check(cfg, model_dir, info, resolution)``: called before anything loads (the CLI's is
+    ``memory.machine.check_generate``, passed in: the planner runs this module's code, so it cannot be imported here)."""
     preflight_generate(cfg)  # paths and resolution: before any model loads
     model_dir = resolve_model_dir(cfg.model)
     if folder_family(model_dir).backbone == "transformer":  # SD3: the stock pipeline, one path (stages/dit_generate.py)
@@ -624,7 +626,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     parts, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force,
                                 modes=cfg.modes)
     plan, resolution = prepare(parts, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
-    check_generate(cfg, model_dir, info, resolution)  # nothing is loaded yet: the planner against the device's memory
+    if memory_check is not None:  # nothing is loaded yet
+        memory_check(cfg, model_dir, info, resolution)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
