@@ -226,7 +226,11 @@ def trained(tiny_model, dog_photos, tmp_path_factory):
 
 
 def copy_run(trained, tmp_path):
-    return shutil.copytree(trained, tmp_path / "run")
+    """The finished run, copied, less its train.json: a rerun then resumes (a finished run is otherwise 'already done',
+    and at another --output refused as one with other settings), reading the copy's store and checkpoints."""
+    out = shutil.copytree(trained, tmp_path / "run")
+    (out / "train.json").unlink()
+    return out
 
 
 def retrain(capsys, tiny_model, dog_photos, out, *extra):

@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw (default), or adamw-in-backward: the same AdamW applied to each LoRA tensor as soon as "
                         "its gradient exists, which is then freed (no full set of gradients; clipping per tensor)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
+    _add_memory_check(t)
     _add_format(t)
     _add_watch(t)
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, xpu (default: cuda, then mps, then cpu)")
     g.add_argument("--force", action="store_true",
                    help="load a LoRA whose hollownet.json names another base model (deliberate cross-model use)")
+    _add_memory_check(g)
 
     epilog_plan = (
         "examples:\n"
@@ -364,6 +366,13 @@ def _add_watch(t: argparse.ArgumentParser) -> None:
                    "terminal: nohup, CI): a line on stderr every N steps (default: about 20 a run) and at least every 30 s")
 
 
+def _add_memory_check(p: argparse.ArgumentParser) -> None:
+    # not --force: generate's --force already means "a LoRA of another base model", a different risk
+    p.add_argument("--ignore-memory-check", action="store_true",
+                   help="run even where the planner predicts more memory than the device has available (a request "
+                        "that large is otherwise refused before anything loads, naming the settings that fit)")
+
+
 def _add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="lora_format", choices=LORA_FORMATS, default=DEFAULT_LORA_FORMAT,
                    help="LoRA file(s) to write: diffusers = pytorch_lora_weights.safetensors (diffusers' load_lora_weights), "
@@ -404,9 +413,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from hollownet.memory.machine import check_generate  # lazy
     from hollownet.stages.generate import GenerateConfig, run_generate  # lazy
 
-    record = run_generate(_request(GenerateConfig, args, device=_device(args.device, args.compute_dtype or args.precision)))
+    record = run_generate(_request(GenerateConfig, args, device=_device(args.device, args.compute_dtype or args.precision)),
+                          memory_check=check_generate)
     print(f"{len(record['images'])} images ({record['mode']}, {record['seconds_per_image']:.2f} s each) in {args.output}")
     return 0
 

@@ -113,6 +113,48 @@ def write_bytes(path: Path | str, data: bytes) -> None:
         raise
 
 
+def append_line(path: Path | str, line: bytes) -> None:
+    """Append one ``\n``-ended line to ``path`` and fsync: a constant cost however long the file is.
+
+    A line cut off by a kill -9 mid-append is dropped first (the file is cut back to its last newline), so
+    every line before this one is whole; disk errors become one :class:`HollownetError` line, as in :func:`write_bytes`.
+    """
+    path = Path(path)
+    try:
+        with open(path, "ab+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a half-written last line: keep what precedes it
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
+            f.write(line.rstrip(b"\n") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:
+        mapped = disk_error(e, path)
+        if mapped is not None:
+            raise mapped from None
+        raise
+
+
+def read_lines_json(path: Path | str) -> list[dict]:
+    """The JSON objects of an :func:`append_line` file, in order; a line that does not parse (cut off, damaged)
+    is skipped: what it recorded counts as not done."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(file)`` into memory, then :func:`write_bytes`: one atomic, error-mapped write path.
 

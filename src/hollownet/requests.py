@@ -43,6 +43,7 @@ class TrainRequest:
     resume: bool = True  # stage 2 continues from its newest matching checkpoint; False: start stage 2 over
     device: str | None = None  # None: the best this machine has (devices.default_device: cuda, mps, cpu)
     track_memory: bool = True
+    ignore_memory_check: bool = False  # run even where the planner predicts more memory than the device has
     store: str | None = None  # default OUTPUT/store
     lora_format: str = DEFAULT_LORA_FORMAT  # diffusers | kohya | both: which LoRA file(s) to write (formats.py)
     # watching the run (stages/watch.py): progress lines, snapshots, validation loss, sample images

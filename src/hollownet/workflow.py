@@ -17,6 +17,7 @@ from hollownet.families import folder_family
 from hollownet.loading import resolve_model_dir
 from hollownet.lock import output_lock
 from hollownet.memory.configs import load_model_configs
+from hollownet.memory.machine import check_train
 from hollownet.memory.sizes import format_bytes
 from hollownet.memory.stage1 import settle_stage1
 from hollownet.photos import demo_photos_dir, list_photos
@@ -81,7 +82,7 @@ def stage_functions(req: TrainRequest):
 
 
 # settings that do not change the LoRA: a finished run asked again with other values of these is still done
-RUNTIME_SETTINGS = ("device", "resume", "track_memory", "log_every")
+RUNTIME_SETTINGS = ("device", "resume", "track_memory", "log_every", "ignore_memory_check")
 # settings a finished run can be continued with (more --steps; watching it: stage 2's resume decides)
 CONTINUABLE_SETTINGS = ("steps", "num_samples", "checkpoint_every", "lora_format", "save_every", "validate_every",
                         "sample_every", "sample_prompts", "sample_seed", "sample_steps", "sample_guidance")
@@ -121,6 +122,9 @@ def _personalize(req: TrainRequest, out: Path, on_step=None) -> dict:
     store = req.store or str(out / "store")
     t0 = time.perf_counter()
     stage1, stage2 = stage_functions(req)
+    if stage1 is run_precompute:  # a U-Net's cut: the planner's prediction against the device's memory, before loading
+        check_train(req, resolve_model_dir(req.model), photos=len(list_photos(req.images)),
+                    class_photos=len(list_photos(req.class_images)) if req.class_images else 0)
     # made first: bad stage-2 settings fail before stage 1 spends any time
     train_cfg = shared_fields(TrainConfig, req, store=store, output=str(out), track_memory_steps=2 if req.track_memory else 0)
     pre = stage1(shared_fields(PrecomputeConfig, req, output=store, modes=settled_modes(req),

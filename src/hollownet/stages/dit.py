@@ -222,6 +222,7 @@ def run_dit_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Prec
                 save_part(store, shard, tensors)
         del net
         release_memory()
+    store.finish()  # the progress lines folded into manifest.json
     return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),
                             resumed_shards=len(done))
 

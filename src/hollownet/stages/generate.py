@@ -84,6 +84,7 @@ class GenerateConfig:
     compute_dtype: str | None = None  # with int8 | nf4: the dtype weights are dequantized to (default: the device's)
     stream_weights: bool = False
     step: int | None = None  # the LoRA's snapshot at this step (OUTPUT/snapshots/step-XXXX) instead of the final one
+    ignore_memory_check: bool = False  # run even where the planner predicts more memory than the device has
 
     def __post_init__(self):
         fill_model_defaults(self, (), steps="gen_steps", guidance="guidance")
@@ -613,8 +614,11 @@ def memory_record(meter: PartMeter) -> dict:
     return {"peak_bytes": s["peak_bytes"], "peak_part": s["peak_phase"], "breakdown": s["breakdown"], "parts": s["parts"]}
 
 
-def run_generate(cfg: GenerateConfig) -> dict:
-    """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``."""
+def run_generate(cfg: GenerateConfig, memory_check: Callable | None = None) -> dict:
+    """Write ``num_images`` PNGs, ``manifest.json`` (file + prompt, read by ``hollownet eval``) and ``generate.json``.
+
+    ``memory_check(cfg, model_dir, info, resolution)``: called before anything loads (the CLI's is
+    ``memory.machine.check_generate``, passed in: the planner runs this module's code, so it cannot be imported here)."""
     preflight_generate(cfg)  # paths and resolution: before any model loads
     model_dir = resolve_model_dir(cfg.model)
     if folder_family(model_dir).backbone == "transformer":  # SD3: the stock pipeline, one path (stages/dit_generate.py)
@@ -623,6 +627,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     parts, info = load_pipeline(cfg.model, cfg.lora, cfg.precision, cfg.device, cfg.scheduler, force=cfg.force,
                                 modes=cfg.modes)
     plan, resolution = prepare(parts, info, lora=bool(cfg.lora), merged=cfg.merged, resolution=cfg.resolution)
+    if memory_check is not None:  # nothing is loaded yet
+        memory_check(cfg, model_dir, info, resolution)
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     jobs = [(cfg.prompt, cfg.seed + i, f"{i:03d}.png") for i in range(cfg.num_images)]
@@ -656,9 +662,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
 
 def resume_settings(cfg: GenerateConfig) -> dict:
-    """What makes an interrupted run's images this run's: every setting (``--force`` aside) and the LoRA file's
+    """What makes an interrupted run's images this run's: every setting (``--force`` and ``--ignore-memory-check`` aside) and the LoRA file's
     size and time (a retrained LoRA makes other images)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "force"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("force", "ignore_memory_check")}
     if cfg.lora:
         stat = lora_file(cfg.lora).stat()
         settings["lora_file"] = [str(lora_file(cfg.lora)), stat.st_size, stat.st_mtime_ns]

@@ -45,6 +45,9 @@ from hollownet.stages.progress import LoggedBar, ProgressLog
 from hollownet.stages.store import FORMAT, Store, shard_name
 
 
+MAX_SAMPLES = 10_000_000  # a store's samples: its table is ~1.5 GB of JSON there, the shards terabytes at 512 px
+
+
 @dataclass(kw_only=True)
 class PrecomputeConfig:
     """What stage 1 needs. Everything here except the runtime-only fields (``device``, ``batch_size``,
@@ -91,6 +94,9 @@ class PrecomputeConfig:
             raise HollownetError(f"--resolution {self.resolution} must be a multiple of 8 (the VAE's downscale factor)")
         if self.num_samples < 1:
             raise HollownetError("the number of training samples must be at least 1 (--steps x --batch)")
+        if self.num_samples > MAX_SAMPLES:  # the sample table lives in memory and manifest.json (~150 bytes a sample)
+            raise HollownetError(f"{self.num_samples:,} pre-computed samples (--steps x --batch) is more than the {MAX_SAMPLES:,} "
+                                 "a store holds: lower --steps or --batch, or pass --num-samples N to reuse N samples")
         if bool(self.class_prompt) != bool(self.class_images):
             raise HollownetError("prior preservation needs both --class-prompt and --class-images")
         if self.memory_budget is not None:
@@ -303,6 +309,7 @@ def run_precompute(cfg: PrecomputeConfig, track_memory: bool = True) -> Precompu
             else:  # and layer-major with no U-Net to run (a baseline, or no shard left): nothing to measure
                 _unet_sample_major(run, todo, plan, latents, cond, scheduler, bar,
                                    PartMeter(False) if cfg.layer_major else meter)
+        store.finish()  # the progress lines folded into manifest.json: one rewrite a run
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PrecomputeResult(store=store.root, plan=plan, seconds=time.perf_counter() - t0, memory=meter.summary(),

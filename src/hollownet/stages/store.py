@@ -10,7 +10,10 @@ A folder of safetensors files plus ``manifest.json``::
 
 Every file is written to a temporary name and renamed (``files.write_bytes``, the one write path of
 hollownet: temp file removed on any error, disk errors mapped to one line), so a crash leaves either the old or the
-new file, never half of one. The manifest lists finished shards; a rerun computes only the rest.
+new file, never half of one. A finished file's size and SHA-256 are appended to ``progress.jsonl`` (one short
+line, fsynced: a cost that does not grow with the number of shards, where rewriting a manifest holding a
+200,000-sample table after each of 3,125 shards did); :meth:`Store.finish` folds them into the manifest
+(``done_shards``, ``files``) at the end of stage 1. A rerun computes only the shards neither lists.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch
 from safetensors import safe_open
 
 from hollownet.errors import HollownetError
-from hollownet.files import file_damage, file_record, read_json, save_json
+from hollownet.files import append_line, file_damage, file_record, read_json, read_lines_json, save_json
 
 FORMAT = "hollownet-store/1"
+PROGRESS = "progress.jsonl"  # finished files since the manifest was last written: {"file", "bytes", "sha256"[, "shard"]}
 IDENTITY_KEYS = ("model_fingerprint", "method", "hollow_blocks", "resolution", "dtype", "seed", "num_samples", "photos", "prompts", "prediction_type")
 
 
@@ -38,19 +42,25 @@ class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self.progress_path = self.root / PROGRESS
         self._open: dict[int, object] = {}
+        self._manifest: dict | None = None  # read once: only this store's writer changes it (output_lock)
 
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
     def manifest(self) -> dict:
-        if not self.exists():
-            raise HollownetError(f"no pre-compute store at '{self.root}' (manifest.json missing); run stage 1 first")
-        return read_json(self.manifest_path, f"delete the store folder '{self.root}' and rerun to compute it again")
+        """The manifest as written (its progress: :meth:`done_shards`, :meth:`records`)."""
+        if self._manifest is None:
+            if not self.exists():
+                raise HollownetError(f"no pre-compute store at '{self.root}' (manifest.json missing); run stage 1 first")
+            self._manifest = read_json(self.manifest_path, f"delete the store folder '{self.root}' and rerun to compute it again")
+        return self._manifest
 
     def write_manifest(self, manifest: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         save_json(self.manifest_path, manifest)
+        self._manifest = manifest
 
     def check_identity(self, expected: dict) -> None:
         """Refuse a store made for another model, cut, resolution, dtype, seed, photos or prompts."""
@@ -62,43 +72,61 @@ class Store:
                     f"({_short(have.get(key))} vs {_short(expected[key])}); use a new --output folder or delete that store"
                 )
 
-    def done_shards(self) -> set[int]:
+    def _progress(self) -> tuple[set[int], dict[str, dict]]:
+        """(finished shards, file name -> size and SHA-256): the manifest's, then ``progress.jsonl``'s."""
         m = self.manifest()
-        return {i for i in m.get("done_shards", []) if (self.root / shard_name(i)).exists()}
+        shards, files = set(m.get("done_shards", [])), dict(m.get("files") or {})
+        for line in read_lines_json(self.progress_path):
+            if isinstance(line.get("file"), str) and "bytes" in line and "sha256" in line:
+                files[line["file"]] = {"bytes": line["bytes"], "sha256": line["sha256"]}
+                if isinstance(line.get("shard"), int):
+                    shards.add(line["shard"])
+        return shards, files
+
+    def records(self) -> dict[str, dict]:
+        """File name -> the size and SHA-256 it was written with."""
+        return self._progress()[1]
+
+    def done_shards(self) -> set[int]:
+        return {i for i in self._progress()[0] if (self.root / shard_name(i)).exists()}
 
     def mark_done(self, shard: int) -> None:
-        m = self.manifest()
-        m["done_shards"] = sorted(set(m.get("done_shards", [])) | {shard})
-        m.setdefault("files", {})[shard_name(shard)] = file_record(self.root / shard_name(shard))
-        self.write_manifest(m)
+        """Shard ``shard`` is written (call after its file is in place): one line in ``progress.jsonl``."""
+        append_line(self.progress_path, json.dumps({"shard": shard, "file": shard_name(shard),
+                                                    **file_record(self.root / shard_name(shard))}).encode())
 
     def record(self, name: str) -> None:
-        """Note a finished file's size and SHA-256 in the manifest, for :meth:`damaged` to check on resume."""
-        m = self.manifest()
-        m.setdefault("files", {})[name] = file_record(self.root / name)
+        """Note a finished file's size and SHA-256, for :meth:`damaged` to check on resume."""
+        append_line(self.progress_path, json.dumps({"file": name, **file_record(self.root / name)}).encode())
+
+    def finish(self, drop: str | None = None) -> None:
+        """Fold ``progress.jsonl`` into the manifest (one rewrite; the end of stage 1), without file ``drop``'s record."""
+        if drop is None and not self.progress_path.exists():
+            return
+        shards, files = self._progress()
+        files.pop(drop, None)
+        m = {**self.manifest(), "done_shards": sorted(i for i in shards if shard_name(i) != drop), "files": files}
         self.write_manifest(m)
+        self.progress_path.unlink(missing_ok=True)  # killed before this: its lines repeat the manifest's, harmless
 
     def damaged(self) -> dict[str, str]:
         """Finished files that are not what was written: name -> why (size, checksum, or for a store made
         before checksums were recorded, a safetensors header that does not fit the file's length)."""
-        m = self.manifest()
+        records = self.records()
         names = [shard_name(i) for i in sorted(self.done_shards())]
         names += [n for n in ("prompts.safetensors", "latents.safetensors", "validation.safetensors")  # the held-out samples
                   if (self.root / n).exists()]
         bad = {}
         for name in names:
-            why = file_damage(self.root / name, (m.get("files") or {}).get(name))
+            why = file_damage(self.root / name, records.get(name))
             if why:
                 bad[name] = why
         return bad
 
     def forget(self, name: str) -> None:
         """Delete a damaged file and its record, so the resumed run computes it again."""
-        m = self.manifest()
-        m["done_shards"] = [i for i in m.get("done_shards", []) if shard_name(i) != name]
-        (m.get("files") or {}).pop(name, None)
+        self.finish(drop=name)
         (self.root / name).unlink(missing_ok=True)
-        self.write_manifest(m)
 
     def is_complete(self) -> bool:
         return self.exists() and len(self.done_shards()) == self.manifest()["num_shards"]
