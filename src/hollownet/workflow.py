@@ -82,7 +82,7 @@ def stage_functions(req: TrainRequest):
 
 
 # settings that do not change the LoRA: a finished run asked again with other values of these is still done
-RUNTIME_SETTINGS = ("device", "resume", "track_memory", "log_every", "ignore_memory_check")
+RUNTIME_SETTINGS = ("output", "device", "resume", "track_memory", "log_every", "ignore_memory_check")
 # settings a finished run can be continued with (more --steps; watching it: stage 2's resume decides)
 CONTINUABLE_SETTINGS = ("steps", "num_samples", "checkpoint_every", "lora_format", "save_every", "validate_every",
                         "sample_every", "sample_prompts", "sample_seed", "sample_steps", "sample_guidance")
