@@ -80,16 +80,20 @@ def defaults_for(model: str) -> dict:
 
 
 def stage_photos(paths: list[str], folder: Path) -> list[Path]:
-    """Copy the dropped files into ``folder`` (emptied first), keeping their names."""
+    """Copy the dropped files into ``folder`` (emptied first), keeping their names.
+
+    But for a leading ``.``, made ``_``: a hidden name (``.x.png``) is one ``photos.list_photos`` (so training)
+    skips, and the check here must see the photos training will."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     out = []
     for i, p in enumerate(paths or []):
         src = Path(p)
-        dst = folder / src.name
+        name = "_" + src.name[1:] if src.name.startswith(".") else src.name
+        dst = folder / name
         if dst.exists():  # two uploads with one name
-            dst = folder / f"{i:02d}-{src.name}"
+            dst = folder / f"{i:02d}-{name}"
         shutil.copyfile(src, dst)
         out.append(dst)
     return out
