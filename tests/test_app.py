@@ -70,6 +70,49 @@ def test_photo_checks_are_the_clis(tmp_path):
     assert any(n.startswith("warning: only 1 photo in") for n in notes)
 
 
+def test_a_hidden_upload_name_is_a_photo_training_sees(tmp_path):
+    """An upload named ``.x.png`` was shown as accepted but skipped by training (list_photos skips hidden names):
+    it is staged as ``_x.png``, so the check and training see the same photos."""
+    from hollownet.photos import list_photos
+
+    good = photos(tmp_path / "in", 3)
+    hidden = Path(good[0]).rename(tmp_path / "in" / ".x.png")
+    ok, notes = h.check_photos([str(hidden), *good[1:]], 64, tmp_path / "staged")
+    assert [Path(p).name for p in ok] == ["_x.png", "01.png", "02.png"], notes
+    assert sorted(ok) == [str(p) for p in list_photos(tmp_path / "staged")]
+    assert not [n for n in notes if n.startswith("error")], notes
+
+
+def test_a_port_in_use_is_refused_in_one_line(tmp_path):
+    """A second ``hollownet app`` on a port something listens on: one line naming the port and --port, exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import error_line
+    from test_faults import cli_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "hollownet.cli", "app", "--workdir", str(tmp_path / "work"),
+                               "--port", str(port)], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert error_line(done.stderr) == (f"hollownet app: error: port {port} is in use (another hollownet app?): pick a "
+                                       f"free one with --port N, e.g. --port {port + 1}")
+    assert not (tmp_path / "work").exists()  # refused before the workdir is made or locked
+
+
+def test_the_start_line_names_share_as_the_cli_spells_it():
+    from hollownet.app import started_line
+
+    url = "http://127.0.0.1:7860/"
+    assert started_line(url, "w", None, False) == ("hollownet app: http://127.0.0.1:7860  (this address only; --share "
+                                                   "for a temporary public link); runs kept in w; Ctrl-C to quit")
+    assert "publicly at https://a.gradio.live (temporary" in started_line(url, "w", "https://a.gradio.live", True)
+    assert "(no public link: see the message above)" in started_line(url, "w", None, True)
+
+
 def test_memory_plan_and_budget_suggestion():
     table = h.plan_table(TOY, 4)
     for row in ("stage 1: pre-compute", "stage 2: training", "generation", "inference (one U-Net step, batch 1)"):
@@ -117,11 +160,21 @@ def test_app_on_the_network_warns_and_a_second_app_on_one_workdir_is_refused(tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    first = subprocess.Popen([sys.executable, "-m", "hollownet.cli", "app", "--workdir", str(work), "--port", str(port),
-                              "--device", "cpu"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "stdout"
+    with out.open("w") as stdout:
+        first = subprocess.Popen([sys.executable, "-m", "hollownet.cli", "app", "--workdir", str(work), "--port",
+                                  str(port), "--device", "cpu"], env=cli_env(), stdout=stdout, stderr=subprocess.PIPE,
+                                 text=True)
     try:
-        wait_for(lambda: first.poll() is not None or (work / LOCK_NAME).exists(), 120, "the first app's lock")
+        wait_for(lambda: first.poll() is not None or "Ctrl-C" in out.read_text(), 120, "the first app's start line")
         assert first.poll() is None, first.communicate()[1]
+        assert (work / LOCK_NAME).exists()
+        # one line of ours, naming --share; none of Gradio's ("set `share=True` in `launch()`")
+        assert out.read_text() == (f"hollownet app: http://127.0.0.1:{port}  (this address only; --share for a "
+                                   f"temporary public link); runs kept in {work}; Ctrl-C to quit\n")
+        code, _, err = run(capsys, "app", "--workdir", tmp_path / "other", "--port", port)  # the first's port
+        assert code == 2 and f"port {port} is in use (another hollownet app?): pick a free one with --port N" in \
+            error_line(err)
         code, _, err = run(capsys, "app", "--workdir", work, "--host", "0.0.0.0", "--port", port + 1)
         assert code == 2
         assert [x for x in err.splitlines() if x.startswith("warning: ")] == [

@@ -7,8 +7,10 @@ when the app starts.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import warnings
 
 from hollownet.errors import HollownetError
@@ -57,8 +59,38 @@ def app_auth(args) -> tuple[str, str] | None:
     return None
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port another program (a second ``hollownet app``) already listens on.
+
+    Gradio's own check, done first: before the workdir is locked and Gradio (seconds) is imported."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gradio and uvicorn: a just-closed port is free
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise port_in_use(port) if e.errno == errno.EADDRINUSE else HollownetError(
+                f"cannot listen on {host}:{port} ({e.strerror}): pick another --host or --port") from None
+
+
+def port_in_use(port: int) -> HollownetError:
+    return HollownetError(f"port {port} is in use (another hollownet app?): pick a free one with --port N, "
+                          f"e.g. --port {port + 1}")
+
+
+def started_line(url: str, workdir, share_url: str | None, share: bool) -> str:
+    """The one line ``hollownet app`` prints once it serves (Gradio's own, which names launch(share=True), is off)."""
+    if share_url:
+        where = f"{url.rstrip('/')}  and publicly at {share_url} (temporary; anyone with the link can use it)"
+    elif share:
+        where = f"{url.rstrip('/')}  (no public link: see the message above)"
+    else:
+        where = f"{url.rstrip('/')}  (this address only; --share for a temporary public link)"
+    return f"hollownet app: {where}; runs kept in {workdir}; Ctrl-C to quit"
+
+
 def cmd_app(args) -> int:
     auth = app_auth(args)
+    check_port(args.host, args.port)
     from hollownet.lock import output_lock  # lazy
 
     with output_lock(args.workdir, "--workdir"):  # one app per workdir: a second would take over the first's live runs
@@ -73,6 +105,13 @@ def _serve(args, auth) -> int:
         if e.name and e.name.split(".")[0] in ("gradio", "pandas"):
             raise HollownetError("the app needs Gradio: pip install 'hollownet[app]'") from None
         raise
-    print(f"hollownet app: http://{args.host}:{args.port}  (runs kept in {args.workdir}; Ctrl-C to quit)")
-    launch(args.workdir, host=args.host, port=args.port, share=args.share, device=args.device, auth=auth)
+    try:
+        demo = launch(args.workdir, host=args.host, port=args.port, share=args.share, device=args.device, auth=auth,
+                      block=False)
+    except OSError as e:  # taken between check_port and Gradio's bind
+        if str(e).startswith("Cannot find empty port"):
+            raise port_in_use(args.port) from None
+        raise
+    print(started_line(demo.local_url, args.workdir, demo.share_url, args.share), flush=True)
+    demo.block_thread()
     return 0

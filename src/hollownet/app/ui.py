@@ -183,7 +183,10 @@ def launch(workdir: str | Path, host: str = "127.0.0.1", port: int = 7860, share
            device: str | None = None, block: bool = True, auth: tuple[str, str] | None = None):
     demo = build(workdir, device)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=not block,
-                allowed_paths=[str(Path(workdir).resolve())], theme=THEME, css=CSS, ssr_mode=False, quiet=not block,
+    # quiet: Gradio's start-up lines tell a CLI user to "set `share=True` in `launch()`"; hollownet app prints its own
+    demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=True,
+                allowed_paths=[str(Path(workdir).resolve())], theme=THEME, css=CSS, ssr_mode=False, quiet=True,
                 footer_links=[], auth=auth)
+    if block:
+        demo.block_thread()
     return demo
