@@ -36,7 +36,7 @@ from hollownet.errors import HollownetError
 from hollownet.families import SD3_FAMILY
 from hollownet.loading import vae_scale_factor
 from hollownet.memory.configs import ModelConfigs
-from hollownet.memory.fake import FakeScalars, fake_mode, materialize
+from hollownet.memory.fake import FakeScalars, fake_encoder_loader, fake_mode, materialize
 from hollownet.memory.report import MemoryPlan
 from hollownet.memory.tracker import MemoryReport, MemoryTracker, PartMeter
 from hollownet.optimizers import make_optimizer
@@ -201,15 +201,9 @@ def _predict_text(mc: ModelConfigs, prompts: int, dtype, meter: PartMeter) -> No
         built = {folder: CLIPTextModelWithProjection(CLIPTextConfig(**config))
                  for folder, config in (("text_encoder", mc.text_encoder), ("text_encoder_2", mc.text_encoder_2))}
 
-    def load(folder: str, cls):
-        encoder = built.pop(folder)  # dropped by encode_with after use, as stage 1 drops each encoder
-        if type(encoder) is not cls:
-            raise TypeError(f"{folder}: the family loads a {cls.__name__}, the planner built a {type(encoder).__name__}")
-        materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
-        return encoder
-
     with fake_mode():
-        SD3_FAMILY.encode_with(load, lambda tokenizer: torch.zeros(prompts, mc.text_len, dtype=torch.long), "cpu", meter,
+        tokens = lambda tokenizer: torch.zeros(prompts, mc.text_len, dtype=torch.long)  # noqa: E731
+        SD3_FAMILY.encode_with(fake_encoder_loader(built, dtype), tokens, "cpu", meter,
                                width=mc.unet["joint_attention_dim"], dtype=dtype)
 
 

@@ -87,6 +87,20 @@ class WithAddedCond:
         return self.unet(x, t, text, added_cond_kwargs=self.added)
 
 
+
+def fake_encoder_loader(built: dict, dtype: torch.dtype):
+    """``load(folder, cls)`` for ``Family.encode_with``: the text encoder built on meta for ``folder`` (checked to
+    be the class the family loads), given fake weights as it loads."""
+
+    def load(folder: str, cls):
+        encoder = built.pop(folder)  # dropped by encode_with after use, as stage 1 drops each encoder
+        if type(encoder) is not cls:
+            raise TypeError(f"{folder}: the family loads a {cls.__name__}, the planner built a {type(encoder).__name__}")
+        materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
+        return encoder
+
+    return load
+
 def added_cond_inputs(shapes: dict | None, batch: int, dtype) -> dict | None:
     """SDXL-style extra inputs of ``shapes`` (``ModelConfigs.added_cond``) for ``batch`` samples."""
     if shapes is None:

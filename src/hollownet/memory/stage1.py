@@ -13,7 +13,8 @@ from hollownet.families import family_of_config
 from hollownet.lowmem.layerwise import predict_peak
 from hollownet.lowmem.sdxl_text import predict_peak as predict_sdxl_text
 from hollownet.memory.configs import ModelConfigs
-from hollownet.memory.fake import fake_mode, latent_size, materialize, request_cut, sample_conditioning
+from hollownet.memory.fake import (fake_encoder_loader, fake_mode, latent_size, materialize, request_cut,
+                                   sample_conditioning)
 from hollownet.memory.sizes import parse_size
 from hollownet.memory.tracker import PartMeter
 from hollownet.requests import PlanRequest
@@ -106,15 +107,9 @@ def _predict_text(mc: ModelConfigs, prompts: int, dtype, device, meter: PartMete
         built = {folder: (CLIPTextModelWithProjection if family.pools(folder) else CLIPTextModel)(CLIPTextConfig(**config))
                  for folder, config in mc.text_configs.items()}
 
-    def load(folder: str, cls):
-        encoder = built.pop(folder)  # dropped by encode_with after use, as stage 1 drops each encoder
-        if type(encoder) is not cls:
-            raise TypeError(f"{folder}: the family loads a {cls.__name__}, the planner built a {type(encoder).__name__}")
-        materialize(encoder.eval(), dtype, persistent_only=False)  # from_pretrained makes every buffer
-        return encoder
-
     with fake_mode():
-        family.encode_with(load, lambda tokenizer: torch.zeros(prompts, mc.text_len, dtype=torch.long), device, meter)
+        tokens = lambda tokenizer: torch.zeros(prompts, mc.text_len, dtype=torch.long)  # noqa: E731
+        family.encode_with(fake_encoder_loader(built, dtype), tokens, device, meter)
 
 
 def predict_precompute_layer_major(mc: ModelConfigs, req: PlanRequest, parts: tuple[str, ...] = PARTS) -> dict:
